@@ -1,0 +1,23 @@
+"""tidewire: stream Python generators, channels and files over NDJSON, SSE and WebSocket."""
+
+from .app import Tidewire
+from .broker import Batch, BadPosition, Broker, Retention
+from .broker.memory import MemoryBroker
+from .config import Settings
+from .events import Blob, Event, Message
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BadPosition",
+    "Batch",
+    "Blob",
+    "Broker",
+    "Event",
+    "MemoryBroker",
+    "Message",
+    "Retention",
+    "Settings",
+    "Tidewire",
+    "__version__",
+]

@@ -1,0 +1,128 @@
+"""`Tidewire`: streams, runs and channels behind one FastAPI app or router."""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from functools import cached_property
+from typing import Any, TypeVar, overload
+
+from fastapi import APIRouter, FastAPI, Request
+from fastapi.responses import JSONResponse
+
+from .broker import Broker
+from .broker.memory import MemoryBroker
+from .channels import Channels
+from .config import Settings
+from .runs import Runs, Stream
+from .server.channels import channels_router
+from .server.streams import streams_router
+
+__all__ = ["Tidewire"]
+
+logger = logging.getLogger("tidewire")
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+class Tidewire:
+    """Streams, runs and channels.
+
+        tw = Tidewire()
+
+        @tw.stream
+        async def count(n: int = 3):
+            for i in range(n):
+                yield {"i": i}
+
+        app = tw.app            # a FastAPI app, or:
+        my_app.include_router(tw.router)
+    """
+
+    def __init__(
+        self,
+        *,
+        broker: Broker | None = None,
+        settings: Settings | None = None,
+        title: str = "tidewire",
+    ) -> None:
+        self.settings = settings or Settings()
+        self.broker: Broker = broker or MemoryBroker()
+        self.title = title
+        self.streams: dict[str, Stream] = {}
+        self.runs = Runs(self.broker, self.settings)
+        self.channels = Channels(self.broker, self.settings)
+
+    @overload
+    def stream(self, func: F, /) -> F: ...
+    @overload
+    def stream(
+        self, *, name: str | None = None, description: str | None = None
+    ) -> Callable[[F], F]: ...
+
+    def stream(
+        self,
+        func: F | None = None,
+        /,
+        *,
+        name: str | None = None,
+        description: str | None = None,
+    ) -> F | Callable[[F], F]:
+        """Register a sync or async generator function as a stream.
+
+        Its parameters, with their type hints and defaults, are the stream's
+        parameters; its docstring is the description.
+        """
+
+        def register(func: F) -> F:
+            stream_name = name or func.__name__
+            if stream_name in self.streams:
+                raise ValueError(f"a stream named {stream_name!r} is already registered")
+            doc = description if description is not None else inspect.getdoc(func) or ""
+            self.streams[stream_name] = Stream(func, stream_name, doc)
+            return func
+
+        return register(func) if func is not None else register
+
+    async def publish(self, channel: str, data: Any, *, event: str = "message") -> str:
+        """Publish to a channel from server code; returns the event's id."""
+        return await self.channels.publish(channel, data, event)
+
+    async def aclose(self) -> None:
+        """Cancel the running runs and close the broker."""
+        await self.runs.aclose()
+        await self.broker.aclose()
+
+    @asynccontextmanager
+    async def lifespan(self, _: Any = None) -> AsyncIterator[None]:
+        yield
+        await self.aclose()
+
+    @cached_property
+    def router(self) -> APIRouter:
+        """Every route of tidewire's HTTP contract, to mount in an existing FastAPI app."""
+        router = APIRouter(lifespan=self.lifespan)
+        router.include_router(streams_router(self), tags=["streams"])
+        router.include_router(channels_router(self), tags=["channels"])
+
+        @router.get("/healthz", tags=["health"], summary="Liveness")
+        async def healthz() -> dict[str, Any]:
+            return {"status": "ok", "streams": len(self.streams)}
+
+        return router
+
+    @cached_property
+    def app(self) -> FastAPI:
+        """A FastAPI app with tidewire's routes."""
+        app = FastAPI(title=self.title)
+        app.include_router(self.router)
+        app.add_exception_handler(Exception, _internal_error)
+        return app
+
+
+async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
+    # The traceback goes to the log, never to the client.
+    logger.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+    return JSONResponse({"detail": "internal server error"}, status_code=500)

@@ -1,0 +1,80 @@
+"""Brokers keep logs: ordered, bounded sequences of events, one per run or channel.
+
+The protocol is shaped for Redis Streams as much as for memory: ids are
+strings, a reader asks for what follows a position and may block until it
+comes, logs are trimmed by count and age, and a writer can mark a log ended.
+Nothing outside a broker knows which broker it has.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from ..events import Event
+
+__all__ = ["Batch", "BadPosition", "Broker", "Retention"]
+
+
+class BadPosition(ValueError):
+    """A position (`Last-Event-ID`, `?after=`) that is not an id of this broker."""
+
+
+@dataclass(frozen=True, slots=True)
+class Retention:
+    """How much of a log is kept: at most `max_len` events, none older than `max_age` seconds."""
+
+    max_len: int
+    max_age: float | None = None
+
+
+@dataclass(slots=True)
+class Batch:
+    """What one read of a log returns.
+
+    `missed` counts events trimmed away before this reader got them; the
+    reader should resume at `resume_id`, which is past them. `ended` is true
+    when the log was closed and `events` reaches its end.
+    """
+
+    events: list[Event] = field(default_factory=list)
+    missed: int = 0
+    resume_id: str | None = None
+    ended: bool = False
+
+
+class Broker(Protocol):
+    async def append(
+        self, log: str, items: Sequence[tuple[str, bytes]], retention: Retention
+    ) -> list[Event]:
+        """Add `(event type, data JSON)` items to a log, in order; trim it; return the events."""
+        ...
+
+    def check_id(self, id: str) -> None:  # noqa: A002
+        """Raise `BadPosition` unless `id` could be an event id of this broker (or `"0"`)."""
+        ...
+
+    async def read(self, log: str, after: str, *, limit: int, timeout: float | None) -> Batch:
+        """Events after the id `after` (`"0"`: from the start), at most `limit`.
+
+        Waits up to `timeout` seconds (None: forever) while there is nothing
+        to return; an empty batch means the time ran out.
+        """
+        ...
+
+    async def last_id(self, log: str) -> str:
+        """The id of the newest event, or `"0"` for a log with none: where "live from now" starts."""
+        ...
+
+    async def end(self, log: str) -> None:
+        """Mark the log ended: readers that reach its end are told so."""
+        ...
+
+    async def delete(self, log: str) -> None:
+        """Forget a log and its events."""
+        ...
+
+    async def aclose(self) -> None:
+        """Release the broker's resources."""
+        ...

@@ -1,0 +1,141 @@
+"""The in-memory broker: one process, no dependencies, the embedded default."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from collections.abc import Sequence
+
+from ..events import Event
+from . import Batch, BadPosition, Retention
+
+__all__ = ["MemoryBroker"]
+
+
+class _Log:
+    __slots__ = ("ended", "events", "next_seq", "times", "waiters")
+
+    def __init__(self) -> None:
+        self.events: deque[Event] = deque()
+        self.times: deque[float] = deque()  # monotonic time each event was appended
+        self.next_seq = 1
+        self.ended = False
+        self.waiters: set[asyncio.Future[None]] = set()
+
+    def trim(self, retention: Retention, now: float) -> None:
+        while len(self.events) > retention.max_len:
+            self.events.popleft()
+            self.times.popleft()
+        if retention.max_age is not None:
+            cutoff = now - retention.max_age
+            while self.times and self.times[0] < cutoff:
+                self.events.popleft()
+                self.times.popleft()
+
+    def take(self, after: int, limit: int) -> Batch:
+        first = self.next_seq - len(self.events)  # seq of events[0]
+        # An id beyond the head comes from before a restart (memory starts its
+        # ids again at 1): read on from the head rather than wait for it.
+        after = min(after, self.next_seq - 1)
+        missed = max(0, first - after - 1)
+        start = max(after + 1, first) - first
+        # Ids are the seq numbers themselves, so the slice is by index.
+        stop = min(len(self.events), start + limit)
+        events = [self.events[i] for i in range(start, stop)] if start < stop else []
+        return Batch(
+            events=events,
+            missed=missed,
+            resume_id=str(first - 1) if missed else None,
+            ended=self.ended and stop >= len(self.events),
+        )
+
+    def wake(self) -> None:
+        for waiter in self.waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+        self.waiters.clear()
+
+
+def _position(after: str) -> int:
+    try:
+        seq = int(after)
+    except ValueError:
+        raise BadPosition(f"{after!r} is not an event id here: ids are whole numbers") from None
+    if seq < 0:
+        raise BadPosition(f"{after!r} is not an event id here: ids are not negative")
+    return seq
+
+
+class MemoryBroker:
+    """Logs in this process's memory. Ids are `"1"`, `"2"`, … within each log."""
+
+    def __init__(self) -> None:
+        self._logs: dict[str, _Log] = {}
+        self._retention: dict[str, Retention] = {}
+
+    def _log(self, name: str) -> _Log:
+        log = self._logs.get(name)
+        if log is None:
+            log = self._logs[name] = _Log()
+        return log
+
+    async def append(
+        self, log: str, items: Sequence[tuple[str, bytes]], retention: Retention
+    ) -> list[Event]:
+        target = self._log(log)
+        self._retention[log] = retention
+        now = time.monotonic()
+        events = []
+        for event_type, data_json in items:
+            seq = target.next_seq
+            target.next_seq += 1
+            event = Event(str(seq), seq, event_type, data_json)
+            target.events.append(event)
+            target.times.append(now)
+            events.append(event)
+        target.trim(retention, now)
+        target.wake()
+        return events
+
+    def check_id(self, id: str) -> None:  # noqa: A002
+        _position(id)
+
+    async def read(self, log: str, after: str, *, limit: int, timeout: float | None) -> Batch:
+        position = _position(after)
+        target = self._log(log)
+        retention = self._retention.get(log)
+        if retention is not None and retention.max_age is not None:
+            target.trim(retention, time.monotonic())  # age trimming happens on quiet logs too
+        batch = target.take(position, limit)
+        if batch.events or batch.missed or batch.ended or timeout == 0:
+            return batch
+        waiter = asyncio.get_running_loop().create_future()
+        target.waiters.add(waiter)
+        try:
+            async with asyncio.timeout(timeout):
+                await waiter
+        except TimeoutError:
+            return Batch()
+        finally:
+            target.waiters.discard(waiter)
+        return target.take(position, limit)
+
+    async def last_id(self, log: str) -> str:
+        return str(self._log(log).next_seq - 1)
+
+    async def end(self, log: str) -> None:
+        target = self._log(log)
+        target.ended = True
+        target.wake()
+
+    async def delete(self, log: str) -> None:
+        target = self._logs.pop(log, None)
+        self._retention.pop(log, None)
+        if target is not None:
+            target.ended = True
+            target.wake()
+
+    async def aclose(self) -> None:
+        for name in list(self._logs):
+            await self.delete(name)

@@ -1,0 +1,41 @@
+"""Channels: named logs that any producer appends to and any number of readers follow.
+
+A channel never makes its publishers wait: it keeps a bounded history, and a
+subscriber that falls behind it is told how much it missed (a `gap` event).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from .broker import Broker, Retention
+from .config import Settings
+from .events import Message, dump_data
+
+__all__ = ["CHANNEL_NAME", "Channels"]
+
+#: What a channel may be called: safe in a URL path and as a Redis key.
+CHANNEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,199}$")
+
+
+class Channels:
+    def __init__(self, broker: Broker, settings: Settings) -> None:
+        self.broker = broker
+        self.retention = Retention(settings.channel_max_len, settings.channel_max_age)
+
+    @staticmethod
+    def log(name: str) -> str:
+        if not CHANNEL_NAME.match(name):
+            raise ValueError(
+                f"channel name {name!r} must be 1-200 letters, digits, '.', '_', ':' or '-'"
+            )
+        return f"channel:{name}"
+
+    async def publish(self, name: str, data: Any, event: str = "message") -> str:
+        """Append one event; returns its id. Raises ValueError for a bad name or type."""
+        message = Message(data, event)
+        [published] = await self.broker.append(
+            self.log(name), [(message.event, dump_data(message.data))], self.retention
+        )
+        return published.id

@@ -1,0 +1,46 @@
+"""Settings: the knobs a deployment may turn, with defaults that suit one process."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+__all__ = ["Settings"]
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    #: Seconds of silence after which every transport sends a heartbeat.
+    heartbeat: float = 15.0
+    #: How many events a run may get ahead of its slowest connected watcher
+    #: before its generator waits (backpressure).
+    run_window: int = 256
+    #: How many events a run keeps for watchers that come late or resume.
+    run_history: int = 10_000
+    #: Seconds a finished run stays watchable before it is forgotten.
+    run_ttl: float = 600.0
+    #: Cancel a run started by a watching request once no watcher is left.
+    cancel_on_disconnect: bool = True
+    #: Seconds a run waits for its last watcher to come back (a dropped
+    #: connection that resumes) before it is cancelled. It holds its
+    #: position meanwhile, so the returning watcher misses nothing.
+    disconnect_grace: float = 10.0
+    #: Seconds a cancelled generator gets to run its `finally` before the
+    #: run reports `cancelled` without waiting for it.
+    close_timeout: float = 5.0
+    #: Retained history of each channel: at most this many events …
+    channel_max_len: int = 1_000
+    #: … none older than this many seconds (None: no age limit).
+    channel_max_age: float | None = 3600.0
+    #: `retry:` sent to SSE clients, in milliseconds: how long EventSource
+    #: waits before it reconnects.
+    sse_retry_ms: int = 2_000
+
+    def __post_init__(self) -> None:
+        if self.run_window < 1 or self.run_history < self.run_window:
+            # A watcher that is still connected must never lose events to
+            # trimming, so the history has to hold at least the window.
+            raise ValueError("need 1 <= run_window <= run_history")
+        if self.heartbeat <= 0:
+            raise ValueError("heartbeat must be positive")
+        if self.channel_max_len < 1:
+            raise ValueError("channel_max_len must be at least 1")

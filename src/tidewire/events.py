@@ -1,0 +1,267 @@
+"""Events and their wire formats.
+
+This module is pure: it turns values into bytes and bytes back into values and
+never touches a socket. An event is encoded once, when it enters a log, and
+every watcher on every transport writes those same bytes.
+
+    {"id": "<opaque>", "event": "<type>", "data": <any JSON>}
+
+Binary values travel as tagged objects so that bytes round-trip exactly:
+
+    {"$blob": {"type": "image/png", "size": 155, "data": "<base64>"}}
+"""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+from fastapi.sse import format_sse_event
+
+__all__ = [
+    "RESERVED",
+    "Blob",
+    "Event",
+    "Message",
+    "SSEDecoder",
+    "decode_blobs",
+    "dump_data",
+    "parse_ndjson_line",
+]
+
+#: Event types the server itself emits; producers may not use them.
+RESERVED = frozenset({"end", "error", "cancelled", "gap"})
+
+#: What a transport writes while a log is idle, so that proxies and clients
+#: can tell a quiet connection from a dead one.
+NDJSON_HEARTBEAT = b"\n"
+SSE_HEARTBEAT = b": ping\n\n"
+
+
+class Blob(bytes):
+    """Bytes that know their media type.
+
+    A subclass of `bytes`, so a decoded blob compares equal to the bytes that
+    were sent, and code that wants plain bytes can use it as they are.
+    """
+
+    type: str
+
+    def __new__(cls, data: bytes | bytearray | memoryview, type: str = "application/octet-stream") -> Blob:  # noqa: A002
+        self = super().__new__(cls, data)
+        self.type = type
+        return self
+
+    def __repr__(self) -> str:
+        return f"Blob(type={self.type!r}, size={len(self)})"
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (Blob, (bytes(self), self.type))
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    """What a producer yields to name the event type: `yield Message(data, event="progress")`.
+
+    Anything else a generator yields is the data of a `message` event.
+    """
+
+    data: Any
+    event: str = "message"
+
+    def __post_init__(self) -> None:
+        check_event_type(self.event)
+
+
+def check_event_type(event: str) -> None:
+    """Refuse types a producer may not use: reserved ones and ones SSE cannot carry."""
+    if event in RESERVED:
+        raise ValueError(f"event type {event!r} is reserved for the server")
+    if not event or "\n" in event or "\r" in event or len(event) > 200:
+        raise ValueError("event type must be 1-200 characters on one line")
+
+
+def _default(value: Any) -> Any:
+    # orjson calls this for what it cannot serialize natively.
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        raw = bytes(value)
+        kind = value.type if isinstance(value, Blob) else "application/octet-stream"
+        return {
+            "$blob": {"type": kind, "size": len(raw), "data": base64.b64encode(raw).decode()}
+        }
+    model_dump = getattr(value, "model_dump", None)
+    if callable(model_dump):  # a pydantic model
+        return model_dump(mode="json")
+    raise TypeError(f"{type(value).__name__} is not JSON serializable")
+
+
+def dump_data(value: Any) -> bytes:
+    """Encode a producer's value as the JSON of an event's `data`."""
+    return orjson.dumps(value, default=_default, option=orjson.OPT_SERIALIZE_NUMPY)
+
+
+class Event:
+    """One event of a run or channel, with its encodings made once and cached.
+
+    `seq` counts events in their log from 1; it is not on the wire, but lets
+    a reader tell how many events it missed when a log was trimmed.
+    """
+
+    __slots__ = ("_ndjson", "_sse", "_ws", "data_json", "event", "id", "seq")
+
+    def __init__(self, id: str, seq: int, event: str, data_json: bytes) -> None:  # noqa: A002
+        self.id = id
+        self.seq = seq
+        self.event = event
+        self.data_json = data_json
+        self._ndjson: bytes | None = None
+        self._sse: bytes | None = None
+        self._ws: str | None = None
+
+    @property
+    def data(self) -> Any:
+        return decode_blobs(orjson.loads(self.data_json))
+
+    def ndjson(self) -> bytes:
+        """The envelope as one line of JSON, newline included."""
+        if self._ndjson is None:
+            # Splice the data's JSON in rather than re-serializing it.
+            self._ndjson = b"".join(
+                (
+                    b'{"id":',
+                    orjson.dumps(self.id),
+                    b',"event":',
+                    orjson.dumps(self.event),
+                    b',"data":',
+                    self.data_json,
+                    b"}\n",
+                )
+            )
+        return self._ndjson
+
+    def sse(self) -> bytes:
+        """The event as an SSE frame: `event:`, `data:` and `id:` lines."""
+        if self._sse is None:
+            self._sse = format_sse_event(
+                data_str=self.data_json.decode(), event=self.event, id=self.id
+            )
+        return self._sse
+
+    def ws(self) -> str:
+        """The envelope as the text of one WebSocket frame."""
+        if self._ws is None:
+            self._ws = self.ndjson()[:-1].decode()
+        return self._ws
+
+    def __repr__(self) -> str:
+        return f"Event(id={self.id!r}, event={self.event!r}, data={self.data_json[:60]!r})"
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Event):
+            return NotImplemented
+        return (self.id, self.event, self.data_json) == (other.id, other.event, other.data_json)
+
+    __hash__ = None  # type: ignore[assignment]
+
+
+def decode_blobs(value: Any) -> Any:
+    """Turn every `{"$blob": {...}}` in a decoded JSON value back into a `Blob`.
+
+    Blobs stored as files (`url` instead of `data`) are left as they are: fetching
+    them is I/O, which belongs to the client.
+    """
+    if isinstance(value, dict):
+        blob = value.get("$blob")
+        if len(value) == 1 and isinstance(blob, dict) and isinstance(blob.get("data"), str):
+            return Blob(base64.b64decode(blob["data"]), blob.get("type", "application/octet-stream"))
+        return {k: decode_blobs(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [decode_blobs(v) for v in value]
+    return value
+
+
+def parse_ndjson_line(line: bytes | str) -> Event | None:
+    """Parse one NDJSON line; a blank line (a heartbeat) gives None."""
+    if not line.strip():
+        return None
+    obj = orjson.loads(line)
+    return Event(str(obj["id"]), 0, str(obj["event"]), orjson.dumps(obj.get("data")))
+
+
+class SSEDecoder:
+    """An incremental `text/event-stream` parser, as the WHATWG spec describes it.
+
+    Feed it bytes as they arrive, in any chunking; it returns the complete events.
+    Comments (heartbeats) are skipped; `retry` and `last_id` are remembered.
+    """
+
+    def __init__(self) -> None:
+        self._buffer = b""
+        self._event = ""
+        self._data: list[str] = []
+        self._id: str | None = None
+        self.last_id: str | None = None
+        self.retry: int | None = None
+
+    def feed(self, chunk: bytes) -> list[Event]:
+        buffer = self._buffer + chunk
+        # A line ends at CRLF, LF or a lone CR; a CR at the very end may be the
+        # first half of a CRLF split across chunks, so it waits for the next one.
+        held = b""
+        if buffer.endswith(b"\r"):
+            buffer, held = buffer[:-1], b"\r"
+        *lines, rest = buffer.replace(b"\r\n", b"\n").replace(b"\r", b"\n").split(b"\n")
+        self._buffer = rest + held
+        events: list[Event] = []
+        for raw in lines:
+            event = self._line(raw.decode("utf-8"))
+            if event is not None:
+                events.append(event)
+        return events
+
+    def _line(self, line: str) -> Event | None:
+        if line == "":
+            return self._dispatch()
+        if line.startswith(":"):
+            return None
+        name, _, value = line.partition(":")
+        value = value.removeprefix(" ")
+        if name == "data":
+            self._data.append(value)
+        elif name == "event":
+            self._event = value
+        elif name == "id" and "\0" not in value:
+            self._id = value
+        elif name == "retry" and value.isdigit():
+            self.retry = int(value)
+        return None
+
+    def _dispatch(self) -> Event | None:
+        if self._id is not None:
+            self.last_id = self._id
+        if not self._data:
+            self._event = ""
+            return None
+        data = "\n".join(self._data)
+        event = Event(self.last_id or "", 0, self._event or "message", data.encode())
+        self._event, self._data, self._id = "", [], None
+        return event
+
+
+def iter_ndjson(chunks: Iterator[bytes]) -> Iterator[Event]:
+    """Events from NDJSON bytes in any chunking (lines may span chunks)."""
+    pending = b""
+    for chunk in chunks:
+        pending += chunk
+        *lines, pending = pending.split(b"\n")
+        for line in lines:
+            event = parse_ndjson_line(line)
+            if event is not None:
+                yield event
+    if pending.strip():
+        event = parse_ndjson_line(pending)
+        if event is not None:
+            yield event

@@ -1,0 +1,110 @@
+"""Routes for channels: publish over HTTP or WebSocket, subscribe on any transport."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import orjson
+from fastapi import APIRouter, HTTPException, Request, WebSocket
+from starlette.datastructures import UploadFile
+
+from ..events import Blob
+from .streams import resume_position, wants_sse
+from .transport import LogCursor, LogResponse, stream_websocket
+
+if TYPE_CHECKING:
+    from ..app import Tidewire
+
+__all__ = ["channels_router"]
+
+#: Largest body a publish may carry; larger data belongs in a file.
+MAX_PUBLISH_BYTES = 1 << 20
+
+
+async def read_message(request: Request) -> Any:
+    """A published event's data: a JSON body, form fields and files, or plain text."""
+    kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if kind in ("multipart/form-data", "application/x-www-form-urlencoded"):
+        form = await request.form(max_part_size=MAX_PUBLISH_BYTES)
+        data: dict[str, Any] = {}
+        for key, value in form.multi_items():
+            if isinstance(value, UploadFile):
+                value = Blob(await value.read(), value.content_type or "application/octet-stream")
+            data[key] = value
+        return data
+    body = await request.body()
+    if len(body) > MAX_PUBLISH_BYTES:
+        raise HTTPException(413, f"a published event may be at most {MAX_PUBLISH_BYTES} bytes")
+    if kind == "text/plain":
+        return body.decode("utf-8", "replace")
+    if kind in ("", "application/json") or kind.endswith("+json"):
+        try:
+            return orjson.loads(body)
+        except orjson.JSONDecodeError as exc:
+            raise HTTPException(400, f"the body is not valid JSON: {exc}") from None
+    raise HTTPException(415, f"publish JSON, text/plain or a form, not {kind!r}")
+
+
+def channels_router(tw: Tidewire) -> APIRouter:
+    router = APIRouter()
+    channels = tw.channels
+
+    def log_of(name: str) -> str:
+        try:
+            return channels.log(name)
+        except ValueError as exc:
+            raise HTTPException(422, str(exc)) from None
+
+    async def start_position(log: str, after: str | None) -> str:
+        if after is None:
+            return await tw.broker.last_id(log)  # live from now
+        try:
+            tw.broker.check_id(after)
+        except ValueError as exc:
+            raise HTTPException(400, str(exc)) from None
+        return after
+
+    @router.post("/channels/{name}/events", status_code=201, summary="Publish an event")
+    async def publish(request: Request, name: str, event: str = "message") -> dict[str, str]:
+        log_of(name)
+        data = await read_message(request)
+        try:
+            return {"id": await channels.publish(name, data, event)}
+        except ValueError as exc:
+            raise HTTPException(422, str(exc)) from None
+
+    @router.get(
+        "/channels/{name}/events",
+        summary="Subscribe: live from now, or from Last-Event-ID / ?after= (0: all retained)",
+        response_model=None,
+    )
+    async def subscribe(request: Request, name: str) -> LogResponse:
+        log = log_of(name)
+        after = await start_position(log, resume_position(request, "") or None)
+        cursor = LogCursor(tw.broker, log, after, tw.settings.heartbeat)
+        fmt = "sse" if wants_sse(request) else "ndjson"
+        return LogResponse(cursor, fmt, {}, tw.settings.sse_retry_ms)
+
+    @router.websocket("/channels/{name}/ws")
+    async def subscribe_ws(websocket: WebSocket, name: str) -> None:
+        try:
+            log = log_of(name)
+            after = await start_position(log, resume_position(websocket, "") or None)
+        except HTTPException as exc:
+            await websocket.close(4000 + exc.status_code, str(exc.detail)[:120])
+            return
+
+        async def on_text(text: str) -> None:
+            try:
+                data = orjson.loads(text)
+            except orjson.JSONDecodeError:
+                data = text  # a frame that is not JSON is published as a string
+            await channels.publish(name, data)
+
+        async def on_bytes(raw: bytes) -> None:
+            await channels.publish(name, Blob(raw))
+
+        cursor = LogCursor(tw.broker, log, after, tw.settings.heartbeat)
+        await stream_websocket(websocket, cursor, {}, on_text, on_bytes)
+
+    return router

@@ -1,0 +1,188 @@
+"""Routes for streams and runs: start a run, watch it on any transport, cancel it."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import orjson
+import pydantic
+from fastapi import APIRouter, HTTPException, Request, WebSocket
+from fastapi.responses import JSONResponse, Response
+
+from ..broker import BadPosition
+from ..runs import RESERVED_PARAMS, Run, Stream
+from .transport import LogCursor, LogResponse, stream_websocket
+
+if TYPE_CHECKING:
+    from ..app import Tidewire
+
+__all__ = ["streams_router"]
+
+
+def wants_sse(request: Request) -> bool:
+    return "text/event-stream" in request.headers.get("accept", "")
+
+
+def resume_position(request: Request | WebSocket, default: str) -> str:
+    """Where a reader resumes: `Last-Event-ID` (what EventSource sends back) wins over `?after=`."""
+    return request.headers.get("last-event-id") or request.query_params.get("after") or default
+
+
+async def read_params(request: Request | WebSocket) -> dict[str, tuple[Any, str]]:
+    """A stream's parameters from the query string and, for POST, a JSON or form body.
+
+    Returns `{name: (value, where)}`; `where` is "query" or "body", for error messages.
+    """
+    values: dict[str, tuple[Any, str]] = {}
+    for key in request.query_params:
+        if key not in RESERVED_PARAMS:
+            found = request.query_params.getlist(key)
+            values[key] = (found if len(found) > 1 else found[0], "query")
+    if not isinstance(request, Request) or request.method != "POST":
+        return values
+    kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    body: Any
+    if kind == "application/json" or kind.endswith("+json"):
+        try:
+            body = orjson.loads(await request.body() or b"{}")
+        except orjson.JSONDecodeError as exc:
+            raise HTTPException(400, f"the body is not valid JSON: {exc}") from None
+        if not isinstance(body, dict):
+            raise HTTPException(422, "a JSON body must be an object of parameters")
+    elif kind in ("application/x-www-form-urlencoded", "multipart/form-data"):
+        form = await request.form()
+        body = {key: form.getlist(key)[-1] for key in form}
+    elif kind == "" and not await request.body():
+        body = {}
+    else:
+        raise HTTPException(
+            415, f"send parameters as JSON or a form, not {kind!r} (or in the query string)"
+        )
+    values.update({key: (value, "body") for key, value in body.items()})
+    return values
+
+
+def validate(stream: Stream, values: dict[str, tuple[Any, str]]) -> dict[str, Any]:
+    try:
+        return stream.validate({key: value for key, (value, _) in values.items()})
+    except pydantic.ValidationError as exc:
+        detail = []
+        for error in exc.errors(include_url=False, include_context=False, include_input=False):
+            field = str(error["loc"][0]) if error["loc"] else ""
+            where = values[field][1] if field in values else "query"
+            detail.append({"loc": [where, *error["loc"]], "msg": error["msg"], "type": error["type"]})
+        raise HTTPException(422, detail) from None
+
+
+def streams_router(tw: Tidewire) -> APIRouter:
+    router = APIRouter()
+    runs = tw.runs
+
+    def get_stream(name: str) -> Stream:
+        stream = tw.streams.get(name)
+        if stream is None:
+            raise HTTPException(404, f"no stream named {name!r}; GET /streams lists them")
+        return stream
+
+    def get_run(run_id: str) -> Run:
+        run = runs.get(run_id)
+        if run is None:
+            raise HTTPException(404, f"no run {run_id!r} (unknown, or finished and expired)")
+        return run
+
+    def cursor(run: Run, after: str, *, new: bool = False) -> LogCursor:
+        # A new run's first watcher starts before any event; one that comes
+        # later holds every retained event until its first batch is delivered.
+        watcher = runs.watch(run, 0 if new else None)
+        return LogCursor(tw.broker, run.log, after, tw.settings.heartbeat, watcher)
+
+    def http_stream(request: Request, run: Run, cur: LogCursor) -> LogResponse:
+        fmt = "sse" if wants_sse(request) else "ndjson"
+        return LogResponse(cur, fmt, {"tidewire-run": run.id}, tw.settings.sse_retry_ms)
+
+    @router.get("/streams", summary="The registered streams and their parameters")
+    async def list_streams() -> list[dict[str, Any]]:
+        return [stream.schema() for stream in tw.streams.values()]
+
+    @router.api_route(
+        "/streams/{name}",
+        methods=["GET", "POST"],
+        summary="Start a run and stream its events (NDJSON, or SSE by Accept)",
+        response_model=None,
+    )
+    async def start(request: Request, name: str, detach: bool = False) -> Response:
+        stream = get_stream(name)
+        params = validate(stream, await read_params(request))
+        run = runs.start(stream, params, attached=not detach)
+        if detach:
+            body = {
+                "run": run.id,
+                "events": request.url_for("watch_run", run_id=run.id).path,
+                "ws": request.url_for("watch_run_ws", run_id=run.id).path,
+            }
+            return JSONResponse(body, status_code=202, headers={"tidewire-run": run.id})
+        return http_stream(request, run, cursor(run, "0", new=True))
+
+    @router.websocket("/streams/{name}/ws")
+    async def start_ws(websocket: WebSocket, name: str) -> None:
+        stream = tw.streams.get(name)
+        if stream is None:
+            await websocket.close(4404, f"no stream named {name!r}")
+            return
+        try:
+            params = validate(stream, await read_params(websocket))
+        except HTTPException as exc:
+            await websocket.close(4422, orjson.dumps(exc.detail).decode()[:120])
+            return
+        run = runs.start(stream, params, attached=True)
+        cur = cursor(run, "0", new=True)
+        await stream_websocket(websocket, cur, {"tidewire-run": run.id})
+
+    @router.get("/runs/{run_id}", summary="A run's state")
+    async def run_info(run_id: str) -> dict[str, Any]:
+        return get_run(run_id).info()
+
+    @router.get(
+        "/runs/{run_id}/events",
+        name="watch_run",
+        summary="Watch a run: history first, then live; resume with Last-Event-ID or ?after=",
+        response_model=None,
+    )
+    async def watch(request: Request, run_id: str) -> LogResponse:
+        run = get_run(run_id)
+        after = resume_position(request, "0")
+        check_position(after)
+        return http_stream(request, run, cursor(run, after))
+
+    @router.websocket("/runs/{run_id}/ws", name="watch_run_ws")
+    async def watch_ws(websocket: WebSocket, run_id: str) -> None:
+        run = runs.get(run_id)
+        if run is None:
+            await websocket.close(4404, f"no run {run_id!r}")
+            return
+        after = resume_position(websocket, "0")
+        try:
+            check_position(after)
+        except HTTPException as exc:
+            await websocket.close(4400, str(exc.detail)[:120])
+            return
+        await stream_websocket(websocket, cursor(run, after), {"tidewire-run": run.id})
+
+    @router.delete("/runs/{run_id}", summary="Cancel a run: its generator is closed")
+    async def cancel(run_id: str) -> dict[str, Any]:
+        run = get_run(run_id)
+        if run.state == "running":
+            runs.cancel(run)
+            if run.task is not None:
+                await run.task  # the generator's `finally` has run when this returns
+        elif run.state != "cancelled":
+            raise HTTPException(409, f"run {run_id!r} already ended: {run.state}")
+        return run.info()
+
+    def check_position(after: str) -> None:
+        try:
+            tw.broker.check_id(after)
+        except BadPosition as exc:
+            raise HTTPException(400, str(exc)) from None
+
+    return router

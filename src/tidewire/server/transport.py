@@ -1,0 +1,214 @@
+"""Transports: read a log from a position and write it as NDJSON, SSE or WebSocket frames.
+
+The events come already encoded (see `tidewire.events`); a transport only
+joins the bytes of whatever is ready into one write, so a watcher that is
+behind catches up in a few large writes rather than many small ones.
+
+This is an ASGI response of its own rather than `fastapi.sse`'s
+`EventSourceResponse`, which serializes each item and passes it through two
+memory streams and a task group: per event, that costs more than the whole
+of our write path (bench/results.md, W1: 6,100 events/s against tidewire's
+figure there). The SSE bytes themselves come from `fastapi.sse`'s encoder.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Literal
+
+from fastapi.sse import KEEPALIVE_COMMENT
+from starlette.responses import Response
+from starlette.types import Receive, Scope, Send
+from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
+
+from ..broker import Batch, Broker
+from ..events import NDJSON_HEARTBEAT, Event, dump_data
+from ..runs import Watcher
+
+__all__ = ["LogCursor", "LogResponse", "stream_websocket"]
+
+Format = Literal["ndjson", "sse"]
+
+#: At most this many events go into one write.
+BATCH = 512
+
+MEDIA_TYPES = {"ndjson": "application/x-ndjson", "sse": "text/event-stream; charset=utf-8"}
+
+STREAM_HEADERS = {
+    # Neither browsers nor proxies may cache or buffer a live stream.
+    "cache-control": "no-cache",
+    "x-accel-buffering": "no",
+}
+
+
+@dataclass(slots=True)
+class LogCursor:
+    """A reader's place in one log. With a run's `watcher`, it also reports
+    progress, which is what lets the run's generator go on (backpressure)."""
+
+    broker: Broker
+    log: str
+    after: str
+    heartbeat: float
+    watcher: Watcher | None = None
+
+    async def next(self) -> Batch:
+        batch = await self.broker.read(self.log, self.after, limit=BATCH, timeout=self.heartbeat)
+        if batch.events:
+            self.after = batch.events[-1].id
+        elif batch.resume_id is not None:
+            self.after = batch.resume_id
+        return batch
+
+    def delivered(self, batch: Batch) -> None:
+        if self.watcher is not None and batch.events:
+            self.watcher.advance(batch.events[-1].seq)
+
+    def close(self) -> None:
+        if self.watcher is not None:
+            self.watcher.leave()
+
+
+def gap_event(batch: Batch) -> Event:
+    """The `gap` event telling one reader how many events it missed."""
+    return Event(batch.resume_id or "0", 0, "gap", dump_data({"missed": batch.missed}))
+
+
+class LogResponse(Response):
+    """A chunked HTTP response that follows a log until it ends or the client leaves."""
+
+    def __init__(self, cursor: LogCursor, fmt: Format, headers: dict[str, str], retry_ms: int):
+        # Not Response.__init__: it would add `content-length: 0`; this body is chunked.
+        self.status_code = 200
+        self.background = None
+        all_headers = {**STREAM_HEADERS, **headers, "content-type": MEDIA_TYPES[fmt]}
+        self.raw_headers = [(k.encode(), v.encode()) for k, v in all_headers.items()]
+        self.cursor = cursor
+        self.fmt = fmt
+        self.retry_ms = retry_ms
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await until_disconnected(receive, self._write(send))
+        finally:
+            self.cursor.close()
+
+    async def _write(self, send: Send) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
+        sse = self.fmt == "sse"
+        heartbeat = KEEPALIVE_COMMENT if sse else NDJSON_HEARTBEAT
+        # Tell EventSource how soon to come back if the connection drops.
+        first = f"retry: {self.retry_ms}\n\n".encode() if sse else b""
+        await send({"type": "http.response.body", "body": first, "more_body": True})
+        cursor = self.cursor
+        while True:
+            batch = await cursor.next()
+            parts = []
+            if batch.missed:
+                gap = gap_event(batch)
+                parts.append(gap.sse() if sse else gap.ndjson())
+            if sse:
+                parts.extend([event.sse() for event in batch.events])
+            else:
+                parts.extend([event.ndjson() for event in batch.events])
+            body = b"".join(parts) if parts else b"" if batch.ended else heartbeat
+            await send({"type": "http.response.body", "body": body, "more_body": not batch.ended})
+            cursor.delivered(batch)
+            if batch.ended:
+                return
+
+
+async def until_disconnected(receive: Receive, work: Awaitable[None]) -> None:
+    """Run `work` until it finishes or the HTTP client goes away.
+
+    Servers report a gone client only through `receive`, so one small task
+    waits there and cancels the work when it happens. The work runs in this
+    task itself: an idle connection costs one coroutine and one task.
+    """
+    task = asyncio.current_task()
+    assert task is not None
+    gone = False
+
+    async def listen() -> None:
+        while (await receive())["type"] != "http.disconnect":
+            pass
+
+    def on_gone(_: asyncio.Future[None]) -> None:
+        nonlocal gone
+        gone = True
+        task.cancel()
+
+    listener = asyncio.ensure_future(listen())
+    listener.add_done_callback(on_gone)
+    try:
+        await work
+    except asyncio.CancelledError:
+        if not gone:
+            raise
+        task.uncancel()
+    except OSError:
+        pass  # the server saw the client go while we wrote (ASGI 2.4)
+    finally:
+        listener.remove_done_callback(on_gone)
+        listener.cancel()
+
+
+async def stream_websocket(
+    websocket: WebSocket,
+    cursor: LogCursor,
+    headers: dict[str, str],
+    on_text: Callable[[str], Awaitable[None]] | None = None,
+    on_bytes: Callable[[bytes], Awaitable[None]] | None = None,
+) -> None:
+    """Follow a log over an accepted-here WebSocket, one envelope per text frame.
+
+    Frames the client sends go to `on_text` / `on_bytes` (a channel publishes
+    them); without a handler they are ignored. Idle heartbeats are the
+    server's WebSocket pings (`tidewire serve` sets uvicorn's ping interval).
+    """
+    await websocket.accept(headers=[(k.encode(), v.encode()) for k, v in headers.items()])
+    task = asyncio.current_task()
+    assert task is not None
+
+    async def listen() -> None:
+        while True:
+            message = await websocket.receive()
+            if message["type"] == "websocket.disconnect":
+                return
+            if message.get("text") is not None and on_text is not None:
+                await on_text(message["text"])
+            elif message.get("bytes") is not None and on_bytes is not None:
+                await on_bytes(message["bytes"])
+
+    def on_gone(_: asyncio.Future[None]) -> None:
+        task.cancel()
+
+    listener = asyncio.ensure_future(listen())
+    listener.add_done_callback(on_gone)
+    try:
+        while True:
+            batch = await cursor.next()
+            if batch.missed:
+                await websocket.send_text(gap_event(batch).ws())
+            for event in batch.events:
+                await websocket.send_text(event.ws())
+            cursor.delivered(batch)
+            if batch.ended:
+                break
+        await websocket.close(1000)
+    except asyncio.CancelledError:
+        if not listener.done():
+            raise
+        task.uncancel()
+    except (WebSocketDisconnect, OSError, RuntimeError):
+        pass  # the client left while we wrote
+    finally:
+        listener.remove_done_callback(on_gone)
+        listener.cancel()
+        cursor.close()
+        if websocket.application_state == WebSocketState.CONNECTED:
+            with contextlib.suppress(Exception):
+                await websocket.close(1000)
