@@ -225,7 +225,9 @@ class Run:
     cursors: dict[int, int] = field(default_factory=dict)
     progress: asyncio.Event = field(default_factory=asyncio.Event)
     task: asyncio.Task[None] | None = None
-    linger: asyncio.TimerHandle | None = None
+    # The last watcher's place, kept for a while after it left, and the timer
+    # that gives it up.
+    linger: tuple[int, asyncio.TimerHandle] | None = None
 
     @property
     def log(self) -> str:
@@ -285,8 +287,11 @@ class Runs:
         """Register a watcher. `after_seq` is where it starts, if known; by default
         the oldest retained event, so that nothing it may still read is trimmed."""
         if run.linger is not None:
-            run.linger.cancel()
+            # Somebody came back: its cursor replaces the one kept for it.
+            gone, timer = run.linger
+            timer.cancel()
             run.linger = None
+            run.cursors.pop(gone, None)
         key = next(self._keys)
         oldest = max(0, run.events - self.settings.run_history)
         run.cursors[key] = oldest if after_seq is None else max(after_seq, oldest)
@@ -302,7 +307,8 @@ class Runs:
         # The last watcher of an attached run left. Keep its place for a
         # while: a dropped connection that resumes loses nothing.
         loop = asyncio.get_running_loop()
-        run.linger = loop.call_later(self.settings.disconnect_grace, self._abandon, run, key)
+        timer = loop.call_later(self.settings.disconnect_grace, self._abandon, run, key)
+        run.linger = (key, timer)
 
     def _abandon(self, run: Run, key: int) -> None:
         run.linger = None

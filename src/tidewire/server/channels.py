@@ -10,7 +10,7 @@ from starlette.datastructures import UploadFile
 
 from ..events import Blob
 from .streams import resume_position, wants_sse
-from .transport import LogCursor, LogResponse, stream_websocket
+from .transport import LogCursor, LogResponse, deny_websocket, stream_websocket
 
 if TYPE_CHECKING:
     from ..app import Tidewire
@@ -91,7 +91,7 @@ def channels_router(tw: Tidewire) -> APIRouter:
             log = log_of(name)
             after = await start_position(log, resume_position(websocket, "") or None)
         except HTTPException as exc:
-            await websocket.close(4000 + exc.status_code, str(exc.detail)[:120])
+            await deny_websocket(websocket, exc.status_code, exc.detail)
             return
 
         async def on_text(text: str) -> None:

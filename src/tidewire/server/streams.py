@@ -11,7 +11,7 @@ from fastapi.responses import JSONResponse, Response
 
 from ..broker import BadPosition
 from ..runs import RESERVED_PARAMS, Run, Stream
-from .transport import LogCursor, LogResponse, stream_websocket
+from .transport import LogCursor, LogResponse, deny_websocket, stream_websocket
 
 if TYPE_CHECKING:
     from ..app import Tidewire
@@ -125,14 +125,11 @@ def streams_router(tw: Tidewire) -> APIRouter:
 
     @router.websocket("/streams/{name}/ws")
     async def start_ws(websocket: WebSocket, name: str) -> None:
-        stream = tw.streams.get(name)
-        if stream is None:
-            await websocket.close(4404, f"no stream named {name!r}")
-            return
         try:
+            stream = get_stream(name)
             params = validate(stream, await read_params(websocket))
         except HTTPException as exc:
-            await websocket.close(4422, orjson.dumps(exc.detail).decode()[:120])
+            await deny_websocket(websocket, exc.status_code, exc.detail)
             return
         run = runs.start(stream, params, attached=True)
         cur = cursor(run, "0", new=True)
@@ -156,15 +153,12 @@ def streams_router(tw: Tidewire) -> APIRouter:
 
     @router.websocket("/runs/{run_id}/ws", name="watch_run_ws")
     async def watch_ws(websocket: WebSocket, run_id: str) -> None:
-        run = runs.get(run_id)
-        if run is None:
-            await websocket.close(4404, f"no run {run_id!r}")
-            return
-        after = resume_position(websocket, "0")
         try:
+            run = get_run(run_id)
+            after = resume_position(websocket, "0")
             check_position(after)
         except HTTPException as exc:
-            await websocket.close(4400, str(exc.detail)[:120])
+            await deny_websocket(websocket, exc.status_code, exc.detail)
             return
         await stream_websocket(websocket, cursor(run, after), {"tidewire-run": run.id})
 

@@ -17,10 +17,10 @@ import asyncio
 import contextlib
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 from fastapi.sse import KEEPALIVE_COMMENT
-from starlette.responses import Response
+from starlette.responses import JSONResponse, Response
 from starlette.types import Receive, Scope, Send
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
@@ -28,7 +28,7 @@ from ..broker import Batch, Broker
 from ..events import NDJSON_HEARTBEAT, Event, dump_data
 from ..runs import Watcher
 
-__all__ = ["LogCursor", "LogResponse", "stream_websocket"]
+__all__ = ["LogCursor", "LogResponse", "deny_websocket", "stream_websocket"]
 
 Format = Literal["ndjson", "sse"]
 
@@ -212,3 +212,15 @@ async def stream_websocket(
         if websocket.application_state == WebSocketState.CONNECTED:
             with contextlib.suppress(Exception):
                 await websocket.close(1000)
+
+
+async def deny_websocket(websocket: WebSocket, status: int, detail: Any) -> None:
+    """Refuse a WebSocket handshake with the same JSON error an HTTP request gets.
+
+    Servers that cannot send an HTTP response here (the ASGI extension is
+    optional) get a close code of 4000 + status instead.
+    """
+    if "websocket.http.response" in websocket.scope.get("extensions", {}):
+        await websocket.send_denial_response(JSONResponse({"detail": detail}, status))
+    else:
+        await websocket.close(4000 + status, str(detail)[:120])

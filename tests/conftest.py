@@ -1,0 +1,75 @@
+"""Shared fixtures: a real uvicorn server on a free port, serving a Tidewire made per test."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+import uvicorn
+
+from tidewire import Settings, Tidewire
+
+
+class LiveServer:
+    """uvicorn serving an app in a thread; `url` is its base URL."""
+
+    def __init__(self, app: Any, ws_ping: float | None = None) -> None:
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.ws_url = f"ws://127.0.0.1:{self.port}"
+        config = uvicorn.Config(
+            app, log_level="warning", ws_ping_interval=ws_ping, ws_ping_timeout=ws_ping
+        )
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(
+            target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True
+        )
+
+    def start(self) -> LiveServer:
+        self.thread.start()
+        deadline = time.monotonic() + 10
+        while not self.server.started:
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                raise RuntimeError("the test server did not start")
+            time.sleep(0.01)
+        return self
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(10)
+        self.sock.close()
+
+
+@pytest.fixture
+def serve() -> Iterator[Callable[..., LiveServer]]:
+    """Start a server for an app (a Tidewire or any ASGI app); stopped after the test."""
+    servers: list[LiveServer] = []
+
+    def start(app: Any, ws_ping: float | None = None) -> LiveServer:
+        asgi = app.app if isinstance(app, Tidewire) else app
+        server = LiveServer(asgi, ws_ping).start()
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        server.stop()
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float = 5.0, message: str = "") -> None:
+    """Poll until `predicate()` is true; fail the test after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            pytest.fail(message or "condition not met in time")
+        time.sleep(0.01)
+
+
+QUICK = Settings(heartbeat=0.3, disconnect_grace=0.3, close_timeout=2.0)
