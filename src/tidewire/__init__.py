@@ -1,7 +1,7 @@
 """tidewire: stream Python generators, channels and files over NDJSON, SSE and WebSocket."""
 
 from .app import Tidewire
-from .broker import Batch, BadPosition, Broker, Retention
+from .broker import BadPosition, Batch, Broker, Retention
 from .broker.memory import MemoryBroker
 from .config import Settings
 from .events import Blob, Event, Message

@@ -30,15 +30,15 @@ F = TypeVar("F", bound=Callable[..., Any])
 class Tidewire:
     """Streams, runs and channels.
 
-        tw = Tidewire()
+    tw = Tidewire()
 
-        @tw.stream
-        async def count(n: int = 3):
-            for i in range(n):
-                yield {"i": i}
+    @tw.stream
+    async def count(n: int = 3):
+        for i in range(n):
+            yield {"i": i}
 
-        app = tw.app            # a FastAPI app, or:
-        my_app.include_router(tw.router)
+    app = tw.app            # a FastAPI app, or:
+    my_app.include_router(tw.router)
     """
 
     def __init__(
@@ -56,7 +56,7 @@ class Tidewire:
         self.channels = Channels(self.broker, self.settings)
 
     @overload
-    def stream(self, func: F, /) -> F: ...
+    def stream(self, func: F) -> F: ...
     @overload
     def stream(
         self, *, name: str | None = None, description: str | None = None
@@ -64,12 +64,11 @@ class Tidewire:
 
     def stream(
         self,
-        func: F | None = None,
-        /,
+        func: Callable[..., Any] | None = None,
         *,
         name: str | None = None,
         description: str | None = None,
-    ) -> F | Callable[[F], F]:
+    ) -> Any:
         """Register a sync or async generator function as a stream.
 
         Its parameters, with their type hints and defaults, are the stream's

@@ -50,7 +50,9 @@ class Blob(bytes):
 
     type: str
 
-    def __new__(cls, data: bytes | bytearray | memoryview, type: str = "application/octet-stream") -> Blob:  # noqa: A002
+    def __new__(
+        cls, data: bytes | bytearray | memoryview, type: str = "application/octet-stream"
+    ) -> Blob:
         self = super().__new__(cls, data)
         self.type = type
         return self
@@ -89,9 +91,7 @@ def _default(value: Any) -> Any:
     if isinstance(value, (bytes, bytearray, memoryview)):
         raw = bytes(value)
         kind = value.type if isinstance(value, Blob) else "application/octet-stream"
-        return {
-            "$blob": {"type": kind, "size": len(raw), "data": base64.b64encode(raw).decode()}
-        }
+        return {"$blob": {"type": kind, "size": len(raw), "data": base64.b64encode(raw).decode()}}
     model_dump = getattr(value, "model_dump", None)
     if callable(model_dump):  # a pydantic model
         return model_dump(mode="json")
@@ -112,7 +112,7 @@ class Event:
 
     __slots__ = ("_ndjson", "_sse", "_ws", "data_json", "event", "id", "seq")
 
-    def __init__(self, id: str, seq: int, event: str, data_json: bytes) -> None:  # noqa: A002
+    def __init__(self, id: str, seq: int, event: str, data_json: bytes) -> None:
         self.id = id
         self.seq = seq
         self.event = event
@@ -176,7 +176,9 @@ def decode_blobs(value: Any) -> Any:
     if isinstance(value, dict):
         blob = value.get("$blob")
         if len(value) == 1 and isinstance(blob, dict) and isinstance(blob.get("data"), str):
-            return Blob(base64.b64decode(blob["data"]), blob.get("type", "application/octet-stream"))
+            return Blob(
+                base64.b64decode(blob["data"]), blob.get("type", "application/octet-stream")
+            )
         return {k: decode_blobs(v) for k, v in value.items()}
     if isinstance(value, list):
         return [decode_blobs(v) for v in value]

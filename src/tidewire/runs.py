@@ -18,7 +18,7 @@ import secrets
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -126,7 +126,7 @@ class _ThreadSource(_Source):
 
     _max = 64
 
-    def __init__(self, gen: Iterator[Any], close_timeout: float) -> None:
+    def __init__(self, gen: Generator[Any, None, None], close_timeout: float) -> None:
         self._gen = gen
         self._close_timeout = close_timeout
         self._loop = asyncio.get_running_loop()
@@ -156,7 +156,7 @@ class _ThreadSource(_Source):
             with self._lock:
                 self._done = True
                 self._wake()
-            self._loop.call_soon_threadsafe(_resolve, self._exited)
+            self._call(_resolve, self._exited)
 
     def _put(self, item: Item) -> bool:
         with self._not_full:
@@ -171,8 +171,16 @@ class _ThreadSource(_Source):
     def _wake(self) -> None:
         # Called with the lock held; one wake-up per wait, not per item.
         if self._waiter is not None:
-            self._loop.call_soon_threadsafe(_resolve, self._waiter)
+            self._call(_resolve, self._waiter)
             self._waiter = None
+
+    def _call(
+        self, callback: Callable[[asyncio.Future[None]], None], arg: asyncio.Future[None]
+    ) -> None:
+        try:
+            self._loop.call_soon_threadsafe(callback, arg)
+        except RuntimeError:
+            pass  # the loop is closed (the server stopped): nobody is waiting any more
 
     # -- on the event loop ----------------------------------------------
 
@@ -387,4 +395,3 @@ async def _close(source: _Source) -> None:
     except asyncio.CancelledError:
         await task
         raise
-

@@ -197,7 +197,10 @@ def test_parameters_come_from_query_form_or_json(serve: Any) -> None:
 def test_headers_of_a_stream(serve: Any) -> None:
     tw, _ = make()
     server = serve(tw)
-    for accept, kind in [("*/*", "application/x-ndjson"), ("text/event-stream", "text/event-stream")]:
+    for accept, kind in [
+        ("*/*", "application/x-ndjson"),
+        ("text/event-stream", "text/event-stream"),
+    ]:
         response = httpx.get(f"{server.url}/streams/count", headers={"accept": accept})
         assert response.headers["content-type"].startswith(kind)
         assert response.headers["cache-control"] == "no-cache"
@@ -269,9 +272,7 @@ def test_last_event_id_wins_over_after(serve: Any, transport: str) -> None:
     server = serve(tw)
     run = detach(server, "count", n=10)
     finished(server, run)
-    events = read(
-        server, transport, f"/runs/{run}/events?after=2", headers={"last-event-id": "8"}
-    )
+    events = read(server, transport, f"/runs/{run}/events?after=2", headers={"last-event-id": "8"})
     assert [e["id"] for e in events] == ["9", "10", "11"]
 
 
@@ -341,7 +342,7 @@ def test_disconnect_cancels_an_attached_run(serve: Any, stream: str, transport: 
 
 
 def test_a_watcher_that_comes_back_within_the_grace_keeps_the_run(serve: Any) -> None:
-    tw, probe = make(Settings(heartbeat=0.3, disconnect_grace=2.0))
+    tw, _ = make(Settings(heartbeat=0.3, disconnect_grace=2.0))
     server = serve(tw)
     with httpx.stream("GET", f"{server.url}/streams/count?n=300&interval=0.005") as response:
         run = response.headers["tidewire-run"]

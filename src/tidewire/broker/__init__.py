@@ -14,7 +14,7 @@ from typing import Protocol
 
 from ..events import Event
 
-__all__ = ["Batch", "BadPosition", "Broker", "Retention"]
+__all__ = ["BadPosition", "Batch", "Broker", "Retention"]
 
 
 class BadPosition(ValueError):
@@ -51,7 +51,7 @@ class Broker(Protocol):
         """Add `(event type, data JSON)` items to a log, in order; trim it; return the events."""
         ...
 
-    def check_id(self, id: str) -> None:  # noqa: A002
+    def check_id(self, id: str) -> None:
         """Raise `BadPosition` unless `id` could be an event id of this broker (or `"0"`)."""
         ...
 
@@ -64,7 +64,7 @@ class Broker(Protocol):
         ...
 
     async def last_id(self, log: str) -> str:
-        """The id of the newest event, or `"0"` for a log with none: where "live from now" starts."""
+        """The id of the newest event (`"0"` for none): where "live from now" starts."""
         ...
 
     async def end(self, log: str) -> None:

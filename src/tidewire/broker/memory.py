@@ -8,7 +8,7 @@ from collections import deque
 from collections.abc import Sequence
 
 from ..events import Event
-from . import Batch, BadPosition, Retention
+from . import BadPosition, Batch, Retention
 
 __all__ = ["MemoryBroker"]
 
@@ -98,7 +98,7 @@ class MemoryBroker:
         target.wake()
         return events
 
-    def check_id(self, id: str) -> None:  # noqa: A002
+    def check_id(self, id: str) -> None:
         _position(id)
 
     async def read(self, log: str, after: str, *, limit: int, timeout: float | None) -> Batch:

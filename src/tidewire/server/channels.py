@@ -9,7 +9,7 @@ from fastapi import APIRouter, HTTPException, Request, WebSocket
 from starlette.datastructures import UploadFile
 
 from ..events import Blob
-from .streams import resume_position, wants_sse
+from .streams import negotiate, resume_position
 from .transport import LogCursor, LogResponse, deny_websocket, stream_websocket
 
 if TYPE_CHECKING:
@@ -29,8 +29,10 @@ async def read_message(request: Request) -> Any:
         data: dict[str, Any] = {}
         for key, value in form.multi_items():
             if isinstance(value, UploadFile):
-                value = Blob(await value.read(), value.content_type or "application/octet-stream")
-            data[key] = value
+                kind = value.content_type or "application/octet-stream"
+                data[key] = Blob(await value.read(), kind)
+            else:
+                data[key] = value
         return data
     body = await request.body()
     if len(body) > MAX_PUBLISH_BYTES:
@@ -82,8 +84,7 @@ def channels_router(tw: Tidewire) -> APIRouter:
         log = log_of(name)
         after = await start_position(log, resume_position(request, "") or None)
         cursor = LogCursor(tw.broker, log, after, tw.settings.heartbeat)
-        fmt = "sse" if wants_sse(request) else "ndjson"
-        return LogResponse(cursor, fmt, {}, tw.settings.sse_retry_ms)
+        return LogResponse(cursor, negotiate(request), {}, tw.settings.sse_retry_ms)
 
     @router.websocket("/channels/{name}/ws")
     async def subscribe_ws(websocket: WebSocket, name: str) -> None:

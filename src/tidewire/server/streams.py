@@ -11,7 +11,7 @@ from fastapi.responses import JSONResponse, Response
 
 from ..broker import BadPosition
 from ..runs import RESERVED_PARAMS, Run, Stream
-from .transport import LogCursor, LogResponse, deny_websocket, stream_websocket
+from .transport import Format, LogCursor, LogResponse, deny_websocket, stream_websocket
 
 if TYPE_CHECKING:
     from ..app import Tidewire
@@ -19,8 +19,9 @@ if TYPE_CHECKING:
 __all__ = ["streams_router"]
 
 
-def wants_sse(request: Request) -> bool:
-    return "text/event-stream" in request.headers.get("accept", "")
+def negotiate(request: Request) -> Format:
+    """SSE for clients that accept `text/event-stream`, NDJSON for everyone else."""
+    return "sse" if "text/event-stream" in request.headers.get("accept", "") else "ndjson"
 
 
 def resume_position(request: Request | WebSocket, default: str) -> str:
@@ -70,7 +71,9 @@ def validate(stream: Stream, values: dict[str, tuple[Any, str]]) -> dict[str, An
         for error in exc.errors(include_url=False, include_context=False, include_input=False):
             field = str(error["loc"][0]) if error["loc"] else ""
             where = values[field][1] if field in values else "query"
-            detail.append({"loc": [where, *error["loc"]], "msg": error["msg"], "type": error["type"]})
+            detail.append(
+                {"loc": [where, *error["loc"]], "msg": error["msg"], "type": error["type"]}
+            )
         raise HTTPException(422, detail) from None
 
 
@@ -97,8 +100,9 @@ def streams_router(tw: Tidewire) -> APIRouter:
         return LogCursor(tw.broker, run.log, after, tw.settings.heartbeat, watcher)
 
     def http_stream(request: Request, run: Run, cur: LogCursor) -> LogResponse:
-        fmt = "sse" if wants_sse(request) else "ndjson"
-        return LogResponse(cur, fmt, {"tidewire-run": run.id}, tw.settings.sse_retry_ms)
+        return LogResponse(
+            cur, negotiate(request), {"tidewire-run": run.id}, tw.settings.sse_retry_ms
+        )
 
     @router.get("/streams", summary="The registered streams and their parameters")
     async def list_streams() -> list[dict[str, Any]]:
