@@ -11,6 +11,7 @@ per run, not a place in a queue of 40.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import itertools
 import logging
@@ -177,10 +178,9 @@ class _ThreadSource(_Source):
     def _call(
         self, callback: Callable[[asyncio.Future[None]], None], arg: asyncio.Future[None]
     ) -> None:
-        try:
+        # A closed loop means the server stopped: nobody is waiting any more.
+        with contextlib.suppress(RuntimeError):
             self._loop.call_soon_threadsafe(callback, arg)
-        except RuntimeError:
-            pass  # the loop is closed (the server stopped): nobody is waiting any more
 
     # -- on the event loop ----------------------------------------------
 
