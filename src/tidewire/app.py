@@ -17,8 +17,8 @@ from .broker.memory import MemoryBroker
 from .channels import Channels
 from .config import Settings
 from .runs import Runs, Stream
-from .server.channels import channels_router
-from .server.streams import streams_router
+from .server.channels import add_channel_routes
+from .server.streams import add_stream_routes
 
 __all__ = ["Tidewire"]
 
@@ -102,9 +102,11 @@ class Tidewire:
     @cached_property
     def router(self) -> APIRouter:
         """Every route of tidewire's HTTP contract, to mount in an existing FastAPI app."""
+        # One flat router: each nested include_router adds a layer of routing
+        # frames that every open stream holds for its whole life.
         router = APIRouter(lifespan=self.lifespan)
-        router.include_router(streams_router(self), tags=["streams"])
-        router.include_router(channels_router(self), tags=["channels"])
+        add_stream_routes(router, self)
+        add_channel_routes(router, self)
 
         @router.get("/healthz", tags=["health"], summary="Liveness")
         async def healthz() -> dict[str, Any]:

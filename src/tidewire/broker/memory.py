@@ -21,7 +21,7 @@ class _Log:
         self.times: deque[float] = deque()  # monotonic time each event was appended
         self.next_seq = 1
         self.ended = False
-        self.waiters: set[asyncio.Future[None]] = set()
+        self.waiters: set[asyncio.Future[bool]] = set()
 
     def trim(self, retention: Retention, now: float) -> None:
         while len(self.events) > retention.max_len:
@@ -53,8 +53,13 @@ class _Log:
     def wake(self) -> None:
         for waiter in self.waiters:
             if not waiter.done():
-                waiter.set_result(None)
+                waiter.set_result(True)
         self.waiters.clear()
+
+
+def _expire(waiter: asyncio.Future[bool]) -> None:
+    if not waiter.done():
+        waiter.set_result(False)
 
 
 def _position(after: str) -> int:
@@ -110,16 +115,19 @@ class MemoryBroker:
         batch = target.take(position, limit)
         if batch.events or batch.missed or batch.ended or timeout == 0:
             return batch
-        waiter = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        waiter: asyncio.Future[bool] = loop.create_future()
         target.waiters.add(waiter)
+        # A bare timer rather than asyncio.timeout(): thousands of idle
+        # readers wait here, and this is the lightest way to wait with a limit.
+        timer = None if timeout is None else loop.call_later(timeout, _expire, waiter)
         try:
-            async with asyncio.timeout(timeout):
-                await waiter
-        except TimeoutError:
-            return Batch()
+            woken = await waiter
         finally:
             target.waiters.discard(waiter)
-        return target.take(position, limit)
+            if timer is not None:
+                timer.cancel()
+        return target.take(position, limit) if woken else Batch()
 
     async def last_id(self, log: str) -> str:
         return str(self._log(log).next_seq - 1)

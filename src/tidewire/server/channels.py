@@ -7,15 +7,16 @@ from typing import TYPE_CHECKING, Any
 import orjson
 from fastapi import APIRouter, HTTPException, Request, WebSocket
 from starlette.datastructures import UploadFile
+from starlette.routing import Route
 
 from ..events import Blob
 from .streams import negotiate, resume_position
-from .transport import LogCursor, LogResponse, deny_websocket, stream_websocket
+from .transport import LeanEndpoint, LogCursor, LogResponse, deny_websocket, stream_websocket
 
 if TYPE_CHECKING:
     from ..app import Tidewire
 
-__all__ = ["channels_router"]
+__all__ = ["add_channel_routes"]
 
 #: Largest body a publish may carry; larger data belongs in a file.
 MAX_PUBLISH_BYTES = 1 << 20
@@ -47,8 +48,7 @@ async def read_message(request: Request) -> Any:
     raise HTTPException(415, f"publish JSON, text/plain or a form, not {kind!r}")
 
 
-def channels_router(tw: Tidewire) -> APIRouter:
-    router = APIRouter()
+def add_channel_routes(router: APIRouter, tw: Tidewire) -> None:
     channels = tw.channels
 
     def log_of(name: str) -> str:
@@ -66,7 +66,9 @@ def channels_router(tw: Tidewire) -> APIRouter:
             raise HTTPException(400, str(exc)) from None
         return after
 
-    @router.post("/channels/{name}/events", status_code=201, summary="Publish an event")
+    @router.post(
+        "/channels/{name}/events", tags=["channels"], status_code=201, summary="Publish an event"
+    )
     async def publish(request: Request, name: str, event: str = "message") -> dict[str, str]:
         log_of(name)
         data = await read_message(request)
@@ -75,16 +77,14 @@ def channels_router(tw: Tidewire) -> APIRouter:
         except ValueError as exc:
             raise HTTPException(422, str(exc)) from None
 
-    @router.get(
-        "/channels/{name}/events",
-        summary="Subscribe: live from now, or from Last-Event-ID / ?after= (0: all retained)",
-        response_model=None,
-    )
-    async def subscribe(request: Request, name: str) -> LogResponse:
-        log = log_of(name)
+    async def subscribe(request: Request) -> LogResponse:
+        """Subscribe: live from now, or from Last-Event-ID / ?after= (0: all retained)."""
+        log = log_of(request.path_params["name"])
         after = await start_position(log, resume_position(request, "") or None)
         cursor = LogCursor(tw.broker, log, after, tw.settings.heartbeat)
         return LogResponse(cursor, negotiate(request), {}, tw.settings.sse_retry_ms)
+
+    router.routes.append(Route("/channels/{name}/events", LeanEndpoint(subscribe), methods=["GET"]))
 
     @router.websocket("/channels/{name}/ws")
     async def subscribe_ws(websocket: WebSocket, name: str) -> None:
@@ -107,5 +107,3 @@ def channels_router(tw: Tidewire) -> APIRouter:
 
         cursor = LogCursor(tw.broker, log, after, tw.settings.heartbeat)
         await stream_websocket(websocket, cursor, {}, on_text, on_bytes)
-
-    return router

@@ -8,15 +8,23 @@ import orjson
 import pydantic
 from fastapi import APIRouter, HTTPException, Request, WebSocket
 from fastapi.responses import JSONResponse, Response
+from starlette.routing import Route
 
 from ..broker import BadPosition
 from ..runs import RESERVED_PARAMS, Run, Stream
-from .transport import Format, LogCursor, LogResponse, deny_websocket, stream_websocket
+from .transport import (
+    Format,
+    LeanEndpoint,
+    LogCursor,
+    LogResponse,
+    deny_websocket,
+    stream_websocket,
+)
 
 if TYPE_CHECKING:
     from ..app import Tidewire
 
-__all__ = ["streams_router"]
+__all__ = ["add_stream_routes"]
 
 
 def negotiate(request: Request) -> Format:
@@ -77,8 +85,7 @@ def validate(stream: Stream, values: dict[str, tuple[Any, str]]) -> dict[str, An
         raise HTTPException(422, detail) from None
 
 
-def streams_router(tw: Tidewire) -> APIRouter:
-    router = APIRouter()
+def add_stream_routes(router: APIRouter, tw: Tidewire) -> None:
     runs = tw.runs
 
     def get_stream(name: str) -> Stream:
@@ -104,12 +111,13 @@ def streams_router(tw: Tidewire) -> APIRouter:
             cur, negotiate(request), {"tidewire-run": run.id}, tw.settings.sse_retry_ms
         )
 
-    @router.get("/streams", summary="The registered streams and their parameters")
+    @router.get("/streams", tags=["streams"], summary="The registered streams and their parameters")
     async def list_streams() -> list[dict[str, Any]]:
         return [stream.schema() for stream in tw.streams.values()]
 
     @router.api_route(
         "/streams/{name}",
+        tags=["streams"],
         methods=["GET", "POST"],
         summary="Start a run and stream its events (NDJSON, or SSE by Accept)",
         response_model=None,
@@ -139,21 +147,20 @@ def streams_router(tw: Tidewire) -> APIRouter:
         cur = cursor(run, "0", new=True)
         await stream_websocket(websocket, cur, {"tidewire-run": run.id})
 
-    @router.get("/runs/{run_id}", summary="A run's state")
+    @router.get("/runs/{run_id}", tags=["streams"], summary="A run's state")
     async def run_info(run_id: str) -> dict[str, Any]:
         return get_run(run_id).info()
 
-    @router.get(
-        "/runs/{run_id}/events",
-        name="watch_run",
-        summary="Watch a run: history first, then live; resume with Last-Event-ID or ?after=",
-        response_model=None,
-    )
-    async def watch(request: Request, run_id: str) -> LogResponse:
-        run = get_run(run_id)
+    async def watch(request: Request) -> LogResponse:
+        """Watch a run: history first, then live; resume with Last-Event-ID or ?after=."""
+        run = get_run(request.path_params["run_id"])
         after = resume_position(request, "0")
         check_position(after)
         return http_stream(request, run, cursor(run, after))
+
+    router.routes.append(
+        Route("/runs/{run_id}/events", LeanEndpoint(watch), methods=["GET"], name="watch_run")
+    )
 
     @router.websocket("/runs/{run_id}/ws", name="watch_run_ws")
     async def watch_ws(websocket: WebSocket, run_id: str) -> None:
@@ -166,7 +173,9 @@ def streams_router(tw: Tidewire) -> APIRouter:
             return
         await stream_websocket(websocket, cursor(run, after), {"tidewire-run": run.id})
 
-    @router.delete("/runs/{run_id}", summary="Cancel a run: its generator is closed")
+    @router.delete(
+        "/runs/{run_id}", tags=["streams"], summary="Cancel a run: its generator is closed"
+    )
     async def cancel(run_id: str) -> dict[str, Any]:
         run = get_run(run_id)
         if run.state == "running":
@@ -182,5 +191,3 @@ def streams_router(tw: Tidewire) -> APIRouter:
             tw.broker.check_id(after)
         except BadPosition as exc:
             raise HTTPException(400, str(exc)) from None
-
-    return router

@@ -19,7 +19,9 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from fastapi import HTTPException
 from fastapi.sse import KEEPALIVE_COMMENT
+from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.types import Receive, Scope, Send
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
@@ -28,7 +30,7 @@ from ..broker import Batch, Broker
 from ..events import NDJSON_HEARTBEAT, Event, dump_data
 from ..runs import Watcher
 
-__all__ = ["LogCursor", "LogResponse", "deny_websocket", "stream_websocket"]
+__all__ = ["LeanEndpoint", "LogCursor", "LogResponse", "deny_websocket", "stream_websocket"]
 
 Format = Literal["ndjson", "sse"]
 
@@ -119,6 +121,28 @@ class LogResponse(Response):
             cursor.delivered(batch)
             if batch.ended:
                 return
+
+
+class LeanEndpoint:
+    """An ASGI endpoint for a route whose response lives as long as its connection.
+
+    A FastAPI path operation keeps its dependency machinery and exit stacks,
+    and a Starlette one its exception wrappers, alive until the response
+    ends: for an idle subscription that is over a third of what it costs
+    (bench W4). Here the handler returns a response or raises HTTPException,
+    and nothing else stays on the stack. (A class, not a function: Starlette
+    routes to an object as to an ASGI app, without wrapping it.)
+    """
+
+    def __init__(self, handler: Callable[[Request], Awaitable[Response]]) -> None:
+        self.handler = handler
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            response = await self.handler(Request(scope, receive))
+        except HTTPException as exc:
+            response = JSONResponse({"detail": exc.detail}, exc.status_code, exc.headers)
+        await response(scope, receive, send)
 
 
 async def until_disconnected(receive: Receive, work: Awaitable[None]) -> None:
