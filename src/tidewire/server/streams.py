@@ -115,13 +115,6 @@ def add_stream_routes(router: APIRouter, tw: Tidewire) -> None:
     async def list_streams() -> list[dict[str, Any]]:
         return [stream.schema() for stream in tw.streams.values()]
 
-    @router.api_route(
-        "/streams/{name}",
-        tags=["streams"],
-        methods=["GET", "POST"],
-        summary="Start a run and stream its events (NDJSON, or SSE by Accept)",
-        response_model=None,
-    )
     async def start(request: Request, name: str, detach: bool = False) -> Response:
         stream = get_stream(name)
         params = validate(stream, await read_params(request))
@@ -134,6 +127,17 @@ def add_stream_routes(router: APIRouter, tw: Tidewire) -> None:
             }
             return JSONResponse(body, status_code=202, headers={"tidewire-run": run.id})
         return http_stream(request, run, cursor(run, "0", new=True))
+
+    # GET and POST as two routes, so that each has its own OpenAPI operation.
+    for method in ("GET", "POST"):
+        router.add_api_route(
+            "/streams/{name}",
+            start,
+            methods=[method],
+            tags=["streams"],
+            summary="Start a run and stream its events (NDJSON, or SSE by Accept)",
+            response_model=None,
+        )
 
     @router.websocket("/streams/{name}/ws")
     async def start_ws(websocket: WebSocket, name: str) -> None:

@@ -1,0 +1,66 @@
+"""`Tidewire` as an app of its own and as a router inside an existing FastAPI app."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+from fastapi import FastAPI
+
+from tests.conftest import QUICK
+from tidewire import Tidewire
+
+
+def test_the_router_mounts_into_an_existing_app(serve: Any) -> None:
+    tw = Tidewire(settings=QUICK)
+    closed = threading.Event()
+
+    @tw.stream
+    async def ticks() -> AsyncIterator[int]:
+        try:
+            while True:
+                yield 1
+                await asyncio.sleep(0.01)
+        finally:
+            closed.set()
+
+    app = FastAPI()
+
+    @app.get("/mine")
+    async def mine() -> dict[str, str]:
+        await tw.publish("news", {"from": "mine"})
+        return {"ok": "yes"}
+
+    app.include_router(tw.router, prefix="/live")
+    server = serve(app)
+    assert httpx.get(f"{server.url}/mine").json() == {"ok": "yes"}
+    with httpx.stream("GET", f"{server.url}/live/channels/news/events?after=0") as response:
+        assert json.loads(next(response.iter_lines()))["data"] == {"from": "mine"}
+    started = httpx.post(f"{server.url}/live/streams/ticks?detach=true").json()
+    assert started["events"] == f"/live/runs/{started['run']}/events"
+    with httpx.stream("GET", f"{server.url}{started['events']}") as response:
+        assert json.loads(next(response.iter_lines()))["data"] == 1
+    # The router brings its lifespan: stopping the server cancels running runs.
+    server.stop()
+    assert closed.wait(5)
+
+
+def test_errors_are_json_without_a_traceback(serve: Any) -> None:
+    tw = Tidewire(settings=QUICK)
+
+    @tw.router.get("/boom")
+    async def boom() -> None:
+        raise RuntimeError("secret internals")
+
+    server = serve(tw)
+    response = httpx.get(f"{server.url}/boom")
+    assert response.status_code == 500
+    assert response.json() == {"detail": "internal server error"}
+    assert "secret" not in response.text
+    health = httpx.get(f"{server.url}/healthz")
+    assert health.json() == {"status": "ok", "streams": 0}
+    assert "/streams/{name}" in httpx.get(f"{server.url}/openapi.json").json()["paths"]
