@@ -14,7 +14,7 @@ from typing import Any
 
 import httpx
 import pytest
-from websockets.exceptions import InvalidStatus
+from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import connect
 
 from tests.conftest import QUICK, LiveServer, wait_for
@@ -472,3 +472,23 @@ def test_websocket_heartbeats_are_protocol_pings(serve: Any) -> None:
         while len(rest) < 2 and time.monotonic() < deadline:
             rest += sock.recv(4096)
         assert rest[0] & 0x0F == 0x9, "expected a ping frame"
+
+
+def test_readers_of_unused_logs_leave_nothing_behind(serve: Any) -> None:
+    tw, _ = make()
+    server = serve(tw)
+    for i in range(5):
+        with httpx.stream("GET", f"{server.url}/channels/made-up-{i}/events") as response:
+            next(response.iter_lines())  # a heartbeat, then leave
+    wait_for(lambda: not any(name.startswith("channel:made-up") for name in tw.broker._logs))  # type: ignore[attr-defined]
+
+
+def test_a_websocket_publish_over_the_limit_is_refused(serve: Any) -> None:
+    tw, _ = make()
+    server = serve(tw)
+    with connect(f"{server.ws_url}/channels/big/ws", max_size=None) as ws:
+        ws.send("x" * ((1 << 20) + 1))
+        with pytest.raises(ConnectionClosed):
+            ws.recv(timeout=5)
+        assert ws.close_code == 1009
+    assert tw.broker._logs.get("channel:big") is None  # type: ignore[attr-defined]

@@ -127,6 +127,10 @@ class MemoryBroker:
             target.waiters.discard(waiter)
             if timer is not None:
                 timer.cancel()
+            if target.next_seq == 1 and not target.waiters and self._logs.get(log) is target:
+                # Nobody ever wrote here and nobody waits: readers of made-up
+                # names must not leave logs behind.
+                del self._logs[log]
         return target.take(position, limit) if woken else Batch()
 
     async def last_id(self, log: str) -> str:

@@ -96,6 +96,9 @@ def add_channel_routes(router: APIRouter, tw: Tidewire) -> None:
             return
 
         async def on_text(text: str) -> None:
+            if len(text) > MAX_PUBLISH_BYTES:
+                await websocket.close(1009, f"frames may be at most {MAX_PUBLISH_BYTES} bytes")
+                return
             try:
                 data = orjson.loads(text)
             except orjson.JSONDecodeError:
@@ -103,6 +106,9 @@ def add_channel_routes(router: APIRouter, tw: Tidewire) -> None:
             await channels.publish(name, data)
 
         async def on_bytes(raw: bytes) -> None:
+            if len(raw) > MAX_PUBLISH_BYTES:
+                await websocket.close(1009, f"frames may be at most {MAX_PUBLISH_BYTES} bytes")
+                return
             await channels.publish(name, Blob(raw))
 
         cursor = LogCursor(tw.broker, log, after, tw.settings.heartbeat)
