@@ -14,14 +14,19 @@ __all__ = ["MemoryBroker"]
 
 
 class _Log:
-    __slots__ = ("ended", "events", "next_seq", "times", "waiters")
+    __slots__ = ("ended", "events", "next_seq", "timers", "times", "waiters")
 
     def __init__(self) -> None:
         self.events: deque[Event] = deque()
         self.times: deque[float] = deque()  # monotonic time each event was appended
         self.next_seq = 1
         self.ended = False
-        self.waiters: set[asyncio.Future[bool]] = set()
+        # Readers waiting for the next append, by the timeout they asked for.
+        # One timer per timeout expires them all: a reader that came late in
+        # a wait may be released early (a heartbeat sent sooner), but a log
+        # with a thousand readers costs one timer per wait, not a thousand.
+        self.waiters: dict[float, list[asyncio.Future[bool]]] = {}
+        self.timers: dict[float, asyncio.TimerHandle] = {}
 
     def trim(self, retention: Retention, now: float) -> None:
         while len(self.events) > retention.max_len:
@@ -51,15 +56,36 @@ class _Log:
         )
 
     def wake(self) -> None:
-        for waiter in self.waiters:
-            if not waiter.done():
-                waiter.set_result(True)
+        for waiters in self.waiters.values():
+            for waiter in waiters:
+                if not waiter.done():
+                    waiter.set_result(True)
         self.waiters.clear()
+        for timer in self.timers.values():
+            timer.cancel()
+        self.timers.clear()
 
+    def wait(self, timeout: float | None) -> asyncio.Future[bool]:
+        """A future that becomes True on the next append, or False after about `timeout`."""
+        loop = asyncio.get_running_loop()
+        waiter: asyncio.Future[bool] = loop.create_future()
+        key = -1.0 if timeout is None else timeout
+        self.waiters.setdefault(key, []).append(waiter)
+        if timeout is not None and key not in self.timers:
+            self.timers[key] = loop.call_later(timeout, self.expire, key)
+        return waiter
 
-def _expire(waiter: asyncio.Future[bool]) -> None:
-    if not waiter.done():
-        waiter.set_result(False)
+    def expire(self, key: float) -> None:
+        self.timers.pop(key, None)
+        for waiter in self.waiters.pop(key, ()):
+            if not waiter.done():
+                waiter.set_result(False)
+
+    def idle(self) -> bool:
+        """Nobody ever wrote here and nobody waits."""
+        return self.next_seq == 1 and not any(
+            not w.done() for waiters in self.waiters.values() for w in waiters
+        )
 
 
 def _position(after: str) -> int:
@@ -115,21 +141,12 @@ class MemoryBroker:
         batch = target.take(position, limit)
         if batch.events or batch.missed or batch.ended or timeout == 0:
             return batch
-        loop = asyncio.get_running_loop()
-        waiter: asyncio.Future[bool] = loop.create_future()
-        target.waiters.add(waiter)
-        # A bare timer rather than asyncio.timeout(): thousands of idle
-        # readers wait here, and this is the lightest way to wait with a limit.
-        timer = None if timeout is None else loop.call_later(timeout, _expire, waiter)
         try:
-            woken = await waiter
+            woken = await target.wait(timeout)
         finally:
-            target.waiters.discard(waiter)
-            if timer is not None:
-                timer.cancel()
-            if target.next_seq == 1 and not target.waiters and self._logs.get(log) is target:
-                # Nobody ever wrote here and nobody waits: readers of made-up
-                # names must not leave logs behind.
+            if self._logs.get(log) is target and target.idle():
+                # Readers of made-up names must not leave logs behind.
+                target.wake()
                 del self._logs[log]
         return target.take(position, limit) if woken else Batch()
 
