@@ -16,6 +16,7 @@ from __future__ import annotations
 import base64
 from collections.abc import Iterator
 from dataclasses import dataclass
+from decimal import Decimal
 from typing import Any
 
 import orjson
@@ -93,8 +94,14 @@ def _default(value: Any) -> Any:
         kind = value.type if isinstance(value, Blob) else "application/octet-stream"
         return {"$blob": {"type": kind, "size": len(raw), "data": base64.b64encode(raw).decode()}}
     model_dump = getattr(value, "model_dump", None)
-    if callable(model_dump):  # a pydantic model
-        return model_dump(mode="json")
+    if callable(model_dump):
+        # A pydantic model: Python mode, so that bytes inside it come back
+        # here and become blobs (JSON mode would make them strings, or fail).
+        return model_dump(mode="python")
+    if isinstance(value, Decimal):
+        return str(value)  # as pydantic's JSON mode does: no precision lost
+    if isinstance(value, (set, frozenset)):
+        return list(value)
     raise TypeError(f"{type(value).__name__} is not JSON serializable")
 
 

@@ -40,9 +40,6 @@ class _Log:
 
     def take(self, after: int, limit: int) -> Batch:
         first = self.next_seq - len(self.events)  # seq of events[0]
-        # An id beyond the head comes from before a restart (memory starts its
-        # ids again at 1): read on from the head rather than wait for it.
-        after = min(after, self.next_seq - 1)
         missed = max(0, first - after - 1)
         start = max(after + 1, first) - first
         # Ids are the seq numbers themselves, so the slice is by index.
@@ -133,8 +130,10 @@ class MemoryBroker:
         _position(id)
 
     async def read(self, log: str, after: str, *, limit: int, timeout: float | None) -> Batch:
-        position = _position(after)
         target = self._log(log)
+        # An id beyond the head comes from before a restart (memory starts its
+        # ids again at 1): read on from the head rather than wait for it.
+        position = min(_position(after), target.next_seq - 1)
         retention = self._retention.get(log)
         if retention is not None and retention.max_age is not None:
             target.trim(retention, time.monotonic())  # age trimming happens on quiet logs too

@@ -1,0 +1,358 @@
+"""MemoryBroker: ids, blocking reads, trimming by count and age, end, delete."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+import orjson
+import pytest
+
+from tidewire import BadPosition, Batch, MemoryBroker, Retention
+
+T = TypeVar("T")
+
+KEEP = Retention(max_len=1_000)
+
+
+def run(test: Callable[[], Awaitable[T]]) -> T:
+    """Run an async test body with a time limit, so a read that never wakes fails fast."""
+
+    async def limited() -> T:
+        async with asyncio.timeout(10):
+            return await test()
+
+    return asyncio.run(limited())
+
+
+def items(*values: object, kind: str = "message") -> list[tuple[str, bytes]]:
+    return [(kind, orjson.dumps(v)) for v in values]
+
+
+async def fill(broker: MemoryBroker, log: str, n: int, retention: Retention = KEEP) -> None:
+    for i in range(1, n + 1):
+        await broker.append(log, items(i), retention)
+
+
+def test_ids_count_from_one_and_strictly_increase() -> None:
+    async def body() -> None:
+        broker = MemoryBroker()
+        first = await broker.append("a", items("x", "y", "z"), KEEP)
+        second = await broker.append("a", items("w"), KEEP)
+        ids = [e.id for e in first + second]
+        assert ids == ["1", "2", "3", "4"]
+        assert [e.seq for e in first + second] == [1, 2, 3, 4]
+        assert [e.data for e in first + second] == ["x", "y", "z", "w"]
+        # Logs are independent.
+        [other] = await broker.append("b", items(1), KEEP)
+        assert other.id == "1"
+
+    run(body)
+
+
+def test_append_keeps_event_types_and_data() -> None:
+    async def body() -> None:
+        broker = MemoryBroker()
+        await broker.append("a", [("progress", b'{"p":1}'), ("message", b"null")], KEEP)
+        batch = await broker.read("a", "0", limit=10, timeout=0)
+        assert [(e.id, e.event, e.data_json) for e in batch.events] == [
+            ("1", "progress", b'{"p":1}'),
+            ("2", "message", b"null"),
+        ]
+
+    run(body)
+
+
+def test_read_from_a_position_and_with_a_limit() -> None:
+    async def body() -> None:
+        broker = MemoryBroker()
+        await fill(broker, "a", 10)
+        batch = await broker.read("a", "3", limit=4, timeout=0)
+        assert [e.id for e in batch.events] == ["4", "5", "6", "7"]
+        assert (batch.missed, batch.resume_id, batch.ended) == (0, None, False)
+        rest = await broker.read("a", "7", limit=100, timeout=0)
+        assert [e.id for e in rest.events] == ["8", "9", "10"]
+
+    run(body)
+
+
+def test_last_id() -> None:
+    async def body() -> None:
+        broker = MemoryBroker()
+        assert await broker.last_id("empty") == "0"
+        await fill(broker, "a", 3)
+        assert await broker.last_id("a") == "3"
+        # Trimming does not move the head.
+        await fill(broker, "a", 5, Retention(max_len=2))
+        assert await broker.last_id("a") == "8"
+
+    run(body)
+
+
+def test_read_blocks_until_an_append() -> None:
+    async def body() -> None:
+        broker = MemoryBroker()
+        await fill(broker, "a", 2)
+        reader = asyncio.create_task(broker.read("a", "2", limit=10, timeout=None))
+        await asyncio.sleep(0.1)
+        assert not reader.done(), "a read with nothing to return must wait"
+        await broker.append("a", items("late"), KEEP)
+        batch = await asyncio.wait_for(reader, 1)
+        assert [(e.id, e.data) for e in batch.events] == [("3", "late")]
+
+    run(body)
+
+
+def test_append_wakes_every_blocked_reader() -> None:
+    async def body() -> None:
+        broker = MemoryBroker()
+        readers = [
+            asyncio.create_task(broker.read("a", "0", limit=10, timeout=5)) for _ in range(5)
+        ]
+        await asyncio.sleep(0.05)
+        assert not any(r.done() for r in readers)
+        await broker.append("a", items(1), KEEP)
+        batches = await asyncio.wait_for(asyncio.gather(*readers), 1)
+        assert all([e.id for e in b.events] == ["1"] for b in batches)
+
+    run(body)
+
+
+def test_append_to_another_log_does_not_wake_a_reader() -> None:
+    async def body() -> None:
+        broker = MemoryBroker()
+        reader = asyncio.create_task(broker.read("a", "0", limit=10, timeout=None))
+        await asyncio.sleep(0.02)
+        await broker.append("b", items(1), KEEP)
+        await asyncio.sleep(0.05)
+        assert not reader.done()
+        reader.cancel()
+
+    run(body)
+
+
+def test_timeout_returns_an_empty_batch() -> None:
+    async def body() -> None:
+        broker = MemoryBroker()
+        await fill(broker, "a", 1)
+        start = time.monotonic()
+        batch = await broker.read("a", "1", limit=10, timeout=0.2)
+        waited = time.monotonic() - start
+        assert batch == Batch()
+        assert batch.events == [] and not batch.missed and not batch.ended
+        assert 0.15 <= waited < 2
+
+        start = time.monotonic()
+        assert await broker.read("a", "1", limit=10, timeout=0) == Batch()
+        assert time.monotonic() - start < 0.1, "timeout=0 must not wait"
+
+    run(body)
+
+
+def test_trim_by_count_reports_missed_and_where_to_resume() -> None:
+    async def body() -> None:
+        broker = MemoryBroker()
+        await fill(broker, "a", 10, Retention(max_len=3))
+        batch = await broker.read("a", "0", limit=100, timeout=0)
+        assert batch.missed == 7
+        assert batch.resume_id == "7"
+        assert [e.id for e in batch.events] == ["8", "9", "10"]
+
+        # Reading on from resume_id: exactly the retained events, no second gap.
+        again = await broker.read("a", batch.resume_id, limit=100, timeout=0)
+        assert (again.missed, [e.id for e in again.events]) == (0, ["8", "9", "10"])
+
+        # A reader that had some and fell behind misses only what it did not get.
+        behind = await broker.read("a", "5", limit=100, timeout=0)
+        assert (behind.missed, behind.resume_id) == (2, "7")
+        assert [e.id for e in behind.events] == ["8", "9", "10"]
+
+    run(body)
+
+
+def test_reader_following_resume_ids_gets_everything_once() -> None:
+    """A reader that follows the batches (as a transport does) accounts for every event."""
+
+    async def body() -> None:
+        broker = MemoryBroker()
+        retention = Retention(max_len=5)
+        after = "0"
+        seen: list[int] = []
+        missed = 0
+        for round_ in range(6):
+            await fill_from(broker, "a", round_ * 7, 7, retention)
+            while True:
+                batch = await broker.read("a", after, limit=2, timeout=0)
+                missed += batch.missed
+                seen.extend(int(e.id) for e in batch.events)
+                if batch.events:
+                    after = batch.events[-1].id
+                elif batch.resume_id is not None:
+                    after = batch.resume_id
+                else:
+                    break
+        assert seen == sorted(set(seen)), "no repeats, in order"
+        assert len(seen) + missed == 42
+        assert seen[-5:] == [38, 39, 40, 41, 42]
+
+    run(body)
+
+
+async def fill_from(
+    broker: MemoryBroker, log: str, start: int, n: int, retention: Retention
+) -> None:
+    await broker.append(log, items(*range(start + 1, start + n + 1)), retention)
+
+
+def test_trim_by_age() -> None:
+    async def body() -> None:
+        broker = MemoryBroker()
+        retention = Retention(max_len=1_000, max_age=0.1)
+        await fill(broker, "a", 3, retention)
+        await asyncio.sleep(0.2)
+        await broker.append("a", items("fresh"), retention)
+        batch = await broker.read("a", "0", limit=100, timeout=0)
+        assert (batch.missed, batch.resume_id) == (3, "3")
+        assert [(e.id, e.data) for e in batch.events] == [("4", "fresh")]
+
+    run(body)
+
+
+def test_trim_by_age_on_a_quiet_log() -> None:
+    async def body() -> None:
+        broker = MemoryBroker()
+        retention = Retention(max_len=1_000, max_age=0.1)
+        await fill(broker, "a", 4, retention)
+        fresh = await broker.read("a", "0", limit=100, timeout=0)
+        assert fresh.missed == 0 and len(fresh.events) == 4
+        await asyncio.sleep(0.2)
+        # Nothing was appended since, yet the old events are gone.
+        batch = await broker.read("a", "0", limit=100, timeout=5)
+        assert (batch.events, batch.missed, batch.resume_id) == ([], 4, "4")
+        assert await broker.read("a", "4", limit=100, timeout=0.05) == Batch()
+        assert await broker.last_id("a") == "4"
+
+    run(body)
+
+
+def test_end_marks_the_reader_that_reaches_the_end() -> None:
+    async def body() -> None:
+        broker = MemoryBroker()
+        await fill(broker, "a", 3)
+        await broker.end("a")
+        partial = await broker.read("a", "0", limit=2, timeout=0)
+        assert [e.id for e in partial.events] == ["1", "2"]
+        assert not partial.ended, "events remain after this batch"
+        last = await broker.read("a", "2", limit=2, timeout=None)
+        assert [e.id for e in last.events] == ["3"] and last.ended
+        at_end = await broker.read("a", "3", limit=2, timeout=None)
+        assert at_end.events == [] and at_end.ended
+
+    run(body)
+
+
+def test_end_wakes_blocked_readers() -> None:
+    async def body() -> None:
+        broker = MemoryBroker()
+        await fill(broker, "a", 1)
+        readers = [
+            asyncio.create_task(broker.read("a", "1", limit=10, timeout=None)) for _ in range(3)
+        ]
+        await asyncio.sleep(0.05)
+        assert not any(r.done() for r in readers)
+        await broker.end("a")
+        batches = await asyncio.wait_for(asyncio.gather(*readers), 1)
+        assert all(b.ended and b.events == [] for b in batches)
+
+    run(body)
+
+
+@pytest.mark.parametrize("bad", ["abc", "-1", "", "1.5", "1-0"])
+def test_check_id_refuses_what_is_not_an_id(bad: str) -> None:
+    broker = MemoryBroker()
+    with pytest.raises(BadPosition):
+        broker.check_id(bad)
+    assert issubclass(BadPosition, ValueError)
+
+
+@pytest.mark.parametrize("good", ["0", "1", "123456789012"])
+def test_check_id_accepts_ids(good: str) -> None:
+    MemoryBroker().check_id(good)
+
+
+def test_read_from_a_bad_position_raises() -> None:
+    async def body() -> None:
+        broker = MemoryBroker()
+        with pytest.raises(BadPosition):
+            await broker.read("a", "abc", limit=1, timeout=0)
+
+    run(body)
+
+
+def test_an_id_beyond_the_head_reads_on_from_the_head() -> None:
+    """An id from before a restart (memory starts again at 1) must not stall a reader."""
+
+    async def body() -> None:
+        broker = MemoryBroker()
+        await fill(broker, "a", 2)
+        assert (await broker.read("a", "500", limit=10, timeout=0)).events == []
+        reader = asyncio.create_task(broker.read("a", "500", limit=10, timeout=5))
+        await asyncio.sleep(0.05)
+        await broker.append("a", items("next"), KEEP)
+        batch = await asyncio.wait_for(reader, 1)
+        assert [(e.id, e.data) for e in batch.events] == [("3", "next")]
+        assert batch.missed == 0
+
+    run(body)
+
+
+def test_delete_wakes_readers_and_forgets_the_log() -> None:
+    async def body() -> None:
+        broker = MemoryBroker()
+        await fill(broker, "a", 2)
+        reader = asyncio.create_task(broker.read("a", "2", limit=10, timeout=None))
+        await asyncio.sleep(0.05)
+        assert not reader.done()
+        await broker.delete("a")
+        batch = await asyncio.wait_for(reader, 1)
+        assert batch.ended and batch.events == []
+        assert await broker.last_id("a") == "0"
+        [event] = await broker.append("a", items("new"), KEEP)
+        assert event.id == "1"
+        await broker.delete("never-existed")  # no error
+
+    run(body)
+
+
+def test_aclose_wakes_every_reader() -> None:
+    async def body() -> None:
+        broker = MemoryBroker()
+        readers = [
+            asyncio.create_task(broker.read(name, "0", limit=10, timeout=None))
+            for name in ("a", "b", "c")
+        ]
+        await asyncio.sleep(0.05)
+        await broker.aclose()
+        batches = await asyncio.wait_for(asyncio.gather(*readers), 1)
+        assert all(b.ended for b in batches)
+
+    run(body)
+
+
+def test_cancelled_reader_leaves_no_waiter_behind() -> None:
+    async def body() -> None:
+        broker = MemoryBroker()
+        for _ in range(20):
+            reader = asyncio.create_task(broker.read("a", "0", limit=10, timeout=None))
+            await asyncio.sleep(0)
+            reader.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await reader
+        for _ in range(20):
+            assert await broker.read("a", "0", limit=1, timeout=0.001) == Batch()
+        log = broker._logs.get("a")
+        assert log is None or not log.waiters
+
+    run(body)
