@@ -14,7 +14,16 @@ __all__ = ["MemoryBroker"]
 
 
 class _Log:
-    __slots__ = ("ended", "events", "next_seq", "timers", "times", "waiters")
+    __slots__ = (
+        "deferred",
+        "ended",
+        "events",
+        "next_seq",
+        "quiet_until",
+        "timers",
+        "times",
+        "waiters",
+    )
 
     def __init__(self) -> None:
         self.events: deque[Event] = deque()
@@ -27,6 +36,9 @@ class _Log:
         # with a thousand readers costs one timer per wait, not a thousand.
         self.waiters: dict[float, list[asyncio.Future[bool]]] = {}
         self.timers: dict[float, asyncio.TimerHandle] = {}
+        # Adaptive coalescing of wake-ups, see notify().
+        self.quiet_until = 0.0
+        self.deferred: asyncio.TimerHandle | None = None
 
     def trim(self, retention: Retention, now: float) -> None:
         while len(self.events) > retention.max_len:
@@ -52,15 +64,50 @@ class _Log:
             ended=self.ended and stop >= len(self.events),
         )
 
+    def notify(self) -> None:
+        """Wake the readers for new events: at once, unless the last wake-up was costly.
+
+        Waking a thousand readers keeps the event loop busy for tens of
+        milliseconds, during which nothing else runs: not the next publish,
+        not other connections. So after each wake-up this log stays quiet for
+        half as long as that wake-up took, and events that arrive meanwhile go
+        out together in the next one. Under light load the wait is
+        microseconds; under heavy load fan-out takes at most about two thirds
+        of the loop, and each reader writes several events at once instead of
+        one. (Half: bench W3 measured p99 90 ms at half, 124 ms at a full
+        quiet period, and 19 s with none, for 1,000 readers at 100 events/s.)
+        """
+        if self.deferred is not None:
+            return  # a wake-up is already due
+        loop = asyncio.get_running_loop()
+        if loop.time() >= self.quiet_until:
+            self.wake()
+        else:
+            self.deferred = loop.call_at(self.quiet_until, self.wake)
+
     def wake(self) -> None:
+        if self.deferred is not None:
+            self.deferred.cancel()
+            self.deferred = None
+        woken = 0
         for waiters in self.waiters.values():
             for waiter in waiters:
                 if not waiter.done():
                     waiter.set_result(True)
+                    woken += 1
         self.waiters.clear()
         for timer in self.timers.values():
             timer.cancel()
         self.timers.clear()
+        if woken > 1:
+            # Queued behind the readers just woken, this runs once they all
+            # have: it measures what the wake-up cost.
+            loop = asyncio.get_running_loop()
+            loop.call_soon(self._measure, loop.time())
+
+    def _measure(self, started: float) -> None:
+        now = asyncio.get_running_loop().time()
+        self.quiet_until = now + (now - started) / 2
 
     def wait(self, timeout: float | None) -> asyncio.Future[bool]:
         """A future that becomes True on the next append, or False after about `timeout`."""
@@ -123,7 +170,7 @@ class MemoryBroker:
             target.times.append(now)
             events.append(event)
         target.trim(retention, now)
-        target.wake()
+        target.notify()
         return events
 
     def check_id(self, id: str) -> None:
@@ -155,7 +202,7 @@ class MemoryBroker:
     async def end(self, log: str) -> None:
         target = self._log(log)
         target.ended = True
-        target.wake()
+        target.notify()
 
     async def delete(self, log: str) -> None:
         target = self._logs.pop(log, None)

@@ -7,8 +7,8 @@ behind catches up in a few large writes rather than many small ones.
 This is an ASGI response of its own rather than `fastapi.sse`'s
 `EventSourceResponse`, which serializes each item and passes it through two
 memory streams and a task group: per event, that costs more than the whole
-of our write path (bench/results.md, W1: 6,100 events/s against tidewire's
-figure there). The SSE bytes themselves come from `fastapi.sse`'s encoder.
+of our write path (bench/results.md, W1: fastapi.sse against tidewire SSE,
+about 12x apart). The SSE bytes themselves come from `fastapi.sse`'s encoder.
 """
 
 from __future__ import annotations
@@ -39,10 +39,14 @@ BATCH = 512
 
 MEDIA_TYPES = {"ndjson": "application/x-ndjson", "sse": "text/event-stream; charset=utf-8"}
 
-STREAM_HEADERS = {
-    # Neither browsers nor proxies may cache or buffer a live stream.
-    "cache-control": "no-cache",
-    "x-accel-buffering": "no",
+RAW_HEADERS = {
+    fmt: [
+        (b"content-type", media_type.encode()),
+        # Neither browsers nor proxies may cache or buffer a live stream.
+        (b"cache-control", b"no-cache"),
+        (b"x-accel-buffering", b"no"),
+    ]
+    for fmt, media_type in MEDIA_TYPES.items()
 }
 
 
@@ -86,8 +90,13 @@ class LogResponse(Response):
         # Not Response.__init__: it would add `content-length: 0`; this body is chunked.
         self.status_code = 200
         self.background = None
-        all_headers = {**STREAM_HEADERS, **headers, "content-type": MEDIA_TYPES[fmt]}
-        self.raw_headers = [(k.encode(), v.encode()) for k, v in all_headers.items()]
+        # Shared, not built per response: thousands of these may be open at once.
+        self.raw_headers = RAW_HEADERS[fmt]
+        if headers:
+            self.raw_headers = [
+                *self.raw_headers,
+                *((k.encode(), v.encode()) for k, v in headers.items()),
+            ]
         self.cursor = cursor
         self.fmt = fmt
         self.retry_ms = retry_ms
