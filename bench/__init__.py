@@ -1,0 +1,1 @@
+"""Side-by-side benchmarks: tidewire vs the original service, FastAPI, sse-starlette, Nchan."""

@@ -1,0 +1,5 @@
+"""`python -m bench`: see bench/README.md."""
+
+from .run import main
+
+main()

@@ -1,0 +1,229 @@
+"""Machine facts, ratios, and the markdown report."""
+
+from __future__ import annotations
+
+import math
+import os
+import platform
+import subprocess
+from collections.abc import Callable
+from importlib import metadata
+from typing import Any
+
+Row = dict[str, Any]
+PACKAGES = [
+    "uvicorn",
+    "fastapi",
+    "starlette",
+    "sse-starlette",
+    "uvloop",
+    "httptools",
+    "orjson",
+    "tidewire",
+]
+
+
+def _version(pkg: str) -> str:
+    try:
+        return metadata.version(pkg)
+    except metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def _cmd(argv: list[str]) -> str:
+    try:
+        r = subprocess.run(argv, capture_output=True, text=True, timeout=10)
+        return (r.stdout + r.stderr).strip()
+    except OSError:
+        return "not installed"
+
+
+def machine() -> dict[str, Any]:
+    cpu = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), "")
+    except OSError:
+        pass
+    return {
+        "nproc": os.cpu_count(),
+        "cpu": cpu,
+        "loadavg_at_start": [round(x, 2) for x in os.getloadavg()],
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "versions": {p: _version(p) for p in PACKAGES},
+        "nginx": _cmd(["nginx", "-v"]).removeprefix("nginx version: nginx/"),
+        "nchan": _cmd(["dpkg-query", "-W", "-f", "${Version}", "libnginx-mod-nchan"]),
+    }
+
+
+def ratios(rows: list[Row], key: str, bases: list[str], lower_is_better: bool = False) -> None:
+    """row["vs"][base]: how many times better than `base` (> 1 is better, either direction)."""
+    by_name = {r["server"]: r for r in rows}
+    for r in rows:
+        r["vs"] = {}
+        for b in bases:
+            if b in by_name and b != r["server"]:
+                x, y = r[key], by_name[b][key]
+                ok = x and y and not (math.isnan(x) or math.isnan(y))
+                r["vs"][b] = (y / x if lower_is_better else x / y) if ok else None
+
+
+def _n(x: float | None, digits: int = 0) -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "-"
+    return f"{x:,.{digits}f}"
+
+
+def _vs(base: str) -> tuple[str, Callable[[Row], str]]:
+    return f"vs {base}", lambda r: "" if r["vs"].get(base) is None else f"{r['vs'][base]:.2f}x"
+
+
+def _ok(r: Row) -> str:
+    return "ok" if not r["problems"] else "see notes"
+
+
+COLUMNS: dict[str, list[tuple[str, Callable[[Row], str]]]] = {
+    "w1": [
+        ("server", lambda r: r["server"]),
+        ("events/s", lambda r: _n(r["events_per_s"])),
+        _vs("original"),
+        _vs("fastapi.sse"),
+        _vs("sse-starlette"),
+        ("MB/s", lambda r: _n(r["mb_per_s"], 1)),
+        ("B/event", lambda r: _n(r["bytes_per_event"])),
+        ("server CPU", lambda r: _n(r["server_cpu_pct"]) + "%"),
+        ("client CPU", lambda r: _n(r["client_cpu_pct"]) + "%"),
+        ("rounds (events/s)", lambda r: ", ".join(f"{x:,}" for x in r["rounds"])),
+        ("format", _ok),
+    ],
+    "w2": [
+        ("server", lambda r: r["server"]),
+        ("wall s", lambda r: _n(r["wall_s"], 2)),
+        ("x ideal", lambda r: _n(r["x_ideal"], 2)),
+        _vs("original (sync)"),
+        _vs("fastapi.sse (async)"),
+        ("p50 client s", lambda r: _n(r["p50_client_s"], 2)),
+        ("server CPU", lambda r: _n(r["server_cpu_pct"]) + "%"),
+        ("client CPU", lambda r: _n(r["client_cpu_pct"]) + "%"),
+        ("rounds (s)", lambda r: ", ".join(f"{x:.2f}" for x in r["rounds"])),
+        ("check", _ok),
+    ],
+    "w3": [
+        ("server", lambda r: r["server"]),
+        ("publisher", lambda r: f"{r['publisher']} ({r['publish_connections_used']} used)"),
+        ("deliveries/s", lambda r: _n(r["deliveries_per_s"])),
+        ("expected/s", lambda r: _n(r["expected_per_s"])),
+        ("p50 ms", lambda r: _n(r["p50_ms"], 1)),
+        ("p99 ms", lambda r: _n(r["p99_ms"], 1)),
+        ("max ms", lambda r: _n(r["max_ms"], 1)),
+        ("lost", lambda r: _n(r["lost"])),
+        _vs("nchan"),
+        ("published/s", lambda r: _n(r["publish_rate"], 1)),
+        (
+            "publish RTT p50/p99 ms",
+            lambda r: f"{_n(r['publish_rtt_p50_ms'], 1)} / {_n(r['publish_rtt_p99_ms'], 1)}",
+        ),
+        ("server CPU", lambda r: _n(r["server_cpu_pct"]) + "%"),
+        (
+            "client CPU (all / busiest proc)",
+            lambda r: f"{_n(r['client_cpu_pct'])}% / {_n(r['client_cpu_max_proc_pct'])}%",
+        ),
+        ("check", _ok),
+    ],
+    "w4": [
+        ("server", lambda r: r["server"]),
+        ("connected", lambda r: _n(r["connected"])),
+        ("RSS before MB", lambda r: _n(r["rss_before_mb"], 1)),
+        ("RSS after MB", lambda r: _n(r["rss_after_mb"], 1)),
+        ("KB/conn", lambda r: _n(r["kb_per_conn"], 1)),
+        _vs("fastapi.sse"),
+        _vs("nchan"),
+        ("connect s", lambda r: _n(r["connect_s"], 2)),
+        ("idle server CPU", lambda r: _n(r["idle_server_cpu_pct"], 1) + "%"),
+        ("check", _ok),
+    ],
+}
+
+TITLES = {
+    "w1": "W1 throughput: one client reads demo events (text + base64 PNG), interval 0",
+    "w2": "W2 paced concurrency: clients each start a run of events from a generator",
+    "w3": "W3 fan-out: SSE subscribers of one channel, one publisher",
+    "w4": "W4 idle connections: SSE watchers of one channel, server RSS per connection",
+}
+EXPLAIN = {
+    "w1": "`vs X` = events/s ÷ X's events/s (higher is better). Median of the rounds, "
+    "interleaved. CPU is % of one core over the client's wall time.",
+    "w2": "Wall time until the last client has its last event. `vs X` = X's wall ÷ this wall "
+    "(higher is better).",
+    "w3": "Latency = receive time.time() - the send time.time() the message carries. The "
+    "publisher is open loop: each message leaves on schedule, answered or not, on one "
+    "connection (pipelined) or on up to 32 (a new one whenever all are busy). lost = "
+    "messages a subscriber never got, summed, once deliveries have stopped for 3 s. "
+    "`vs nchan` = nchan's p99 ÷ this p99, same publisher (higher is better). CPU over the "
+    "publishing window.",
+    "w4": "KB/conn = (RSS after all connected - RSS before) ÷ connections, server process tree. "
+    "`vs X` = X's KB/conn ÷ this (higher is better). The two `floor` rows are references, "
+    "not contenders: an app that only holds the connection open, bare on uvicorn and behind "
+    "a FastAPI route; the first is uvicorn's own cost per connection.",
+}
+
+
+def workload_md(name: str, w: dict[str, Any]) -> str:
+    out = [f"## {TITLES[name]}", ""]
+    if w.get("error"):
+        return "\n".join([*out, f"**Did not run:** {w['error']}", ""])
+    params = ", ".join(f"{k}={v}" for k, v in w["params"].items())
+    out += [f"Parameters: {params}. {EXPLAIN[name]}", ""]
+    cols = COLUMNS[name]
+    out.append("| " + " | ".join(h for h, _ in cols) + " |")
+    out.append("|" + "---|" * len(cols))
+    out += ["| " + " | ".join(f(r) for _, f in cols) + " |" for r in w["rows"]]
+    out.append("")
+    out += [f"- **{c}**" for c in w.get("checks", [])]
+    out += [f"- {n}" for n in w.get("notes", [])]
+    for r in w["rows"]:
+        for p in r["problems"]:
+            out.append(f"- {r['server']}: {p}")
+        if name in ("w1", "w2") and r.get("first_event"):
+            last = f", last event `{r['last_event']}`" if r.get("last_event") else ""
+            out.append(f"- {r['server']}: first event `{r['first_event']}`{last}")
+        if name == "w3" and r["publish_response"]:
+            resp = r["publish_response"].replace("\n", " ")[:100]
+            out.append(f"- {r['server']}, {r['publisher']}: publish answer `{resp}`")
+        if name == "w3" and (r["other_events"] or r["duplicates"] or r["unparsed"]):
+            out.append(
+                f"- {r['server']}: other events {r['other_events']}, duplicates "
+                f"{r['duplicates']}, unparsed {r['unparsed']}"
+            )
+    other = w.get("other_load_pct")
+    busy = f"; other load on the machine meanwhile: {other}% of one core" if other else ""
+    out.append(f"\n_{w.get('seconds', '?')} s for this workload{busy}._\n")
+    return "\n".join(out)
+
+
+def markdown(results: dict[str, Any]) -> str:
+    m = results["machine"]
+    vers = ", ".join(f"{k} {v}" for k, v in m["versions"].items())
+    head = [
+        "# tidewire benchmarks" + (" (--quick smoke run: small sizes)" if results["quick"] else ""),
+        "",
+        f"Run {results['date']} with `.venv/bin/python -m bench`. Machine: {m['nproc']} cores "
+        f"({m['cpu']}), load average at start {m['loadavg_at_start']}, Linux {m['kernel']}, "
+        f"Python {m['python']}; {vers}; nginx {m['nginx']}, nchan {m['nchan']}.",
+        "",
+        "All servers: uvicorn `--loop uvloop --http httptools`, 1 worker, each its own process "
+        "on a loopback port (nginx+Nchan: 1 worker). The load generator is separate processes "
+        "(asyncio + uvloop + httptools); its CPU is shown beside each result: near 100% of one "
+        "core would mean it, not the server, was the limit. The machine is shared and noisy: "
+        "compare rows of one run, not runs.",
+        "",
+    ]
+    if results.get("profiles"):
+        head += [
+            "Profiled with `py-spy record --nonblocking` (tidewire servers only): "
+            + ", ".join(f"`{p}`" for p in results["profiles"]),
+            "",
+        ]
+    body = [workload_md(k, w) for k, w in results["workloads"].items()]
+    return "\n".join(head + body)

@@ -1,0 +1,178 @@
+"""Servers under test: each its own process on a free loopback port, started and stopped here."""
+
+from __future__ import annotations
+
+import os
+import resource
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import psutil
+
+ROOT = Path(__file__).resolve().parent.parent
+PY = sys.executable
+UVICORN_FLAGS = ["--loop", "uvloop", "--http", "httptools", "--workers", "1"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def raise_nofile() -> int:
+    """Lift the soft fd limit to the hard one; servers and clients inherit it (W4 needs 5,000+)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return hard
+
+
+def env() -> dict[str, str]:
+    # `bench.apps.*` from the repo root; tidewire from src/ even if not pip-installed.
+    path = os.pathsep.join([str(ROOT), str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])
+    return {**os.environ, "PYTHONPATH": path.rstrip(os.pathsep), "PYTHONUNBUFFERED": "1"}
+
+
+@dataclass
+class Server:
+    name: str
+    argv: list[str]
+    port: int
+    workdir: Path
+    proc: subprocess.Popen[bytes] | None = None
+    log: Path = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.log = self.workdir / f"{self.name.replace(' ', '_').replace('/', '_')}.log"
+
+    def start(self, timeout: float = 30.0) -> Server:
+        with open(self.log, "wb") as log:
+            self.proc = subprocess.Popen(
+                self.argv, cwd=ROOT, env=env(), stdout=log, stderr=subprocess.STDOUT
+            )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                rc = self.proc.returncode
+                raise RuntimeError(f"{self.name} exited with {rc}:\n{self.tail()}")
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.5).close()
+                return self
+            except OSError:
+                time.sleep(0.1)
+        self.stop()
+        why = f"{self.name} did not listen on {self.port} in {timeout}s"
+        raise RuntimeError(f"{why}:\n{self.tail()}")
+
+    def stop(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()  # only our own child, by its pid
+            self.proc.wait(5)
+
+    def processes(self) -> list[psutil.Process]:
+        assert self.proc is not None
+        p = psutil.Process(self.proc.pid)
+        return [p, *p.children(recursive=True)]
+
+    def cpu(self) -> float:
+        """CPU seconds used so far by the server and its children (nginx's worker, say)."""
+        total = 0.0
+        for p in self.processes():
+            t = p.cpu_times()
+            total += t.user + t.system
+        return total
+
+    def rss(self) -> int:
+        return sum(p.memory_info().rss for p in self.processes())
+
+    def tail(self, lines: int = 30) -> str:
+        try:
+            return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+
+def uvicorn(name: str, app: str, workdir: Path) -> Server:
+    port = free_port()
+    where = ["--host", "127.0.0.1", "--port", str(port)]
+    quiet = ["--no-access-log", "--log-level", "warning"]
+    return Server(name, [PY, "-m", "uvicorn", app, *where, *UVICORN_FLAGS, *quiet], port, workdir)
+
+
+def tidewire(name: str, app: str | None, workdir: Path) -> Server:
+    port = free_port()
+    # `--log-level warning` matches the baselines' `--no-access-log --log-level warning`.
+    serve = ["serve", *([app] if app else []), "--host", "127.0.0.1", "--port", str(port)]
+    argv = [PY, "-m", "tidewire", *serve, "--log-level", "warning"]
+    return Server(name, argv, port, workdir)
+
+
+def tidewire_available() -> str | None:
+    """None if `python -m tidewire serve` can run here, else why not."""
+    if not (ROOT / "src" / "tidewire" / "cli.py").exists():
+        return "src/tidewire/cli.py does not exist yet"
+    r = subprocess.run(
+        [PY, "-m", "tidewire", "serve", "--help"],
+        cwd=ROOT,
+        env=env(),
+        capture_output=True,
+        timeout=60,
+    )
+    if r.returncode != 0:
+        return f"`python -m tidewire serve --help` exited {r.returncode}: {r.stderr[-500:]!r}"
+    return None
+
+
+NCHAN_MODULE = Path("/usr/lib/nginx/modules/ngx_nchan_module.so")
+
+
+def nchan_available() -> str | None:
+    if shutil.which("nginx") is None or not NCHAN_MODULE.exists():
+        return "nginx + libnginx-mod-nchan are not installed (run bench/install)"
+    return None
+
+
+def nchan(workdir: Path, nofile: int) -> Server:
+    """nginx + Nchan in the foreground (`daemon off`), one worker, config written here."""
+    port = free_port()
+    d = workdir / "nginx"
+    d.mkdir(exist_ok=True)
+    user = "user root;" if os.geteuid() == 0 else ""  # workers must read our temp dir
+    conf = f"""
+load_module {NCHAN_MODULE};
+daemon off;
+{user}
+worker_processes 1;
+worker_rlimit_nofile {nofile};
+pid {d}/nginx.pid;
+error_log {d}/error.log warn;
+events {{ worker_connections {nofile - 100}; }}
+http {{
+  access_log off;
+  client_body_temp_path {d}/body;
+  proxy_temp_path {d}/proxy;
+  fastcgi_temp_path {d}/fastcgi;
+  uwsgi_temp_path {d}/uwsgi;
+  scgi_temp_path {d}/scgi;
+  server {{
+    listen 127.0.0.1:{port} backlog=4096;
+    location = /pub {{ nchan_publisher; nchan_channel_id $arg_id; }}
+    location = /sub {{ nchan_subscriber eventsource; nchan_channel_id $arg_id; }}
+  }}
+}}
+"""
+    (d / "nginx.conf").write_text(conf)
+    argv = ["nginx", "-e", f"{d}/error.log", "-p", str(d), "-c", f"{d}/nginx.conf"]
+    return Server("nchan", argv, port, workdir)
