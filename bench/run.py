@@ -127,6 +127,22 @@ def demo_png(port: int) -> bytes | None:
     return raw if raw.startswith(b"\x89PNG") else None
 
 
+def interleaved(
+    ctx: Ctx, targets: list[Target], mode: str, extra: dict[str, Any], timeout: float
+) -> dict[str, list[dict[str, Any]]]:
+    """Run the load `mode` against every target, rounds interleaved (A B C A B C ...) so that
+    drift in the machine's other load hits every server alike; results by target name."""
+    runs: dict[str, list[dict[str, Any]]] = {t.name: [] for t in targets}
+    for _ in range(ctx.sizes.rounds):
+        for t in targets:
+            cpu0 = t.server.cpu()
+            cfg = {"port": t.server.port, "path": t.path, "accept": t.accept, "framing": t.framing}
+            res = run_load(mode, {**cfg, **extra}, timeout=timeout)
+            res["server_cpu"] = t.server.cpu() - cpu0
+            runs[t.name].append(res)
+    return runs
+
+
 def w1(ctx: Ctx) -> dict[str, Any]:
     n = ctx.sizes.w1_events
     notes: list[str] = []
@@ -157,20 +173,8 @@ def w1(ctx: Ctx) -> dict[str, Any]:
             Target("sse-starlette", star, f"/stream?n={n}", SSE, "sse"),
             *targets,
         ]
-        runs: dict[str, list[dict[str, Any]]] = {t.name: [] for t in targets}
-        for _ in range(ctx.sizes.rounds):
-            for t in targets:
-                cpu0 = t.server.cpu()
-                cfg = {
-                    "port": t.server.port,
-                    "path": t.path,
-                    "accept": t.accept,
-                    "framing": t.framing,
-                    "deadline_s": (deadline := max(120.0, n / 300)),
-                }
-                res = run_load("stream", cfg, timeout=deadline + 30)
-                res["server_cpu"] = t.server.cpu() - cpu0
-                runs[t.name].append(res)
+        deadline = max(120.0, n / 300)
+        runs = interleaved(ctx, targets, "stream", {"deadline_s": deadline}, deadline + 30)
     rows = [w1_row(t.name, runs[t.name], n) for t in targets]
     report.ratios(rows, "events_per_s", ["original", "fastapi.sse", "sse-starlette"])
     goal = next((r for r in rows if r["server"] == "sse-starlette"), None)
@@ -246,21 +250,7 @@ def w2(ctx: Ctx) -> dict[str, Any]:
                 Target("tidewire NDJSON (sync)", tw, f"/streams/paced?{q}", NDJSON, "ndjson"),
                 Target("tidewire SSE (sync)", tw, f"/streams/paced?{q}", SSE, "sse"),
             ]
-        runs: dict[str, list[dict[str, Any]]] = {t.name: [] for t in targets}
-        for _ in range(ctx.sizes.rounds):
-            for t in targets:
-                cpu0 = t.server.cpu()
-                cfg = {
-                    "port": t.server.port,
-                    "path": t.path,
-                    "accept": t.accept,
-                    "framing": t.framing,
-                    "conns": s.w2_clients,
-                    "deadline_s": 60,
-                }
-                res = run_load("paced", cfg, timeout=90)
-                res["server_cpu"] = t.server.cpu() - cpu0
-                runs[t.name].append(res)
+        runs = interleaved(ctx, targets, "paced", {"conns": s.w2_clients, "deadline_s": 60}, 90)
     ideal = s.w2_events * s.w2_interval
     rows = [w2_row(t.name, runs[t.name], s.w2_events, ideal) for t in targets]
     report.ratios(rows, "wall_s", ["original (sync)", "fastapi.sse (async)"], lower_is_better=True)
