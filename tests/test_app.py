@@ -63,4 +63,19 @@ def test_errors_are_json_without_a_traceback(serve: Any) -> None:
     assert "secret" not in response.text
     health = httpx.get(f"{server.url}/healthz")
     assert health.json() == {"status": "ok", "streams": 0}
-    assert "/streams/{name}" in httpx.get(f"{server.url}/openapi.json").json()["paths"]
+
+
+def test_every_route_is_on_the_openapi_page(serve: Any) -> None:
+    server = serve(Tidewire(settings=QUICK))
+    paths = httpx.get(f"{server.url}/openapi.json").json()["paths"]
+    assert set(paths["/streams/{name}"]) == {"get", "post"}
+    assert set(paths["/runs/{run_id}"]) == {"get", "delete"}
+    for path in ("/runs/{run_id}/events", "/channels/{name}/events"):
+        get = paths[path]["get"]
+        names = {p["name"] for p in get["parameters"]}
+        assert {"after", "Last-Event-ID"} <= names
+        assert set(get["responses"]["200"]["content"]) == {
+            "application/x-ndjson",
+            "text/event-stream; charset=utf-8",
+        }
+    assert "post" in paths["/channels/{name}/events"]

@@ -7,11 +7,10 @@ from typing import TYPE_CHECKING, Any
 import orjson
 from fastapi import APIRouter, HTTPException, Request, WebSocket
 from starlette.datastructures import UploadFile
-from starlette.routing import Route
 
 from ..events import Blob
 from .streams import negotiate, resume_position
-from .transport import LeanEndpoint, LogCursor, LogResponse, deny_websocket, stream_websocket
+from .transport import LogCursor, LogResponse, add_stream_route, deny_websocket, stream_websocket
 
 if TYPE_CHECKING:
     from ..app import Tidewire
@@ -84,7 +83,7 @@ def add_channel_routes(router: APIRouter, tw: Tidewire) -> None:
         cursor = LogCursor(tw.broker, log, after, tw.settings.heartbeat)
         return LogResponse(cursor, negotiate(request), {}, tw.settings.sse_retry_ms)
 
-    router.routes.append(Route("/channels/{name}/events", LeanEndpoint(subscribe), methods=["GET"]))
+    add_stream_route(router, "/channels/{name}/events", subscribe, name="subscribe", tag="channels")
 
     @router.websocket("/channels/{name}/ws")
     async def subscribe_ws(websocket: WebSocket, name: str) -> None:

@@ -8,15 +8,14 @@ import orjson
 import pydantic
 from fastapi import APIRouter, HTTPException, Request, WebSocket
 from fastapi.responses import JSONResponse, Response
-from starlette.routing import Route
 
 from ..broker import BadPosition
 from ..runs import RESERVED_PARAMS, Run, Stream
 from .transport import (
     Format,
-    LeanEndpoint,
     LogCursor,
     LogResponse,
+    add_stream_route,
     deny_websocket,
     stream_websocket,
 )
@@ -162,9 +161,7 @@ def add_stream_routes(router: APIRouter, tw: Tidewire) -> None:
         check_position(after)
         return http_stream(request, run, cursor(run, after))
 
-    router.routes.append(
-        Route("/runs/{run_id}/events", LeanEndpoint(watch), methods=["GET"], name="watch_run")
-    )
+    add_stream_route(router, "/runs/{run_id}/events", watch, name="watch_run", tag="streams")
 
     @router.websocket("/runs/{run_id}/ws", name="watch_run_ws")
     async def watch_ws(websocket: WebSocket, run_id: str) -> None:

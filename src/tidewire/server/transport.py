@@ -15,14 +15,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
+import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from fastapi import HTTPException
+from fastapi import APIRouter, HTTPException
 from fastapi.sse import KEEPALIVE_COMMENT
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
@@ -30,7 +33,14 @@ from ..broker import Batch, Broker
 from ..events import NDJSON_HEARTBEAT, Event, dump_data
 from ..runs import Watcher
 
-__all__ = ["LeanEndpoint", "LogCursor", "LogResponse", "deny_websocket", "stream_websocket"]
+__all__ = [
+    "LeanEndpoint",
+    "LogCursor",
+    "LogResponse",
+    "add_stream_route",
+    "deny_websocket",
+    "stream_websocket",
+]
 
 Format = Literal["ndjson", "sse"]
 
@@ -152,6 +162,62 @@ class LeanEndpoint:
         except HTTPException as exc:
             response = JSONResponse({"detail": exc.detail}, exc.status_code, exc.headers)
         await response(scope, receive, send)
+
+
+#: OpenAPI parameters shared by every route that reads a log.
+RESUME_PARAMETERS: list[dict[str, Any]] = [
+    {
+        "name": "after",
+        "in": "query",
+        "required": False,
+        "schema": {"type": "string"},
+        "description": "resume after this event id (`0`: from the start)",
+    },
+    {
+        "name": "Last-Event-ID",
+        "in": "header",
+        "required": False,
+        "schema": {"type": "string"},
+        "description": "as `after`, and wins over it (EventSource sends it when it reconnects)",
+    },
+]
+
+
+def add_stream_route(
+    router: APIRouter,
+    path: str,
+    handler: Callable[[Request], Awaitable[Response]],
+    *,
+    name: str,
+    tag: str,
+) -> None:
+    """Serve a long-lived GET stream through a `LeanEndpoint`, and document it.
+
+    The same handler is also added as a FastAPI operation, after the lean
+    route: that one always matches first, so the operation only gives the
+    route its place on the OpenAPI page.
+    """
+    router.routes.append(Route(path, LeanEndpoint(handler), methods=["GET"], name=name))
+    path_params = [
+        {"name": param, "in": "path", "required": True, "schema": {"type": "string"}}
+        for param in re.findall(r"{(\w+)}", path)
+    ]
+    router.add_api_route(
+        path,
+        handler,
+        methods=["GET"],
+        name=f"{name}_openapi",
+        tags=[tag],
+        summary=(inspect.getdoc(handler) or "").split("\n")[0],
+        response_class=Response,
+        responses={
+            200: {
+                "description": "the events, NDJSON or (by `Accept`) SSE, until the log ends",
+                "content": {media: {} for media in MEDIA_TYPES.values()},
+            }
+        },
+        openapi_extra={"parameters": [*path_params, *RESUME_PARAMETERS]},
+    )
 
 
 async def until_disconnected(receive: Receive, work: Awaitable[None]) -> None:
