@@ -16,6 +16,9 @@ class Settings:
     run_window: int = 256
     #: How many events a run keeps for watchers that come late or resume.
     run_history: int = 10_000
+    #: Runs that may be running at once; starting more is refused (503) until
+    #: some end. Each sync generator holds a thread, so this bounds threads too.
+    max_runs: int = 1_000
     #: Seconds a finished run stays watchable before it is forgotten.
     run_ttl: float = 600.0
     #: Cancel a run started by a watching request once no watcher is left.
@@ -40,6 +43,8 @@ class Settings:
             # A watcher that is still connected must never lose events to
             # trimming, so the history has to hold at least the window.
             raise ValueError("need 1 <= run_window <= run_history")
+        if self.max_runs < 1:
+            raise ValueError("max_runs must be at least 1")
         if self.heartbeat <= 0:
             raise ValueError("heartbeat must be positive")
         if self.channel_max_len < 1:

@@ -29,7 +29,7 @@ from .broker import Broker, Retention
 from .config import Settings
 from .events import Message, dump_data
 
-__all__ = ["Run", "Runs", "Stream"]
+__all__ = ["Run", "Runs", "Stream", "TooManyRuns"]
 
 logger = logging.getLogger("tidewire")
 
@@ -38,6 +38,10 @@ Item = tuple[str, bytes]  # (event type, data JSON), ready for a log
 
 #: Query parameters that belong to tidewire, not to a stream's generator.
 RESERVED_PARAMS = frozenset({"detach", "after"})
+
+
+class TooManyRuns(Exception):
+    """`max_runs` runs are running already."""
 
 
 def encode_item(item: Any) -> Item:
@@ -279,16 +283,20 @@ class Runs:
         self.retention = Retention(settings.run_history)
         self._runs: dict[str, Run] = {}
         self._keys = itertools.count(1)
+        self.running = 0
 
     def get(self, run_id: str) -> Run | None:
         return self._runs.get(run_id)
 
     def start(self, stream: Stream, params: dict[str, Any], *, attached: bool) -> Run:
         """Start a run. An attached run gets its first watcher at once, before any event."""
+        if self.running >= self.settings.max_runs:
+            raise TooManyRuns(f"{self.running} runs are running, the most this server allows")
         run = Run(id=secrets.token_hex(8), stream=stream.name, attached=attached)
         self._runs[run.id] = run
         source = stream.open(params, self.settings)
         run.task = asyncio.get_running_loop().create_task(self._execute(run, source))
+        self.running += 1
         return run
 
     def watch(self, run: Run, after_seq: int | None = None) -> Watcher:
@@ -370,6 +378,7 @@ class Runs:
         else:
             run.state, final = "finished", ("end", b"null")
         run.ended = time.time()
+        self.running -= 1
         await self._append(run, [final])
         await self.broker.end(run.log)
         asyncio.get_running_loop().call_later(self.settings.run_ttl, self._expire, run.id)

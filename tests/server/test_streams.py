@@ -493,3 +493,21 @@ def test_a_websocket_publish_over_the_limit_is_refused(serve: Any) -> None:
         assert ws.close_code == 1009
     # Nothing was published: once the subscriber is gone, so is the empty log.
     wait_for(lambda: "channel:big" not in tw.broker._logs)  # type: ignore[attr-defined]
+
+
+def test_runs_beyond_max_runs_are_refused_until_some_end(serve: Any) -> None:
+    tw, _ = make(Settings(heartbeat=0.3, disconnect_grace=0.3, max_runs=2))
+    server = serve(tw)
+    first = detach(server, "forever_sync")
+    detach(server, "forever")
+    refused = httpx.post(f"{server.url}/streams/count?detach=true")
+    assert refused.status_code == 503
+    assert refused.headers["retry-after"] == "1"
+    assert "2 runs are running" in refused.json()["detail"]
+    assert httpx.get(f"{server.url}/streams/count").status_code == 503
+    with pytest.raises(InvalidStatus) as denied:
+        connect(f"{server.ws_url}/streams/count/ws")
+    assert denied.value.response.status_code == 503
+    assert httpx.delete(f"{server.url}/runs/{first}").status_code == 200
+    events = read_ndjson(f"{server.url}/streams/count?n=2")
+    assert events[-1]["event"] == "end"

@@ -10,7 +10,7 @@ from fastapi import APIRouter, HTTPException, Request, WebSocket
 from fastapi.responses import JSONResponse, Response
 
 from ..broker import BadPosition
-from ..runs import RESERVED_PARAMS, Run, Stream
+from ..runs import RESERVED_PARAMS, Run, Stream, TooManyRuns
 from .transport import (
     Format,
     LogCursor,
@@ -93,6 +93,12 @@ def add_stream_routes(router: APIRouter, tw: Tidewire) -> None:
             raise HTTPException(404, f"no stream named {name!r}; GET /streams lists them")
         return stream
 
+    def start_run(stream: Stream, params: dict[str, Any], *, attached: bool) -> Run:
+        try:
+            return runs.start(stream, params, attached=attached)
+        except TooManyRuns as exc:
+            raise HTTPException(503, f"{exc}; try again later", {"retry-after": "1"}) from None
+
     def get_run(run_id: str) -> Run:
         run = runs.get(run_id)
         if run is None:
@@ -117,7 +123,7 @@ def add_stream_routes(router: APIRouter, tw: Tidewire) -> None:
     async def start(request: Request, name: str, detach: bool = False) -> Response:
         stream = get_stream(name)
         params = validate(stream, await read_params(request))
-        run = runs.start(stream, params, attached=not detach)
+        run = start_run(stream, params, attached=not detach)
         if detach:
             body = {
                 "run": run.id,
@@ -143,10 +149,10 @@ def add_stream_routes(router: APIRouter, tw: Tidewire) -> None:
         try:
             stream = get_stream(name)
             params = validate(stream, await read_params(websocket))
+            run = start_run(stream, params, attached=True)
         except HTTPException as exc:
             await deny_websocket(websocket, exc.status_code, exc.detail)
             return
-        run = runs.start(stream, params, attached=True)
         cur = cursor(run, "0", new=True)
         await stream_websocket(websocket, cur, {"tidewire-run": run.id})
 
