@@ -64,7 +64,9 @@ def frame(i: int) -> Blob:
 tw = Tidewire(title="tidewire demo")
 
 Count = Annotated[int, Field(ge=0, le=10_000_000, description="how many events")]
-Pause = Annotated[float, Field(ge=0, le=60, description="seconds before each event")]
+Pause = Annotated[
+    float, Field(ge=0, le=60, allow_inf_nan=False, description="seconds before each event")
+]
 
 
 @tw.stream(name="demo")
