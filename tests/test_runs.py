@@ -143,3 +143,27 @@ def test_an_async_generator_is_closed_when_its_run_is_cancelled() -> None:
         assert not tw.runs.cancel(run)  # already ended
 
     asyncio.run(main())
+
+
+def test_an_item_that_cannot_be_encoded_fails_the_run_and_closes_the_generator() -> None:
+    tw = Tidewire()
+    closed = threading.Event()
+    closed_in: list[str] = []
+
+    @tw.stream
+    def odd() -> Iterator[object]:
+        try:
+            yield 1
+            yield object()  # not JSON
+            yield 2
+        finally:
+            # In its own thread, not later by the garbage collector wherever it runs.
+            closed_in.append(threading.current_thread().name)
+            closed.set()
+
+    events = collect(tw, "odd")
+    assert events[0] == ("message", b"1")
+    assert events[-1][0] == "error"
+    assert b"TypeError" in events[-1][1] and b"not JSON serializable" in events[-1][1]
+    assert closed.wait(5)
+    assert closed_in == ["tidewire-generator"]

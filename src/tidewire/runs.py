@@ -21,7 +21,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import pydantic
 
@@ -97,22 +97,20 @@ def _params_model(func: Callable[..., Any], name: str) -> type[pydantic.BaseMode
     return model
 
 
-class _Source:
+class _Source(Protocol):
     """A generator seen from the event loop: items come out already encoded."""
 
-    def __aiter__(self) -> _Source:
-        return self
-
-    async def __anext__(self) -> Item:
-        raise NotImplementedError
-
-    async def aclose(self) -> None:
-        raise NotImplementedError
+    def __aiter__(self) -> _Source: ...
+    async def __anext__(self) -> Item: ...
+    async def aclose(self) -> None: ...
 
 
-class _AsyncSource(_Source):
+class _AsyncSource:
     def __init__(self, agen: Any) -> None:
         self._agen = agen
+
+    def __aiter__(self) -> _AsyncSource:
+        return self
 
     async def __anext__(self) -> Item:
         return encode_item(await self._agen.__anext__())
@@ -121,7 +119,7 @@ class _AsyncSource(_Source):
         await self._agen.aclose()
 
 
-class _ThreadSource(_Source):
+class _ThreadSource:
     """A sync generator run in a thread of its own, handing items to the loop in batches.
 
     The thread waits when `_max` items are pending (the loop side is slower);
@@ -153,11 +151,16 @@ class _ThreadSource(_Source):
         try:
             for item in self._gen:
                 if not self._put(encode_item(item)):
-                    self._gen.close()  # raises GeneratorExit at the yield: `finally` runs
                     break
         except BaseException as exc:
             self._error = exc
         finally:
+            # A generator left at a yield (cancelled, or its item could not be
+            # encoded) gets GeneratorExit there, so its `finally` runs now.
+            try:
+                self._gen.close()
+            except BaseException as exc:
+                self._error = self._error or exc
             with self._lock:
                 self._done = True
                 self._wake()
@@ -187,6 +190,9 @@ class _ThreadSource(_Source):
             self._loop.call_soon_threadsafe(callback, arg)
 
     # -- on the event loop ----------------------------------------------
+
+    def __aiter__(self) -> _ThreadSource:
+        return self
 
     async def __anext__(self) -> Item:
         while not self._ready:
