@@ -277,7 +277,7 @@ class Watcher:
             run.progress.set()
 
     def leave(self) -> None:
-        self._runs._leave(self.run, self.key)
+        self._runs.release(self.run, self.key)
 
 
 class Runs:
@@ -319,7 +319,8 @@ class Runs:
         run.cursors[key] = oldest if after_seq is None else max(after_seq, oldest)
         return Watcher(self, run, key)
 
-    def _leave(self, run: Run, key: int) -> None:
+    def release(self, run: Run, key: int) -> None:
+        """A watcher left: give up its place, or keep it a while for the last one."""
         if key not in run.cursors:
             return
         if run.state != "running" or len(run.cursors) > 1 or not run.attached:
