@@ -58,7 +58,9 @@ def server(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
             time.sleep(0.1)
     yield url
     proc.terminate()
-    proc.wait(10)
+    output = proc.communicate(timeout=10)[0]
+    if not request.param:  # no app given: the demo, and a line saying where it is
+        assert f"serving the demo on {url}" in output
 
 
 @pytest.mark.parametrize("server", [[]], indirect=True)

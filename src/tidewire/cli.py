@@ -70,6 +70,11 @@ def serve(
     except AppNotFound as exc:
         typer.echo(f"Error: {exc}", err=True)
         raise typer.Exit(2) from None
+    base = f"http://{'[' + host + ']' if ':' in host else host}:{port}"
+    what = app or "the demo"
+    typer.echo(f"tidewire {__version__}: serving {what} on {base}  (API docs: {base}/docs)")
+    if app is None:
+        typer.echo(f"  try: curl -N '{base}/streams/demo?n=5'")
     uvicorn.run(
         asgi,
         host=host,
