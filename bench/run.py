@@ -127,6 +127,15 @@ def demo_png(port: int) -> bytes | None:
     return raw if raw.startswith(b"\x89PNG") else None
 
 
+def baselines(ctx: Ctx, srv: Servers) -> tuple[Server, Server, Server]:
+    """Start the original service, a fastapi.sse app and an sse-starlette app."""
+    return (
+        srv.start(uvicorn("original", "bench.apps.original:app", ctx.work)),
+        srv.start(uvicorn("fastapi.sse", "bench.apps.fastapi_sse:app", ctx.work)),
+        srv.start(uvicorn("sse-starlette", "bench.apps.starlette_sse:app", ctx.work)),
+    )
+
+
 def interleaved(
     ctx: Ctx, targets: list[Target], mode: str, extra: dict[str, Any], timeout: float
 ) -> dict[str, list[dict[str, Any]]]:
@@ -164,9 +173,7 @@ def w1(ctx: Ctx) -> dict[str, Any]:
             PNG.write_bytes(png)
             notes.append("image: tidewire's demo PNG, copied so every server sends the same bytes")
         notes[-1] += f", {len(png)} B"
-        orig = srv.start(uvicorn("original", "bench.apps.original:app", ctx.work))
-        fsse = srv.start(uvicorn("fastapi.sse", "bench.apps.fastapi_sse:app", ctx.work))
-        star = srv.start(uvicorn("sse-starlette", "bench.apps.starlette_sse:app", ctx.work))
+        orig, fsse, star = baselines(ctx, srv)
         targets = [
             Target("original", orig, f"/stream?n={n}&interval=0", "*/*", "ndjson"),
             Target("fastapi.sse", fsse, f"/stream?n={n}", SSE, "sse"),
@@ -235,9 +242,7 @@ def w2(ctx: Ctx) -> dict[str, Any]:
     with Servers(ctx, "w2") as srv:
         if not PNG.exists():
             ensure_png()
-        orig = srv.start(uvicorn("original", "bench.apps.original:app", ctx.work))
-        fsse = srv.start(uvicorn("fastapi.sse", "bench.apps.fastapi_sse:app", ctx.work))
-        star = srv.start(uvicorn("sse-starlette", "bench.apps.starlette_sse:app", ctx.work))
+        orig, fsse, star = baselines(ctx, srv)
         targets = [
             Target("original (sync)", orig, f"/stream?{q}", "*/*", "ndjson"),
             Target("fastapi.sse (async)", fsse, f"/paced?{q}", SSE, "sse"),

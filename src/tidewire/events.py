@@ -30,6 +30,7 @@ __all__ = [
     "SSEDecoder",
     "decode_blobs",
     "dump_data",
+    "iter_ndjson",
     "parse_ndjson_line",
 ]
 
