@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import os
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from functools import cached_property
@@ -18,7 +19,10 @@ from .channels import Channels
 from .config import Settings
 from .runs import Runs, Stream
 from .server.channels import add_channel_routes
+from .server.files import add_file_routes
 from .server.streams import add_stream_routes
+from .server.uploads import add_upload_routes
+from .storage import Storage, from_url
 
 __all__ = ["Tidewire"]
 
@@ -45,15 +49,26 @@ class Tidewire:
         self,
         *,
         broker: Broker | None = None,
+        storage: Storage | None = None,
         settings: Settings | None = None,
         title: str = "tidewire",
     ) -> None:
         self.settings = settings or Settings()
         self.broker: Broker = broker or MemoryBroker()
+        self._storage = storage
         self.title = title
         self.streams: dict[str, Stream] = {}
         self.runs = Runs(self.broker, self.settings)
         self.channels = Channels(self.broker, self.settings)
+
+    @cached_property
+    def storage(self) -> Storage:
+        """Where files go: as given, else as the environment names it, else ./data."""
+        # The command line names the storage in the environment, so that
+        # every worker process it starts builds the same one.
+        return self._storage or from_url(
+            os.environ.get("TIDEWIRE_STORAGE"), data_dir=os.environ.get("TIDEWIRE_DATA_DIR")
+        )
 
     @overload
     def stream(self, func: F) -> F: ...
@@ -93,6 +108,8 @@ class Tidewire:
         """Cancel the running runs and close the broker."""
         await self.runs.aclose()
         await self.broker.aclose()
+        if "storage" in self.__dict__:
+            await self.storage.aclose()
 
     @asynccontextmanager
     async def lifespan(self, _: Any = None) -> AsyncIterator[None]:
@@ -107,6 +124,8 @@ class Tidewire:
         router = APIRouter(lifespan=self.lifespan)
         add_stream_routes(router, self)
         add_channel_routes(router, self)
+        add_file_routes(router, self)
+        add_upload_routes(router, self)
 
         @router.get("/healthz", tags=["health"], summary="Liveness")
         async def healthz() -> dict[str, Any]:

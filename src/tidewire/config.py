@@ -37,6 +37,14 @@ class Settings:
     #: `retry:` sent to SSE clients, in milliseconds: how long EventSource
     #: waits before it reconnects.
     sse_retry_ms: int = 2_000
+    #: Largest file an upload may store, in bytes (None: no limit). Larger
+    #: uploads get 413, before the body is stored when its size is declared.
+    max_file_size: int | None = 16 << 30
+    #: Seconds an unfinished resumable upload is kept after its last change.
+    upload_expiry: float = 24 * 3600.0
+    #: Behind nginx: send downloads of local files as `X-Accel-Redirect:
+    #: <prefix><id>` and let nginx send the bytes (None: send them ourselves).
+    accel_redirect: str | None = None
 
     def __post_init__(self) -> None:
         if self.run_window < 1 or self.run_history < self.run_window:
@@ -47,5 +55,7 @@ class Settings:
             raise ValueError("max_runs must be at least 1")
         if self.heartbeat <= 0:
             raise ValueError("heartbeat must be positive")
+        if self.max_file_size is not None and self.max_file_size < 0:
+            raise ValueError("max_file_size must not be negative")
         if self.channel_max_len < 1:
             raise ValueError("channel_max_len must be at least 1")
