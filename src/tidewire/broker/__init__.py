@@ -14,11 +14,15 @@ from typing import Protocol
 
 from ..events import Event
 
-__all__ = ["BadPosition", "Batch", "Broker", "Retention"]
+__all__ = ["BadPosition", "Batch", "Broker", "BrokerUnavailable", "Retention"]
 
 
 class BadPosition(ValueError):
     """A position (`Last-Event-ID`, `?after=`) that is not an id of this broker."""
+
+
+class BrokerUnavailable(ConnectionError):
+    """The broker cannot be reached (Redis is down): requests that need it get 503."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -181,6 +181,14 @@ class Storage(Protocol):
         """A file's metadata; `FileNotFound` for unknown or malformed ids."""
         ...
 
+    async def find(self, name: str) -> FileInfo:
+        """The newest file named exactly `name`; `FileNotFound` if there is none.
+
+        For clients that know files by name (the original service's
+        `/downloadfile/`, `tidewire download NAME`); it must not scan every file.
+        """
+        ...
+
     async def list(self, *, limit: int, cursor: str | None = None) -> Page:
         """Files newest first, at most `limit`, after `cursor` (a `Page.next`)."""
         ...
