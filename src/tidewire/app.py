@@ -13,7 +13,7 @@ from typing import Any, TypeVar, overload
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse
 
-from .broker import Broker
+from .broker import Broker, BrokerUnavailable
 from .broker.memory import MemoryBroker
 from .channels import Channels
 from .config import Settings
@@ -21,6 +21,7 @@ from .runs import Runs, Stream
 from .server.channels import add_channel_routes
 from .server.files import add_file_routes
 from .server.streams import add_stream_routes
+from .server.transport import broker_unavailable
 from .server.uploads import add_upload_routes
 from .storage import Storage, from_url
 
@@ -138,8 +139,15 @@ class Tidewire:
         """A FastAPI app with tidewire's routes."""
         app = FastAPI(title=self.title)
         app.include_router(self.router)
+        app.add_exception_handler(BrokerUnavailable, _broker_unavailable)
         app.add_exception_handler(Exception, _internal_error)
         return app
+
+
+async def _broker_unavailable(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, BrokerUnavailable)
+    logger.warning("%s %s: %s", request.method, request.url.path, exc)
+    return broker_unavailable(exc)
 
 
 async def _internal_error(request: Request, exc: Exception) -> JSONResponse:

@@ -30,6 +30,10 @@ class Settings:
     #: Seconds a cancelled generator gets to run its `finally` before the
     #: run reports `cancelled` without waiting for it.
     close_timeout: float = 5.0
+    #: Seconds a process's hold on the runs it executes lasts without
+    #: renewal. If the process dies, watchers in other processes get an
+    #: `error` event about this long after (shared brokers only).
+    lease: float = 10.0
     #: Retained history of each channel: at most this many events …
     channel_max_len: int = 1_000
     #: … none older than this many seconds (None: no age limit).
@@ -53,6 +57,8 @@ class Settings:
             raise ValueError("need 1 <= run_window <= run_history")
         if self.max_runs < 1:
             raise ValueError("max_runs must be at least 1")
+        if self.lease <= 0:
+            raise ValueError("lease must be positive")
         if self.heartbeat <= 0:
             raise ValueError("heartbeat must be positive")
         if self.max_file_size is not None and self.max_file_size < 0:

@@ -15,6 +15,7 @@ import contextlib
 import inspect
 import itertools
 import logging
+import re
 import secrets
 import threading
 import time
@@ -25,7 +26,7 @@ from typing import Any, Literal, Protocol
 
 import pydantic
 
-from .broker import Broker, Retention
+from .broker import Broker, BrokerUnavailable, Retention
 from .config import Settings
 from .events import Message, dump_data
 
@@ -231,25 +232,46 @@ def _resolve(future: asyncio.Future[None]) -> None:
 
 @dataclass(eq=False)
 class Run:
+    """A run, as this process knows it: its own (`local`), or one running elsewhere."""
+
     id: str
     stream: str
     attached: bool
+    owner: str  # the instance (process) that runs the generator
+    local: bool = True
     created: float = field(default_factory=time.time)
     state: RunState = "running"
     ended: float | None = None
     events: int = 0  # events appended so far, end/error/cancelled included
-    # Positions (seq) of the watchers connected now, by watcher number; the
-    # generator never gets more than `run_window` events ahead of the lowest.
+    # Positions (seq) of the watchers connected to this process now, by
+    # watcher number; a generator never gets more than `run_window` events
+    # ahead of the lowest here or in any other process.
     cursors: dict[int, int] = field(default_factory=dict)
     progress: asyncio.Event = field(default_factory=asyncio.Event)
     task: asyncio.Task[None] | None = None
     # The last watcher's place, kept for a while after it left, and the timer
     # that gives it up.
     linger: tuple[int, asyncio.TimerHandle] | None = None
+    # A local run: the lowest position of watchers in other processes, and
+    # when it was last read (monotonic); `events` when it was read.
+    remote_low: int | None = None
+    remote_checked: float = 0.0
+    remote_checked_at: int = 0
+    # A local run whose lease another process took: it must stop, quietly.
+    lost: bool = False
+    # A run elsewhere: the position this process last told the others.
+    told: int = -1
 
     @property
     def log(self) -> str:
         return f"run:{self.id}"
+
+    def low(self) -> int | None:
+        """The position of the slowest watcher, here or elsewhere; None if none."""
+        low = min(self.cursors.values()) if self.cursors else None
+        if self.remote_low is not None and (low is None or self.remote_low < low):
+            return self.remote_low
+        return low
 
     def info(self) -> dict[str, Any]:
         return {
@@ -260,6 +282,23 @@ class Run:
             "created": self.created,
             "ended": self.ended,
         }
+
+    def record(self) -> dict[str, str]:
+        """The run's shared record, for other processes."""
+        return {
+            "stream": self.stream,
+            "attached": "1" if self.attached else "",
+            "owner": self.owner,
+            "state": self.state,
+            "events": str(self.events),
+            "created": repr(self.created),
+            "ended": "" if self.ended is None else repr(self.ended),
+        }
+
+    def update(self, record: dict[str, str]) -> None:
+        self.state = record["state"]  # type: ignore[assignment]
+        self.events = max(self.events, int(record["events"]))
+        self.ended = float(record["ended"]) if record["ended"] else None
 
 
 class Watcher:
@@ -274,36 +313,103 @@ class Watcher:
         run = self.run
         if seq > run.cursors.get(self.key, 0):
             run.cursors[self.key] = seq
-            run.progress.set()
+            if run.local:
+                run.progress.set()
+            elif seq - run.told >= self._runs.tell_step:
+                self._runs.tell_soon(run)
+
+    async def idle(self) -> None:
+        """Nothing came for a while: is the run's process still alive?"""
+        if not self.run.local:
+            await self._runs.check_owner(self.run)
 
     def leave(self) -> None:
         self._runs.release(self.run, self.key)
 
 
+_RUN_ID = re.compile(r"[0-9a-f]{16}\Z")
+
+#: How often (seconds) a blocked generator looks again at where watchers in
+#: other processes are, and how stale that may be before it looks anyway.
+REMOTE_POLL = 0.05
+REMOTE_REFRESH = 0.1
+
+
 class Runs:
-    """The runs of this process: start, look up, watch, cancel."""
+    """Runs: started here, or elsewhere and watched or cancelled from here.
+
+    Every process has an `instance` name. A run's record (`run:<id>`) says
+    which instance owns it; the owner holds a lease (`runlease:<id>`) that it
+    renews every `lease / 3` seconds. Watchers in other processes tell the
+    owner how far they are (`runpos:<id>`, one field per process), which is
+    what backpressure needs; and a watcher that finds the lease expired takes
+    it and ends the run with an `error`, so that nobody waits forever for a
+    process that died. With the memory broker, all of this stays in this one
+    process and costs a few dictionary lookups.
+    """
 
     def __init__(self, broker: Broker, settings: Settings) -> None:
         self.broker = broker
         self.settings = settings
         self.retention = Retention(settings.run_history)
+        self.instance = secrets.token_hex(6)
+        self.tell_step = max(1, settings.run_window // 4)
         self._runs: dict[str, Run] = {}
+        self._views: dict[str, Run] = {}  # runs elsewhere with watchers here
         self._keys = itertools.count(1)
+        self._background: list[asyncio.Task[None]] = []
+        self._telling: set[str] = set()
         self.running = 0
 
-    def get(self, run_id: str) -> Run | None:
+    # -- looking up --------------------------------------------------------
+
+    def here(self, run_id: str) -> Run | None:
+        """A run this process executes, if it is one."""
         return self._runs.get(run_id)
 
-    def start(self, stream: Stream, params: dict[str, Any], *, attached: bool) -> Run:
+    async def get(self, run_id: str) -> Run | None:
+        """A run by id: this process's own, or one another process runs."""
+        run = self._runs.get(run_id)
+        if run is not None:
+            return run
+        if not _RUN_ID.match(run_id):
+            return None
+        record = await self.broker.get_state(f"run:{run_id}")
+        if not record:
+            return None
+        view = self._views.get(run_id)
+        if view is None:
+            view = Run(
+                id=run_id,
+                stream=record["stream"],
+                attached=bool(record["attached"]),
+                owner=record["owner"],
+                local=False,
+                created=float(record["created"]),
+            )
+        view.update(record)
+        return view
+
+    # -- starting ----------------------------------------------------------
+
+    async def start(self, stream: Stream, params: dict[str, Any], *, attached: bool) -> Run:
         """Start a run. An attached run gets its first watcher at once, before any event."""
         if self.running >= self.settings.max_runs:
             raise TooManyRuns(f"{self.running} runs are running, the most this server allows")
-        run = Run(id=secrets.token_hex(8), stream=stream.name, attached=attached)
+        self._start_background()
+        run = Run(
+            id=secrets.token_hex(8), stream=stream.name, attached=attached, owner=self.instance
+        )
+        # Lease and record first: a watcher elsewhere may look it up at once.
+        await self.broker.claim(f"runlease:{run.id}", self.instance, self.settings.lease)
+        await self.broker.put_state(f"run:{run.id}", run.record())
         self._runs[run.id] = run
         source = stream.open(params, self.settings)
         run.task = asyncio.get_running_loop().create_task(self._execute(run, source))
         self.running += 1
         return run
+
+    # -- watching ----------------------------------------------------------
 
     def watch(self, run: Run, after_seq: int | None = None) -> Watcher:
         """Register a watcher. `after_seq` is where it starts, if known; by default
@@ -317,6 +423,10 @@ class Runs:
         key = next(self._keys)
         oldest = max(0, run.events - self.settings.run_history)
         run.cursors[key] = oldest if after_seq is None else max(after_seq, oldest)
+        if not run.local:
+            self._views[run.id] = run
+            run.told = -1
+            self.tell_soon(run)
         return Watcher(self, run, key)
 
     def release(self, run: Run, key: int) -> None:
@@ -325,7 +435,7 @@ class Runs:
             return
         if run.state != "running" or len(run.cursors) > 1 or not run.attached:
             del run.cursors[key]
-            run.progress.set()
+            self._moved(run)
             return
         # The last watcher of an attached run left. Keep its place for a
         # while: a dropped connection that resumes loses nothing.
@@ -336,29 +446,169 @@ class Runs:
     def _abandon(self, run: Run, key: int) -> None:
         run.linger = None
         run.cursors.pop(key, None)
-        run.progress.set()
-        if not run.cursors and run.state == "running" and self.settings.cancel_on_disconnect:
-            logger.info("run %s: no watcher left, cancelling", run.id)
-            self.cancel(run)
+        self._moved(run)
+        if run.local and not run.cursors and run.state == "running":
+            self._background.append(asyncio.get_running_loop().create_task(self._orphaned(run)))
 
-    def cancel(self, run: Run) -> bool:
-        """Ask a running run to stop; False if it had already ended."""
+    def _moved(self, run: Run) -> None:
+        if run.local:
+            run.progress.set()
+        else:
+            self.tell_soon(run)
+
+    async def _orphaned(self, run: Run) -> None:
+        # No watcher here; cancel only if none is left elsewhere either.
+        with contextlib.suppress(BrokerUnavailable):
+            await self._refresh_remote(run)
+        if (
+            not run.cursors
+            and run.remote_low is None
+            and run.state == "running"
+            and self.settings.cancel_on_disconnect
+        ):
+            logger.info("run %s: no watcher left, cancelling", run.id)
+            self._cancel_here(run)
+
+    def tell_soon(self, run: Run) -> None:
+        """Tell the run's owner where this process's watchers are, in the background."""
+        if run.id not in self._telling:
+            self._telling.add(run.id)
+            asyncio.get_running_loop().create_task(self._tell(run))
+
+    async def _tell(self, run: Run) -> None:
+        try:
+            key = f"runpos:{run.id}"
+            if run.cursors and run.state == "running":
+                low = min(run.cursors.values())
+                # A lingering place is kept as long as the grace period; a
+                # live one until the next tick has renewed it, with margin.
+                keep = self.settings.disconnect_grace if run.linger else 3 * self._tick
+                run.told = low
+                value = f"{low} {time.time() + keep!r}"
+                await self.broker.put_state(key, {self.instance: value}, self.settings.run_ttl)
+            else:
+                await self.broker.delete_state(key, self.instance)
+                if not run.cursors:
+                    self._views.pop(run.id, None)
+        except BrokerUnavailable:
+            pass  # told again at the next tick
+        finally:
+            self._telling.discard(run.id)
+
+    async def _refresh_remote(self, run: Run) -> None:
+        positions = await self.broker.get_state(f"runpos:{run.id}")
+        now = time.time()
+        low = None
+        for instance, value in positions.items():
+            seq, _, until = value.partition(" ")
+            if instance != self.instance and float(until) > now:
+                low = int(seq) if low is None else min(low, int(seq))
+        run.remote_low = low
+        run.remote_checked = time.monotonic()
+        run.remote_checked_at = run.events
+
+    async def check_owner(self, run: Run) -> None:
+        """Fail a run whose owner stopped renewing its lease: it died."""
+        record = await self.broker.get_state(f"run:{run.id}")
+        if not record:
+            return
+        run.update(record)
+        if run.state != "running":
+            return
+        # Whoever takes the expired lease reports the death, exactly once.
+        if not await self.broker.claim(f"runlease:{run.id}", self.instance, self.settings.lease):
+            return
+        logger.warning("run %s: its process %s stopped; failing it", run.id, run.owner)
+        error = {
+            "type": "WorkerLost",
+            "message": f"the process running this run stopped (no sign of life "
+            f"for {self.settings.lease:g}s)",
+        }
+        run.state, run.ended = "failed", time.time()
+        await self.broker.append(run.log, [("error", dump_data(error))], self.retention)
+        await self.broker.end(run.log)
+        await self.broker.put_state(
+            f"run:{run.id}", {"state": run.state, "ended": repr(run.ended)}, self.settings.run_ttl
+        )
+
+    # -- cancelling --------------------------------------------------------
+
+    async def cancel(self, run: Run) -> bool:
+        """Stop a running run and wait until its generator's `finally` has run.
+
+        False if it had already ended. A run elsewhere is asked through the
+        broker, and this waits until its log ends.
+        """
+        if run.state != "running":
+            return False
+        if run.local:
+            if not self._cancel_here(run):
+                return False
+            assert run.task is not None
+            await asyncio.shield(run.task)
+            return True
+        await self.broker.send(f"control:{run.owner}", f"cancel {run.id}")
+        position = "0"
+        deadline = time.monotonic() + self.settings.close_timeout + self.settings.lease
+        while (left := deadline - time.monotonic()) > 0:
+            batch = await self.broker.read(run.log, position, limit=1024, timeout=left)
+            if batch.events:
+                position = batch.events[-1].id
+            if batch.ended:
+                break
+        fresh = await self.get(run.id)
+        if fresh is not None:
+            run.update(fresh.record())
+        return True
+
+    def _cancel_here(self, run: Run) -> bool:
         if run.state != "running" or run.task is None or run.task.done():
             return False
         run.task.cancel()
         return True
 
+    # -- running -----------------------------------------------------------
+
     async def _room(self, run: Run) -> None:
-        # Backpressure: wait while the slowest connected watcher is a full
-        # window behind. With nobody connected the run goes on; its log keeps
-        # the newest `run_history` events for whoever comes later.
+        # Backpressure: wait while the slowest connected watcher, here or
+        # elsewhere, is a full window behind. With nobody connected the run
+        # goes on; its log keeps the newest `run_history` events for whoever
+        # comes later.
         window = self.settings.run_window
-        while run.cursors and run.events - min(run.cursors.values()) >= window:
+        while True:
+            if (
+                time.monotonic() - run.remote_checked > REMOTE_REFRESH
+                or run.events - run.remote_checked_at >= window // 2
+            ):
+                with contextlib.suppress(BrokerUnavailable):
+                    await self._refresh_remote(run)
+            low = run.low()
+            if low is None or run.events - low < window:
+                return
             run.progress.clear()
-            await run.progress.wait()
+            if run.cursors and min(run.cursors.values()) == low:
+                await run.progress.wait()
+            else:
+                # Held back by a watcher in another process: look again soon.
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(REMOTE_POLL):
+                        await run.progress.wait()
+                run.remote_checked = 0.0
 
     async def _append(self, run: Run, items: list[Item]) -> None:
-        await self.broker.append(run.log, items, self.retention)
+        delay = 0.05
+        deadline = time.monotonic() + self.settings.lease
+        while True:
+            try:
+                await self.broker.append(run.log, items, self.retention)
+                break
+            except BrokerUnavailable:
+                # The broker is down for a moment (Redis restarting): the
+                # generator waits, as it would for a slow watcher.
+                if time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 1.0)
         run.events += len(items)
 
     async def _execute(self, run: Run, source: _Source) -> None:
@@ -386,20 +636,96 @@ class Runs:
             run.state, final = "finished", ("end", b"null")
         run.ended = time.time()
         self.running -= 1
-        await self._append(run, [final])
-        await self.broker.end(run.log)
-        asyncio.get_running_loop().call_later(self.settings.run_ttl, self._expire, run.id)
+        loop = asyncio.get_running_loop()
+        loop.call_later(self.settings.run_ttl, self._expire, run.id)
+        if run.lost:
+            return  # another process has ended its log already
+        try:
+            await self._append(run, [final])
+            await self.broker.end(run.log)
+            await self.broker.put_state(f"run:{run.id}", run.record(), self.settings.run_ttl)
+        except BrokerUnavailable:
+            logger.error("run %s ended (%s) but the broker is unreachable", run.id, run.state)
 
     def _expire(self, run_id: str) -> None:
         run = self._runs.pop(run_id, None)
         if run is not None:
-            asyncio.get_running_loop().create_task(self.broker.delete(run.log))
+            asyncio.get_running_loop().create_task(self._forget(run))
+
+    async def _forget(self, run: Run) -> None:
+        with contextlib.suppress(BrokerUnavailable):
+            await self.broker.delete(run.log)
+            await self.broker.delete_state(f"run:{run.id}")
+            await self.broker.delete_state(f"runpos:{run.id}")
+
+    # -- in the background ---------------------------------------------------
+
+    @property
+    def _tick(self) -> float:
+        return self.settings.lease / 3
+
+    def _start_background(self) -> None:
+        if not self._background:
+            loop = asyncio.get_running_loop()
+            self._background = [
+                loop.create_task(self._renew_forever()),
+                loop.create_task(self._obey_forever()),
+            ]
+
+    async def _renew_forever(self) -> None:
+        """Renew the leases of the runs here, and tell where the watchers here are."""
+        while True:
+            await asyncio.sleep(self._tick)
+            try:
+                await self._renew()
+            except BrokerUnavailable:
+                logger.warning("broker unreachable: leases not renewed")
+            except Exception:
+                logger.exception("renewing leases failed")
+
+    async def _renew(self) -> None:
+        for run in list(self._runs.values()):
+            if run.state != "running" or run.lost:
+                continue
+            if not await self.broker.claim(
+                f"runlease:{run.id}", self.instance, self.settings.lease
+            ):
+                # Another process declared this one dead (it was cut off
+                # for longer than the lease): the run is over for everyone.
+                logger.error("run %s: lease lost to another process; stopping it", run.id)
+                run.lost = True
+                self._cancel_here(run)
+                continue
+            await self.broker.put_state(f"run:{run.id}", {"events": str(run.events)})
+            if run.attached and not run.cursors and run.linger is None:
+                # Watched only from elsewhere, if at all.
+                await self._orphaned(run)
+        for view in list(self._views.values()):
+            await self._tell(view)
+
+    async def _obey_forever(self) -> None:
+        """Carry out what other processes ask of the runs here (cancel)."""
+        delay = 0.1
+        while True:
+            try:
+                async for message in self.broker.listen(f"control:{self.instance}"):
+                    delay = 0.1
+                    verb, _, run_id = message.partition(" ")
+                    run = self._runs.get(run_id)
+                    if verb == "cancel" and run is not None:
+                        self._cancel_here(run)
+            except BrokerUnavailable:
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
 
     async def aclose(self) -> None:
-        """Cancel every run and wait for them to wind up."""
-        tasks = [run.task for run in self._runs.values() if run.task and self.cancel(run)]
+        """Cancel every run here and wait for them to wind up."""
+        tasks = [run.task for run in self._runs.values() if run.task and self._cancel_here(run)]
         if tasks:
             await asyncio.wait(tasks, timeout=self.settings.close_timeout + 1)
+        for task in self._background:
+            task.cancel()
+        self._background = []
 
 
 async def _close(source: _Source) -> None:

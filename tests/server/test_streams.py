@@ -392,7 +392,7 @@ def test_backpressure_a_slow_watcher_gets_every_event(serve: Any) -> None:
     # About 100 MB in all: far more than socket buffers can hide.
     url = f"{server.url}/streams/padded?n={total}&pad=1000"
     with httpx.stream("GET", url, timeout=60) as response:
-        run = tw.runs.get(response.headers["tidewire-run"])
+        run = tw.runs.here(response.headers["tidewire-run"])
         assert run is not None
         for line in response.iter_lines():
             event = json.loads(line)

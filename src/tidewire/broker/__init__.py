@@ -4,11 +4,18 @@ The protocol is shaped for Redis Streams as much as for memory: ids are
 strings, a reader asks for what follows a position and may block until it
 comes, logs are trimmed by count and age, and a writer can mark a log ended.
 Nothing outside a broker knows which broker it has.
+
+Beside logs, a broker carries what the processes of one deployment tell
+each other about runs: small records with a time to live (a run's state,
+its watchers' positions), leases (which process runs a generator, and is
+it alive), and messages on topics (cancel this run). In memory these are
+trivial; on Redis they are how a run started on one machine is watched and
+cancelled from another.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -77,6 +84,36 @@ class Broker(Protocol):
 
     async def delete(self, log: str) -> None:
         """Forget a log and its events."""
+        ...
+
+    # -- shared state ----------------------------------------------------
+
+    async def put_state(
+        self, key: str, fields: Mapping[str, str], ttl: float | None = None
+    ) -> None:
+        """Set fields of a record, creating it. With `ttl`, the whole record is
+        forgotten `ttl` seconds from now; without, its expiry is unchanged."""
+        ...
+
+    async def get_state(self, key: str) -> dict[str, str]:
+        """A record's fields; `{}` if there is none."""
+        ...
+
+    async def delete_state(self, key: str, *fields: str) -> None:
+        """Remove some fields of a record, or (with none named) the whole record."""
+        ...
+
+    async def claim(self, key: str, holder: str, ttl: float) -> bool:
+        """Take or renew a lease: True, and `holder` holds `key` for `ttl`
+        seconds from now, if it was free, expired, or already `holder`'s."""
+        ...
+
+    async def send(self, topic: str, message: str) -> None:
+        """Send a message to whoever listens on `topic` now (none may)."""
+        ...
+
+    def listen(self, topic: str) -> AsyncIterator[str]:
+        """The messages sent to `topic` from now on, for as long as it is iterated."""
         ...
 
     async def aclose(self) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 
 from ..events import Event
 from . import BadPosition, Batch, Retention
@@ -142,10 +142,81 @@ def _position(after: str) -> int:
     return seq
 
 
-class MemoryBroker:
+class _State:
+    """Records, leases and topics for the processes of a deployment: here, just one."""
+
+    def __init__(self) -> None:
+        # key -> (fields, expiry on the monotonic clock or None)
+        self._records: dict[str, tuple[dict[str, str], float | None]] = {}
+        self._leases: dict[str, tuple[str, float]] = {}
+        self._lease_mark = 64
+        self._topics: dict[str, set[asyncio.Queue[str]]] = {}
+
+    def _record(self, key: str) -> tuple[dict[str, str], float | None] | None:
+        record = self._records.get(key)
+        if record is not None and record[1] is not None and record[1] <= time.monotonic():
+            del self._records[key]
+            return None
+        return record
+
+    async def put_state(
+        self, key: str, fields: Mapping[str, str], ttl: float | None = None
+    ) -> None:
+        record = self._record(key)
+        values, expiry = record if record is not None else ({}, None)
+        values.update(fields)
+        if ttl is not None:
+            expiry = time.monotonic() + ttl
+        self._records[key] = (values, expiry)
+
+    async def get_state(self, key: str) -> dict[str, str]:
+        record = self._record(key)
+        return dict(record[0]) if record is not None else {}
+
+    async def delete_state(self, key: str, *fields: str) -> None:
+        record = self._record(key)
+        if record is None:
+            return
+        if not fields:
+            del self._records[key]
+            return
+        for name in fields:
+            record[0].pop(name, None)
+
+    async def claim(self, key: str, holder: str, ttl: float) -> bool:
+        now = time.monotonic()
+        current = self._leases.get(key)
+        if current is not None and current[0] != holder and current[1] > now:
+            return False
+        self._leases[key] = (holder, now + ttl)
+        if len(self._leases) > 2 * self._lease_mark:
+            # Expired leases are dropped in bulk, now and then: amortised O(1).
+            self._leases = {k: v for k, v in self._leases.items() if v[1] > now}
+            self._lease_mark = max(64, len(self._leases))
+        return True
+
+    async def send(self, topic: str, message: str) -> None:
+        for queue in self._topics.get(topic, ()):
+            queue.put_nowait(message)
+
+    async def listen(self, topic: str) -> AsyncIterator[str]:
+        queue: asyncio.Queue[str] = asyncio.Queue()
+        self._topics.setdefault(topic, set()).add(queue)
+        try:
+            while True:
+                yield await queue.get()
+        finally:
+            listeners = self._topics[topic]
+            listeners.discard(queue)
+            if not listeners:
+                del self._topics[topic]
+
+
+class MemoryBroker(_State):
     """Logs in this process's memory. Ids are `"1"`, `"2"`, … within each log."""
 
     def __init__(self) -> None:
+        super().__init__()
         self._logs: dict[str, _Log] = {}
         self._retention: dict[str, Retention] = {}
 

@@ -8,6 +8,7 @@ import orjson
 from fastapi import APIRouter, HTTPException, Request, WebSocket
 from starlette.datastructures import UploadFile
 
+from ..broker import BrokerUnavailable
 from ..events import Blob
 from .streams import negotiate, resume_position
 from .transport import LogCursor, LogResponse, add_stream_route, deny_websocket, stream_websocket
@@ -90,8 +91,8 @@ def add_channel_routes(router: APIRouter, tw: Tidewire) -> None:
         try:
             log = log_of(name)
             after = await start_position(log, resume_position(websocket, "") or None)
-        except HTTPException as exc:
-            await deny_websocket(websocket, exc.status_code, exc.detail)
+        except (HTTPException, BrokerUnavailable) as exc:
+            await deny_websocket(websocket, exc)
             return
 
         async def on_text(text: str) -> None:

@@ -9,7 +9,7 @@ import pydantic
 from fastapi import APIRouter, HTTPException, Request, WebSocket
 from fastapi.responses import JSONResponse, Response
 
-from ..broker import BadPosition
+from ..broker import BadPosition, BrokerUnavailable
 from ..runs import RESERVED_PARAMS, Run, Stream, TooManyRuns
 from .transport import (
     Format,
@@ -93,14 +93,14 @@ def add_stream_routes(router: APIRouter, tw: Tidewire) -> None:
             raise HTTPException(404, f"no stream named {name!r}; GET /streams lists them")
         return stream
 
-    def start_run(stream: Stream, params: dict[str, Any], *, attached: bool) -> Run:
+    async def start_run(stream: Stream, params: dict[str, Any], *, attached: bool) -> Run:
         try:
-            return runs.start(stream, params, attached=attached)
+            return await runs.start(stream, params, attached=attached)
         except TooManyRuns as exc:
             raise HTTPException(503, f"{exc}; try again later", {"retry-after": "1"}) from None
 
-    def get_run(run_id: str) -> Run:
-        run = runs.get(run_id)
+    async def get_run(run_id: str) -> Run:
+        run = await runs.get(run_id)
         if run is None:
             raise HTTPException(404, f"no run {run_id!r} (unknown, or finished and expired)")
         return run
@@ -109,7 +109,10 @@ def add_stream_routes(router: APIRouter, tw: Tidewire) -> None:
         # A new run's first watcher starts before any event; one that comes
         # later holds every retained event until its first batch is delivered.
         watcher = runs.watch(run, 0 if new else None)
-        return LogCursor(tw.broker, run.log, after, tw.settings.heartbeat, watcher)
+        # Watching a run that another process executes: check now and then
+        # that the process is alive, or the watcher could wait forever.
+        check = None if run.local else tw.settings.lease / 3
+        return LogCursor(tw.broker, run.log, after, tw.settings.heartbeat, watcher, check)
 
     def http_stream(request: Request, run: Run, cur: LogCursor) -> LogResponse:
         return LogResponse(
@@ -123,7 +126,7 @@ def add_stream_routes(router: APIRouter, tw: Tidewire) -> None:
     async def start(request: Request, name: str, detach: bool = False) -> Response:
         stream = get_stream(name)
         params = validate(stream, await read_params(request))
-        run = start_run(stream, params, attached=not detach)
+        run = await start_run(stream, params, attached=not detach)
         if detach:
             body = {
                 "run": run.id,
@@ -149,20 +152,20 @@ def add_stream_routes(router: APIRouter, tw: Tidewire) -> None:
         try:
             stream = get_stream(name)
             params = validate(stream, await read_params(websocket))
-            run = start_run(stream, params, attached=True)
-        except HTTPException as exc:
-            await deny_websocket(websocket, exc.status_code, exc.detail)
+            run = await start_run(stream, params, attached=True)
+        except (HTTPException, BrokerUnavailable) as exc:
+            await deny_websocket(websocket, exc)
             return
         cur = cursor(run, "0", new=True)
         await stream_websocket(websocket, cur, {"tidewire-run": run.id})
 
     @router.get("/runs/{run_id}", tags=["streams"], summary="A run's state")
     async def run_info(run_id: str) -> dict[str, Any]:
-        return get_run(run_id).info()
+        return (await get_run(run_id)).info()
 
     async def watch(request: Request) -> LogResponse:
         """Watch a run: history first, then live; resume with Last-Event-ID or ?after=."""
-        run = get_run(request.path_params["run_id"])
+        run = await get_run(request.path_params["run_id"])
         after = resume_position(request, "0")
         check_position(after)
         return http_stream(request, run, cursor(run, after))
@@ -172,11 +175,11 @@ def add_stream_routes(router: APIRouter, tw: Tidewire) -> None:
     @router.websocket("/runs/{run_id}/ws", name="watch_run_ws")
     async def watch_ws(websocket: WebSocket, run_id: str) -> None:
         try:
-            run = get_run(run_id)
+            run = await get_run(run_id)
             after = resume_position(websocket, "0")
             check_position(after)
-        except HTTPException as exc:
-            await deny_websocket(websocket, exc.status_code, exc.detail)
+        except (HTTPException, BrokerUnavailable) as exc:
+            await deny_websocket(websocket, exc)
             return
         await stream_websocket(websocket, cursor(run, after), {"tidewire-run": run.id})
 
@@ -184,12 +187,9 @@ def add_stream_routes(router: APIRouter, tw: Tidewire) -> None:
         "/runs/{run_id}", tags=["streams"], summary="Cancel a run: its generator is closed"
     )
     async def cancel(run_id: str) -> dict[str, Any]:
-        run = get_run(run_id)
-        if run.state == "running":
-            runs.cancel(run)
-            if run.task is not None:
-                await run.task  # the generator's `finally` has run when this returns
-        elif run.state != "cancelled":
+        run = await get_run(run_id)
+        # Returns once the generator's `finally` has run, here or elsewhere.
+        if not await runs.cancel(run) and run.state != "cancelled":
             raise HTTPException(409, f"run {run_id!r} already ended: {run.state}")
         return run.info()
 

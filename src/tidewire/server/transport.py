@@ -21,6 +21,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
+import orjson
 from fastapi import APIRouter, HTTPException
 from fastapi.sse import KEEPALIVE_COMMENT
 from starlette.requests import Request
@@ -29,7 +30,7 @@ from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
-from ..broker import Batch, Broker
+from ..broker import Batch, Broker, BrokerUnavailable
 from ..events import NDJSON_HEARTBEAT, Event, dump_data
 from ..runs import Watcher
 
@@ -71,13 +72,34 @@ class LogCursor:
     heartbeat: float
     watcher: Watcher | None = None
 
+    #: For a run in another process: how often an idle watcher checks that
+    #: the process is alive (a third of the lease).
+    check_every: float | None = None
+
     async def next(self) -> Batch:
-        batch = await self.broker.read(self.log, self.after, limit=BATCH, timeout=self.heartbeat)
+        """The next events; an empty batch after `heartbeat` seconds without any."""
+        if self.check_every is None:
+            batch = await self.broker.read(
+                self.log, self.after, limit=BATCH, timeout=self.heartbeat
+            )
+        else:
+            batch = await self._next_checking(self.check_every)
         if batch.events:
             self.after = batch.events[-1].id
         elif batch.resume_id is not None:
             self.after = batch.resume_id
         return batch
+
+    async def _next_checking(self, every: float) -> Batch:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.heartbeat
+        while True:
+            wait = min(every, deadline - loop.time())
+            batch = await self.broker.read(self.log, self.after, limit=BATCH, timeout=wait)
+            if batch.events or batch.missed or batch.ended or loop.time() >= deadline:
+                return batch
+            if self.watcher is not None:
+                await self.watcher.idle()
 
     def delivered(self, batch: Batch) -> None:
         if self.watcher is not None and batch.events:
@@ -86,6 +108,16 @@ class LogCursor:
     def close(self) -> None:
         if self.watcher is not None:
             self.watcher.leave()
+
+
+# The broker went away (Redis restarting). The client is told, the response
+# ends, and it resumes later from its last id. No `id`: this is not an event
+# of the log, and an SSE client must keep its Last-Event-ID.
+_UNAVAILABLE = {"message": "the broker is unreachable; reconnect and resume from your last id"}
+UNAVAILABLE_NDJSON = b'{"event":"unavailable","data":' + dump_data(_UNAVAILABLE) + b"}\n"
+UNAVAILABLE_SSE = b"event: unavailable\ndata: " + dump_data(_UNAVAILABLE) + b"\n\n"
+#: WebSocket close code for the same: 1013, "try again later".
+UNAVAILABLE_CLOSE = 1013
 
 
 def gap_event(batch: Batch) -> Event:
@@ -126,7 +158,12 @@ class LogResponse(Response):
         await send({"type": "http.response.body", "body": first, "more_body": True})
         cursor = self.cursor
         while True:
-            batch = await cursor.next()
+            try:
+                batch = await cursor.next()
+            except BrokerUnavailable:
+                notice = UNAVAILABLE_SSE if sse else UNAVAILABLE_NDJSON
+                await send({"type": "http.response.body", "body": notice, "more_body": False})
+                return
             parts = []
             if batch.missed:
                 gap = gap_event(batch)
@@ -161,7 +198,15 @@ class LeanEndpoint:
             response = await self.handler(Request(scope, receive))
         except HTTPException as exc:
             response = JSONResponse({"detail": exc.detail}, exc.status_code, exc.headers)
+        except BrokerUnavailable as exc:
+            response = broker_unavailable(exc)
         await response(scope, receive, send)
+
+
+def broker_unavailable(exc: BrokerUnavailable) -> JSONResponse:
+    """503 for a request that needs the broker while it is down."""
+    detail = f"the broker is unreachable ({exc}); try again shortly"
+    return JSONResponse({"detail": detail}, 503, {"retry-after": "2"})
 
 
 #: OpenAPI parameters shared by every route that reads a log.
@@ -298,6 +343,8 @@ async def stream_websocket(
             if batch.ended:
                 break
         await websocket.close(1000)
+    except BrokerUnavailable:
+        await websocket.close(UNAVAILABLE_CLOSE, "the broker is unreachable; resume later")
     except asyncio.CancelledError:
         if not listener.done():
             raise
@@ -313,13 +360,18 @@ async def stream_websocket(
                 await websocket.close(1000)
 
 
-async def deny_websocket(websocket: WebSocket, status: int, detail: Any) -> None:
+async def deny_websocket(websocket: WebSocket, exc: HTTPException | BrokerUnavailable) -> None:
     """Refuse a WebSocket handshake with the same JSON error an HTTP request gets.
 
     Servers that cannot send an HTTP response here (the ASGI extension is
     optional) get a close code of 4000 + status instead.
     """
-    if "websocket.http.response" in websocket.scope.get("extensions", {}):
-        await websocket.send_denial_response(JSONResponse({"detail": detail}, status))
+    if isinstance(exc, BrokerUnavailable):
+        response = broker_unavailable(exc)
     else:
-        await websocket.close(4000 + status, str(detail)[:120])
+        response = JSONResponse({"detail": exc.detail}, exc.status_code, exc.headers)
+    if "websocket.http.response" in websocket.scope.get("extensions", {}):
+        await websocket.send_denial_response(response)
+    else:
+        reason = orjson.loads(response.body)["detail"]
+        await websocket.close(4000 + response.status_code, str(reason)[:120])
