@@ -140,3 +140,16 @@ def test_version_and_help() -> None:
     assert run_cli("version").stdout.strip() == __version__
     help_text = run_cli("serve", "--help").stdout
     assert "--port" in help_text and "--host" in help_text
+
+
+def test_several_workers_need_a_shared_broker() -> None:
+    result = run_cli("serve", "--workers", "2")
+    assert result.returncode == 2
+    assert "--workers 2 needs a broker that the workers share" in result.stderr
+    assert "--broker redis://" in result.stderr
+
+
+def test_an_unknown_broker_is_refused_clearly() -> None:
+    result = run_cli("serve", "--broker", "kafka://x")
+    assert result.returncode != 0
+    assert "unknown broker 'kafka://x'" in result.stderr + result.stdout

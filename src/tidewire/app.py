@@ -14,7 +14,7 @@ from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse
 
 from .broker import Broker, BrokerUnavailable
-from .broker.memory import MemoryBroker
+from .broker import from_url as broker_from_url
 from .channels import Channels
 from .config import Settings
 from .runs import Runs, Stream
@@ -55,7 +55,8 @@ class Tidewire:
         title: str = "tidewire",
     ) -> None:
         self.settings = settings or Settings()
-        self.broker: Broker = broker or MemoryBroker()
+        # As for storage, the command line names the broker in the environment.
+        self.broker: Broker = broker or broker_from_url(os.environ.get("TIDEWIRE_BROKER"))
         self._storage = storage
         self.title = title
         self.streams: dict[str, Stream] = {}

@@ -5,13 +5,13 @@ from __future__ import annotations
 import importlib
 import os
 import sys
-from typing import Annotated, Any
+from typing import Annotated, Any, NoReturn
 
 import typer
 
 from . import __version__
 
-__all__ = ["cli", "load_app", "main"]
+__all__ = ["cli", "load_app", "main", "worker_app"]
 
 cli = typer.Typer(
     name="tidewire",
@@ -52,6 +52,19 @@ def load_app(target: str) -> tuple[Any, float | None]:
     return obj, None
 
 
+SHARED_BROKERS = ("redis://", "rediss://", "unix://")
+
+
+def worker_app() -> Any:
+    """The app of one worker process: `tidewire serve --workers N` names it in the environment."""
+    return load_app(os.environ["TIDEWIRE_APP"])[0]
+
+
+def fail(message: str) -> NoReturn:
+    typer.echo(f"Error: {message}", err=True)
+    raise typer.Exit(2)
+
+
 @cli.command()
 def serve(
     app: Annotated[
@@ -60,23 +73,74 @@ def serve(
     ] = None,
     host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
+    workers: Annotated[
+        int, typer.Option(min=1, help="Worker processes; more than 1 needs --broker redis://…")
+    ] = 1,
+    broker: Annotated[
+        str | None,
+        typer.Option(
+            envvar="TIDEWIRE_BROKER",
+            help="redis://host:port/db to share runs and channels between processes and "
+            "machines; default: this process's memory.",
+        ),
+    ] = None,
+    storage: Annotated[
+        str | None,
+        typer.Option(
+            envvar="TIDEWIRE_STORAGE",
+            help="s3://bucket/prefix?endpoint=URL for S3-compatible storage (credentials "
+            "from the AWS_* variables); default: a local folder.",
+        ),
+    ] = None,
+    data_dir: Annotated[
+        str | None,
+        typer.Option(
+            envvar="TIDEWIRE_DATA_DIR", help="The local folder for files (default: ./data)."
+        ),
+    ] = None,
     log_level: Annotated[str, typer.Option(help="debug, info, warning or error.")] = "info",
 ) -> None:
     """Run a server: your app, or the demo stream and open channels."""
     import uvicorn
 
+    if storage and data_dir:
+        fail("give --storage or --data-dir, not both")
+    if broker and not broker.startswith(("memory://", *SHARED_BROKERS)):
+        fail(f"unknown broker {broker!r}: use redis://host:port/db, or memory://")
+    if storage and not storage.startswith(("s3://", "file://")):
+        fail(f"unknown storage {storage!r}: use s3://bucket?endpoint=URL, or --data-dir")
+    if workers > 1 and not (broker or "").startswith(SHARED_BROKERS):
+        fail(
+            f"--workers {workers} needs a broker that the workers share: add "
+            "--broker redis://host:port/0 (with one process, memory is enough)"
+        )
+    # The app reads these when it is built, in this process and in each worker.
+    for name, value in (
+        ("TIDEWIRE_BROKER", broker),
+        ("TIDEWIRE_STORAGE", storage),
+        ("TIDEWIRE_DATA_DIR", data_dir),
+    ):
+        if value:
+            os.environ[name] = value
+    target = app or "tidewire.demo:tw"
     try:
-        asgi, heartbeat = load_app(app or "tidewire.demo:tw")
+        asgi, heartbeat = load_app(target)
     except AppNotFound as exc:
-        typer.echo(f"Error: {exc}", err=True)
-        raise typer.Exit(2) from None
+        fail(str(exc))
     base = f"http://{'[' + host + ']' if ':' in host else host}:{port}"
     what = app or "the demo"
-    typer.echo(f"tidewire {__version__}: serving {what} on {base}  (API docs: {base}/docs)")
+    shared = f", {workers} workers on {broker}" if workers > 1 else ""
+    typer.echo(f"tidewire {__version__}: serving {what} on {base}{shared}  (API docs: {base}/docs)")
     if app is None:
         typer.echo(f"  try: curl -N '{base}/streams/demo?n=5'")
+    if workers > 1:
+        # Worker processes import the app by name; this process only supervises.
+        os.environ["TIDEWIRE_APP"] = target
+        asgi = "tidewire.cli:worker_app"
     uvicorn.run(
         asgi,
+        factory=workers > 1,
+        workers=workers,
         host=host,
         port=port,
         log_level=log_level,

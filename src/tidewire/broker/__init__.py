@@ -21,7 +21,7 @@ from typing import Protocol
 
 from ..events import Event
 
-__all__ = ["BadPosition", "Batch", "Broker", "BrokerUnavailable", "Retention"]
+__all__ = ["BadPosition", "Batch", "Broker", "BrokerUnavailable", "Retention", "from_url"]
 
 
 class BadPosition(ValueError):
@@ -119,3 +119,17 @@ class Broker(Protocol):
     async def aclose(self) -> None:
         """Release the broker's resources."""
         ...
+
+
+def from_url(url: str | None) -> Broker:
+    """The broker a URL names: `redis://host:port/db` (also `rediss://`, `unix://`),
+    or `memory://` / nothing for this process's memory."""
+    if not url or url == "memory://":
+        from .memory import MemoryBroker
+
+        return MemoryBroker()
+    if url.startswith(("redis://", "rediss://", "unix://")):
+        from .redis import RedisBroker
+
+        return RedisBroker(url)
+    raise ValueError(f"unknown broker {url!r}: use redis://host:port/db, or memory://")
