@@ -75,6 +75,7 @@ class LogCursor:
     #: For a run in another process: how often an idle watcher checks that
     #: the process is alive (a third of the lease).
     check_every: float | None = None
+    checked: float = 0.0  # when it last checked (loop time)
 
     async def next(self) -> Batch:
         """The next events; an empty batch after `heartbeat` seconds without any."""
@@ -96,10 +97,13 @@ class LogCursor:
         while True:
             wait = min(every, deadline - loop.time())
             batch = await self.broker.read(self.log, self.after, limit=BATCH, timeout=wait)
-            if batch.events or batch.missed or batch.ended or loop.time() >= deadline:
+            if batch.events or batch.missed or batch.ended:
                 return batch
-            if self.watcher is not None:
+            if self.watcher is not None and loop.time() - self.checked >= every:
+                self.checked = loop.time()
                 await self.watcher.idle()
+            if loop.time() >= deadline:
+                return batch
 
     def delivered(self, batch: Batch) -> None:
         if self.watcher is not None and batch.events:
