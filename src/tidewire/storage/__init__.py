@@ -32,6 +32,7 @@ from __future__ import annotations
 import os
 import re
 import secrets
+import threading
 import time
 from collections.abc import AsyncIterable, AsyncIterator
 from dataclasses import asdict, dataclass, field
@@ -89,18 +90,27 @@ class StorageFull(StorageError):
 
 # Ids: 10 characters that sort newest first (a countdown of milliseconds),
 # then 12 random ones; lower-case base32, so always safe in a path or a key,
-# and listing by id is listing newest first.
+# and listing by id is listing newest first. Within one process, an id made
+# in the same millisecond as the last one takes that one's random part minus
+# one (as monotonic ULIDs do), so it still sorts first.
 _ALPHABET = "0123456789abcdefghijklmnopqrstuv"
 _ID = re.compile(r"[0-9a-v]{22}\Z")
 _COUNTDOWN = 1 << 50
+_last = (-1, 0)  # the last id made here: (milliseconds, random part)
+_last_lock = threading.Lock()
 
 
 def new_id(now: float | None = None) -> str:
     """A fresh id: ids made later sort before ids made earlier."""
+    global _last
     ms = int((time.time() if now is None else now) * 1000)
-    n = _COUNTDOWN - 1 - ms
-    head = "".join(_ALPHABET[(n >> shift) & 31] for shift in range(45, -1, -5))
-    return head + "".join(secrets.choice(_ALPHABET) for _ in range(12))
+    with _last_lock:
+        last_ms, last_random = _last
+        same = ms == last_ms and last_random > 0
+        random = last_random - 1 if same else secrets.randbits(60)
+        _last = (ms, random)
+    n = ((_COUNTDOWN - 1 - ms) << 60) | random
+    return "".join(_ALPHABET[(n >> shift) & 31] for shift in range(105, -1, -5))
 
 
 def valid_id(id: str) -> bool:
@@ -190,7 +200,10 @@ class Storage(Protocol):
         ...
 
     async def list(self, *, limit: int, cursor: str | None = None) -> Page:
-        """Files newest first, at most `limit`, after `cursor` (a `Page.next`)."""
+        """Files newest first, at most `limit`, after `cursor` (a `Page.next`).
+
+        A cursor that no page gave (not of an id's shape) raises `ValueError`.
+        """
         ...
 
     async def delete(self, id: str) -> None:
@@ -233,6 +246,10 @@ class Storage(Protocol):
         arrive are kept (that is what makes the upload resumable) unless a
         checksum was given. Bytes beyond `length` raise `TooLarge`. When the
         last byte arrives, the upload becomes a file: `Upload.file` is its id.
+        An algorithm hashlib does not know raises `ValueError`.
+
+        Each append pushes `expires` forward by the lifetime the upload was
+        created with, so an upload in progress does not expire midway.
         """
         ...
 
@@ -241,7 +258,11 @@ class Storage(Protocol):
         ...
 
     async def expire(self, now: float | None = None) -> int:
-        """Remove unfinished uploads past their expiry; returns how many."""
+        """Remove uploads past their expiry; returns how many.
+
+        Unfinished ones go with their bytes; of finished ones only the state
+        goes (their file stays), after which `upload` no longer finds them.
+        """
         ...
 
     async def aclose(self) -> None:

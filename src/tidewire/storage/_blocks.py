@@ -1,0 +1,185 @@
+"""Moving a request's chunks into storage in large blocks, one block in flight.
+
+uvicorn hands a body over in ~64 KiB chunks. Writing (and hashing) each one
+in a worker thread would cost a thread hop per chunk; writing them on the
+loop would stall it. So chunks are gathered into blocks of about 1 MiB (a
+part, on S3) and each block is written while the next one gathers: the
+network and the disk overlap, memory stays at about two blocks, and the
+loop hops to a thread once per block.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
+
+__all__ = ["BLOCK", "KeyedLocks", "Pump", "Sink", "finish", "uninterrupted"]
+
+BLOCK = 1 << 20
+
+T = TypeVar("T")
+
+
+class Pump:
+    """Copies chunks to `write` in blocks of at least `block` bytes (the last may be smaller).
+
+    `write(parts, last)` gets a block as the chunks it is made of; `last` is
+    true for the final, possibly short, block of the run.
+    """
+
+    def __init__(
+        self,
+        write: Callable[[list[bytes], bool], Awaitable[None]],
+        *,
+        block: int = BLOCK,
+        limit: int | None = None,
+        over: Callable[[], Exception] | None = None,
+    ) -> None:
+        self._write = write
+        self._block = block
+        self._limit = limit
+        self._over = over
+        #: Bytes received from the chunks so far.
+        self.size = 0
+        #: Whether the chunks failed but every byte they gave was written.
+        self.kept = False
+
+    async def run(self, chunks: AsyncIterable[bytes], *, keep: bool = False) -> int:
+        """Copy `chunks`; returns the number of bytes.
+
+        More than `limit` bytes raise `over()` before the excess is written.
+        If `chunks` itself raises (the client went away) and `keep` is true,
+        what did arrive is written first; then the error goes on.
+        """
+        parts: list[bytes] = []
+        gathered = 0
+        inflight: asyncio.Future[None] | None = None
+        iterator = aiter(chunks)
+        try:
+            while True:
+                try:
+                    chunk = await anext(iterator)
+                except StopAsyncIteration:
+                    break
+                except BaseException:
+                    if keep:
+                        if parts:
+                            if inflight is not None:
+                                await inflight
+                            inflight = asyncio.ensure_future(self._write(parts, True))
+                        if inflight is not None:
+                            await inflight
+                        self.kept = True
+                    raise
+                if not chunk:
+                    continue
+                self.size += len(chunk)
+                if self._limit is not None and self.size > self._limit:
+                    raise (self._over or OverflowError)()
+                parts.append(chunk)
+                gathered += len(chunk)
+                if gathered >= self._block:
+                    if inflight is not None:
+                        await inflight
+                    inflight = asyncio.ensure_future(self._write(parts, False))
+                    parts, gathered = [], 0
+            if parts:
+                if inflight is not None:
+                    await inflight
+                inflight = asyncio.ensure_future(self._write(parts, True))
+            if inflight is not None:
+                await inflight
+            return self.size
+        except BaseException:
+            if inflight is not None and not inflight.done():
+                inflight.cancel()
+                # Let it unwind (an S3 request is aborted); its own error,
+                # if any, is not the one to report.
+                with contextlib.suppress(BaseException):
+                    await asyncio.wait([inflight])
+            raise
+
+
+class Sink:
+    """Blocks written by a worker thread, then hashed: subclasses say where (`put`).
+
+    Once `stop` returns no write is under way and none will start, even one
+    whose thread had not begun yet when its task was cancelled; so a failed
+    copy can be rolled back safely.
+    """
+
+    def __init__(self, hashers: list[Any]) -> None:
+        self.hashers = hashers
+        self._lock = threading.Lock()
+        self._stopped = False
+
+    def put(self, data: bytes) -> None:
+        raise NotImplementedError
+
+    def write(self, parts: list[bytes]) -> None:
+        data = parts[0] if len(parts) == 1 else b"".join(parts)
+        with self._lock:
+            if self._stopped:
+                return
+            self.put(data)
+            for hasher in self.hashers:
+                # hashlib lets go of the GIL on buffers this large.
+                hasher.update(data)
+
+    def stop(self) -> None:
+        with self._lock:
+            self._stopped = True
+
+    async def awrite(self, parts: list[bytes], last: bool = False) -> None:
+        await asyncio.get_running_loop().run_in_executor(None, self.write, parts)
+
+
+async def finish(cleanup: Callable[..., Any], *args: Any) -> None:
+    """Run `cleanup(*args)` in a thread and wait for its end, even through a cancellation.
+
+    A rollback left halfway would be worse than one that ends a moment late
+    (a block landing after a truncation, a descriptor closed under a write),
+    so a cancellation that arrives meanwhile is passed on once it is done.
+    """
+    await uninterrupted(asyncio.to_thread(cleanup, *args))
+
+
+async def uninterrupted(work: Awaitable[T]) -> T:
+    """Await `work` to its end; a cancellation meanwhile is raised afterwards."""
+    task = asyncio.ensure_future(work)
+    cancelled = False
+    while True:
+        try:
+            result = await asyncio.shield(task)
+            break
+        except asyncio.CancelledError:
+            if task.done():
+                raise
+            cancelled = True
+    if cancelled:
+        raise asyncio.CancelledError
+    return result
+
+
+class KeyedLocks:
+    """An asyncio.Lock per key, forgotten when nobody holds or awaits it."""
+
+    def __init__(self) -> None:
+        self._locks: dict[str, tuple[asyncio.Lock, int]] = {}
+
+    @contextlib.asynccontextmanager
+    async def hold(self, key: str) -> AsyncIterator[None]:
+        lock, users = self._locks.get(key) or (asyncio.Lock(), 0)
+        self._locks[key] = (lock, users + 1)
+        try:
+            async with lock:
+                yield
+        finally:
+            lock, users = self._locks[key]
+            if users == 1:
+                del self._locks[key]
+            else:
+                self._locks[key] = (lock, users - 1)

@@ -1,0 +1,551 @@
+"""LocalStorage: files in a folder, their metadata in SQLite beside them.
+
+    <root>/files/<id>           the bytes of complete files
+    <root>/tmp/<name>           saves in progress; the same filesystem as files/,
+                                so completing one is an atomic rename
+    <root>/uploads/<id>         a resumable upload's bytes so far
+    <root>/uploads/<id>.json    its state
+    <root>/index.sqlite3        the metadata, in WAL mode, so that several
+                                worker processes can share the folder
+
+Bytes are written once, in ~1 MiB blocks, by a worker thread that hashes them
+on the way; the event loop only gathers the request's chunks into blocks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import fcntl
+import hashlib
+import json
+import os
+import sqlite3
+import time
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, TypeVar
+
+from . import (
+    ChecksumMismatch,
+    FileInfo,
+    FileNotFound,
+    OffsetMismatch,
+    Page,
+    StorageError,
+    StorageFull,
+    TooLarge,
+    Upload,
+    UploadNotFound,
+    new_id,
+    valid_id,
+)
+from ._blocks import BLOCK, KeyedLocks, Pump, Sink, finish
+
+__all__ = ["LocalStorage"]
+
+T = TypeVar("T")
+
+#: A save whose temporary file has not been written to for this long was
+#: left behind by a process that died; `expire` removes it.
+STALE_TMP = 3600.0
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS files (
+    id TEXT PRIMARY KEY,
+    name TEXT NOT NULL,
+    size INTEGER NOT NULL,
+    type TEXT NOT NULL,
+    sha256 TEXT NOT NULL,
+    created REAL NOT NULL
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS files_by_name ON files (name, id);
+"""
+_COLUMNS = "id, name, size, type, sha256, created"
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    """Write all of `data` at the file's position: the one place bytes reach the disk."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+class _FileSink(Sink):
+    """Blocks written to a file descriptor; a full disk is `StorageFull`."""
+
+    def __init__(self, fd: int, hashers: list[Any]) -> None:
+        super().__init__(hashers)
+        self.fd = fd
+
+    def close(self) -> None:
+        self.stop()
+        os.close(self.fd)
+
+    def put(self, data: bytes) -> None:
+        try:
+            _write_all(self.fd, data)
+        except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise StorageFull("no space left in the storage") from exc
+            raise
+
+
+class LocalStorage:
+    """Files in a folder (`./data` by default); nothing is touched until first use."""
+
+    def __init__(self, root: str | os.PathLike[str] = "data") -> None:
+        self.root = Path(root)
+        self._files = self.root / "files"
+        self._tmp = self.root / "tmp"
+        self._uploads = self.root / "uploads"
+        self._ready = False
+        # SQLite is used from one thread of our own, so the loop never waits
+        # on it and the connection never crosses threads.
+        self._db_thread: ThreadPoolExecutor | None = None
+        self._conn: sqlite3.Connection | None = None
+        self._locks = KeyedLocks()
+        # The sha256 of each upload appended to by this process, with the
+        # offset it has hashed up to: it goes on while the offsets line up.
+        self._hashes: dict[str, tuple[int, Any]] = {}
+
+    def __repr__(self) -> str:
+        return f"LocalStorage({str(self.root)!r})"
+
+    # -- whole files -----------------------------------------------------
+
+    async def save(
+        self,
+        chunks: AsyncIterable[bytes],
+        *,
+        name: str,
+        type: str,
+        limit: int | None = None,
+    ) -> FileInfo:
+        await self._prepare()
+        tmp = self._tmp / new_id()
+        fd = await asyncio.to_thread(os.open, tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        sha = hashlib.sha256()
+        sink = _FileSink(fd, [sha])
+        try:
+            try:
+                size = await Pump(sink.awrite, limit=limit, over=_too_large(limit)).run(chunks)
+            finally:
+                await finish(sink.close)
+            # The id is made now, so that listing order is completion order.
+            info = FileInfo(
+                id=new_id(),
+                name=name,
+                size=size,
+                type=type,
+                sha256=sha.hexdigest(),
+                created=time.time(),
+            )
+            await asyncio.to_thread(os.replace, tmp, self._files / info.id)
+            tmp = self._files / info.id
+            await self._db(lambda db: _insert(db, info))
+        except BaseException:
+            await finish(tmp.unlink, True)
+            raise
+        return info
+
+    async def info(self, id: str) -> FileInfo:
+        if not valid_id(id):
+            raise FileNotFound(id)
+        row = await self._db(
+            lambda db: db.execute(f"SELECT {_COLUMNS} FROM files WHERE id = ?", (id,)).fetchone()
+        )
+        if row is None:
+            raise FileNotFound(id)
+        return FileInfo(*row)
+
+    async def find(self, name: str) -> FileInfo:
+        # Ids sort newest first, so the smallest id with that name is the newest.
+        row = await self._db(
+            lambda db: db.execute(
+                f"SELECT {_COLUMNS} FROM files WHERE name = ? ORDER BY id LIMIT 1", (name,)
+            ).fetchone()
+        )
+        if row is None:
+            raise FileNotFound(name)
+        return FileInfo(*row)
+
+    async def list(self, *, limit: int, cursor: str | None = None) -> Page:
+        if cursor is not None and not valid_id(cursor):
+            raise ValueError("not a cursor of this storage")
+        limit = max(limit, 1)
+        rows = await self._db(
+            lambda db: db.execute(
+                f"SELECT {_COLUMNS} FROM files WHERE id > ? ORDER BY id LIMIT ?",
+                (cursor or "", limit + 1),
+            ).fetchall()
+        )
+        files = [FileInfo(*row) for row in rows[:limit]]
+        return Page(files, files[-1].id if len(rows) > limit else None)
+
+    async def delete(self, id: str) -> None:
+        if not valid_id(id):
+            raise FileNotFound(id)
+        # The row goes first: once it is gone the file is no longer listed,
+        # and a crash before the unlink leaves only unlisted bytes.
+        deleted = await self._db(
+            lambda db: db.execute("DELETE FROM files WHERE id = ?", (id,)).rowcount
+        )
+        if not deleted:
+            raise FileNotFound(id)
+        await asyncio.to_thread((self._files / id).unlink, missing_ok=True)
+
+    async def read(
+        self, file: FileInfo, start: int = 0, end: int | None = None
+    ) -> AsyncIterator[bytes]:
+        path = self.path(file)
+        try:
+            fd = await asyncio.to_thread(os.open, path, os.O_RDONLY)
+        except FileNotFoundError:
+            raise FileNotFound(file.id) from None
+        try:
+            end = file.size if end is None else min(end, file.size)
+            while start < end:
+                data = await asyncio.to_thread(os.pread, fd, min(BLOCK, end - start), start)
+                if not data:
+                    break
+                start += len(data)
+                yield data
+        finally:
+            os.close(fd)
+
+    def path(self, file: FileInfo) -> Path:
+        if not valid_id(file.id):
+            raise FileNotFound(file.id)
+        return self._files / file.id
+
+    # -- resumable uploads -----------------------------------------------
+
+    async def create_upload(
+        self, *, length: int, name: str, type: str, metadata: str, expires: float
+    ) -> Upload:
+        if length < 0:
+            raise ValueError("length must not be negative")
+        await self._prepare()
+        now = time.time()
+        upload = Upload(
+            id=new_id(now),
+            length=length,
+            offset=0,
+            name=name,
+            type=type,
+            metadata=metadata,
+            created=now,
+            expires=expires,
+        )
+        await asyncio.to_thread(self._start_upload, upload, max(expires - now, 0.0))
+        if length == 0:
+            # Nothing to wait for: it is a file already.
+            return await self.append(upload.id, 0, _nothing())
+        return upload
+
+    async def upload(self, id: str) -> Upload:
+        if not valid_id(id):
+            raise UploadNotFound(id)
+        state = await asyncio.to_thread(self._read_state, id)
+        if state["file"] is None:
+            try:
+                offset = (await asyncio.to_thread(os.stat, self._uploads / id)).st_size
+            except FileNotFoundError:
+                raise UploadNotFound(id) from None
+        else:
+            offset = state["length"]
+        return _upload(state, offset)
+
+    async def append(
+        self,
+        id: str,
+        offset: int,
+        chunks: AsyncIterable[bytes],
+        *,
+        checksum: tuple[str, bytes] | None = None,
+    ) -> Upload:
+        if not valid_id(id):
+            raise UploadNotFound(id)
+        check = hashlib.new(checksum[0]) if checksum else None
+        async with self._locks.hold(id), self._upload_fd(id) as fd:
+            state = await asyncio.to_thread(self._read_state, id)
+            length: int = state["length"]
+            if state["file"] is not None:
+                # Finished: there is nothing left to append.
+                return await self._append_to_finished(state, offset, chunks)
+            if fd is None:
+                raise UploadNotFound(id)
+            current = os.fstat(fd).st_size
+            if offset != current:
+                raise OffsetMismatch(f"the upload is at offset {current}", current)
+            await asyncio.to_thread(os.lseek, fd, offset, os.SEEK_SET)
+
+            whole = self._whole_hash(id, offset)
+            backup = whole.copy() if whole is not None else None
+            sink = _FileSink(fd, [h for h in (whole, check) if h is not None])
+            pump = Pump(sink.awrite, limit=length - offset, over=_too_large(length))
+            failure: BaseException | None = None
+            try:
+                try:
+                    written = await pump.run(chunks, keep=check is None)
+                finally:
+                    await finish(sink.stop)
+                if check is not None and checksum and check.digest() != checksum[1]:
+                    raise ChecksumMismatch(f"the {checksum[0]} of the appended bytes differs")
+            except BaseException as exc:
+                if not pump.kept:
+                    await finish(os.ftruncate, fd, offset)
+                    if backup is not None:
+                        self._hashes[id] = (offset, backup)
+                    raise
+                # The client went away: what did arrive stays, to resume from.
+                failure = exc
+                written = os.fstat(fd).st_size - offset
+            offset += written
+            state["expires"] = time.time() + state["ttl"]
+            if whole is not None:
+                self._hashes[id] = (offset, whole)
+            if offset == length:
+                state["file"] = (await self._complete(id, state, whole)).id
+                self._hashes.pop(id, None)
+            await asyncio.to_thread(self._write_state, id, state)
+            if failure is not None:
+                raise failure
+            return _upload(state, offset)
+
+    async def abort(self, id: str) -> None:
+        if not valid_id(id):
+            raise UploadNotFound(id)
+        async with self._locks.hold(id), self._upload_fd(id):
+            await asyncio.to_thread(self._read_state, id)
+            await asyncio.to_thread(self._remove_upload, id)
+            self._hashes.pop(id, None)
+
+    async def expire(self, now: float | None = None) -> int:
+        if not self.root.exists():
+            return 0
+        removed = await asyncio.to_thread(self._expire, time.time() if now is None else now)
+        for id in removed:
+            self._hashes.pop(id, None)
+        return len(removed)
+
+    async def aclose(self) -> None:
+        if self._db_thread is not None:
+            await asyncio.get_running_loop().run_in_executor(self._db_thread, self._disconnect)
+            self._db_thread.shutdown()
+            self._db_thread = None
+
+    # -- the folder ------------------------------------------------------
+
+    async def _prepare(self) -> None:
+        if not self._ready:
+            await asyncio.to_thread(self._make_folders)
+            self._ready = True
+
+    def _make_folders(self) -> None:
+        for folder in (self._files, self._tmp, self._uploads):
+            folder.mkdir(parents=True, exist_ok=True)
+
+    async def _db(self, query: Callable[[sqlite3.Connection], T]) -> T:
+        if self._db_thread is None:
+            self._db_thread = ThreadPoolExecutor(1, thread_name_prefix="tidewire-sqlite")
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._db_thread, self._in_db, query)
+
+    def _in_db(self, query: Callable[[sqlite3.Connection], T]) -> T:
+        if self._conn is None:
+            self.root.mkdir(parents=True, exist_ok=True)
+            conn = sqlite3.connect(self.root / "index.sqlite3", check_same_thread=False)
+            # Other processes may be writing: wait for their locks, not fail.
+            conn.execute("PRAGMA busy_timeout = 10000")
+            conn.execute("PRAGMA journal_mode = WAL")
+            conn.execute("PRAGMA synchronous = NORMAL")
+            conn.executescript(_SCHEMA)
+            self._conn = conn
+        with self._conn:  # one transaction
+            return query(self._conn)
+
+    def _disconnect(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+    # -- uploads ---------------------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def _upload_fd(self, id: str) -> AsyncIterator[int | None]:
+        """The upload's bytes, open and locked against other processes (None once finished)."""
+        try:
+            fd = await asyncio.to_thread(os.open, self._uploads / id, os.O_WRONLY)
+        except FileNotFoundError:
+            yield None
+            return
+        try:
+            # Worker processes sharing the folder take turns by flock. Poll
+            # rather than block: a blocked thread would be lost to the pool
+            # for as long as the other append lasts.
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    await asyncio.sleep(0.02)
+            yield fd
+        finally:
+            os.close(fd)  # and with it the lock
+
+    def _whole_hash(self, id: str, offset: int) -> Any:
+        """The running sha256 of the upload, if this process has seen all of its bytes."""
+        hashed, sha = self._hashes.pop(id, (-1, None))
+        if hashed == offset:
+            return sha
+        return hashlib.sha256() if offset == 0 else None
+
+    async def _complete(self, id: str, state: dict[str, Any], whole: Any) -> FileInfo:
+        source = self._uploads / id
+        if whole is None:
+            # Another process (or this one before a restart) did earlier
+            # appends, so the running hash is gone: read the bytes again.
+            sha256 = await asyncio.to_thread(_sha256_of, source)
+        else:
+            sha256 = whole.hexdigest()
+        info = FileInfo(
+            id=new_id(),
+            name=state["name"],
+            size=state["length"],
+            type=state["type"],
+            sha256=sha256,
+            created=time.time(),
+        )
+        await asyncio.to_thread(os.replace, source, self._files / info.id)
+        await self._db(lambda db: _insert(db, info))
+        return info
+
+    async def _append_to_finished(
+        self, state: dict[str, Any], offset: int, chunks: AsyncIterable[bytes]
+    ) -> Upload:
+        length: int = state["length"]
+        if offset != length:
+            raise OffsetMismatch(f"the upload is at offset {length}", length)
+        async for chunk in chunks:
+            if chunk:
+                raise _too_large(length)()
+        return _upload(state, length)
+
+    def _start_upload(self, upload: Upload, ttl: float) -> None:
+        os.close(os.open(self._uploads / upload.id, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
+        state = {
+            "id": upload.id,
+            "length": upload.length,
+            "name": upload.name,
+            "type": upload.type,
+            "metadata": upload.metadata,
+            "created": upload.created,
+            "expires": upload.expires,
+            # Each append pushes `expires` this far ahead, so an upload in
+            # progress does not expire midway.
+            "ttl": ttl,
+            "file": None,
+            "extra": upload.extra,
+        }
+        self._write_state(upload.id, state)
+
+    def _read_state(self, id: str, now: float | None = None) -> dict[str, Any]:
+        try:
+            state: dict[str, Any] = json.loads((self._uploads / f"{id}.json").read_bytes())
+        except (FileNotFoundError, ValueError):
+            raise UploadNotFound(id) from None
+        if state["expires"] <= (time.time() if now is None else now):
+            raise UploadNotFound(id)
+        return state
+
+    def _write_state(self, id: str, state: dict[str, Any]) -> None:
+        # Write then rename: a reader sees the old state or the new, never half.
+        tmp = self._uploads / f"{id}.json.{os.getpid()}"
+        tmp.write_bytes(json.dumps(state).encode())
+        os.replace(tmp, self._uploads / f"{id}.json")
+
+    def _remove_upload(self, id: str) -> None:
+        (self._uploads / id).unlink(missing_ok=True)
+        (self._uploads / f"{id}.json").unlink(missing_ok=True)
+
+    def _expire(self, now: float) -> set[str]:
+        removed = set()
+        for entry in _scan(self._uploads):
+            id = entry.name.removesuffix(".json")
+            if entry.name == id or not valid_id(id):
+                continue
+            try:
+                self._read_state(id, now)
+                continue
+            except UploadNotFound:
+                pass
+            # An append in progress holds the lock (and will push `expires`
+            # forward): leave that upload alone.
+            try:
+                fd = os.open(self._uploads / id, os.O_WRONLY)
+            except FileNotFoundError:
+                fd = None
+            try:
+                if fd is not None:
+                    try:
+                        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    except BlockingIOError:
+                        continue
+                self._remove_upload(id)
+                removed.add(id)
+            finally:
+                if fd is not None:
+                    os.close(fd)
+        for entry in _scan(self._tmp):
+            with contextlib.suppress(FileNotFoundError):
+                if entry.stat().st_mtime < now - STALE_TMP:
+                    os.unlink(entry.path)
+        return removed
+
+
+def _insert(db: sqlite3.Connection, info: FileInfo) -> None:
+    db.execute(
+        f"INSERT INTO files ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?)",
+        (info.id, info.name, info.size, info.type, info.sha256, info.created),
+    )
+
+
+def _upload(state: dict[str, Any], offset: int) -> Upload:
+    return Upload(
+        id=state["id"],
+        length=state["length"],
+        offset=offset,
+        name=state["name"],
+        type=state["type"],
+        metadata=state["metadata"],
+        created=state["created"],
+        expires=state["expires"],
+        file=state["file"],
+        extra=state["extra"],
+    )
+
+
+def _sha256_of(path: Path) -> str:
+    with path.open("rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def _scan(folder: Path) -> Iterator[os.DirEntry[str]]:
+    try:
+        with os.scandir(folder) as entries:
+            yield from entries
+    except FileNotFoundError:
+        return
+
+
+def _too_large(limit: int | None) -> Callable[[], StorageError]:
+    return lambda: TooLarge(f"more than {limit} bytes", limit or 0)
+
+
+async def _nothing() -> AsyncIterator[bytes]:
+    return
+    yield

@@ -1,0 +1,265 @@
+"""LocalStorage beyond the contract: layout, full disks, blocks, memory, sharing a folder."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import hashlib
+import os
+import sqlite3
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import TypeVar
+
+import psutil
+import pytest
+
+from tidewire.storage import StorageFull, from_url
+from tidewire.storage import local as local_module
+from tidewire.storage.local import LocalStorage
+
+from .test_storage import chunks, read_all
+
+T = TypeVar("T")
+HOUR = 3600.0
+MIB = 1 << 20
+
+
+def run(root: Path, body: Callable[[LocalStorage], Awaitable[T]]) -> T:
+    async def main() -> T:
+        storage = LocalStorage(root)
+        try:
+            async with asyncio.timeout(30):
+                return await body(storage)
+        finally:
+            await storage.aclose()
+
+    return asyncio.run(main())
+
+
+def contents(root: Path) -> dict[str, list[str]]:
+    return {d: sorted(p.name for p in (root / d).iterdir()) for d in ("files", "tmp", "uploads")}
+
+
+def test_constructing_touches_nothing(tmp_path: Path) -> None:
+    root = tmp_path / "data"
+    storage = LocalStorage(root)
+    asyncio.run(storage.aclose())
+    assert not root.exists()
+    assert isinstance(from_url(None, data_dir=root), LocalStorage)
+    assert isinstance(from_url(f"file://{root}"), LocalStorage)
+    assert not root.exists()
+
+
+def test_layout_and_path(tmp_path: Path) -> None:
+    async def body(storage: LocalStorage) -> None:
+        info = await storage.save(chunks(b"hello"), name="../../etc/passwd", type="text/plain")
+        path = storage.path(info)
+        assert path == tmp_path / "files" / info.id
+        assert path.read_bytes() == b"hello"
+
+    run(tmp_path, body)
+    assert contents(tmp_path) == {
+        "files": [os.listdir(tmp_path / "files")[0]],
+        "tmp": [],
+        "uploads": [],
+    }
+    with sqlite3.connect(tmp_path / "index.sqlite3") as db:
+        assert db.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+
+
+def test_chunks_are_written_in_blocks_of_a_mebibyte(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    writes: list[int] = []
+    real = local_module._write_all
+
+    def counting(fd: int, data: bytes) -> None:
+        writes.append(len(data))
+        real(fd, data)
+
+    monkeypatch.setattr(local_module, "_write_all", counting)
+    data = os.urandom((4 << 20) + 100)
+
+    async def body(storage: LocalStorage) -> None:
+        info = await storage.save(chunks(data, 64 << 10), name="x", type="x")
+        assert await read_all(storage, info) == data
+
+    run(tmp_path, body)
+    # 65 chunks of 64 KiB make 5 writes, not 65.
+    assert writes == [1 << 20] * 4 + [100]
+
+
+def full_after(blocks: int) -> Callable[[int, bytes], None]:
+    """A `_write_all` that writes `blocks` blocks and then finds the disk full."""
+    real = local_module._write_all
+    left = [blocks]
+
+    def write(fd: int, data: bytes) -> None:
+        if left[0] == 0:
+            os.write(fd, data[:1000])  # a partial write, as a full disk leaves it
+            raise OSError(errno.ENOSPC, "No space left on device")
+        left[0] -= 1
+        real(fd, data)
+
+    return write
+
+
+def test_a_full_disk_during_save(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    async def body(storage: LocalStorage) -> None:
+        other = await storage.save(chunks(b"other"), name="other", type="x")
+        before = contents(tmp_path)
+        monkeypatch.setattr(local_module, "_write_all", full_after(2))
+        with pytest.raises(StorageFull):
+            await storage.save(chunks(os.urandom(5 << 20)), name="big", type="x")
+        assert contents(tmp_path) == before
+        assert (await storage.list(limit=10)).files == [other]
+        assert await read_all(storage, other) == b"other"
+
+    run(tmp_path, body)
+
+
+def test_a_full_disk_during_append_rolls_it_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    data = os.urandom(6 << 20)
+
+    async def body(storage: LocalStorage) -> None:
+        upload = await storage.create_upload(
+            length=len(data), name="u", type="x", metadata="", expires=time.time() + HOUR
+        )
+        await storage.append(upload.id, 0, chunks(data[: 1 << 20]))
+        with monkeypatch.context() as patch:
+            patch.setattr(local_module, "_write_all", full_after(1))
+            with pytest.raises(StorageFull):
+                await storage.append(upload.id, 1 << 20, chunks(data[1 << 20 :]))
+        assert (await storage.upload(upload.id)).offset == 1 << 20
+        assert (tmp_path / "uploads" / upload.id).stat().st_size == 1 << 20
+        # Space is back: the upload goes on, and its running hash is right.
+        done = await storage.append(upload.id, 1 << 20, chunks(data[1 << 20 :]))
+        info = await storage.info(done.file or "")
+        assert info.sha256 == hashlib.sha256(data).hexdigest()
+
+    run(tmp_path, body)
+
+
+def test_a_cancelled_save_leaves_nothing(tmp_path: Path) -> None:
+    async def body(storage: LocalStorage) -> None:
+        started = asyncio.Event()
+
+        async def endless() -> AsyncIterator[bytes]:
+            while True:
+                yield b"x" * (256 << 10)
+                started.set()
+
+        task = asyncio.create_task(storage.save(endless(), name="x", type="x"))
+        await started.wait()
+        while not any((tmp_path / "tmp").iterdir()):
+            await asyncio.sleep(0.01)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert contents(tmp_path) == {"files": [], "tmp": [], "uploads": []}
+
+    run(tmp_path, body)
+
+
+def test_memory_stays_flat(tmp_path: Path) -> None:
+    process = psutil.Process()
+    piece = os.urandom(64 << 10)
+    size = 512 << 20
+    peak = [0]
+
+    async def body(storage: LocalStorage) -> None:
+        async def body_chunks() -> AsyncIterator[bytes]:
+            for i in range(size // len(piece)):
+                if i % 256 == 0:
+                    peak[0] = max(peak[0], process.memory_info().rss)
+                yield piece
+
+        info = await storage.save(body_chunks(), name="big", type="x")
+        assert info.size == size
+        async for _ in storage.read(info):
+            peak[0] = max(peak[0], process.memory_info().rss)
+
+    base = process.memory_info().rss
+    run(tmp_path, body)
+    assert peak[0] - base < 32 << 20
+
+
+def test_the_running_hash_is_used_when_offsets_line_up(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def no_rereading(path: Path) -> str:
+        raise AssertionError("the bytes were read again")
+
+    monkeypatch.setattr(local_module, "_sha256_of", no_rereading)
+
+    async def body(storage: LocalStorage) -> None:
+        upload = await storage.create_upload(
+            length=6, name="u", type="x", metadata="", expires=time.time() + HOUR
+        )
+        for offset in range(6):
+            done = await storage.append(upload.id, offset, chunks(b"abcdef"[offset : offset + 1]))
+        info = await storage.info(done.file or "")
+        assert info.sha256 == hashlib.sha256(b"abcdef").hexdigest()
+
+    run(tmp_path, body)
+
+
+def test_two_storages_on_one_folder_take_turns(tmp_path: Path) -> None:
+    """As two worker processes would: the flock keeps their appends apart."""
+
+    async def body(first: LocalStorage) -> None:
+        second = LocalStorage(tmp_path)
+        try:
+            upload = await first.create_upload(
+                length=MIB + 10, name="u", type="x", metadata="", expires=time.time() + HOUR
+            )
+            go_on = asyncio.Event()
+
+            async def slow() -> AsyncIterator[bytes]:
+                yield b"0" * MIB  # a whole block: written at once
+                await go_on.wait()
+
+            one = asyncio.create_task(first.append(upload.id, 0, slow()))
+            while (await second.upload(upload.id)).offset < MIB:
+                await asyncio.sleep(0.01)
+            other = asyncio.create_task(second.append(upload.id, 0, chunks(b"x" * 10)))
+            await asyncio.sleep(0.2)
+            assert not other.done(), "the second append must wait for the first"
+            go_on.set()
+            assert (await one).offset == MIB
+            with pytest.raises(local_module.OffsetMismatch):
+                await other
+            # The second storage finishes it; the hash comes from the bytes.
+            done = await second.append(upload.id, MIB, chunks(b"abcdefghij"))
+            info = await first.info(done.file or "")
+            assert info.sha256 == hashlib.sha256(b"0" * MIB + b"abcdefghij").hexdigest()
+        finally:
+            await second.aclose()
+
+    run(tmp_path, body)
+
+
+def test_expire_removes_bytes_finished_states_and_stale_temporary_files(tmp_path: Path) -> None:
+    async def body(storage: LocalStorage) -> None:
+        now = time.time()
+        unfinished = await storage.create_upload(
+            length=10, name="u", type="x", metadata="", expires=now + 60
+        )
+        await storage.append(unfinished.id, 0, chunks(b"01234"))
+        finished = await storage.create_upload(
+            length=2, name="f", type="x", metadata="", expires=now + 60
+        )
+        done = await storage.append(finished.id, 0, chunks(b"ok"))
+        stale = tmp_path / "tmp" / "leftover"
+        stale.write_bytes(b"from a process that died")
+        os.utime(stale, (now - 2 * HOUR, now - 2 * HOUR))
+        assert await storage.expire(now + 120) == 2
+        assert contents(tmp_path) == {"files": [done.file], "tmp": [], "uploads": []}
+        # The file itself stays.
+        assert await read_all(storage, await storage.info(done.file or "")) == b"ok"
+
+    run(tmp_path, body)
