@@ -1,8 +1,10 @@
-"""The built-in demo: the `demo` stream and the original service's `GET /stream`."""
+"""The built-in demo: the `demo` stream and the original service's routes."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import hashlib
 import json
 import struct
 import zlib
@@ -17,6 +19,7 @@ from websockets.sync.client import connect
 from tests.conftest import LiveServer
 from tests.wire import read_ndjson, read_sse, read_ws
 from tidewire.demo import png, tw
+from tidewire.storage.local import LocalStorage
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -168,3 +171,37 @@ def test_bad_parameter_over_websocket_is_refused(server: LiveServer) -> None:
         connect(f"{server.ws_url}/streams/demo/ws?n=-1", open_timeout=5)
     assert denied.value.response.status_code == 422
     assert json.loads(denied.value.response.body)["detail"][0]["loc"] == ["query", "n"]
+
+
+@pytest.fixture(scope="module")
+def demo_storage(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStorage]:
+    """The demo's storage, in a temporary folder rather than ./data."""
+    storage = LocalStorage(tmp_path_factory.mktemp("demo") / "data")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setitem(tw.__dict__, "storage", storage)  # what the cached property holds
+        yield storage
+    asyncio.run(storage.aclose())
+
+
+def test_original_file_routes_round_trip(server: LiveServer, demo_storage: LocalStorage) -> None:
+    data = b"\x00\x01 original bytes " * 1000
+    uploaded = httpx.post(f"{server.url}/uploadfile/", files={"file": ("haha", data)}, timeout=10)
+    assert uploaded.status_code == 200
+    meta = uploaded.json()
+    assert meta["filename"] == "haha"
+    assert meta["sha256"] == hashlib.sha256(data).hexdigest()
+    # Stored under an id made by the server, never under the client's name.
+    assert [p.name for p in (demo_storage.root / "files").iterdir()] == [meta["id"]]
+    # The original client's call, verbatim: no trailing slash, the name in params=.
+    response = httpx.post(f"{server.url}/downloadfile", params={"filename": "haha"}, timeout=10)
+    assert response.status_code == 200
+    assert response.content == data
+
+
+@pytest.mark.parametrize("name", ["/etc/passwd", __file__, "../pyproject.toml", "test.png"])
+def test_original_download_never_reads_a_path(
+    server: LiveServer, demo_storage: LocalStorage, name: str
+) -> None:
+    response = httpx.post(f"{server.url}/downloadfile/", json={"filename": name}, timeout=10)
+    assert response.status_code == 404
+    assert "no file named" in response.json()["detail"]

@@ -1,7 +1,8 @@
 """The demo: the original service's text + image counter, as a tidewire stream.
 
 `tidewire serve` with no app serves this module's `tw`: the `demo` stream,
-open channels, and the original `GET /stream` in its original line format.
+open channels, the original `GET /stream` in its original line format, and
+the original `POST /uploadfile/` and `POST /downloadfile/` over the storage.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from pydantic import Field
 
 from .app import Tidewire
 from .events import Blob
+from .server.files import add_original_file_routes
 
 __all__ = ["frame", "png", "tw"]
 
@@ -91,3 +93,7 @@ async def original_stream(n: Count = 10_000, interval: Pause = 0.05) -> Streamin
             yield json.dumps(line, ensure_ascii=False) + "\n"
 
     return StreamingResponse(lines(), media_type="text/plain")
+
+
+# The original's file routes, now storing files by id with their names as labels.
+add_original_file_routes(tw.router, tw)
