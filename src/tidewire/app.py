@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import inspect
 import logging
 import os
@@ -22,7 +24,7 @@ from .server.channels import add_channel_routes
 from .server.files import add_file_routes
 from .server.streams import add_stream_routes
 from .server.transport import broker_unavailable
-from .server.uploads import add_upload_routes
+from .server.uploads import add_upload_routes, expire_uploads
 from .storage import Storage, from_url
 
 __all__ = ["Tidewire"]
@@ -115,8 +117,15 @@ class Tidewire:
 
     @asynccontextmanager
     async def lifespan(self, _: Any = None) -> AsyncIterator[None]:
-        yield
-        await self.aclose()
+        # Stale resumable uploads are swept in the background for as long as we serve.
+        sweeper = asyncio.get_running_loop().create_task(expire_uploads(self))
+        try:
+            yield
+        finally:
+            sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await sweeper
+            await self.aclose()
 
     @cached_property
     def router(self) -> APIRouter:

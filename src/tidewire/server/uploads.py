@@ -1,14 +1,545 @@
-"""Placeholder: being written."""
+"""Resumable uploads: tus 1.0.0 at `/uploads/`.
+
+    OPTIONS /uploads/        what this server supports (versions, extensions, limits)
+    POST    /uploads/        begin an upload; its first bytes may come along (creation,
+                             creation-with-upload) -> 201, Location: /uploads/<id>
+    HEAD    /uploads/<id>    how far it got: Upload-Offset, Upload-Length
+    PATCH   /uploads/<id>    more bytes at Upload-Offset -> 204, the new Upload-Offset
+    DELETE  /uploads/<id>    give up (termination)
+
+Extensions: creation, creation-with-upload, termination, checksum (sha1,
+sha256, md5), expiration. The last byte turns the upload into a file: from
+then on its responses carry `Tidewire-File: <file id>`.
+
+The header parsers are pure functions raising `ValueError` with a message for
+the client; the routes turn that into a 400.
+"""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import asyncio
+import base64
+import binascii
+import contextlib
+import hashlib
+import logging
+import mimetypes
+import re
+import time
+from collections.abc import Awaitable, Callable
+from email.utils import formatdate
+from typing import TYPE_CHECKING, Any
 
-from fastapi import APIRouter
+from fastapi import APIRouter, HTTPException, Request
+from fastapi.responses import Response
+from starlette.requests import ClientDisconnect
+
+from ..storage import (
+    ChecksumMismatch,
+    OffsetMismatch,
+    StorageError,
+    StorageFull,
+    TooLarge,
+    Upload,
+    UploadNotFound,
+)
 
 if TYPE_CHECKING:
     from ..app import Tidewire
 
+__all__ = [
+    "CHECKSUM_ALGORITHMS",
+    "TUS_VERSION",
+    "add_upload_routes",
+    "expire_uploads",
+    "file_name_and_type",
+    "http_date",
+    "parse_checksum",
+    "parse_metadata",
+    "parse_size",
+]
+
+logger = logging.getLogger("tidewire")
+
+TUS_VERSION = "1.0.0"
+EXTENSIONS = "creation,creation-with-upload,termination,checksum,expiration"
+#: hashlib names, as `Storage.append` takes them; the spec requires sha1.
+CHECKSUM_ALGORITHMS = ("sha1", "sha256", "md5")
+OFFSET_STREAM = "application/offset+octet-stream"
+#: The header naming the file a finished upload became.
+FILE_HEADER = "Tidewire-File"
+
+# A page on another origin (or a client reading headers through fetch) only
+# sees the response headers listed here.
+_EXPOSE = ", ".join(
+    (
+        "Location",
+        "Upload-Offset",
+        "Upload-Length",
+        "Upload-Metadata",
+        "Upload-Expires",
+        "Tus-Resumable",
+        "Tus-Version",
+        "Tus-Extension",
+        "Tus-Max-Size",
+        "Tus-Checksum-Algorithm",
+        FILE_HEADER,
+    )
+)
+_ALWAYS = {"Tus-Resumable": TUS_VERSION, "Access-Control-Expose-Headers": _EXPOSE}
+
+# RFC 7230 tokens; a media type is token/token, parameters after a semicolon.
+_TOKEN = r"[!#$%&'*+.^_`|~0-9A-Za-z-]+"
+_MEDIA_TYPE = re.compile(rf"{_TOKEN}/{_TOKEN}(\s*;[\x20-\x7e]*)?\Z")
+_DIGITS = re.compile(r"[0-9]{1,20}\Z")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+NAME_KEYS = ("filename", "name")  # tus-js-client and Uppy send `filename`
+TYPE_KEYS = ("filetype", "type", "contentType")
+DEFAULT_NAME = "upload"
+DEFAULT_TYPE = "application/octet-stream"
+
+
+# -- headers (pure) --------------------------------------------------------
+
+
+def parse_size(value: str | None, header: str) -> int:
+    """A non-negative integer header (`Upload-Length`, `Upload-Offset`)."""
+    if value is None:
+        raise ValueError(f"the {header} header is required")
+    value = value.strip()
+    if not _DIGITS.match(value):
+        raise ValueError(f"{header} must be a non-negative integer, not {value[:40]!r}")
+    return int(value)
+
+
+def parse_metadata(header: str | None) -> dict[str, bytes]:
+    """`Upload-Metadata`: comma-separated `key base64value` pairs (the value may be absent)."""
+    if header is None or not header.strip():
+        return {}
+    pairs: dict[str, bytes] = {}
+    for item in header.split(","):
+        parts = item.strip().split(" ")
+        key = parts[0]
+        if not key:
+            raise ValueError("Upload-Metadata has an empty pair: it is `key base64,key base64`")
+        if len(parts) > 2:
+            raise ValueError(f"Upload-Metadata: {key!r} has more than one value")
+        if key in pairs:
+            raise ValueError(f"Upload-Metadata: {key!r} is given twice")
+        encoded = parts[1] if len(parts) == 2 else ""
+        try:
+            # Some clients leave the padding out; nothing else is forgiven.
+            pairs[key] = base64.b64decode(encoded + "=" * (-len(encoded) % 4), validate=True)
+        except binascii.Error:
+            raise ValueError(f"Upload-Metadata: the value of {key!r} is not base64") from None
+    return pairs
+
+
+def _text(metadata: dict[str, bytes], keys: tuple[str, ...]) -> str:
+    """The first non-empty value of `keys`, as text."""
+    for key in keys:
+        if metadata.get(key):
+            try:
+                text = metadata[key].decode()
+            except UnicodeDecodeError:
+                raise ValueError(f"Upload-Metadata: {key!r} is not UTF-8 text") from None
+            if _CONTROL.search(text):
+                raise ValueError(f"Upload-Metadata: {key!r} contains control characters")
+            return text
+    return ""
+
+
+def file_name_and_type(metadata: dict[str, bytes]) -> tuple[str, str]:
+    """The file's name and media type from upload metadata, with defaults.
+
+    A browser gives an empty type for files it does not know, so an empty type
+    is guessed from the name like a missing one.
+    """
+    name = _text(metadata, NAME_KEYS) or DEFAULT_NAME
+    if len(name) > 1024:
+        raise ValueError("Upload-Metadata: the file name is longer than 1024 characters")
+    kind = _text(metadata, TYPE_KEYS).strip()
+    if kind and not _MEDIA_TYPE.match(kind):
+        raise ValueError(f"Upload-Metadata: {kind[:80]!r} is not a media type like text/plain")
+    return name, kind or mimetypes.guess_type(name)[0] or DEFAULT_TYPE
+
+
+def parse_checksum(header: str) -> tuple[str, bytes]:
+    """`Upload-Checksum: <algorithm> <base64 digest>` -> (algorithm, digest)."""
+    algorithm, _, encoded = header.strip().partition(" ")
+    if algorithm not in CHECKSUM_ALGORITHMS:
+        raise ValueError(
+            f"Upload-Checksum: unsupported algorithm {algorithm[:20]!r};"
+            f" use one of {', '.join(CHECKSUM_ALGORITHMS)}"
+        )
+    try:
+        digest = base64.b64decode(encoded.strip(), validate=True)
+    except binascii.Error:
+        raise ValueError("Upload-Checksum: the digest is not base64") from None
+    size = hashlib.new(algorithm).digest_size
+    if len(digest) != size:
+        raise ValueError(
+            f"Upload-Checksum: a {algorithm} digest is {size} bytes, not {len(digest)}"
+        )
+    return algorithm, digest
+
+
+def http_date(timestamp: float) -> str:
+    """RFC 7231's date format (`Wed, 25 Jun 2014 16:00:00 GMT`), as Upload-Expires wants it."""
+    return formatdate(timestamp, usegmt=True)
+
+
+# -- responses -------------------------------------------------------------
+
+
+def _error(status: int, detail: str, headers: dict[str, str] | None = None) -> HTTPException:
+    return HTTPException(status, detail, headers={**_ALWAYS, **(headers or {})})
+
+
+def _bad(exc: ValueError) -> HTTPException:
+    return _error(400, str(exc))
+
+
+def _storage_error(exc: StorageError) -> HTTPException:
+    if isinstance(exc, UploadNotFound):
+        return _error(404, "no such upload (it may have expired or been terminated)")
+    if isinstance(exc, OffsetMismatch):
+        return _error(409, f"Upload-Offset does not match: the upload is at {exc.offset}")
+    if isinstance(exc, ChecksumMismatch):
+        return _error(460, f"checksum mismatch: {exc}; the bytes were discarded")
+    if isinstance(exc, TooLarge):
+        return _error(413, f"too large: {exc}")
+    if isinstance(exc, StorageFull):
+        return _error(507, "the storage is full; try again later")
+    return _error(400, str(exc))
+
+
+def _state(upload: Upload) -> dict[str, str]:
+    """Headers saying where an upload is, and what it became once finished."""
+    headers = {
+        **_ALWAYS,
+        "Upload-Offset": str(upload.offset),
+        "Upload-Length": str(upload.length),
+    }
+    if upload.file is None:
+        headers["Upload-Expires"] = http_date(upload.expires)
+    else:
+        headers[FILE_HEADER] = upload.file
+    return headers
+
+
+def _media_type(request: Request) -> str:
+    return request.headers.get("content-type", "").split(";")[0].strip().lower()
+
+
+def _has_body(request: Request) -> bool:
+    if "transfer-encoding" in request.headers:
+        return True
+    length = request.headers.get("content-length", "0").strip()
+    return length != "0" and length != ""
+
+
+def _content_length(request: Request) -> int | None:
+    try:
+        return parse_size(request.headers.get("content-length"), "Content-Length")
+    except ValueError:
+        return None  # chunked, or for the server to reject
+
+
+def _checksum(request: Request) -> tuple[str, bytes] | None:
+    header = request.headers.get("upload-checksum")
+    if header is None:
+        return None
+    try:
+        return parse_checksum(header)
+    except ValueError as exc:
+        raise _bad(exc) from None
+
+
+def _check_live(upload: Upload) -> None:
+    # The storage forgets expired uploads by itself; this covers one that
+    # still hands back an expired one before its cleanup has run.
+    if upload.file is None and upload.expires <= time.time():
+        raise _error(410, f"this upload expired at {http_date(upload.expires)}; start a new one")
+
+
+Handler = Callable[[Request, str], Awaitable[Response]]
+
+_RESOURCE_DOC = (
+    "tus 1.0.0 upload resource. Send `Tus-Resumable: 1.0.0`. "
+    "Clients that cannot send PATCH or DELETE may POST with `X-HTTP-Method-Override`."
+)
+
 
 def add_upload_routes(router: APIRouter, tw: Tidewire) -> None:
-    pass
+    settings = tw.settings
+
+    def check_version(request: Request) -> None:
+        version = request.headers.get("tus-resumable")
+        if version != TUS_VERSION:
+            said = "no Tus-Resumable header" if version is None else f"Tus-Resumable: {version}"
+            raise _error(
+                412,
+                f"{said}: this server speaks tus {TUS_VERSION}",
+                {"Tus-Version": TUS_VERSION},
+            )
+
+    async def find(id: str) -> Upload:
+        try:
+            upload = await tw.storage.upload(id)
+        except StorageError as exc:
+            raise _storage_error(exc) from None
+        _check_live(upload)
+        return upload
+
+    async def options(request: Request, id: str) -> Response:
+        headers = {
+            **_ALWAYS,
+            "Tus-Version": TUS_VERSION,
+            "Tus-Extension": EXTENSIONS,
+            "Tus-Checksum-Algorithm": ",".join(CHECKSUM_ALGORITHMS),
+        }
+        if settings.max_file_size is not None:
+            headers["Tus-Max-Size"] = str(settings.max_file_size)
+        return Response(status_code=204, headers=headers)
+
+    async def create(request: Request, _: str) -> Response:
+        check_version(request)
+        for unsupported in ("upload-defer-length", "upload-concat"):
+            if unsupported in request.headers:
+                raise _error(400, f"{unsupported.title()} is not supported: send Upload-Length")
+        try:
+            length = parse_size(request.headers.get("upload-length"), "Upload-Length")
+            raw = request.headers.get("upload-metadata", "")
+            name, kind = file_name_and_type(parse_metadata(raw))
+        except ValueError as exc:
+            raise _bad(exc) from None
+        limit = settings.max_file_size
+        if limit is not None and length > limit:
+            raise _error(413, f"Upload-Length {length} is over the limit of {limit} bytes")
+        # creation-with-upload: bytes in the POST are the upload's first bytes.
+        with_body = _media_type(request) == OFFSET_STREAM
+        if not with_body and _has_body(request):
+            raise _error(415, f"a POST with a body must be Content-Type: {OFFSET_STREAM}")
+        checksum = _checksum(request) if with_body else None
+        sent = _content_length(request)
+        if with_body and sent is not None and sent > length:
+            raise _error(413, f"the body has {sent} bytes but Upload-Length is {length}")
+
+        expires = time.time() + settings.upload_expiry
+        try:
+            upload = await tw.storage.create_upload(
+                length=length, name=name, type=kind, metadata=raw, expires=expires
+            )
+        except StorageError as exc:
+            raise _storage_error(exc) from None
+        if with_body and upload.file is None:
+            try:
+                upload = await tw.storage.append(upload.id, 0, request.stream(), checksum=checksum)
+            except ClientDisconnect:
+                # Nobody to answer; the bytes that came stay until the upload expires.
+                return Response(status_code=400)
+            except StorageError as exc:
+                # The client never learns this upload's URL: nothing should stay behind.
+                with contextlib.suppress(UploadNotFound):
+                    await tw.storage.abort(upload.id)
+                raise _storage_error(exc) from None
+        location = request.url_for("upload", id=upload.id).path
+        return Response(status_code=201, headers={**_state(upload), "Location": location})
+
+    async def head(request: Request, id: str) -> Response:
+        check_version(request)
+        upload = await find(id)
+        headers = {**_state(upload), "Cache-Control": "no-store"}
+        if upload.metadata:
+            headers["Upload-Metadata"] = upload.metadata
+        return Response(status_code=200, headers=headers)
+
+    async def patch(request: Request, id: str) -> Response:
+        check_version(request)
+        if _media_type(request) != OFFSET_STREAM:
+            raise _error(415, f"PATCH needs Content-Type: {OFFSET_STREAM}")
+        try:
+            offset = parse_size(request.headers.get("upload-offset"), "Upload-Offset")
+        except ValueError as exc:
+            raise _bad(exc) from None
+        checksum = _checksum(request)
+        # Refuse before reading the body, which may be gigabytes.
+        upload = await find(id)
+        if offset != upload.offset:
+            raise _error(409, f"Upload-Offset is {offset} but the upload is at {upload.offset}")
+        sent = _content_length(request)
+        if sent is not None and offset + sent > upload.length:
+            raise _error(
+                413, f"{sent} bytes at offset {offset} go past Upload-Length {upload.length}"
+            )
+        try:
+            upload = await tw.storage.append(id, offset, request.stream(), checksum=checksum)
+        except ClientDisconnect:
+            # The storage kept what arrived: the client resumes from there.
+            return Response(status_code=400)
+        except StorageError as exc:
+            raise _storage_error(exc) from None
+        return Response(status_code=204, headers=_state(upload))
+
+    async def delete(request: Request, id: str) -> Response:
+        check_version(request)
+        try:
+            await tw.storage.abort(id)
+        except StorageError as exc:
+            raise _storage_error(exc) from None
+        return Response(status_code=204, headers=dict(_ALWAYS))
+
+    async def dispatch(handlers: dict[str, Handler], request: Request, id: str) -> Response:
+        # tus: X-HTTP-Method-Override, when present, *is* the method.
+        method = request.headers.get("x-http-method-override", request.method)
+        handler = handlers.get(method.strip().upper())
+        if handler is None:
+            allowed = ", ".join(handlers)
+            raise _error(405, f"{method[:20]!r} is not allowed here", {"Allow": allowed})
+        return await handler(request, id)
+
+    on_collection: dict[str, Handler] = {"OPTIONS": options, "POST": create}
+    on_upload: dict[str, Handler] = {
+        "OPTIONS": options,
+        "HEAD": head,
+        "PATCH": patch,
+        "DELETE": delete,
+    }
+
+    async def collection(request: Request) -> Response:
+        return await dispatch(on_collection, request, "")
+
+    async def resource(request: Request, id: str) -> Response:
+        return await dispatch(on_upload, request, id)
+
+    def add(
+        path: str,
+        endpoint: Callable[..., Awaitable[Response]],
+        method: str,
+        summary: str,
+        *,
+        status: int,
+        name: str,
+        description: str = _RESOURCE_DOC,
+        include: bool = True,
+        responses: dict[int | str, dict[str, Any]] | None = None,
+    ) -> None:
+        router.add_api_route(
+            path,
+            endpoint,
+            methods=[method],
+            tags=["uploads"],
+            summary=summary,
+            description=description,
+            name=name,
+            status_code=status,
+            response_class=Response,
+            include_in_schema=include,
+            responses=responses,
+        )
+
+    found: dict[int | str, dict[str, Any]] = {
+        404: {"description": "No such upload, or it expired or was terminated"}
+    }
+    created: dict[int | str, dict[str, Any]] = {
+        400: {"description": "Malformed Upload-Length, Upload-Metadata or Upload-Checksum"},
+        412: {"description": "Unsupported Tus-Resumable; see Tus-Version"},
+        413: {"description": "Upload-Length over Tus-Max-Size"},
+        415: {"description": f"A body that is not {OFFSET_STREAM}"},
+        460: {"description": "Checksum mismatch"},
+        507: {"description": "Storage full"},
+    }
+    for path, include in (("/uploads/", True), ("/uploads", False)):
+        add(
+            path,
+            collection,
+            "OPTIONS",
+            "What the tus server supports",
+            status=204,
+            name="uploads_options",
+            description="Tus-Version, Tus-Extension, Tus-Max-Size, Tus-Checksum-Algorithm.",
+            include=include,
+        )
+        add(
+            path,
+            collection,
+            "POST",
+            "Begin a resumable upload (tus creation)",
+            status=201,
+            name="uploads",
+            description=(
+                "`Upload-Length` (required), `Upload-Metadata` (`filename`, `filetype`, base64). "
+                f"A body with `Content-Type: {OFFSET_STREAM}` is the upload's first bytes. "
+                "Answers `Location` of the upload, `Upload-Offset`, `Upload-Expires`."
+            ),
+            include=include,
+            responses=created,
+        )
+    add(
+        "/uploads/{id}",
+        resource,
+        "HEAD",
+        "How far an upload got",
+        status=200,
+        name="upload",
+        responses=found,
+    )
+    add(
+        "/uploads/{id}",
+        resource,
+        "PATCH",
+        "Add bytes to an upload",
+        status=204,
+        name="upload_patch",
+        responses={
+            **found,
+            409: {"description": "Upload-Offset is not the upload's offset"},
+            415: {"description": f"Content-Type is not {OFFSET_STREAM}"},
+            460: {"description": "Checksum mismatch; the bytes were discarded"},
+        },
+    )
+    add(
+        "/uploads/{id}",
+        resource,
+        "DELETE",
+        "Terminate an upload",
+        status=204,
+        name="upload_delete",
+        responses=found,
+    )
+    add(
+        "/uploads/{id}",
+        resource,
+        "POST",
+        "PATCH or DELETE, for clients that can only POST (X-HTTP-Method-Override)",
+        status=204,
+        name="upload_override",
+    )
+    add(
+        "/uploads/{id}",
+        resource,
+        "OPTIONS",
+        "What the tus server supports",
+        status=204,
+        name="upload_options",
+        include=False,
+    )
+
+
+async def expire_uploads(tw: Tidewire) -> None:
+    """Remove stale unfinished uploads now and every few minutes, until cancelled.
+
+    Meant to run for the app's whole life (started from its lifespan). A
+    failed sweep is logged and the next one comes as usual.
+    """
+    interval = max(1.0, min(tw.settings.upload_expiry / 4, 300.0))
+    while True:
+        try:
+            removed = await tw.storage.expire()
+            if removed:
+                logger.info("removed %d expired uploads", removed)
+        except Exception:
+            logger.exception("removing expired uploads failed")
+        await asyncio.sleep(interval)

@@ -104,6 +104,10 @@ class S3Storage:
         self._locks = KeyedLocks()
         # As in LocalStorage: each upload's running sha256, with its offset.
         self._hashes: dict[str, tuple[int, Any]] = {}
+        # Keys this process is writing now (saves, uploads being created):
+        # `expire` never aborts their multipart uploads, however long a save
+        # takes, and whatever date a store reports for them (moto's is fixed).
+        self._writing: set[str] = set()
 
     @classmethod
     def from_url(cls, url: str) -> S3Storage:
@@ -139,6 +143,7 @@ class S3Storage:
         sha = hashlib.sha256()
         target = _Object(s3, self.bucket, self._file(id), type, [sha])
         published: FileInfo | None = None
+        self._writing.add(self._file(id))
         try:
             pump = Pump(target.write, block=self.part_size, limit=limit, over=_too_large(limit))
             size = await pump.run(chunks)
@@ -151,6 +156,8 @@ class S3Storage:
         except BaseException:
             await _whatever(self._discard(target, published))
             raise
+        finally:
+            self._writing.discard(self._file(id))
         return info
 
     async def info(self, id: str) -> FileInfo:
@@ -227,9 +234,14 @@ class S3Storage:
         s3 = await self._s3()
         now = time.time()
         id, target = new_id(now), new_id(now)
-        created = await s3.create_multipart_upload(
-            Bucket=self.bucket, Key=self._file(target), ContentType=type
-        )
+        self._writing.add(self._file(target))  # until its state names it
+        try:
+            created = await s3.create_multipart_upload(
+                Bucket=self.bucket, Key=self._file(target), ContentType=type
+            )
+        except BaseException:
+            self._writing.discard(self._file(target))
+            raise
         state: dict[str, Any] = {
             "id": id,
             "length": length,
@@ -253,6 +265,8 @@ class S3Storage:
         except BaseException:
             await _whatever(self._abort_multipart(state))
             raise
+        finally:
+            self._writing.discard(self._file(target))
         if length == 0:
             # Nothing to wait for: it is a file already.
             return await self.append(id, 0, _nothing())
@@ -353,6 +367,15 @@ class S3Storage:
         s3 = await self._s3()
         now = time.time() if now is None else now
         folder = f"{self.prefix}uploads/"
+        # Multipart uploads first, states second: an upload created in between
+        # has a state by then, so it is not taken for an orphan.
+        multiparts = [
+            multipart
+            async for page in s3.get_paginator("list_multipart_uploads").paginate(
+                Bucket=self.bucket, Prefix=f"{self.prefix}files/"
+            )
+            for multipart in page.get("Uploads", [])
+        ]
         ids = [
             key.removeprefix(folder).removesuffix(".json")
             async for key in self._keys(folder)
@@ -373,21 +396,16 @@ class S3Storage:
 
         removed = sum(await _gather_bounded((one(id) for id in ids), FETCHES))
         # Saves whose process died leave multipart uploads no state names.
-        pages = s3.get_paginator("list_multipart_uploads").paginate(
-            Bucket=self.bucket, Prefix=f"{self.prefix}files/"
-        )
-        async for page in pages:
-            for multipart in page.get("Uploads", []):
-                if (
-                    multipart["UploadId"] not in live
-                    and multipart["Initiated"].timestamp() < now - STALE_MULTIPART
-                ):
-                    with contextlib.suppress(ClientError):
-                        await s3.abort_multipart_upload(
-                            Bucket=self.bucket,
-                            Key=multipart["Key"],
-                            UploadId=multipart["UploadId"],
-                        )
+        for multipart in multiparts:
+            if (
+                multipart["UploadId"] not in live
+                and multipart["Key"] not in self._writing
+                and multipart["Initiated"].timestamp() < now - STALE_MULTIPART
+            ):
+                with contextlib.suppress(ClientError):
+                    await s3.abort_multipart_upload(
+                        Bucket=self.bucket, Key=multipart["Key"], UploadId=multipart["UploadId"]
+                    )
         return removed
 
     async def aclose(self) -> None:
