@@ -13,6 +13,9 @@ import uvicorn
 
 from tidewire import Settings, Tidewire
 
+# Real Redis and S3-compatible servers, started by the tests that need them.
+pytest_plugins = ["tests.redis_server"]
+
 
 class LiveServer:
     """uvicorn serving an app in a thread; `url` is its base URL."""

@@ -13,23 +13,16 @@ from . import BadPosition, Batch, Retention
 __all__ = ["MemoryBroker"]
 
 
-class _Log:
-    __slots__ = (
-        "deferred",
-        "ended",
-        "events",
-        "next_seq",
-        "quiet_until",
-        "timers",
-        "times",
-        "waiters",
-    )
+class Waiters:
+    """The readers of one log waiting for its next events, and how they are woken.
+
+    Shared with the Redis broker, whose local copies of logs wake their
+    readers the same way.
+    """
+
+    __slots__ = ("deferred", "quiet_until", "timers", "waiters")
 
     def __init__(self) -> None:
-        self.events: deque[Event] = deque()
-        self.times: deque[float] = deque()  # monotonic time each event was appended
-        self.next_seq = 1
-        self.ended = False
         # Readers waiting for the next append, by the timeout they asked for.
         # One timer per timeout expires them all: a reader that came late in
         # a wait may be released early (a heartbeat sent sooner), but a log
@@ -39,30 +32,6 @@ class _Log:
         # Adaptive coalescing of wake-ups, see notify().
         self.quiet_until = 0.0
         self.deferred: asyncio.TimerHandle | None = None
-
-    def trim(self, retention: Retention, now: float) -> None:
-        while len(self.events) > retention.max_len:
-            self.events.popleft()
-            self.times.popleft()
-        if retention.max_age is not None:
-            cutoff = now - retention.max_age
-            while self.times and self.times[0] < cutoff:
-                self.events.popleft()
-                self.times.popleft()
-
-    def take(self, after: int, limit: int) -> Batch:
-        first = self.next_seq - len(self.events)  # seq of events[0]
-        missed = max(0, first - after - 1)
-        start = max(after + 1, first) - first
-        # Ids are the seq numbers themselves, so the slice is by index.
-        stop = min(len(self.events), start + limit)
-        events = [self.events[i] for i in range(start, stop)] if start < stop else []
-        return Batch(
-            events=events,
-            missed=missed,
-            resume_id=str(first - 1) if missed else None,
-            ended=self.ended and stop >= len(self.events),
-        )
 
     def notify(self) -> None:
         """Wake the readers for new events: at once, unless the last wake-up was costly.
@@ -124,6 +93,41 @@ class _Log:
         for waiter in self.waiters.pop(key, ()):
             if not waiter.done():
                 waiter.set_result(False)
+
+
+class _Log(Waiters):
+    __slots__ = ("ended", "events", "next_seq", "times")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.events: deque[Event] = deque()
+        self.times: deque[float] = deque()  # monotonic time each event was appended
+        self.next_seq = 1
+        self.ended = False
+
+    def trim(self, retention: Retention, now: float) -> None:
+        while len(self.events) > retention.max_len:
+            self.events.popleft()
+            self.times.popleft()
+        if retention.max_age is not None:
+            cutoff = now - retention.max_age
+            while self.times and self.times[0] < cutoff:
+                self.events.popleft()
+                self.times.popleft()
+
+    def take(self, after: int, limit: int) -> Batch:
+        first = self.next_seq - len(self.events)  # seq of events[0]
+        missed = max(0, first - after - 1)
+        start = max(after + 1, first) - first
+        # Ids are the seq numbers themselves, so the slice is by index.
+        stop = min(len(self.events), start + limit)
+        events = [self.events[i] for i in range(start, stop)] if start < stop else []
+        return Batch(
+            events=events,
+            missed=missed,
+            resume_id=str(first - 1) if missed else None,
+            ended=self.ended and stop >= len(self.events),
+        )
 
     def idle(self) -> bool:
         """Nobody ever wrote here and nobody waits."""

@@ -1,0 +1,262 @@
+"""Several `tidewire serve` processes sharing one real Redis: runs and channels
+cross processes, and survive a process killed or Redis restarted."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psutil
+import pytest
+
+from tests.redis_server import RedisServer
+from tests.test_cli import free_port
+from tests.wire import read_ndjson, read_ws
+
+ROOT = Path(__file__).resolve().parent.parent
+LEASE = 1.5  # tests/cluster_app.py
+
+
+class Node:
+    """One `tidewire serve tests.cluster_app:tw` process."""
+
+    def __init__(self, broker: str, marks: Path, data: Path, *extra: str) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        env = {
+            **os.environ,
+            "PYTHONUNBUFFERED": "1",
+            "TIDEWIRE_TEST_MARKS": str(marks),
+            "TIDEWIRE_DATA_DIR": str(data),
+        }
+        args = ["serve", "tests.cluster_app:tw", "--port", str(self.port), "--broker", broker]
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "tidewire", *args, "--log-level", "warning", *extra],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                httpx.get(f"{self.url}/healthz", timeout=1)
+                return
+            except httpx.TransportError:
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    self.proc.kill()
+                    pytest.fail(f"node did not start: {self.proc.communicate()[0]}")
+                time.sleep(0.1)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+@pytest.fixture
+def cluster(
+    start_redis: Callable[..., RedisServer], tmp_path: Path
+) -> Iterator[tuple[RedisServer, Callable[..., Node]]]:
+    """A Redis of this test's own (with AOF), and a way to start nodes on it."""
+    redis = start_redis(aof=True)
+    nodes: list[Node] = []
+    marks = tmp_path / "marks"
+    marks.mkdir()
+
+    def node(*extra: str) -> Node:
+        nodes.append(Node(redis.url, marks, tmp_path / "data", *extra))
+        return nodes[-1]
+
+    yield redis, node
+    for n in nodes:
+        n.stop()
+
+
+def start(node: Node, **params: Any) -> str:
+    response = httpx.post(f"{node.url}/streams/ticks?detach=true", json=params, timeout=10)
+    assert response.status_code == 202, response.text
+    run_id: str = response.json()["run"]
+    return run_id
+
+
+def test_a_run_started_on_a_is_watched_on_b(cluster: Any) -> None:
+    _, node = cluster
+    a, b = node(), node()
+    run_id = start(a, n=20, interval=0.01)
+    for events in (
+        read_ndjson(f"{b.url}/runs/{run_id}/events"),
+        read_ws(f"ws://127.0.0.1:{b.port}/runs/{run_id}/ws"),
+    ):
+        assert [e["data"]["i"] for e in events[:-1]] == list(range(20))
+        assert {e["data"]["pid"] for e in events[:-1]} == {a.proc.pid}
+        assert events[-1]["event"] == "end"
+    # Ids are Redis stream ids, the same whichever process serves them.
+    assert read_ndjson(f"{a.url}/runs/{run_id}/events") == read_ndjson(
+        f"{b.url}/runs/{run_id}/events"
+    )
+    info = httpx.get(f"{b.url}/runs/{run_id}").json()
+    assert info["state"] == "finished" and info["events"] == 21
+
+
+def test_publish_on_b_subscribe_on_a(cluster: Any) -> None:
+    _, node = cluster
+    a, b = node(), node()
+    with httpx.stream("GET", f"{a.url}/channels/news/events", timeout=10) as live:
+        lines = live.iter_lines()
+        for i in range(3):
+            published = httpx.post(f"{b.url}/channels/news/events", json={"n": i})
+            assert published.status_code == 201
+        got = []
+        for line in lines:
+            if line.strip():
+                got.append(json.loads(line))
+            if len(got) == 3:
+                break
+    assert [e["data"]["n"] for e in got] == [0, 1, 2]
+    replay = read_ndjson(f"{a.url}/channels/news/events?after=0", limit=3)
+    assert replay == got
+
+
+def test_cancel_on_b_runs_the_generators_finally_on_a(cluster: Any, tmp_path: Path) -> None:
+    _, node = cluster
+    a, b = node(), node()
+    run_id = start(a)
+    assert read_ndjson(f"{b.url}/runs/{run_id}/events", limit=2)  # it is running
+    response = httpx.delete(f"{b.url}/runs/{run_id}", timeout=15)
+    assert response.status_code == 200, response.text
+    assert response.json()["state"] == "cancelled"
+    # DELETE on b answered once a had closed the generator.
+    assert (tmp_path / "marks" / f"closed-{a.proc.pid}").exists()
+    assert read_ndjson(f"{b.url}/runs/{run_id}/events")[-1]["event"] == "cancelled"
+
+
+def test_a_killed_process_fails_its_runs_for_watchers_elsewhere(cluster: Any) -> None:
+    _, node = cluster
+    a, b = node(), node()
+    run_id = start(a, interval=0.05)
+    with httpx.stream("GET", f"{b.url}/runs/{run_id}/events", timeout=30) as response:
+        lines = (json.loads(line) for line in response.iter_lines() if line.strip())
+        assert next(lines)["event"] == "message"
+        a.proc.send_signal(signal.SIGKILL)
+        killed = time.monotonic()
+        last = None
+        for last in lines:
+            if last["event"] != "message":
+                break
+        waited = time.monotonic() - killed
+    assert last is not None and last["event"] == "error", last
+    assert last["data"]["type"] == "WorkerLost"
+    # Told within the lease (plus one check interval and some slack).
+    assert waited < LEASE * 1.5 + 1.5, waited
+    assert httpx.get(f"{b.url}/runs/{run_id}").json()["state"] == "failed"
+
+
+def test_subscribers_resume_with_nothing_lost_across_a_redis_restart(cluster: Any) -> None:
+    redis, node = cluster
+    a, b = node(), node()
+    received: list[int] = []
+    last_id = "0"
+
+    def read_until_cut() -> None:
+        nonlocal last_id
+        headers = {"last-event-id": last_id}
+        with httpx.stream(
+            "GET", f"{a.url}/channels/restart/events?after={last_id}", headers=headers, timeout=10
+        ) as response:
+            for line in response.iter_lines():
+                if not line.strip():
+                    continue
+                event = json.loads(line)
+                if event["event"] == "unavailable":
+                    assert "id" not in event
+                    return
+                received.append(event["data"])
+                last_id = event["id"]
+
+    def publish(i: int) -> None:
+        # A publisher that retries on 503 until Redis is back.
+        deadline = time.monotonic() + 30
+        while True:
+            response = httpx.post(f"{b.url}/channels/restart/events", json=i, timeout=5)
+            if response.status_code == 201:
+                return
+            assert response.status_code == 503, response.text
+            assert "broker" in response.json()["detail"]
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+
+    for i in range(5):
+        publish(i)
+    redis.stop()
+    # A subscriber connected now is told at once; later ones get 503.
+    read_until_cut()
+    assert httpx.get(f"{a.url}/channels/restart/events", timeout=5).status_code == 503
+    redis.start()
+    for i in range(5, 10):
+        publish(i)
+    read_until_cut_or_done(a, received, last_id, total=10)
+    assert received == list(range(10))
+
+
+def read_until_cut_or_done(node: Node, received: list[int], after: str, total: int) -> None:
+    """Resume from `after` until `total` events are in."""
+    with httpx.stream(
+        "GET", f"{node.url}/channels/restart/events?after={after}", timeout=10
+    ) as response:
+        for line in response.iter_lines():
+            if line.strip():
+                received.append(json.loads(line)["data"])
+                if len(received) >= total:
+                    return
+
+
+def test_redis_down_gives_503_then_everything_recovers(cluster: Any) -> None:
+    redis, node = cluster
+    a = node()
+    assert start(a, n=1)
+    redis.kill()
+    began = time.monotonic()
+    for method, path, body in (
+        ("POST", "/streams/ticks?detach=true", {"n": 1}),
+        ("POST", "/channels/x/events", {"a": 1}),
+        ("GET", "/channels/x/events", None),
+        ("GET", "/runs/0123456789abcdef", None),
+    ):
+        response = httpx.request(method, f"{a.url}{path}", json=body, timeout=10)
+        assert response.status_code == 503, (path, response.text)
+        assert "broker" in response.json()["detail"]
+        assert response.headers["retry-after"]
+    assert time.monotonic() - began < 5  # fast, not after long timeouts
+    redis.start()
+    run_id = start(a, n=3, interval=0)
+    events = read_ndjson(f"{a.url}/runs/{run_id}/events")
+    assert [e["event"] for e in events] == ["message"] * 3 + ["end"]
+
+
+def test_serve_with_two_workers_on_redis(cluster: Any) -> None:
+    _, node = cluster
+    n = node("--workers", "2")
+    children = psutil.Process(n.proc.pid).children()
+    workers = [w for w in children if "spawn_main" in " ".join(w.cmdline())]
+    assert len(workers) == 2
+    # Each request may land on either worker: a run started through one
+    # connection is found and watched through another, whichever it is.
+    for _ in range(10):
+        run_id = start(n, n=3, interval=0)
+        events = read_ndjson(f"{n.url}/runs/{run_id}/events")
+        assert [e["event"] for e in events] == ["message"] * 3 + ["end"]
+        assert {e["data"]["pid"] for e in events[:-1]} <= {w.pid for w in workers}
