@@ -20,11 +20,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from tidewire import Settings, Tidewire
-from tidewire.server.files import (
-    MAX_NAME,
+from tidewire.server.files import add_original_file_routes
+from tidewire.server.headers import (
     Unsatisfiable,
-    add_original_file_routes,
-    clean_name,
     clean_type,
     content_disposition,
     etag_matches,
@@ -32,6 +30,7 @@ from tidewire.server.files import (
     inline_safe,
     parse_range,
 )
+from tidewire.server.names import MAX_NAME, clean_name
 from tidewire.storage import FileInfo, Storage, StorageFull, from_url
 from tidewire.storage.local import LocalStorage
 

@@ -28,13 +28,12 @@ from tusclient.storage.filestorage import FileStorage
 from tests.conftest import QUICK, LiveServer, wait_for
 from tests.s3_server import S3Server, s3_bucket, s3_server  # noqa: F401
 from tidewire import Settings, Tidewire
+from tidewire.server.headers import http_date, parse_size
 from tidewire.server.uploads import (
     expire_uploads,
     file_name_and_type,
-    http_date,
     parse_checksum,
     parse_metadata,
-    parse_size,
 )
 from tidewire.storage import FileInfo, Storage, StorageFull, Upload
 from tidewire.storage.local import LocalStorage

@@ -12,7 +12,10 @@ sha256, md5), expiration. The last byte turns the upload into a file: from
 then on its responses carry `Tidewire-File: <file id>`.
 
 The header parsers are pure functions raising `ValueError` with a message for
-the client; the routes turn that into a 400.
+the client; the routes turn that into a 400. A file name is checked by the
+same rule as everywhere (names.py), a type cleaned and guessed the same way
+(headers.py), and a storage error answered from the same table (errors.py),
+with tus's own headers on every answer.
 """
 
 from __future__ import annotations
@@ -23,26 +26,18 @@ import binascii
 import contextlib
 import hashlib
 import logging
-import mimetypes
-import re
 import time
 from collections.abc import Awaitable, Callable
-from email.utils import formatdate
 from typing import TYPE_CHECKING, Any
 
 from fastapi import APIRouter, HTTPException, Request
 from fastapi.responses import Response
 from starlette.requests import ClientDisconnect
 
-from ..storage import (
-    ChecksumMismatch,
-    OffsetMismatch,
-    StorageError,
-    StorageFull,
-    TooLarge,
-    Upload,
-    UploadNotFound,
-)
+from ..storage import StorageError, Upload, UploadNotFound
+from .errors import show, storage_error, storage_errors
+from .headers import clean_type, content_length, essence, http_date, parse_size, upload_type
+from .names import CONTROL, clean_name
 
 if TYPE_CHECKING:
     from ..app import Tidewire
@@ -53,10 +48,8 @@ __all__ = [
     "add_upload_routes",
     "expire_uploads",
     "file_name_and_type",
-    "http_date",
     "parse_checksum",
     "parse_metadata",
-    "parse_size",
 ]
 
 logger = logging.getLogger("tidewire")
@@ -88,29 +81,12 @@ _EXPOSE = ", ".join(
 )
 _ALWAYS = {"Tus-Resumable": TUS_VERSION, "Access-Control-Expose-Headers": _EXPOSE}
 
-# RFC 7230 tokens; a media type is token/token, parameters after a semicolon.
-_TOKEN = r"[!#$%&'*+.^_`|~0-9A-Za-z-]+"
-_MEDIA_TYPE = re.compile(rf"{_TOKEN}/{_TOKEN}(\s*;[\x20-\x7e]*)?\Z")
-_DIGITS = re.compile(r"[0-9]{1,20}\Z")
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
-
 NAME_KEYS = ("filename", "name")  # tus-js-client and Uppy send `filename`
 TYPE_KEYS = ("filetype", "type", "contentType")
 DEFAULT_NAME = "upload"
-DEFAULT_TYPE = "application/octet-stream"
 
 
 # -- headers (pure) --------------------------------------------------------
-
-
-def parse_size(value: str | None, header: str) -> int:
-    """A non-negative integer header (`Upload-Length`, `Upload-Offset`)."""
-    if value is None:
-        raise ValueError(f"the {header} header is required")
-    value = value.strip()
-    if not _DIGITS.match(value):
-        raise ValueError(f"{header} must be a non-negative integer, not {value[:40]!r}")
-    return int(value)
 
 
 def parse_metadata(header: str | None) -> dict[str, bytes]:
@@ -136,33 +112,39 @@ def parse_metadata(header: str | None) -> dict[str, bytes]:
     return pairs
 
 
-def _text(metadata: dict[str, bytes], keys: tuple[str, ...]) -> str:
-    """The first non-empty value of `keys`, as text."""
+def _text(metadata: dict[str, bytes], keys: tuple[str, ...]) -> tuple[str, str]:
+    """The first non-empty value of `keys` as text, and its key; empty strings if none."""
     for key in keys:
         if metadata.get(key):
             try:
-                text = metadata[key].decode()
+                return key, metadata[key].decode()
             except UnicodeDecodeError:
                 raise ValueError(f"Upload-Metadata: {key!r} is not UTF-8 text") from None
-            if _CONTROL.search(text):
-                raise ValueError(f"Upload-Metadata: {key!r} contains control characters")
-            return text
-    return ""
+    return "", ""
 
 
 def file_name_and_type(metadata: dict[str, bytes]) -> tuple[str, str]:
     """The file's name and media type from upload metadata, with defaults.
 
-    A browser gives an empty type for files it does not know, so an empty type
-    is guessed from the name like a missing one.
+    The name is checked as a `PUT` checks it; a blank one is no name. The
+    type is stored as a multipart or `PUT` upload's would be: a generic or
+    empty one (a browser gives an empty type for files it does not know) is
+    guessed from the name. A malformed type is refused rather than ignored,
+    since a tus client sets it on purpose.
     """
-    name = _text(metadata, NAME_KEYS) or DEFAULT_NAME
-    if len(name) > 1024:
-        raise ValueError("Upload-Metadata: the file name is longer than 1024 characters")
-    kind = _text(metadata, TYPE_KEYS).strip()
-    if kind and not _MEDIA_TYPE.match(kind):
-        raise ValueError(f"Upload-Metadata: {kind[:80]!r} is not a media type like text/plain")
-    return name, kind or mimetypes.guess_type(name)[0] or DEFAULT_TYPE
+    key, name = _text(metadata, NAME_KEYS)
+    if not name.strip():
+        name = DEFAULT_NAME
+    try:
+        clean_name(name)
+    except ValueError as exc:
+        raise ValueError(f"{exc}: Upload-Metadata {key!r} names the file") from None
+    key, kind = _text(metadata, TYPE_KEYS)
+    if CONTROL.search(kind):
+        raise ValueError(f"Upload-Metadata: {key!r} contains control characters")
+    if kind.strip() and clean_type(kind) is None:
+        raise ValueError(f"Upload-Metadata: {show(kind)} is not a media type like text/plain")
+    return name, upload_type(kind, name)
 
 
 def parse_checksum(header: str) -> tuple[str, bytes]:
@@ -185,11 +167,6 @@ def parse_checksum(header: str) -> tuple[str, bytes]:
     return algorithm, digest
 
 
-def http_date(timestamp: float) -> str:
-    """RFC 7231's date format (`Wed, 25 Jun 2014 16:00:00 GMT`), as Upload-Expires wants it."""
-    return formatdate(timestamp, usegmt=True)
-
-
 # -- responses -------------------------------------------------------------
 
 
@@ -198,20 +175,6 @@ def _error(status: int, detail: str, headers: dict[str, str] | None = None) -> H
 
 
 def _bad(exc: ValueError) -> HTTPException:
-    return _error(400, str(exc))
-
-
-def _storage_error(exc: StorageError) -> HTTPException:
-    if isinstance(exc, UploadNotFound):
-        return _error(404, "no such upload (it may have expired or been terminated)")
-    if isinstance(exc, OffsetMismatch):
-        return _error(409, f"Upload-Offset does not match: the upload is at {exc.offset}")
-    if isinstance(exc, ChecksumMismatch):
-        return _error(460, f"checksum mismatch: {exc}; the bytes were discarded")
-    if isinstance(exc, TooLarge):
-        return _error(413, f"too large: {exc}")
-    if isinstance(exc, StorageFull):
-        return _error(507, "the storage is full; try again later")
     return _error(400, str(exc))
 
 
@@ -229,22 +192,11 @@ def _state(upload: Upload) -> dict[str, str]:
     return headers
 
 
-def _media_type(request: Request) -> str:
-    return request.headers.get("content-type", "").split(";")[0].strip().lower()
-
-
 def _has_body(request: Request) -> bool:
     if "transfer-encoding" in request.headers:
         return True
     length = request.headers.get("content-length", "0").strip()
     return length != "0" and length != ""
-
-
-def _content_length(request: Request) -> int | None:
-    try:
-        return parse_size(request.headers.get("content-length"), "Content-Length")
-    except ValueError:
-        return None  # chunked, or for the server to reject
 
 
 def _checksum(request: Request) -> tuple[str, bytes] | None:
@@ -286,10 +238,8 @@ def add_upload_routes(router: APIRouter, tw: Tidewire) -> None:
             )
 
     async def find(id: str) -> Upload:
-        try:
+        with storage_errors(_ALWAYS):
             upload = await tw.storage.upload(id)
-        except StorageError as exc:
-            raise _storage_error(exc) from None
         _check_live(upload)
         return upload
 
@@ -319,21 +269,19 @@ def add_upload_routes(router: APIRouter, tw: Tidewire) -> None:
         if limit is not None and length > limit:
             raise _error(413, f"Upload-Length {length} is over the limit of {limit} bytes")
         # creation-with-upload: bytes in the POST are the upload's first bytes.
-        with_body = _media_type(request) == OFFSET_STREAM
+        with_body = essence(request.headers.get("content-type", "")) == OFFSET_STREAM
         if not with_body and _has_body(request):
             raise _error(415, f"a POST with a body must be Content-Type: {OFFSET_STREAM}")
         checksum = _checksum(request) if with_body else None
-        sent = _content_length(request)
+        sent = content_length(request.headers)
         if with_body and sent is not None and sent > length:
             raise _error(413, f"the body has {sent} bytes but Upload-Length is {length}")
 
         expires = time.time() + settings.upload_expiry
-        try:
+        with storage_errors(_ALWAYS):
             upload = await tw.storage.create_upload(
                 length=length, name=name, type=kind, metadata=raw, expires=expires
             )
-        except StorageError as exc:
-            raise _storage_error(exc) from None
         if with_body and upload.file is None:
             try:
                 upload = await tw.storage.append(upload.id, 0, request.stream(), checksum=checksum)
@@ -344,7 +292,7 @@ def add_upload_routes(router: APIRouter, tw: Tidewire) -> None:
                 # The client never learns this upload's URL: nothing should stay behind.
                 with contextlib.suppress(UploadNotFound):
                     await tw.storage.abort(upload.id)
-                raise _storage_error(exc) from None
+                raise storage_error(exc, _ALWAYS) from None
         location = request.url_for("upload", id=upload.id).path
         return Response(status_code=201, headers={**_state(upload), "Location": location})
 
@@ -358,7 +306,7 @@ def add_upload_routes(router: APIRouter, tw: Tidewire) -> None:
 
     async def patch(request: Request, id: str) -> Response:
         check_version(request)
-        if _media_type(request) != OFFSET_STREAM:
+        if essence(request.headers.get("content-type", "")) != OFFSET_STREAM:
             raise _error(415, f"PATCH needs Content-Type: {OFFSET_STREAM}")
         try:
             offset = parse_size(request.headers.get("upload-offset"), "Upload-Offset")
@@ -369,26 +317,23 @@ def add_upload_routes(router: APIRouter, tw: Tidewire) -> None:
         upload = await find(id)
         if offset != upload.offset:
             raise _error(409, f"Upload-Offset is {offset} but the upload is at {upload.offset}")
-        sent = _content_length(request)
+        sent = content_length(request.headers)
         if sent is not None and offset + sent > upload.length:
             raise _error(
                 413, f"{sent} bytes at offset {offset} go past Upload-Length {upload.length}"
             )
         try:
-            upload = await tw.storage.append(id, offset, request.stream(), checksum=checksum)
+            with storage_errors(_ALWAYS):
+                upload = await tw.storage.append(id, offset, request.stream(), checksum=checksum)
         except ClientDisconnect:
             # The storage kept what arrived: the client resumes from there.
             return Response(status_code=400)
-        except StorageError as exc:
-            raise _storage_error(exc) from None
         return Response(status_code=204, headers=_state(upload))
 
     async def delete(request: Request, id: str) -> Response:
         check_version(request)
-        try:
+        with storage_errors(_ALWAYS):
             await tw.storage.abort(id)
-        except StorageError as exc:
-            raise _storage_error(exc) from None
         return Response(status_code=204, headers=dict(_ALWAYS))
 
     async def dispatch(handlers: dict[str, Handler], request: Request, id: str) -> Response:
@@ -477,55 +422,30 @@ def add_upload_routes(router: APIRouter, tw: Tidewire) -> None:
             include=include,
             responses=created,
         )
-    add(
-        "/uploads/{id}",
-        resource,
-        "HEAD",
-        "How far an upload got",
-        status=200,
-        name="upload",
-        responses=found,
-    )
-    add(
-        "/uploads/{id}",
-        resource,
-        "PATCH",
-        "Add bytes to an upload",
-        status=204,
-        name="upload_patch",
-        responses={
-            **found,
-            409: {"description": "Upload-Offset is not the upload's offset"},
-            415: {"description": f"Content-Type is not {OFFSET_STREAM}"},
-            460: {"description": "Checksum mismatch; the bytes were discarded"},
-        },
-    )
-    add(
-        "/uploads/{id}",
-        resource,
-        "DELETE",
-        "Terminate an upload",
-        status=204,
-        name="upload_delete",
-        responses=found,
-    )
-    add(
-        "/uploads/{id}",
-        resource,
-        "POST",
-        "PATCH or DELETE, for clients that can only POST (X-HTTP-Method-Override)",
-        status=204,
-        name="upload_override",
-    )
-    add(
-        "/uploads/{id}",
-        resource,
-        "OPTIONS",
-        "What the tus server supports",
-        status=204,
-        name="upload_options",
-        include=False,
-    )
+    patched: dict[int | str, dict[str, Any]] = {
+        **found,
+        409: {"description": "Upload-Offset is not the upload's offset"},
+        415: {"description": f"Content-Type is not {OFFSET_STREAM}"},
+        460: {"description": "Checksum mismatch; the bytes were discarded"},
+    }
+    override = "PATCH or DELETE, for clients that can only POST (X-HTTP-Method-Override)"
+    for method, summary, status, name, responses in (
+        ("HEAD", "How far an upload got", 200, "upload", found),
+        ("PATCH", "Add bytes to an upload", 204, "upload_patch", patched),
+        ("DELETE", "Terminate an upload", 204, "upload_delete", found),
+        ("POST", override, 204, "upload_override", None),
+        ("OPTIONS", "What the tus server supports", 204, "upload_options", None),
+    ):
+        add(
+            "/uploads/{id}",
+            resource,
+            method,
+            summary,
+            status=status,
+            name=name,
+            responses=responses,
+            include=method != "OPTIONS",
+        )
 
 
 async def expire_uploads(tw: Tidewire) -> None:
