@@ -13,6 +13,8 @@ from typing import Any
 Row = dict[str, Any]
 PACKAGES = [
     "uvicorn",
+    "granian",
+    "hypercorn",
     "fastapi",
     "starlette",
     "sse-starlette",
@@ -54,6 +56,7 @@ def machine() -> dict[str, Any]:
         "versions": {p: _version(p) for p in PACKAGES},
         "nginx": _cmd(["nginx", "-v"]).removeprefix("nginx version: nginx/"),
         "nchan": _cmd(["dpkg-query", "-W", "-f", "${Version}", "libnginx-mod-nchan"]),
+        "curl": _cmd(["curl", "--version"]).split("\n")[0].removeprefix("curl ").split(" ")[0],
     }
 
 
@@ -145,11 +148,44 @@ COLUMNS: dict[str, list[tuple[str, Callable[[Row], str]]]] = {
     ],
 }
 
+
+def _mbs(r: Row) -> str:
+    return _n(r["mb_per_s"])
+
+
+FILE_COLUMNS: list[tuple[str, Callable[[Row], str]]] = [
+    ("server", lambda r: r["server"]),
+    ("MB/s", _mbs),
+    _vs("nginx"),
+    _vs("original (uvicorn)"),
+    ("peak RSS growth MiB", lambda r: _n(r["rss_growth_mb"], 1)),
+    ("server CPU", lambda r: _n(r["server_cpu_pct"]) + "%"),
+    ("client CPU", lambda r: _n(r["client_cpu_pct"]) + "%"),
+    ("rounds (MB/s)", lambda r: ", ".join(f"{x:,}" for x in r["rounds"])),
+    ("check", _ok),
+]
+COLUMNS["w5"] = COLUMNS["w5b"] = FILE_COLUMNS
+COLUMNS["w6"] = [
+    ("server", lambda r: r["server"]),
+    ("MB/s", _mbs),
+    _vs("nginx PUT"),
+    _vs("original multipart (uvicorn)"),
+    _vs("own PUT"),
+    ("peak RSS growth MiB", lambda r: _n(r["rss_growth_mb"], 1)),
+    ("server CPU", lambda r: _n(r["server_cpu_pct"]) + "%"),
+    ("client CPU", lambda r: _n(r["client_cpu_pct"]) + "%"),
+    ("rounds (MB/s)", lambda r: ", ".join(f"{x:,}" for x in r["rounds"])),
+    ("check", _ok),
+]
+
 TITLES = {
     "w1": "W1 throughput: one client reads demo events (text + base64 PNG), interval 0",
     "w2": "W2 paced concurrency: clients each start a run of events from a generator",
     "w3": "W3 fan-out: SSE subscribers of one channel, one publisher",
     "w4": "W4 idle connections: SSE watchers of one channel, server RSS per connection",
+    "w5": "W5 download: one client (curl) downloads one big file",
+    "w5b": "W5b concurrent downloads: clients (curl) download one file at the same time",
+    "w6": "W6 upload: one client (curl) uploads one big file",
 }
 EXPLAIN = {
     "w1": "`vs X` = events/s ÷ X's events/s (higher is better). Median of the rounds, "
@@ -166,6 +202,19 @@ EXPLAIN = {
     "`vs X` = X's KB/conn ÷ this (higher is better). The two `floor` rows are references, "
     "not contenders: an app that only holds the connection open, bare on uvicorn and behind "
     "a FastAPI route; the first is uvicorn's own cost per connection.",
+    "w5": "MB/s = bytes ÷ curl's time_total (`curl -o /dev/null`), median of the rounds, "
+    "interleaved, after one warm-up each. `vs X` = MB/s ÷ X's (higher is better). "
+    "FileResponse = a bare Starlette `FileResponse` app (reference); the server is in "
+    "brackets. X-Accel-Redirect: nginx in front of tidewire, which answers with the header "
+    "and nginx sends the file. CPU is % of one core over the transfer.",
+    "w5b": "All clients start at once; MB/s = all bytes ÷ the wall time until the last one "
+    "ends. Otherwise as W5.",
+    "w6": "MB/s = bytes ÷ curl's time_total, until the server's answer (so including what it "
+    "does after the last byte: hashing, renaming, metadata). nginx PUT: `dav_methods PUT`, "
+    "its body temp files on the same disk. tus: creation POST + one PATCH of the whole file, "
+    "timed together; `vs own PUT` = ÷ the same server's raw PUT. Peak RSS growth = the "
+    "server's peak RSS during the upload (sampled every 10 ms) - its RSS before, the worst "
+    "round. `os.sync()` before each upload, so each starts with no dirty pages.",
 }
 
 
@@ -198,7 +247,8 @@ def workload_md(name: str, w: dict[str, Any]) -> str:
             )
     other = w.get("other_load_pct")
     busy = f"; other load on the machine meanwhile: {other}% of one core" if other else ""
-    out.append(f"\n_{w.get('seconds', '?')} s for this workload{busy}._\n")
+    when = f", run {w['date']}" if w.get("date") else ""
+    out.append(f"\n_{w.get('seconds', '?')} s for this workload{when}{busy}._\n")
     return "\n".join(out)
 
 
@@ -210,15 +260,23 @@ def markdown(results: dict[str, Any]) -> str:
         "",
         f"Run {results['date']} with `.venv/bin/python -m bench`. Machine: {m['nproc']} cores "
         f"({m['cpu']}), load average at start {m['loadavg_at_start']}, Linux {m['kernel']}, "
-        f"Python {m['python']}; {vers}; nginx {m['nginx']}, nchan {m['nchan']}.",
+        f"Python {m['python']}; {vers}; nginx {m['nginx']}, nchan {m['nchan']}, "
+        f"curl {m.get('curl', '?')}.",
         "",
-        "All servers: uvicorn `--loop uvloop --http httptools`, 1 worker, each its own process "
+        "W1-W4: every Python server under uvicorn `--loop uvloop --http httptools`, 1 worker, "
+        "each its own process "
         "on a loopback port (nginx+Nchan: 1 worker). The load generator is separate processes "
         "(asyncio + uvloop + httptools); its CPU is shown beside each result: near 100% of one "
         "core would mean it, not the server, was the limit. The machine is shared and noisy: "
         "compare rows of one run, not runs.",
         "",
+        "W5-W6 (files): the ASGI server is named in brackets (uvicorn and hypercorn with uvloop, "
+        "granian `--interface asgi`), 1 worker each; nginx with one worker; the client is "
+        "`curl`.",
+        "",
     ]
+    if results.get("tidewire_src"):
+        head += [f"**tidewire was run from `{results['tidewire_src']}`, not src/.**", ""]
     if results.get("profiles"):
         head += [
             "Profiled with `py-spy record --nonblocking` (tidewire servers only): "

@@ -13,21 +13,20 @@ import array
 import base64
 import json
 import os
-import statistics
 import tempfile
 import time
 import urllib.request
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import psutil
 
-from . import report
+from . import files, report
 from .apps.image import PNG, ensure_png
 from .clients import Watchers, run_load
-from .profile import Spy
+from .harness import QUICK, Ctx, Servers, Sizes, median
 from .servers import (
     Server,
     nchan,
@@ -42,23 +41,6 @@ SSE, NDJSON = "text/event-stream", "application/x-ndjson"
 
 
 @dataclass
-class Sizes:
-    w1_events: int = 50_000
-    rounds: int = 3
-    w2_clients: int = 200
-    w2_events: int = 20
-    w2_interval: float = 0.05
-    w3_subscribers: int = 1000
-    w3_rate: float = 100.0
-    w3_seconds: float = 10.0
-    w3_procs: int = 2  # subscriber processes: 100k deliveries/s is too much for one Python core
-    w4_conns: int = 5000
-
-
-QUICK = Sizes(w1_events=5000, rounds=1, w3_subscribers=200, w3_seconds=3.0, w4_conns=1000)
-
-
-@dataclass
 class Target:
     """One row of a table: a server plus the request that exercises it."""
 
@@ -67,48 +49,6 @@ class Target:
     path: str
     accept: str
     framing: str  # "ndjson" or "sse": how the load generator counts events
-
-
-@dataclass
-class Ctx:
-    sizes: Sizes
-    work: Path
-    nofile: int
-    tidewire: str | None  # None when usable, else why not
-    nchan: str | None
-    profile: Path | None = None  # where py-spy's profiles of tidewire go, if wanted
-    profiles: list[str] = field(default_factory=list)
-
-
-class Servers:
-    """Starts servers and stops every one of them however the workload ends."""
-
-    def __init__(self, ctx: Ctx, label: str) -> None:
-        self.ctx, self.label = ctx, label
-        self.started: list[Server] = []
-        self.spies: list[Spy] = []
-
-    def __enter__(self) -> Servers:
-        return self
-
-    def start(self, server: Server) -> Server:
-        self.started.append(server)
-        server.start()
-        if self.ctx.profile is not None and server.name.startswith("tidewire"):
-            assert server.proc is not None
-            out = self.ctx.profile / f"{self.label}-{server.name.replace(' ', '_')}.txt"
-            self.spies.append(Spy(server.proc.pid, out))
-        return server
-
-    def __exit__(self, *exc: object) -> None:
-        for spy in self.spies:
-            self.ctx.profiles.append(spy.stop())
-        for s in self.started:
-            s.stop()
-
-
-def median(xs: list[float]) -> float:
-    return statistics.median(xs) if xs else float("nan")
 
 
 # --- W1 -------------------------------------------------------------------------------------
@@ -546,16 +486,29 @@ def our_cpu() -> float:
 
 # --- main -----------------------------------------------------------------------------------
 
-WORKLOADS: dict[str, Callable[[Ctx], dict[str, Any]]] = {"w1": w1, "w2": w2, "w3": w3, "w4": w4}
+WORKLOADS: dict[str, Callable[[Ctx], dict[str, Any]]] = {
+    "w1": w1,
+    "w2": w2,
+    "w3": w3,
+    "w4": w4,
+    "w5": files.w5,
+    "w5b": files.w5b,
+    "w6": files.w6,
+}
 
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
-    ap.add_argument("--only", default="w1,w2,w3,w4", help="workloads, e.g. w1,w3")
-    ap.add_argument("--quick", action="store_true", help="small sizes: a smoke run of ~1 min")
-    ap.add_argument("--rounds", type=int, help="rounds of W1/W2 (median is reported)")
+    ap.add_argument("--only", default=",".join(WORKLOADS), help="workloads, e.g. w1,w3")
+    ap.add_argument("--quick", action="store_true", help="small sizes: a smoke run of ~1.5 min")
+    ap.add_argument("--rounds", type=int, help="rounds of W1, W2, W5, W5b, W6 (median is reported)")
     ap.add_argument("--no-tidewire", action="store_true", help="baselines only")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent, help="results folder")
+    ap.add_argument(
+        "--merge",
+        action="store_true",
+        help="keep the other workloads' results from OUT/results.json (each says its date)",
+    )
     ap.add_argument(
         "--profile",
         action="store_true",
@@ -567,7 +520,7 @@ def main(argv: list[str] | None = None) -> None:
         ap.error(f"unknown workloads: {', '.join(sorted(unknown))}")
     sizes = QUICK if args.quick else Sizes()
     if args.rounds:
-        sizes.rounds = args.rounds
+        sizes.rounds = sizes.w6_rounds = args.rounds
     why_not_tw = "--no-tidewire" if args.no_tidewire else tidewire_available()
     with tempfile.TemporaryDirectory(prefix="tidewire-bench-") as tmp:
         ctx = Ctx(sizes, Path(tmp), raise_nofile(), why_not_tw, nchan_available())
@@ -578,6 +531,7 @@ def main(argv: list[str] | None = None) -> None:
             "date": time.strftime("%Y-%m-%d %H:%M:%S %z"),
             "machine": report.machine(),
             "quick": args.quick,
+            "tidewire_src": os.environ.get("BENCH_TIDEWIRE_SRC"),
             "sizes": asdict(sizes),
             "workloads": {},
         }
@@ -590,11 +544,32 @@ def main(argv: list[str] | None = None) -> None:
                 results["workloads"][name] = {"error": str(e), "rows": []}
             wall = time.monotonic() - t0
             other = (busy_cpu() - busy0 - (our_cpu() - ours0)) / wall
+            results["workloads"][name]["date"] = results["date"]
             results["workloads"][name]["seconds"] = round(wall, 1)
             results["workloads"][name]["other_load_pct"] = round(max(0.0, 100 * other))
             print(report.workload_md(name, results["workloads"][name]), flush=True)
     results["profiles"] = ctx.profiles
+    if args.merge:
+        merge(results, args.out / "results.json")
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps(results, indent=1, default=str) + "\n")
     (args.out / "results.md").write_text(report.markdown(results))
     print(f"wrote {args.out / 'results.md'} and {args.out / 'results.json'}")
+
+
+def merge(results: dict[str, Any], old_json: Path) -> None:
+    """Add the workloads of an earlier run of the same kind (quick or not) that this one did
+    not run, in the usual order."""
+    try:
+        old = json.loads(old_json.read_text())
+    except (OSError, ValueError):
+        return
+    if old.get("quick") != results["quick"]:
+        print(f"--merge: {old_json} is of another kind (--quick or not): not merged")
+        return
+    ours = results["workloads"]
+    for name, w in old.get("workloads", {}).items():
+        if name in WORKLOADS:
+            w.setdefault("date", old.get("date"))
+            ours.setdefault(name, w)
+    results["workloads"] = {k: ours[k] for k in sorted(ours, key=list(WORKLOADS).index)}

@@ -34,9 +34,14 @@ def raise_nofile() -> int:
     return hard
 
 
+#: tidewire's source folder for the servers: src/, or a patched copy to measure a change
+#: before making it (`BENCH_TIDEWIRE_SRC=/tmp/copy/src python -m bench`).
+TIDEWIRE_SRC = Path(os.environ.get("BENCH_TIDEWIRE_SRC") or ROOT / "src")
+
+
 def env() -> dict[str, str]:
     # `bench.apps.*` from the repo root; tidewire from src/ even if not pip-installed.
-    path = os.pathsep.join([str(ROOT), str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])
+    path = os.pathsep.join([str(ROOT), str(TIDEWIRE_SRC), os.environ.get("PYTHONPATH", "")])
     return {**os.environ, "PYTHONPATH": path.rstrip(os.pathsep), "PYTHONUNBUFFERED": "1"}
 
 
@@ -46,6 +51,8 @@ class Server:
     argv: list[str]
     port: int
     workdir: Path
+    cwd: Path = ROOT
+    extra_env: dict[str, str] = field(default_factory=dict)
     proc: subprocess.Popen[bytes] | None = None
     log: Path = field(init=False)
 
@@ -55,7 +62,11 @@ class Server:
     def start(self, timeout: float = 30.0) -> Server:
         with open(self.log, "wb") as log:
             self.proc = subprocess.Popen(
-                self.argv, cwd=ROOT, env=env(), stdout=log, stderr=subprocess.STDOUT
+                self.argv,
+                cwd=self.cwd,
+                env={**env(), **self.extra_env},
+                stdout=log,
+                stderr=subprocess.STDOUT,
             )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -111,6 +122,27 @@ def uvicorn(name: str, app: str, workdir: Path) -> Server:
     return Server(name, [PY, "-m", "uvicorn", app, *where, *UVICORN_FLAGS, *quiet], port, workdir)
 
 
+def granian(name: str, app: str, workdir: Path) -> Server:
+    """granian's ASGI interface, one worker, uvloop: it offers `http.response.pathsend`."""
+    port = free_port()
+    where = ["--host", "127.0.0.1", "--port", str(port)]
+    flags = ["--interface", "asgi", "--workers", "1", "--loop", "uvloop"]
+    quiet = ["--no-access-log", "--log-level", "warning"]
+    argv = [str(Path(PY).with_name("granian")), *where, *flags, *quiet, app]
+    return Server(name, argv, port, workdir)
+
+
+def hypercorn(name: str, app: str, workdir: Path) -> Server:
+    """hypercorn, one worker, uvloop."""
+    port = free_port()
+    flags = ["--bind", f"127.0.0.1:{port}", "--workers", "1", "--worker-class", "uvloop"]
+    argv = [PY, "-m", "hypercorn", *flags, "--log-level", "warning", app]
+    return Server(name, argv, port, workdir)
+
+
+ASGI_SERVERS = {"uvicorn": uvicorn, "granian": granian, "hypercorn": hypercorn}
+
+
 def tidewire(name: str, app: str | None, workdir: Path) -> Server:
     port = free_port()
     # `--log-level warning` matches the baselines' `--no-access-log --log-level warning`.
@@ -144,14 +176,16 @@ def nchan_available() -> str | None:
     return None
 
 
-def nchan(workdir: Path, nofile: int) -> Server:
-    """nginx + Nchan in the foreground (`daemon off`), one worker, config written here."""
+def nginx(name: str, workdir: Path, nofile: int, http: str, modules: str = "") -> Server:
+    """nginx in the foreground (`daemon off`), one worker; `http` is the body of its `http`
+    block, with `{port}` where it listens. Config and temp folders go under workdir/<name>."""
     port = free_port()
-    d = workdir / "nginx"
+    body = http.replace("{port}", str(port))
+    d = workdir / name.replace(" ", "_")
     d.mkdir(exist_ok=True)
     user = "user root;" if os.geteuid() == 0 else ""  # workers must read our temp dir
     conf = f"""
-load_module {NCHAN_MODULE};
+{modules}
 daemon off;
 {user}
 worker_processes 1;
@@ -166,13 +200,20 @@ http {{
   fastcgi_temp_path {d}/fastcgi;
   uwsgi_temp_path {d}/uwsgi;
   scgi_temp_path {d}/scgi;
-  server {{
-    listen 127.0.0.1:{port} backlog=4096;
-    location = /pub {{ nchan_publisher; nchan_channel_id $arg_id; }}
-    location = /sub {{ nchan_subscriber eventsource; nchan_channel_id $arg_id; }}
-  }}
+{body}
 }}
 """
     (d / "nginx.conf").write_text(conf)
     argv = ["nginx", "-e", f"{d}/error.log", "-p", str(d), "-c", f"{d}/nginx.conf"]
-    return Server("nchan", argv, port, workdir)
+    return Server(name, argv, port, workdir)
+
+
+def nchan(workdir: Path, nofile: int) -> Server:
+    """nginx + Nchan, one worker."""
+    http = """
+  server {
+    listen 127.0.0.1:{port} backlog=4096;
+    location = /pub { nchan_publisher; nchan_channel_id $arg_id; }
+    location = /sub { nchan_subscriber eventsource; nchan_channel_id $arg_id; }
+  }"""
+    return nginx("nchan", workdir, nofile, http, modules=f"load_module {NCHAN_MODULE};")
