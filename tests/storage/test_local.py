@@ -6,6 +6,7 @@ import asyncio
 import errno
 import hashlib
 import os
+import shutil
 import sqlite3
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -261,5 +262,20 @@ def test_expire_removes_bytes_finished_states_and_stale_temporary_files(tmp_path
         assert contents(tmp_path) == {"files": [done.file], "tmp": [], "uploads": []}
         # The file itself stays.
         assert await read_all(storage, await storage.info(done.file or "")) == b"ok"
+
+    run(tmp_path, body)
+
+
+def test_folders_removed_under_a_running_server_come_back(tmp_path: Path) -> None:
+    async def body(storage: LocalStorage) -> None:
+        await storage.save(chunks(b"first"), name="a", type="text/plain")
+        shutil.rmtree(tmp_path / "tmp")
+        shutil.rmtree(tmp_path / "uploads")
+        again = await storage.save(chunks(b"second"), name="b", type="text/plain")
+        assert await read_all(storage, again) == b"second"
+        upload = await storage.create_upload(
+            length=1, name="c", type="text/plain", metadata="", expires=time.time() + HOUR
+        )
+        assert (await storage.upload(upload.id)).offset == 0
 
     run(tmp_path, body)

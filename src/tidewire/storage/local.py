@@ -126,7 +126,7 @@ class LocalStorage:
     ) -> FileInfo:
         await self._prepare()
         tmp = self._tmp / new_id()
-        fd = await asyncio.to_thread(os.open, tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        fd = await asyncio.to_thread(self._create, tmp)
         sha = hashlib.sha256()
         sink = _FileSink(fd, [sha])
         try:
@@ -345,6 +345,15 @@ class LocalStorage:
             await asyncio.to_thread(self._make_folders)
             self._ready = True
 
+    def _create(self, path: Path) -> int:
+        """Open a new file for writing; folders removed under a running server come back."""
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL
+        try:
+            return os.open(path, flags, 0o644)
+        except FileNotFoundError:
+            self._make_folders()
+            return os.open(path, flags, 0o644)
+
     def _make_folders(self) -> None:
         for folder in (self._files, self._tmp, self._uploads):
             folder.mkdir(parents=True, exist_ok=True)
@@ -436,7 +445,7 @@ class LocalStorage:
         return _upload(state, length)
 
     def _start_upload(self, upload: Upload, ttl: float) -> None:
-        os.close(os.open(self._uploads / upload.id, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
+        os.close(self._create(self._uploads / upload.id))
         state = {
             "id": upload.id,
             "length": upload.length,
