@@ -3,6 +3,7 @@ cross processes, and survive a process killed or Redis restarted."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
@@ -18,6 +19,7 @@ import psutil
 import pytest
 
 from tests.redis_server import RedisServer
+from tests.s3_server import S3Server
 from tests.test_cli import free_port
 from tests.wire import read_ndjson, read_ws
 
@@ -35,8 +37,9 @@ class Node:
             **os.environ,
             "PYTHONUNBUFFERED": "1",
             "TIDEWIRE_TEST_MARKS": str(marks),
-            "TIDEWIRE_DATA_DIR": str(data),
         }
+        if "--storage" not in extra:
+            env["TIDEWIRE_DATA_DIR"] = str(data)
         args = ["serve", "tests.cluster_app:tw", "--port", str(self.port), "--broker", broker]
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "tidewire", *args, "--log-level", "warning", *extra],
@@ -260,3 +263,42 @@ def test_serve_with_two_workers_on_redis(cluster: Any) -> None:
         events = read_ndjson(f"{n.url}/runs/{run_id}/events")
         assert [e["event"] for e in events] == ["message"] * 3 + ["end"]
         assert {e["data"]["pid"] for e in events[:-1]} <= {w.pid for w in workers}
+
+
+def test_files_uploaded_on_one_host_are_served_by_another_on_s3(
+    cluster: Any, s3_server: S3Server, s3_bucket: str
+) -> None:
+    _, node = cluster
+    storage = s3_server.url(s3_bucket, "shared")
+    a, b = node("--storage", storage), node("--storage", storage)
+    body = os.urandom(3 << 20)
+    stored = httpx.put(f"{a.url}/files/shared.bin", content=body, timeout=30)
+    assert stored.status_code == 201, stored.text
+    file_id = stored.json()["id"]
+    assert httpx.get(f"{b.url}/files/{file_id}", timeout=30).content == body
+    part = httpx.get(f"{b.url}/files/{file_id}", headers={"range": "bytes=100-199"})
+    assert part.status_code == 206 and part.content == body[100:200]
+    assert [f["id"] for f in httpx.get(f"{b.url}/files").json()] == [file_id]
+    # A resumable upload begun on one host is finished on the other.
+    created = httpx.post(
+        f"{a.url}/uploads/",
+        headers={"tus-resumable": "1.0.0", "upload-length": str(len(body))},
+    )
+    assert created.status_code == 201, created.text
+    location = created.headers["location"]
+    patch = {"tus-resumable": "1.0.0", "content-type": "application/offset+octet-stream"}
+    half = len(body) // 2
+    first = httpx.patch(
+        f"{a.url}{location}", content=body[:half], headers={**patch, "upload-offset": "0"}
+    )
+    assert first.status_code == 204, first.text
+    second = httpx.patch(
+        f"{b.url}{location}",
+        content=body[half:],
+        headers={**patch, "upload-offset": str(half)},
+        timeout=30,
+    )
+    assert second.status_code == 204, second.text
+    meta = httpx.get(f"{a.url}/files/{second.headers['tidewire-file']}/meta").json()
+    assert meta["size"] == len(body)
+    assert meta["sha256"] == hashlib.sha256(body).hexdigest()
