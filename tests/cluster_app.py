@@ -13,14 +13,26 @@ from pathlib import Path
 
 from tidewire import Settings, Tidewire
 
-tw = Tidewire(settings=Settings(heartbeat=0.5, lease=1.5, disconnect_grace=1.0, close_timeout=2.0))
+tw = Tidewire(
+    settings=Settings(
+        heartbeat=0.5,
+        lease=1.5,
+        disconnect_grace=1.0,
+        close_timeout=2.0,
+        run_window=16,
+        run_history=64,
+    )
+)
 
 
 @tw.stream
-async def ticks(n: int = 1_000_000, interval: float = 0.02) -> AsyncIterator[dict[str, int]]:
+async def ticks(
+    n: int = 1_000_000, interval: float = 0.02, delay: float = 0.0, pad: int = 0
+) -> AsyncIterator[dict[str, object]]:
     try:
+        await asyncio.sleep(delay)
         for i in range(n):
-            yield {"i": i, "pid": os.getpid()}
+            yield {"i": i, "pid": os.getpid(), **({"pad": "x" * pad} if pad else {})}
             await asyncio.sleep(interval)
     finally:
         marks = os.environ.get("TIDEWIRE_TEST_MARKS")

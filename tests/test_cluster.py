@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -113,6 +114,42 @@ def test_a_run_started_on_a_is_watched_on_b(cluster: Any) -> None:
     )
     info = httpx.get(f"{b.url}/runs/{run_id}").json()
     assert info["state"] == "finished" and info["events"] == 21
+
+
+def test_a_stalled_watcher_on_b_holds_back_the_generator_on_a(cluster: Any) -> None:
+    _, node = cluster
+    a, b = node(), node()
+    # 400 events of 64 KB: the socket buffers between b and this reader hold
+    # some tens of them (b's send buffer grows to 4 MB), so a reader that
+    # stops makes b stop delivering soon.
+    run_id = start(a, n=400, interval=0, delay=1.0, pad=64_000)
+    seen = []
+    # A small receive buffer, as the kernel would otherwise let it grow to
+    # tens of MB (tcp_rmem) and swallow the whole run.
+    small = httpx.HTTPTransport(socket_options=[(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 16)])
+    with (
+        httpx.Client(transport=small, timeout=30) as client,
+        client.stream("GET", f"{b.url}/runs/{run_id}/events") as response,
+    ):
+        lines = response.iter_lines()
+        for line in lines:
+            if line.strip():
+                seen.append(json.loads(line)["data"]["i"])
+                break
+        time.sleep(3)  # the reader stalls
+        produced = httpx.get(f"{a.url}/runs/{run_id}").json()["events"]
+        for line in lines:
+            if not line.strip():
+                continue
+            event = json.loads(line)
+            if event["event"] != "message":
+                assert event["event"] == "end", event
+                break
+            seen.append(event["data"]["i"])
+    assert seen == list(range(400))
+    # The generator on a waited for the watcher on b: without backpressure
+    # it would have made all 400 in those 3 seconds.
+    assert produced < 200, produced
 
 
 def test_publish_on_b_subscribe_on_a(cluster: Any) -> None:

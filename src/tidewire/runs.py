@@ -424,6 +424,9 @@ class Runs:
         oldest = max(0, run.events - self.settings.run_history)
         run.cursors[key] = oldest if after_seq is None else max(after_seq, oldest)
         if not run.local:
+            # Told now, and again every tick (by the background task) for as
+            # long as it watches, even while it reads nothing at all.
+            self._start_background()
             self._views[run.id] = run
             run.told = -1
             self.tell_soon(run)
