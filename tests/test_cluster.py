@@ -205,6 +205,18 @@ def test_a_killed_process_fails_its_runs_for_watchers_elsewhere(cluster: Any) ->
     assert httpx.get(f"{b.url}/runs/{run_id}").json()["state"] == "failed"
 
 
+def test_a_run_whose_process_died_unwatched_is_failed_when_looked_at(cluster: Any) -> None:
+    _, node = cluster
+    a, b = node(), node()
+    run_id = start(a, interval=0.05)
+    a.proc.send_signal(signal.SIGKILL)
+    time.sleep(LEASE + 0.5)
+    info = httpx.get(f"{b.url}/runs/{run_id}").json()
+    assert info["state"] == "failed"
+    events = read_ndjson(f"{b.url}/runs/{run_id}/events")
+    assert events[-1]["event"] == "error" and events[-1]["data"]["type"] == "WorkerLost"
+
+
 def test_subscribers_resume_with_nothing_lost_across_a_redis_restart(cluster: Any) -> None:
     redis, node = cluster
     a, b = node(), node()

@@ -388,6 +388,10 @@ class Runs:
                 created=float(record["created"]),
             )
         view.update(record)
+        if view.state == "running":
+            # Whoever looks at a run elsewhere may be the first to see that its
+            # process died: then it is failed now, not left "running" forever.
+            await self.check_owner(view)
         return view
 
     # -- starting ----------------------------------------------------------
