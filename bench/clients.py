@@ -51,7 +51,7 @@ class Watchers:
                 "messages": messages,
             }
             if latency_dir is not None:
-                self.latency_files.append(latency_dir / f"latencies-{port}-{i}.bin")
+                self.latency_files.append(latency_dir / f"latencies-{port}-{conns}-{i}.json")
                 cfg["latency_file"] = str(self.latency_files[-1])
             argv = [PY, "-m", "bench.load", "watch", json.dumps(cfg)]
             self.procs.append(
@@ -81,11 +81,16 @@ class Watchers:
         deadline = time.monotonic() + timeout
         return [self._line(p, deadline) for p in self.procs]
 
-    def stop(self, drain_s: float, timeout: float) -> list[dict[str, Any]]:
+    def stop(
+        self, drain_s: float, timeout: float, sent_file: Path | None = None
+    ) -> list[dict[str, Any]]:
+        """Stop every watcher once deliveries end (`drain_s` at most); with the publisher's
+        `sent_file`, each writes its latency histogram to its `latency_files` entry."""
+        line = f"stop {drain_s}" + (f" {sent_file}" if sent_file else "") + "\n"
         for p in self.procs:
             assert p.stdin is not None
             try:
-                p.stdin.write(f"stop {drain_s}\n".encode())
+                p.stdin.write(line.encode())
                 p.stdin.close()
             except BrokenPipeError:
                 pass

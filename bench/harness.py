@@ -6,10 +6,12 @@ import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import psutil
+
 from .profile import Spy
 from .servers import Server
 
-__all__ = ["QUICK", "Ctx", "Servers", "Sizes", "median"]
+__all__ = ["QUICK", "Ctx", "Servers", "Sizes", "busy_cpu", "median"]
 
 
 @dataclass
@@ -19,10 +21,13 @@ class Sizes:
     w2_clients: int = 200
     w2_events: int = 20
     w2_interval: float = 0.05
-    w3_subscribers: int = 1000
+    w3_subscribers: tuple[int, ...] = (1000, 10_000)  # each server is run with each
     w3_rate: float = 100.0
     w3_seconds: float = 10.0
-    w3_procs: int = 2  # subscriber processes: 100k deliveries/s is too much for one Python core
+    # Subscribers per load process (at least 2 processes): one Python process per core at
+    # most, but not a whole W3 in one event loop, whose lag would show up as latency.
+    w3_per_proc: int = 2500
+    w3_publishers: tuple[int, ...] = (1,)  # publisher connections: 1, or up to N (<= 32)
     w4_conns: int = 5000
     w5_bytes: int = 1 << 30
     w5b_bytes: int = 128 << 20
@@ -36,7 +41,7 @@ class Sizes:
 QUICK = Sizes(
     w1_events=5000,
     rounds=1,
-    w3_subscribers=200,
+    w3_subscribers=(200, 1000),
     w3_seconds=3.0,
     w4_conns=1000,
     w5_bytes=64 << 20,
@@ -53,6 +58,7 @@ class Ctx:
     nofile: int
     tidewire: str | None  # None when usable, else why not
     nchan: str | None
+    redis: str | None = None  # None when redis-server can be started, else why not
     profile: Path | None = None  # where py-spy's profiles of tidewire go, if wanted
     profiles: list[str] = field(default_factory=list)
 
@@ -68,21 +74,33 @@ class Servers:
     def __enter__(self) -> Servers:
         return self
 
-    def start(self, server: Server) -> Server:
+    def start(self, server: Server, profile: bool = True) -> Server:
+        """Start `server`; with --profile, py-spy it if it is tidewire (unless `profile` is
+        False: a server with several workers has none of them yet when it listens)."""
         self.started.append(server)
         server.start()
-        if self.ctx.profile is not None and server.name.startswith("tidewire"):
+        if profile and server.name.startswith("tidewire"):
             # granian and hypercorn serve from a worker process: sample that one.
-            pid = server.processes()[-1].pid
             name = server.name.replace(" ", "_").replace("(", "").replace(")", "").replace(",", "")
-            self.spies.append(Spy(pid, self.ctx.profile / f"{self.label}-{name}.txt"))
+            self.spy(server.processes()[-1].pid, f"{self.label}-{name}")
         return server
+
+    def spy(self, pid: int, name: str) -> None:
+        """With --profile, py-spy `pid` until the workload ends."""
+        if self.ctx.profile is not None:
+            self.spies.append(Spy(pid, self.ctx.profile / f"{name}.txt"))
 
     def __exit__(self, *exc: object) -> None:
         for spy in self.spies:
             self.ctx.profiles.append(spy.stop())
         for s in self.started:
             s.stop()
+
+
+def busy_cpu() -> float:
+    """CPU seconds the whole machine has been busy (all cores)."""
+    t = psutil.cpu_times()
+    return float(sum(t) - t.idle - getattr(t, "iowait", 0.0))
 
 
 def median(xs: list[float]) -> float:

@@ -114,7 +114,7 @@ COLUMNS: dict[str, list[tuple[str, Callable[[Row], str]]]] = {
     ],
     "w3": [
         ("server", lambda r: r["server"]),
-        ("publisher", lambda r: f"{r['publisher']} ({r['publish_connections_used']} used)"),
+        ("subscribers", lambda r: _n(r["subscribers"])),
         ("deliveries/s", lambda r: _n(r["deliveries_per_s"])),
         ("expected/s", lambda r: _n(r["expected_per_s"])),
         ("p50 ms", lambda r: _n(r["p50_ms"], 1)),
@@ -129,8 +129,19 @@ COLUMNS: dict[str, list[tuple[str, Callable[[Row], str]]]] = {
         ),
         ("server CPU", lambda r: _n(r["server_cpu_pct"]) + "%"),
         (
-            "client CPU (all / busiest proc)",
-            lambda r: f"{_n(r['client_cpu_pct'])}% / {_n(r['client_cpu_max_proc_pct'])}%",
+            "redis CPU",
+            lambda r: "" if r.get("broker_cpu_pct") is None else _n(r["broker_cpu_pct"]) + "%",
+        ),
+        (
+            "load gen CPU (all / busiest of N)",
+            lambda r: (
+                f"{_n(r['client_cpu_pct'])}% / {_n(r['client_cpu_max_proc_pct'])}% "
+                f"of {r.get('load_processes', '?')}"
+            ),
+        ),
+        (
+            "machine CPU of 200% (others)",
+            lambda r: f"{_n(r.get('machine_cpu_pct'))}% ({_n(r.get('other_cpu_pct'))}%)",
         ),
         ("check", _ok),
     ],
@@ -181,7 +192,7 @@ COLUMNS["w6"] = [
 TITLES = {
     "w1": "W1 throughput: one client reads demo events (text + base64 PNG), interval 0",
     "w2": "W2 paced concurrency: clients each start a run of events from a generator",
-    "w3": "W3 fan-out: SSE subscribers of one channel, one publisher",
+    "w3": "W3 fan-out: SSE subscribers of one channel, one publisher, 1 or 2 workers",
     "w4": "W4 idle connections: SSE watchers of one channel, server RSS per connection",
     "w5": "W5 download: one client (curl) downloads one big file",
     "w5b": "W5b concurrent downloads: clients (curl) download one file at the same time",
@@ -192,12 +203,14 @@ EXPLAIN = {
     "interleaved. CPU is % of one core over the client's wall time.",
     "w2": "Wall time until the last client has its last event. `vs X` = X's wall ÷ this wall "
     "(higher is better).",
-    "w3": "Latency = receive time.time() - the send time.time() the message carries. The "
-    "publisher is open loop: each message leaves on schedule, answered or not, on one "
-    "connection (pipelined) or on up to 32 (a new one whenever all are busy). lost = "
-    "messages a subscriber never got, summed, once deliveries have stopped for 3 s. "
-    "`vs nchan` = nchan's p99 ÷ this p99, same publisher (higher is better). CPU over the "
-    "publishing window.",
+    "w3": "Latency = receive time.time() - the send time.time() the message carries, in "
+    "0.1 ms bins. The publisher is open loop: each message leaves on schedule, answered or "
+    "not, pipelined on one keep-alive connection. lost = messages a subscriber never got, "
+    "summed, once deliveries have stopped for 3 s. `vs nchan` = nchan's p99 ÷ this p99, same "
+    "subscribers (higher is better). CPU as % of one core from the first publish to the "
+    "last delivery; machine CPU is every process on the machine (2 cores = 200%), and "
+    "(others) the part of it that was not this row's server, Redis or load generator; load "
+    "gen = the subscriber processes and the publisher.",
     "w4": "KB/conn = (RSS after all connected - RSS before) ÷ connections, server process tree. "
     "`vs X` = X's KB/conn ÷ this (higher is better). The two `floor` rows are references, "
     "not contenders: an app that only holds the connection open, bare on uvicorn and behind "
@@ -237,9 +250,18 @@ def workload_md(name: str, w: dict[str, Any]) -> str:
         if name in ("w1", "w2") and r.get("first_event"):
             last = f", last event `{r['last_event']}`" if r.get("last_event") else ""
             out.append(f"- {r['server']}: first event `{r['first_event']}`{last}")
-        if name == "w3" and r["publish_response"]:
+        if (
+            name == "w3"
+            and r["publish_response"]
+            and r["subscribers"] == w["rows"][0]["subscribers"]
+        ):
             resp = r["publish_response"].replace("\n", " ")[:100]
             out.append(f"- {r['server']}, {r['publisher']}: publish answer `{resp}`")
+        if name == "w3" and r.get("by_worker"):
+            spread = " / ".join(f"{c:,}" for c in r["by_worker"])
+            out.append(f"- {r['server']}, {r['subscribers']:,} subscribers: per worker {spread}")
+        if name == "w3" and r.get("bound"):
+            out.append(f"- {r['server']}, {r['subscribers']:,} subscribers: {r['bound']}")
         if name == "w3" and (r["other_events"] or r["duplicates"] or r["unparsed"]):
             out.append(
                 f"- {r['server']}: other events {r['other_events']}, duplicates "
@@ -265,7 +287,9 @@ def markdown(results: dict[str, Any]) -> str:
         "",
         "W1-W4: every Python server under uvicorn `--loop uvloop --http httptools`, 1 worker, "
         "each its own process "
-        "on a loopback port (nginx+Nchan: 1 worker). The load generator is separate processes "
+        "on a loopback port (nginx+Nchan: 1 worker); W3 also runs tidewire with 2 workers on "
+        "a redis-server of its own (`--workers 2 --broker redis://...`). The load generator "
+        "is separate processes "
         "(asyncio + uvloop + httptools); its CPU is shown beside each result: near 100% of one "
         "core would mean it, not the server, was the limit. The machine is shared and noisy: "
         "compare rows of one run, not runs.",

@@ -9,7 +9,6 @@ measured with psutil and reported next to each result.
 from __future__ import annotations
 
 import argparse
-import array
 import base64
 import json
 import os
@@ -21,17 +20,17 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import psutil
-
 from . import files, report
 from .apps.image import PNG, ensure_png
 from .clients import Watchers, run_load
-from .harness import QUICK, Ctx, Servers, Sizes, median
+from .fanout import w3
+from .harness import QUICK, Ctx, Servers, Sizes, busy_cpu, median
 from .servers import (
     Server,
     nchan,
     nchan_available,
     raise_nofile,
+    redis_available,
     tidewire,
     tidewire_available,
     uvicorn,
@@ -239,153 +238,11 @@ def w2_row(name: str, runs: list[dict[str, Any]], n: int, ideal: float) -> dict[
     }
 
 
-# --- W3 -------------------------------------------------------------------------------------
+# --- W3 (fanout.py) and W4 ----------------------------------------------------------------
 
 
 def nchan_server(ctx: Ctx) -> Callable[[], Server]:
     return lambda: nchan(ctx.work, ctx.nofile)
-
-
-PUBLISHERS = (1, 32)  # publisher connections: one, or as many as keep the schedule (<= 32)
-
-
-def w3(ctx: Ctx) -> dict[str, Any]:
-    s = ctx.sizes
-    rows, checks, notes = [], [], []
-    # (name, server factory, subscribe path, publish path), paths with {ch} for the channel
-    setups: list[tuple[str, Callable[[], Server], str, str]] = []
-    if ctx.tidewire is None:
-        ch = "/channels/{ch}/events"
-        setups.append(("tidewire SSE", lambda: tidewire("tidewire", None, ctx.work), ch, ch))
-    else:
-        checks.append(f"tidewire not run: {ctx.tidewire}")
-    if ctx.nchan is None:
-        setups.append(("nchan", nchan_server(ctx), "/sub?id={ch}", "/pub?id={ch}"))
-    else:
-        notes.append(f"nchan not run: {ctx.nchan}")
-    for name, make, sub, pub in setups:
-        with Servers(ctx, "w3") as srv:
-            server = srv.start(make())
-            for conns in PUBLISHERS:
-                ch = f"fanout{conns}"  # a fresh channel per run
-                row = fanout(ctx, name, server, sub.format(ch=ch), pub.format(ch=ch), conns)
-                rows.append(row)
-    for r in rows:  # vs nchan with the same publisher
-        base = next((b for b in rows if b["server"] == "nchan" and b["conns"] == r["conns"]), None)
-        ok = base is not None and base is not r and r["p99_ms"] > 0
-        r["vs"] = {"nchan": base["p99_ms"] / r["p99_ms"]} if ok and base else {}
-        if r["server"].startswith("tidewire"):
-            good = r["lost"] == 0 and not r["problems"]  # None: the publisher failed
-            checks.append(
-                f"{r['server']}, {r['publisher']}: lost {r['lost']} (expected 0): "
-                + ("PASS" if good else "FAIL")
-            )
-            if "nchan" in r["vs"]:
-                ratio = r["vs"]["nchan"]
-                checks.append(
-                    f"{r['server']}, {r['publisher']}: p99 {r['p99_ms']:.1f} ms, "
-                    f"{ratio:.2f}x nchan's (target: no worse, >= 1x): "
-                    + ("PASS" if ratio >= 1 else "MISS")
-                )
-    params = {
-        "subscribers": s.w3_subscribers,
-        "rate_per_s": s.w3_rate,
-        "seconds": s.w3_seconds,
-        "subscriber_processes": s.w3_procs,
-    }
-    return {"params": params, "rows": rows, "checks": checks, "notes": notes}
-
-
-def fanout(ctx: Ctx, name: str, server: Server, sub: str, pub: str, conns: int) -> dict[str, Any]:
-    s = ctx.sizes
-    messages = int(s.w3_rate * s.w3_seconds)
-    w = Watchers(
-        server.port,
-        sub,
-        s.w3_subscribers,
-        s.w3_procs,
-        deadline_s=s.w3_seconds + 180,
-        messages=messages,
-        latency_dir=ctx.work,
-    )
-    ready = w.ready(timeout=120)
-    time.sleep(1.0)  # headers can precede the server's subscription bookkeeping
-    cpu0 = server.cpu()
-    cfg = {
-        "port": server.port,
-        "path": pub,
-        "rate": s.w3_rate,
-        "messages": messages,
-        "conns": conns,
-    }
-    pub_res = run_load("publish", cfg, timeout=s.w3_seconds + 90)
-    subs = w.stop(drain_s=60.0, timeout=120)
-    server_cpu = server.cpu() - cpu0
-    lat: array.array[float] = array.array("d")
-    for f in w.latency_files:
-        if f.exists():
-            lat.frombytes(f.read_bytes())
-    ordered = sorted(lat)
-
-    def pct(p: float) -> float:
-        return ordered[min(len(ordered) - 1, int(len(ordered) * p))] if ordered else float("nan")
-
-    problems = [
-        str(x.get("error") or x.get("failures"))
-        for x in ready + subs
-        if x.get("error") or x.get("failures")
-    ]
-    problems += [f"publisher: {e}" for e in pub_res.get("errors", [])]
-    if pub_res.get("error"):
-        problems.append(f"publisher: {pub_res['error']}")
-    if any(x.get("timed_out") for x in subs):
-        problems.append("subscribers hit their deadline before the harness said stop")
-    if pub_res.get("unanswered"):
-        problems.append(f"publisher: {pub_res['unanswered']} publishes unanswered after 60 s")
-    good = [x for x in subs if "received" in x]
-    if closed := sum(x["closed_by_server"] for x in good):
-        problems.append(f"the server ended {closed} subscriptions")
-    received = sum(x["received"] for x in good)
-    sent = pub_res.get("sent", 0)
-    span = max((x["last_delivery"] for x in good), default=0) - pub_res.get("first_ts", 0)
-    window = max([x["window_s"] for x in good] + [1e-9])
-    client_cpu = sum(x["client_cpu"] for x in good) + pub_res.get("client_cpu", 0.0)
-    other: dict[str, int] = {}
-    for x in good:
-        for k, v in x["other_events"].items():
-            other[k] = other.get(k, 0) + v
-    return {
-        "server": name,
-        "conns": conns,
-        "publisher": "1 connection" if conns == 1 else f"<= {conns} connections",
-        "published": sent,
-        "publish_rate": sent / pub_res["wall"] if pub_res.get("wall") else 0.0,
-        "deliveries": received,
-        "deliveries_per_s": received / span if span > 0 else 0.0,
-        "expected_per_s": s.w3_subscribers * s.w3_rate,
-        "p50_ms": pct(0.50),
-        "p99_ms": pct(0.99),
-        "max_ms": ordered[-1] if ordered else float("nan"),
-        # Counted by the subscribers: every scheduled message each of them never saw.
-        "lost": sum(x["lost"] for x in good) if good and "sent" in pub_res else None,
-        "duplicates": sum(x["duplicates"] for x in good),
-        "unparsed": sum(x["unparsed"] for x in good),
-        "other_events": other,
-        "closed_by_server": sum(x["closed_by_server"] for x in good),
-        "publish_rtt_p50_ms": pub_res.get("rtt_p50"),
-        "publish_rtt_p99_ms": pub_res.get("rtt_p99"),
-        "publish_connections_used": pub_res.get("connections"),
-        "publish_response": pub_res.get("first_response"),
-        "server_cpu_pct": 100 * server_cpu / window,
-        "client_cpu_pct": 100 * client_cpu / window,
-        "client_cpu_max_proc_pct": max(
-            (100 * x["client_cpu"] / x["window_s"] for x in good), default=0.0
-        ),
-        "problems": problems,
-    }
-
-
-# --- W4 -------------------------------------------------------------------------------------
 
 
 def w4(ctx: Ctx) -> dict[str, Any]:
@@ -471,12 +328,6 @@ def idle(ctx: Ctx, name: str, server: Server, path: str) -> dict[str, Any]:
     }
 
 
-def busy_cpu() -> float:
-    """CPU seconds the whole machine has been busy (all cores)."""
-    t = psutil.cpu_times()
-    return float(sum(t) - t.idle - getattr(t, "iowait", 0.0))
-
-
 def our_cpu() -> float:
     """CPU seconds of the harness and every process it started and reaped (servers, nginx's
     worker, load generators): what is left of busy_cpu() is other load on the machine."""
@@ -524,6 +375,7 @@ def main(argv: list[str] | None = None) -> None:
     why_not_tw = "--no-tidewire" if args.no_tidewire else tidewire_available()
     with tempfile.TemporaryDirectory(prefix="tidewire-bench-") as tmp:
         ctx = Ctx(sizes, Path(tmp), raise_nofile(), why_not_tw, nchan_available())
+        ctx.redis = redis_available()
         if args.profile:
             ctx.profile = args.out / "profiles"
             ctx.profile.mkdir(parents=True, exist_ok=True)

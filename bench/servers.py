@@ -92,6 +92,11 @@ class Server:
             self.proc.kill()  # only our own child, by its pid
             self.proc.wait(5)
 
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
     def processes(self) -> list[psutil.Process]:
         assert self.proc is not None
         p = psutil.Process(self.proc.pid)
@@ -143,12 +148,29 @@ def hypercorn(name: str, app: str, workdir: Path) -> Server:
 ASGI_SERVERS = {"uvicorn": uvicorn, "granian": granian, "hypercorn": hypercorn}
 
 
-def tidewire(name: str, app: str | None, workdir: Path) -> Server:
+def tidewire(name: str, app: str | None, workdir: Path, *flags: str) -> Server:
+    """`tidewire serve`; `flags` add e.g. `--workers 2 --broker redis://...`."""
     port = free_port()
     # `--log-level warning` matches the baselines' `--no-access-log --log-level warning`.
     serve = ["serve", *([app] if app else []), "--host", "127.0.0.1", "--port", str(port)]
-    argv = [PY, "-m", "tidewire", *serve, "--log-level", "warning"]
+    argv = [PY, "-m", "tidewire", *serve, "--log-level", "warning", *flags]
     return Server(name, argv, port, workdir)
+
+
+def redis_available() -> str | None:
+    if shutil.which("redis-server") is None:
+        return "redis-server is not installed (apt-get install redis-server)"
+    return None
+
+
+def redis(workdir: Path) -> Server:
+    """A redis-server of our own on a free port, in the foreground, nothing saved to disk."""
+    port = free_port()
+    d = workdir / f"redis-{port}"
+    d.mkdir(exist_ok=True)
+    flags = ["--bind", "127.0.0.1", "--port", str(port), "--dir", str(d), "--save", ""]
+    argv = ["redis-server", *flags, "--appendonly", "no", "--daemonize", "no"]
+    return Server("redis", argv, port, workdir)
 
 
 def tidewire_available() -> str | None:
