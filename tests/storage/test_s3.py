@@ -218,3 +218,54 @@ def test_expire_aborts_forgotten_multipart_uploads(s3_server: S3Server, s3_bucke
         assert len(live) == 2  # the live upload's and the other prefix's
 
     run(storage_for(s3_server, s3_bucket), body)
+
+
+def test_expire_spares_an_upload_created_while_it_lists(
+    s3_server: S3Server, s3_bucket: str
+) -> None:
+    # The sweep lists multipart uploads, then states, then aborts the
+    # multipart uploads no state names. An upload whose multipart upload makes
+    # the first listing but whose state comes only after the second is one
+    # being created, even if its creation is over by the time the sweep
+    # decides; moto dates every multipart upload 2010, so its age is no
+    # guard. The app's first sweep runs just as its first uploads are created.
+    client = s3_server.client()
+    data = b"0123456789"
+
+    async def body(storage: S3Storage) -> None:
+        s3: Any = await storage._s3()
+        put_object, list_objects = s3.put_object, s3.list_objects_v2
+        stating = asyncio.Event()  # the upload is about to put its state
+        listed = asyncio.Event()  # the sweep has listed the states
+        created = asyncio.Event()  # the upload's creation is over
+
+        async def put_state_late(**kwargs: Any) -> Any:
+            if kwargs["Key"].startswith("pre/uploads/"):
+                stating.set()
+                await listed.wait()
+            return await put_object(**kwargs)
+
+        async def list_then_let_creation_end(**kwargs: Any) -> Any:
+            listing = await list_objects(**kwargs)
+            if kwargs["Prefix"] == "pre/uploads/":
+                listed.set()
+                await created.wait()
+            return listing
+
+        s3.put_object, s3.list_objects_v2 = put_state_late, list_then_let_creation_end
+        creating = asyncio.ensure_future(
+            storage.create_upload(
+                length=len(data), name="u", type="x", metadata="", expires=time.time() + HOUR
+            )
+        )
+        creating.add_done_callback(lambda _: created.set())
+        await stating.wait()  # its multipart upload exists, its state not yet
+        assert await storage.expire() == 0
+        upload = await creating
+        s3.put_object, s3.list_objects_v2 = put_object, list_objects
+
+        assert len(client.list_multipart_uploads(Bucket=s3_bucket).get("Uploads", [])) == 1
+        done = await storage.append(upload.id, 0, chunks(data))
+        assert await read_all(storage, await storage.info(done.file or "")) == data
+
+    run(storage_for(s3_server, s3_bucket), body)

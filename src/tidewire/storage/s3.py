@@ -367,8 +367,10 @@ class S3Storage:
         s3 = await self._s3()
         now = time.time() if now is None else now
         folder = f"{self.prefix}uploads/"
-        # Multipart uploads first, states second: an upload created in between
-        # has a state by then, so it is not taken for an orphan.
+        # Multipart uploads first, states second, so no live upload is taken
+        # for an orphan: one created after the first listing is not in it, and
+        # one in it either has its state by the second listing or was still
+        # being created when the first ended, its key in `_writing` then.
         multiparts = [
             multipart
             async for page in s3.get_paginator("list_multipart_uploads").paginate(
@@ -376,6 +378,9 @@ class S3Storage:
             )
             for multipart in page.get("Uploads", [])
         ]
+        # Then, not when judging: by that time its creation may be over, its
+        # state put too late for the listing and its key gone from `_writing`.
+        writing = set(self._writing)
         ids = [
             key.removeprefix(folder).removesuffix(".json")
             async for key in self._keys(folder)
@@ -399,7 +404,7 @@ class S3Storage:
         for multipart in multiparts:
             if (
                 multipart["UploadId"] not in live
-                and multipart["Key"] not in self._writing
+                and multipart["Key"] not in writing
                 and multipart["Initiated"].timestamp() < now - STALE_MULTIPART
             ):
                 with contextlib.suppress(ClientError):
