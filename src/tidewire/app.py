@@ -15,6 +15,7 @@ from typing import Any, TypeVar, overload
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse
 
+from .blobs import Blobs
 from .broker import Broker, BrokerUnavailable
 from .broker import from_url as broker_from_url
 from .channels import Channels
@@ -62,8 +63,10 @@ class Tidewire:
         self._storage = storage
         self.title = title
         self.streams: dict[str, Stream] = {}
-        self.runs = Runs(self.broker, self.settings)
-        self.channels = Channels(self.broker, self.settings)
+        # Blobs over the inline limit go to storage, made when first needed.
+        blobs = Blobs(lambda: self.storage, self.settings.inline_blob_limit)
+        self.runs = Runs(self.broker, self.settings, blobs)
+        self.channels = Channels(self.broker, self.settings, blobs)
 
     @cached_property
     def storage(self) -> Storage:

@@ -9,9 +9,10 @@ from __future__ import annotations
 import re
 from typing import Any
 
+from .blobs import Blobs
 from .broker import Broker, Retention
 from .config import Settings
-from .events import Message, dump_data
+from .events import Message
 
 __all__ = ["CHANNEL_NAME", "Channels"]
 
@@ -20,8 +21,9 @@ CHANNEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,199}$")
 
 
 class Channels:
-    def __init__(self, broker: Broker, settings: Settings) -> None:
+    def __init__(self, broker: Broker, settings: Settings, blobs: Blobs) -> None:
         self.broker = broker
+        self.blobs = blobs
         self.retention = Retention(settings.channel_max_len, settings.channel_max_age)
 
     @staticmethod
@@ -36,6 +38,6 @@ class Channels:
         """Append one event; returns its id. Raises ValueError for a bad name or type."""
         message = Message(data, event)
         [published] = await self.broker.append(
-            self.log(name), [(message.event, dump_data(message.data))], self.retention
+            self.log(name), [(message.event, await self.blobs.dump(message.data))], self.retention
         )
         return published.id

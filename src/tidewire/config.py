@@ -41,6 +41,10 @@ class Settings:
     #: `retry:` sent to SSE clients, in milliseconds: how long EventSource
     #: waits before it reconnects.
     sse_retry_ms: int = 2_000
+    #: Blobs (bytes) in event data larger than this are stored as files and
+    #: sent as `{"$blob": {"type", "size", "url"}}`; smaller ones inline, as
+    #: base64 (None: always inline).
+    inline_blob_limit: int | None = 256 << 10
     #: Largest file an upload may store, in bytes (None: no limit). Larger
     #: uploads get 413, before the body is stored when its size is declared.
     max_file_size: int | None = 16 << 30

@@ -26,11 +26,13 @@ __all__ = [
     "RESERVED",
     "Blob",
     "Event",
+    "LargeBlob",
     "Message",
     "SSEDecoder",
     "decode_blobs",
     "dump_data",
     "iter_ndjson",
+    "large_blobs",
     "parse_ndjson_line",
 ]
 
@@ -106,9 +108,62 @@ def _default(value: Any) -> Any:
     raise TypeError(f"{type(value).__name__} is not JSON serializable")
 
 
-def dump_data(value: Any) -> bytes:
-    """Encode a producer's value as the JSON of an event's `data`."""
-    return orjson.dumps(value, default=_default, option=orjson.OPT_SERIALIZE_NUMPY)
+def dump_data(
+    value: Any, *, inline_limit: int | None = None, urls: dict[int, str] | None = None
+) -> bytes:
+    """Encode a producer's value as the JSON of an event's `data`.
+
+    With `inline_limit`, a blob larger than that many bytes raises `LargeBlob`,
+    unless `urls` (by `id()` of the blob object) says where it was stored:
+    then it is encoded as `{"$blob": {"type", "size", "url"}}`. Storing is
+    I/O, so it is not done here (see `tidewire.blobs`).
+    """
+    if inline_limit is None:
+        return orjson.dumps(value, default=_default, option=orjson.OPT_SERIALIZE_NUMPY)
+    stored = urls or {}
+    unstored = False
+
+    def default(item: Any) -> Any:
+        nonlocal unstored
+        if isinstance(item, (bytes, bytearray)) and len(item) > inline_limit:
+            url = stored.get(id(item))
+            if url is None:
+                if urls is None:
+                    # orjson turns exceptions raised here into TypeError:
+                    # note it, and raise once it is done.
+                    unstored = True
+                    return None
+                return _default(item)  # not found on the way: inline after all
+            kind = item.type if isinstance(item, Blob) else "application/octet-stream"
+            return {"$blob": {"type": kind, "size": len(item), "url": url}}
+        return _default(item)
+
+    encoded = orjson.dumps(value, default=default, option=orjson.OPT_SERIALIZE_NUMPY)
+    if unstored:
+        raise LargeBlob
+    return encoded
+
+
+class LargeBlob(Exception):
+    """`dump_data` met a blob over its inline limit that has not been stored yet."""
+
+
+def large_blobs(value: Any, limit: int) -> list[bytes | bytearray]:
+    """The blobs over `limit` bytes in a value (in dicts, lists and tuples), each once."""
+    found: dict[int, bytes | bytearray] = {}
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, (bytes, bytearray)):
+            if len(item) > limit:
+                found[id(item)] = item
+        elif isinstance(item, dict):
+            stack.extend(item.values())
+        elif isinstance(item, (list, tuple)):
+            stack.extend(item)
+        elif isinstance(item, Message):
+            stack.append(item.data)
+    return list(found.values())
 
 
 class Event:

@@ -26,9 +26,10 @@ from typing import Any, Literal, Protocol
 
 import pydantic
 
+from .blobs import Blobs, Pending
 from .broker import Broker, BrokerUnavailable, Retention
 from .config import Settings
-from .events import Message, dump_data
+from .events import LargeBlob, Message, dump_data
 
 __all__ = ["Run", "Runs", "Stream", "TooManyRuns"]
 
@@ -45,10 +46,13 @@ class TooManyRuns(Exception):
     """`max_runs` runs are running already."""
 
 
-def encode_item(item: Any) -> Item:
-    if isinstance(item, Message):
-        return item.event, dump_data(item.data)
-    return "message", dump_data(item)
+def encode_item(item: Any, inline_limit: int | None = None) -> Item | Pending:
+    """A yielded item, encoded; or `Pending` if a blob in it must be stored first."""
+    event, data = (item.event, item.data) if isinstance(item, Message) else ("message", item)
+    try:
+        return event, dump_data(data, inline_limit=inline_limit)
+    except LargeBlob:
+        return Pending(event, data)
 
 
 class Stream:
@@ -76,9 +80,10 @@ class Stream:
         return {name: getattr(model, name) for name in type(model).model_fields}
 
     def open(self, params: dict[str, Any], settings: Settings) -> _Source:
+        limit = settings.inline_blob_limit
         if self.is_async:
-            return _AsyncSource(self.func(**params))
-        return _ThreadSource(self.func(**params), settings.close_timeout)
+            return _AsyncSource(self.func(**params), limit)
+        return _ThreadSource(self.func(**params), settings.close_timeout, limit)
 
 
 def _params_model(func: Callable[..., Any], name: str) -> type[pydantic.BaseModel]:
@@ -102,19 +107,20 @@ class _Source(Protocol):
     """A generator seen from the event loop: items come out already encoded."""
 
     def __aiter__(self) -> _Source: ...
-    async def __anext__(self) -> Item: ...
+    async def __anext__(self) -> Item | Pending: ...
     async def aclose(self) -> None: ...
 
 
 class _AsyncSource:
-    def __init__(self, agen: Any) -> None:
+    def __init__(self, agen: Any, inline_limit: int | None) -> None:
         self._agen = agen
+        self._limit = inline_limit
 
     def __aiter__(self) -> _AsyncSource:
         return self
 
-    async def __anext__(self) -> Item:
-        return encode_item(await self._agen.__anext__())
+    async def __anext__(self) -> Item | Pending:
+        return encode_item(await self._agen.__anext__(), self._limit)
 
     async def aclose(self) -> None:
         await self._agen.aclose()
@@ -130,14 +136,17 @@ class _ThreadSource:
 
     _max = 64
 
-    def __init__(self, gen: Generator[Any, None, None], close_timeout: float) -> None:
+    def __init__(
+        self, gen: Generator[Any, None, None], close_timeout: float, inline_limit: int | None
+    ) -> None:
         self._gen = gen
+        self._limit = inline_limit
         self._close_timeout = close_timeout
         self._loop = asyncio.get_running_loop()
         self._lock = threading.Lock()
         self._not_full = threading.Condition(self._lock)
-        self._items: deque[Item] = deque()
-        self._ready: list[Item] = []
+        self._items: deque[Item | Pending] = deque()
+        self._ready: list[Item | Pending] = []
         self._waiter: asyncio.Future[None] | None = None
         self._done = False
         self._error: BaseException | None = None
@@ -151,7 +160,7 @@ class _ThreadSource:
     def _run(self) -> None:
         try:
             for item in self._gen:
-                if not self._put(encode_item(item)):
+                if not self._put(encode_item(item, self._limit)):
                     break
         except BaseException as exc:
             self._error = exc
@@ -167,7 +176,7 @@ class _ThreadSource:
                 self._wake()
             self._call(_resolve, self._exited)
 
-    def _put(self, item: Item) -> bool:
+    def _put(self, item: Item | Pending) -> bool:
         with self._not_full:
             while len(self._items) >= self._max and not self._closing:
                 self._not_full.wait()
@@ -195,7 +204,7 @@ class _ThreadSource:
     def __aiter__(self) -> _ThreadSource:
         return self
 
-    async def __anext__(self) -> Item:
+    async def __anext__(self) -> Item | Pending:
         while not self._ready:
             with self._lock:
                 if self._items:
@@ -348,9 +357,10 @@ class Runs:
     process and costs a few dictionary lookups.
     """
 
-    def __init__(self, broker: Broker, settings: Settings) -> None:
+    def __init__(self, broker: Broker, settings: Settings, blobs: Blobs) -> None:
         self.broker = broker
         self.settings = settings
+        self.blobs = blobs
         self.retention = Retention(settings.run_history)
         self.instance = secrets.token_hex(6)
         self.tell_step = max(1, settings.run_window // 4)
@@ -488,8 +498,9 @@ class Runs:
             if run.cursors and run.state == "running":
                 low = min(run.cursors.values())
                 # A lingering place is kept as long as the grace period; a
-                # live one until the next tick has renewed it, with margin.
-                keep = self.settings.disconnect_grace if run.linger else 3 * self._tick
+                # live one until the next ticks have renewed it, with margin
+                # for a loop that runs late (at least 2 s).
+                keep = self.settings.disconnect_grace if run.linger else max(3 * self._tick, 2.0)
                 run.told = low
                 value = f"{low} {time.time() + keep!r}"
                 await self.broker.put_state(key, {self.instance: value}, self.settings.run_ttl)
@@ -624,6 +635,8 @@ class Runs:
             try:
                 produced = 0
                 async for item in source:
+                    if isinstance(item, Pending):
+                        item = (item.event, await self.blobs.dump(item.data))
                     await self._append(run, [item])
                     produced += 1
                     if produced % 64 == 0:
