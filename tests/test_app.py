@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sys
 import threading
 from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
+import pytest
 from fastapi import FastAPI
 
 from tests.conftest import QUICK
@@ -79,3 +81,19 @@ def test_every_route_is_on_the_openapi_page(serve: Any) -> None:
             "text/event-stream; charset=utf-8",
         }
     assert "post" in paths["/channels/{name}/events"]
+
+
+def test_a_missing_extra_is_named_with_the_command_that_installs_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from tidewire.broker import from_url as broker_from_url
+    from tidewire.storage import from_url as storage_from_url
+
+    for module in ("tidewire.broker.redis", "tidewire.storage.s3"):
+        monkeypatch.delitem(sys.modules, module, raising=False)
+    monkeypatch.setitem(sys.modules, "redis", None)
+    monkeypatch.setitem(sys.modules, "aiobotocore", None)
+    with pytest.raises(ModuleNotFoundError, match=r"pip install 'tidewire\[redis\]'"):
+        broker_from_url("redis://127.0.0.1:6379/0")
+    with pytest.raises(ModuleNotFoundError, match=r"pip install 'tidewire\[s3\]'"):
+        storage_from_url("s3://bucket")

@@ -129,7 +129,11 @@ def from_url(url: str | None) -> Broker:
 
         return MemoryBroker()
     if url.startswith(("redis://", "rediss://", "unix://")):
-        from .redis import RedisBroker
-
+        try:
+            from .redis import RedisBroker
+        except ModuleNotFoundError as exc:
+            raise ModuleNotFoundError(
+                f"the Redis broker needs {exc.name!r}: pip install 'tidewire[redis]'"
+            ) from exc
         return RedisBroker(url)
     raise ValueError(f"unknown broker {url!r}: use redis://host:port/db, or memory://")

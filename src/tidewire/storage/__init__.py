@@ -276,8 +276,12 @@ def from_url(url: str | None, *, data_dir: str | os.PathLike[str] | None = None)
     With no URL, a local folder: `data_dir`, else `./data`.
     """
     if url and url.startswith("s3://"):
-        from .s3 import S3Storage
-
+        try:
+            from .s3 import S3Storage
+        except ModuleNotFoundError as exc:
+            raise ModuleNotFoundError(
+                f"S3 storage needs {exc.name!r}: pip install 'tidewire[s3]'"
+            ) from exc
         return S3Storage.from_url(url)
     from .local import LocalStorage
 
