@@ -91,8 +91,10 @@ def test_a_missing_extra_is_named_with_the_command_that_installs_it(
 
     for module in ("tidewire.broker.redis", "tidewire.storage.s3"):
         monkeypatch.delitem(sys.modules, module, raising=False)
-    monkeypatch.setitem(sys.modules, "redis", None)
-    monkeypatch.setitem(sys.modules, "aiobotocore", None)
+    # As if not installed: neither the packages nor any of their modules import.
+    for name in ["redis", "aiobotocore", *sys.modules]:
+        if name.split(".")[0] in ("redis", "aiobotocore"):
+            monkeypatch.setitem(sys.modules, name, None)
     with pytest.raises(ModuleNotFoundError, match=r"pip install 'tidewire\[redis\]'"):
         broker_from_url("redis://127.0.0.1:6379/0")
     with pytest.raises(ModuleNotFoundError, match=r"pip install 'tidewire\[s3\]'"):
