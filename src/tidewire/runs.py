@@ -401,7 +401,7 @@ class Runs:
         if view.state == "running":
             # Whoever looks at a run elsewhere may be the first to see that its
             # process died: then it is failed now, not left "running" forever.
-            await self.check_owner(view)
+            await self._fail_if_orphaned(view)
         return view
 
     # -- starting ----------------------------------------------------------
@@ -525,12 +525,19 @@ class Runs:
         run.remote_checked = time.monotonic()
         run.remote_checked_at = run.events
 
+    async def _refresh(self, run: Run) -> bool:
+        """Bring a run's state up to date from its shared record; False if it has none."""
+        record = await self.broker.get_state(f"run:{run.id}")
+        if record:
+            run.update(record)
+        return bool(record)
+
     async def check_owner(self, run: Run) -> None:
         """Fail a run whose owner stopped renewing its lease: it died."""
-        record = await self.broker.get_state(f"run:{run.id}")
-        if not record:
-            return
-        run.update(record)
+        if await self._refresh(run):
+            await self._fail_if_orphaned(run)
+
+    async def _fail_if_orphaned(self, run: Run) -> None:
         if run.state != "running":
             return
         # Whoever takes the expired lease reports the death, exactly once.
@@ -574,9 +581,7 @@ class Runs:
                 position = batch.events[-1].id
             if batch.ended:
                 break
-        fresh = await self.get(run.id)
-        if fresh is not None:
-            run.update(fresh.record())
+        await self._refresh(run)
         return True
 
     def _cancel_here(self, run: Run) -> bool:

@@ -57,6 +57,17 @@ class Pump:
         parts: list[bytes] = []
         gathered = 0
         inflight: asyncio.Future[None] | None = None
+
+        async def flush() -> None:
+            # The last block (if any) after the one in flight, then wait for both.
+            nonlocal inflight
+            if parts:
+                if inflight is not None:
+                    await inflight
+                inflight = asyncio.ensure_future(self._write(parts, True))
+            if inflight is not None:
+                await inflight
+
         iterator = aiter(chunks)
         try:
             while True:
@@ -66,12 +77,7 @@ class Pump:
                     break
                 except BaseException:
                     if keep:
-                        if parts:
-                            if inflight is not None:
-                                await inflight
-                            inflight = asyncio.ensure_future(self._write(parts, True))
-                        if inflight is not None:
-                            await inflight
+                        await flush()
                         self.kept = True
                     raise
                 if not chunk:
@@ -86,12 +92,7 @@ class Pump:
                         await inflight
                     inflight = asyncio.ensure_future(self._write(parts, False))
                     parts, gathered = [], 0
-            if parts:
-                if inflight is not None:
-                    await inflight
-                inflight = asyncio.ensure_future(self._write(parts, True))
-            if inflight is not None:
-                await inflight
+            await flush()
             return self.size
         except BaseException:
             if inflight is not None and not inflight.done():
