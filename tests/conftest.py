@@ -14,7 +14,7 @@ import uvicorn
 from tidewire import Settings, Tidewire
 
 # Real Redis and S3-compatible servers, started by the tests that need them.
-pytest_plugins = ["tests.redis_server", "tests.s3_server"]
+pytest_plugins = ["tests.redis_server", "tests.s3_server", "tests.proxy"]
 
 
 class LiveServer:

@@ -82,7 +82,10 @@ def add_channel_routes(router: APIRouter, tw: Tidewire) -> None:
         log = log_of(request.path_params["name"])
         after = await start_position(log, resume_position(request, "") or None)
         cursor = LogCursor(tw.broker, log, after, tw.settings.heartbeat)
-        return LogResponse(cursor, negotiate(request), {}, tw.settings.sse_retry_ms)
+        # Where "live from now" began, so that a client whose connection drops
+        # before any event can resume from there and miss nothing.
+        headers = {"tidewire-after": after}
+        return LogResponse(cursor, negotiate(request), headers, tw.settings.sse_retry_ms)
 
     add_stream_route(router, "/channels/{name}/events", subscribe, name="subscribe", tag="channels")
 
@@ -112,4 +115,4 @@ def add_channel_routes(router: APIRouter, tw: Tidewire) -> None:
             await channels.publish(name, Blob(raw))
 
         cursor = LogCursor(tw.broker, log, after, tw.settings.heartbeat)
-        await stream_websocket(websocket, cursor, {}, on_text, on_bytes)
+        await stream_websocket(websocket, cursor, {"tidewire-after": after}, on_text, on_bytes)
