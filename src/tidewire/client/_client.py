@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import os
 import time
-from collections.abc import AsyncIterator, Callable, Generator, Iterator, Mapping
+from collections.abc import AsyncIterator, Generator, Iterator, Mapping
 from pathlib import Path
 from types import TracebackType
 from typing import IO, Any, Literal, Self
@@ -26,6 +26,7 @@ from websockets.sync.client import ClientConnection as WebSocket
 from websockets.sync.client import connect as connect_ws
 
 from ..events import dump_data
+from . import _transfers
 from ._models import Event, decode
 from ._session import Session, Target, Transport, accept
 from .exceptions import (
@@ -43,8 +44,7 @@ DEFAULT_URL = "http://127.0.0.1:8000"
 
 #: A file to publish with an event: a path, bytes, or (filename, bytes or file, type).
 FileSpec = str | os.PathLike[str] | bytes | tuple[str, bytes | IO[bytes], str]
-#: Called as bytes move: `progress(done, total)`; total is None when unknown.
-Progress = Callable[[int, int | None], None]
+Progress = _transfers.Progress
 GapPolicy = Literal["raise", "yield"]
 
 
@@ -158,8 +158,6 @@ class Client:
         progress: Progress | None = None,
     ) -> dict[str, Any]:
         """Upload a file (multipart when small, resumable tus when large); its metadata."""
-        from . import _transfers  # TODO(coordinator): top-level import once it lands
-
         return _transfers.upload(self.http, source, name=name, type=type, progress=progress)
 
     def download(
@@ -171,8 +169,6 @@ class Client:
         progress: Progress | None = None,
     ) -> Path:
         """Download a file by id or name; continues a partial download; checks its sha256."""
-        from . import _transfers
-
         return _transfers.download(self.http, file, dest, resume=resume, progress=progress)
 
     def files(self, limit: int | None = None) -> list[dict[str, Any]]:
@@ -368,8 +364,6 @@ class AsyncClient:
         progress: Progress | None = None,
     ) -> dict[str, Any]:
         """Upload a file (multipart when small, resumable tus when large); its metadata."""
-        from . import _transfers
-
         return await _transfers.aupload(self.http, source, name=name, type=type, progress=progress)
 
     async def download(
@@ -381,8 +375,6 @@ class AsyncClient:
         progress: Progress | None = None,
     ) -> Path:
         """Download a file by id or name; continues a partial download; checks its sha256."""
-        from . import _transfers
-
         return await _transfers.adownload(self.http, file, dest, resume=resume, progress=progress)
 
     async def files(self, limit: int | None = None) -> list[dict[str, Any]]:

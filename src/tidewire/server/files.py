@@ -3,6 +3,7 @@
     POST   /files              multipart, one or more `file` parts -> 201 [metadata]
     PUT    /files/<name>       the raw body is the file (curl -T)  -> 201 metadata
     GET    /files              metadata, newest first, paged by a cursor
+    GET    /files?name=<name>  [the newest file of that name], or []
     GET    /files/<id>         the bytes (HEAD too): see downloads.py
     GET    /files/<id>/meta    metadata
     DELETE /files/<id>
@@ -256,7 +257,17 @@ def add_file_routes(router: APIRouter, tw: Tidewire) -> None:
         cursor: Annotated[
             str | None, Query(max_length=200, description="Tidewire-Next-Cursor of a page")
         ] = None,
+        name: Annotated[
+            str | None,
+            Query(
+                min_length=1,
+                max_length=255,
+                description="only the newest file of exactly this name: a list of one, or none",
+            ),
+        ] = None,
     ) -> Response:
+        if name is not None:
+            return await newest_named(name, cursor)
         try:
             with storage_errors():
                 page = await tw.storage.list(limit=limit, cursor=cursor)
@@ -270,6 +281,20 @@ def add_file_routes(router: APIRouter, tw: Tidewire) -> None:
             headers["tidewire-next-cursor"] = page.next
             headers["link"] = f'<{request.url.path}?{query}>; rel="next"'
         return JSONResponse([info.json() for info in page.files], headers=headers)
+
+    async def newest_named(name: str, cursor: str | None) -> Response:
+        # Storage keeps an index by name that answers "the newest" without a
+        # scan (`Storage.find`), not a listing by name; the newest is what
+        # clients that know files by name want (`Client.download(name)`).
+        if cursor is not None:
+            raise HTTPException(400, "?name= answers one file: leave out the cursor")
+        with storage_errors():
+            try:
+                # A label compared for equality: any string is safe to look up.
+                found = [await tw.storage.find(name)]
+            except FileNotFound:
+                found = []
+        return JSONResponse([info.json() for info in found])
 
     # PUT /files/{filename:path} also matches "/files/", so the usual slash
     # redirect would not happen: GET /files/ would be a 405 instead of the list.
