@@ -22,6 +22,7 @@ from typing import Any
 
 from . import files, report
 from .apps.image import PNG, ensure_png
+from .client import w7
 from .clients import Watchers, run_load
 from .fanout import w3
 from .harness import QUICK, Ctx, Servers, Sizes, busy_cpu, median
@@ -345,6 +346,7 @@ WORKLOADS: dict[str, Callable[[Ctx], dict[str, Any]]] = {
     "w5": files.w5,
     "w5b": files.w5b,
     "w6": files.w6,
+    "w7": w7,
 }
 
 
@@ -352,7 +354,9 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     ap.add_argument("--only", default=",".join(WORKLOADS), help="workloads, e.g. w1,w3")
     ap.add_argument("--quick", action="store_true", help="small sizes: a smoke run of ~1.5 min")
-    ap.add_argument("--rounds", type=int, help="rounds of W1, W2, W5, W5b, W6 (median is reported)")
+    ap.add_argument(
+        "--rounds", type=int, help="rounds of W1, W2, W5, W5b, W6, W7 (median is reported)"
+    )
     ap.add_argument("--no-tidewire", action="store_true", help="baselines only")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent, help="results folder")
     ap.add_argument(

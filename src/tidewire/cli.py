@@ -11,12 +11,15 @@ from typing import Annotated, Any, NoReturn
 import typer
 
 from . import __version__
+from .cli_client import EXIT_CODES_HELP, add_commands
 
 __all__ = ["cli", "load_app", "main", "worker_app"]
 
 cli = typer.Typer(
     name="tidewire",
     help="Stream Python generators, channels and files over NDJSON, SSE and WebSocket.",
+    epilog=EXIT_CODES_HELP
+    + ". The server is --url, or $TIDEWIRE_URL (default http://127.0.0.1:8000).",
     no_args_is_help=True,
     add_completion=False,
 )
@@ -170,6 +173,9 @@ def serve(
 def version() -> None:
     """Print tidewire's version."""
     typer.echo(__version__)
+
+
+add_commands(cli)
 
 
 def main() -> None:
