@@ -39,6 +39,7 @@ import secrets
 import tempfile
 import time
 from collections.abc import AsyncIterator, Callable, Generator, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -589,6 +590,15 @@ class _Part:
         self._sha = hashlib.sha256()
         self.done = 0
         self.file: IO[bytes]
+        # Writing goes to a thread, a block at a time with one block in
+        # flight: the disk works while this thread receives and hashes the
+        # next block (both let go of the GIL). Done inline, they took turns
+        # and a download ran at about half of curl's speed. (Hashing in a
+        # second thread gained nothing measurable: receiving is then the limit.)
+        self._writer = ThreadPoolExecutor(1, thread_name_prefix="tidewire-download")
+        self._writing: Future[None] | None = None
+        self._block: list[bytes] = []
+        self._block_size = 0
         if resume and self.path.is_file():
             self.file = self.path.open("r+b")
             while data := self.file.read(IO_CHUNK):
@@ -606,7 +616,11 @@ class _Part:
     def __exit__(
         self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
-        self.file.close()
+        try:
+            self._drain()  # what was received is kept for a resume, even after an error
+        finally:
+            self._writer.shutdown()
+            self.file.close()
 
     def request_headers(self) -> dict[str, str]:
         # Ranges of an encoded body would be ranges of the encoding.
@@ -637,12 +651,31 @@ class _Part:
             raise ProtocolError(
                 f"the server sent more than the {self.wanted.size} bytes of {self.wanted.id}"
             )
-        self.file.write(data)
         self._sha.update(data)
         self.done += len(data)
+        self._block.append(data)
+        self._block_size += len(data)
+        if self._block_size >= IO_CHUNK:
+            self._flush()
         self.tick(self.done)
 
+    def _flush(self) -> None:
+        self._wait()  # one block in flight: memory stays flat
+        block, self._block, self._block_size = self._block, [], 0
+        self._writing = self._writer.submit(self.file.writelines, block)
+
+    def _wait(self) -> None:
+        writing, self._writing = self._writing, None
+        if writing is not None:
+            writing.result()
+
+    def _drain(self) -> None:
+        if self._block:
+            self._flush()
+        self._wait()
+
     def finish(self) -> Path:
+        self._drain()
         self.file.close()
         if self.done != self.wanted.size:
             raise ProtocolError(
@@ -658,6 +691,7 @@ class _Part:
         return self.target
 
     def _restart(self) -> None:
+        self._drain()
         self.file.seek(0)
         self.file.truncate()
         self._sha = hashlib.sha256()
