@@ -109,6 +109,7 @@ def exit_codes() -> Iterator[None]:
         RunFailed,
         TidewireError,
         TransportError,
+        describe,
     )
 
     try:
@@ -135,20 +136,6 @@ def exit_codes() -> Iterator[None]:
     except OSError as exc:  # a local file that cannot be read or written
         where = f"{exc.filename}: " if exc.filename else ""
         die(f"{where}{exc.strerror or exc}", 1)
-
-
-def describe(detail: Any) -> str:
-    """The server's `detail`: a string as it is, a 422's list as `field: message; ...`."""
-    if isinstance(detail, list):
-        parts = []
-        for item in detail:
-            if isinstance(item, dict) and "msg" in item:
-                loc = [str(p) for p in item.get("loc", ()) if p not in ("query", "body")]
-                parts.append(f"{'.'.join(loc)}: {item['msg']}" if loc else str(item["msg"]))
-            else:
-                parts.append(str(item))
-        return "; ".join(parts)
-    return str(detail)
 
 
 def client(url: str) -> Client:

@@ -38,6 +38,7 @@ __all__ = [
     "StreamGap",
     "TidewireError",
     "TransportError",
+    "describe",
     "raise_for_status",
     "translate",
 ]
@@ -80,7 +81,7 @@ class HTTPStatusError(TidewireError):
         self.detail = detail
         self.method = method
         self.url = url
-        super().__init__(f"{status_code} from {method} {url}: {_describe(detail)}")
+        super().__init__(f"{status_code} from {method} {url}: {describe(detail)}")
 
 
 class ProtocolError(TidewireError):
@@ -123,13 +124,14 @@ class RunFailed(StreamError):
         self.message = message
 
 
-def _describe(detail: Any) -> str:
-    # FastAPI's 422 detail is a list of {"loc", "msg"}: name the fields.
+def describe(detail: Any) -> str:
+    """The server's `detail` as one line: a 422's list of fields as `field: message; …`."""
     if isinstance(detail, list):
         parts = []
         for item in detail:
             if isinstance(item, dict) and "msg" in item:
-                loc = ".".join(str(p) for p in item.get("loc", ()))
+                # FastAPI's loc starts with where the field was ("query", "body").
+                loc = ".".join(str(p) for p in item.get("loc", ()) if p not in ("query", "body"))
                 parts.append(f"{loc}: {item['msg']}" if loc else str(item["msg"]))
             else:
                 parts.append(str(item))
