@@ -551,10 +551,12 @@ class Runs:
         }
         run.state, run.ended = "failed", time.time()
         await self.broker.append(run.log, [("error", dump_data(error))], self.retention)
-        await self.broker.end(run.log)
+        # The record before the end of the log: whoever sees the end (a
+        # cancel waiting elsewhere) then reads the final state.
         await self.broker.put_state(
             f"run:{run.id}", {"state": run.state, "ended": repr(run.ended)}, self.settings.run_ttl
         )
+        await self.broker.end(run.log)
 
     # -- cancelling --------------------------------------------------------
 
@@ -667,8 +669,9 @@ class Runs:
             return  # another process has ended its log already
         try:
             await self._append(run, [final])
-            await self.broker.end(run.log)
+            # The record before the end of the log, as in _fail_if_orphaned.
             await self.broker.put_state(f"run:{run.id}", run.record(), self.settings.run_ttl)
+            await self.broker.end(run.log)
         except BrokerUnavailable:
             logger.error("run %s ended (%s) but the broker is unreachable", run.id, run.state)
 
