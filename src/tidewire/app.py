@@ -26,6 +26,7 @@ from .server.files import add_file_routes
 from .server.streams import add_stream_routes
 from .server.transport import broker_unavailable
 from .server.uploads import add_upload_routes, expire_uploads
+from .server.web import add_web_routes
 from .storage import Storage, from_url
 
 __all__ = ["Tidewire"]
@@ -140,6 +141,7 @@ class Tidewire:
         add_channel_routes(router, self)
         add_file_routes(router, self)
         add_upload_routes(router, self)
+        add_web_routes(router, self)
 
         @router.get("/healthz", tags=["health"], summary="Liveness")
         async def healthz() -> dict[str, Any]:
