@@ -278,6 +278,16 @@ class Watch {
     this.status('open', first ? {} : { resumedAfter: this.lastId });
   }
 
+  // One connection over this watch's transport, from the last id on.
+  follow(first) {
+    if (this.transport === 'sse') return this.readSse(first);
+    if (this.transport === 'ws') return this.readWs(first);
+    return this.readNdjson(
+      { method: 'get', url: url(this.base, `${this.path}/events`, { after: this.lastId }).href },
+      first,
+    );
+  }
+
   // -- NDJSON through Axios's fetch adapter: a ReadableStream of lines.
   async readNdjson(request, first) {
     let response;
@@ -523,10 +533,7 @@ export function streamNdjson(name, params = {}, options = {}) {
   watch
     .keepConnected(async (first) => {
       if (!first) {
-        return watch.readNdjson(
-          { method: 'get', url: url(watch.base, `${watch.path}/events`, { after: watch.lastId }).href },
-          false,
-        );
+        return watch.follow(false);
       }
       try {
         await watch.readNdjson(start, true);
@@ -545,7 +552,7 @@ function detachedStream(transport, name, params, options) {
   const watch = new RunWatch({ transport, ...startOptions(options), cancelOnLeave: options.cancelOnLeave });
   startDetached(watch, name, params)
     .then(() =>
-      watch.keepConnected((first) => (transport === 'sse' ? watch.readSse(first) : watch.readWs(first))),
+      watch.keepConnected((first) => watch.follow(first)),
     )
     .catch((err) => watch.fail(err));
   return watch;
@@ -576,14 +583,7 @@ export function watchRun(runId, options = {}) {
   });
   watch.started(runId);
   watch
-    .keepConnected((first) => {
-      if (transport === 'sse') return watch.readSse(first);
-      if (transport === 'ws') return watch.readWs(first);
-      return watch.readNdjson(
-        { method: 'get', url: url(watch.base, `${watch.path}/events`, { after: watch.lastId }).href },
-        first,
-      );
-    })
+    .keepConnected((first) => watch.follow(first))
     .catch((err) => watch.fail(err));
   return watch;
 }
@@ -623,14 +623,7 @@ export function subscribe(channel, options = {}) {
     ends: false,
   });
   watch
-    .keepConnected((first) => {
-      if (transport === 'sse') return watch.readSse(first);
-      if (transport === 'ws') return watch.readWs(first);
-      return watch.readNdjson(
-        { method: 'get', url: url(watch.base, `${watch.path}/events`, { after: watch.lastId }).href },
-        first,
-      );
-    })
+    .keepConnected((first) => watch.follow(first))
     .catch((err) => watch.fail(err));
   return watch;
 }
