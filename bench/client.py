@@ -25,9 +25,10 @@ from pathlib import Path
 from typing import Any
 
 from . import report
+from .clients import run_json
 from .files import CURL, WRITE_OUT, Transfer, child_cpu, curl, make_file, parse
 from .harness import Ctx, Servers, median
-from .servers import PY, ROOT, Server, env, tidewire
+from .servers import Server, tidewire
 
 __all__ = ["w7"]
 
@@ -41,16 +42,7 @@ CURL_PUT, CURL_GET = "curl -T (PUT /files/NAME)", "curl -o FILE (GET /files/ID)"
 
 def measure(mode: str, cfg: dict[str, Any], timeout: float) -> dict[str, Any]:
     """Run one measurement in its own process; a crash or a hang becomes an `error`."""
-    argv = [PY, "-m", "bench.client", mode, json.dumps(cfg)]
-    try:
-        r = subprocess.run(argv, cwd=ROOT, env=env(), capture_output=True, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        return {"error": f"{mode} still running after {timeout:.0f} s: killed"}
-    lines = r.stdout.decode().strip().splitlines()
-    if r.returncode != 0 or not lines:
-        return {"error": f"{mode} exited {r.returncode}: {r.stderr.decode()[-600:]}"}
-    result: dict[str, Any] = json.loads(lines[-1])
-    return result
+    return run_json("bench.client", mode, cfg, timeout)
 
 
 def read_raw(cfg: dict[str, Any]) -> dict[str, Any]:

@@ -12,18 +12,26 @@ from typing import Any
 from .servers import PY, ROOT, env
 
 
-def run_load(mode: str, cfg: dict[str, Any], timeout: float) -> dict[str, Any]:
-    """One load process to completion; a crash or a hang becomes an `error` in the result."""
-    argv = [PY, "-m", "bench.load", mode, json.dumps(cfg)]
+def run_json(module: str, mode: str, cfg: dict[str, Any], timeout: float) -> dict[str, Any]:
+    """`python -m module mode cfg` to completion, its result the JSON of its last line.
+
+    A crash or a hang becomes an `error` in the result.
+    """
+    argv = [PY, "-m", module, mode, json.dumps(cfg)]
     try:
         r = subprocess.run(argv, cwd=ROOT, env=env(), capture_output=True, timeout=timeout)
     except subprocess.TimeoutExpired:
-        return {"error": f"load generator still running after {timeout:.0f}s: killed"}
+        return {"error": f"{module} {mode} still running after {timeout:.0f}s: killed"}
     lines = r.stdout.decode().strip().splitlines()
     if r.returncode != 0 or not lines:
-        return {"error": f"load generator exited {r.returncode}: {r.stderr.decode()[-800:]}"}
+        return {"error": f"{module} {mode} exited {r.returncode}: {r.stderr.decode()[-800:]}"}
     result: dict[str, Any] = json.loads(lines[-1])
     return result
+
+
+def run_load(mode: str, cfg: dict[str, Any], timeout: float) -> dict[str, Any]:
+    """One load process (bench.load) to completion."""
+    return run_json("bench.load", mode, cfg, timeout)
 
 
 class Watchers:
