@@ -280,10 +280,13 @@ def transfers(ctx: Ctx, tw: Server) -> tuple[list[dict[str, Any]], dict[str, Any
             return 0.0, 0.0, str(res["error"])
         return res["wall"], res["client_cpu"], None if res["size"] == size else "wrong size"
 
+    from tidewire.client._transfers import PATCH_SIZE
+
+    tus = f"Client.upload (tus, {PATCH_SIZE >> 20} MiB PATCHes)"
     # (test, row name, baseline, how, is it an upload)
     plan: list[tuple[str, str, str, Callable[[], tuple[float, float, str | None]], bool]] = [
         ("upload", CURL_PUT, CURL_PUT, put, True),
-        ("upload", "Client.upload (tus, 8 MiB PATCHes)", CURL_PUT, upload(False), True),
+        ("upload", tus, CURL_PUT, upload(False), True),
         ("upload", "Client.upload multipart (threshold raised)", CURL_PUT, upload(True), True),
         ("download", CURL_GET, CURL_GET, get, False),
         ("download", "Client.download", CURL_GET, download, False),

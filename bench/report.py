@@ -255,7 +255,7 @@ def workload_md(name: str, w: dict[str, Any]) -> str:
             and r["publish_response"]
             and r["subscribers"] == w["rows"][0]["subscribers"]
         ):
-            resp = r["publish_response"].replace("\n", " ")[:100]
+            resp = " ".join(r["publish_response"].split())[:100]  # one line, whatever its line ends
             out.append(f"- {r['server']}, {r['publisher']}: publish answer `{resp}`")
         if name == "w3" and r.get("by_worker"):
             spread = " / ".join(f"{c:,}" for c in r["by_worker"])
