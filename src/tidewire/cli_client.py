@@ -218,14 +218,12 @@ class EventWriter:
                 return {"$blob": {"type": kind, "size": size, "data": data}}
         else:
             raise TypeError(f"{type(value).__name__} is not JSON serializable")
-        path = self.folder / f"{safe_name(event_id)}-{n}{extension(kind)}"
+        from .client._transfers import safe_name  # the rules downloads follow
+
+        # Ids are opaque: whatever they hold, the file stays in the folder.
+        path = self.folder / f"{safe_name(event_id, 'event')}-{n}{extension(kind)}"
         path.write_bytes(raw)
         return {"$blob": {"type": kind, "size": len(raw), "path": str(path)}}
-
-
-def safe_name(text: str) -> str:
-    # Ids are opaque: keep a file name out of other folders whatever they hold.
-    return re.sub(r"[^A-Za-z0-9._-]", "_", text)
 
 
 def extension(kind: str) -> str:
