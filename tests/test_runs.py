@@ -216,7 +216,9 @@ class Pair:
         return run_id
 
 
-SHARED = Settings(heartbeat=0.3, disconnect_grace=0.3, close_timeout=2.0, lease=0.6)
+# A lease short enough for quick tests, long enough that a loaded machine's
+# stalls (both "processes" here share one Python) do not look like a death.
+SHARED = Settings(heartbeat=0.3, disconnect_grace=0.3, close_timeout=2.0, lease=1.5)
 
 
 def test_a_run_started_in_one_process_is_watched_from_another(
@@ -247,7 +249,7 @@ def test_a_run_is_cancelled_from_another_process(serve: Callable[..., LiveServer
 def test_backpressure_holds_for_a_watcher_in_another_process(
     serve: Callable[..., LiveServer],
 ) -> None:
-    settings = Settings(heartbeat=0.3, run_window=16, run_history=32, lease=0.6)
+    settings = Settings(heartbeat=0.3, run_window=16, run_history=32, lease=SHARED.lease)
     pair = Pair(serve, settings)
     pair.go.clear()  # the generator waits until b's watcher is there
     # 16 MB: more than the socket buffers hold, so the reader's pace matters.
