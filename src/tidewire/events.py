@@ -14,7 +14,7 @@ Binary values travel as tagged objects so that bytes round-trip exactly:
 from __future__ import annotations
 
 import base64
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
@@ -230,21 +230,25 @@ class Event:
     __hash__ = None  # type: ignore[assignment]
 
 
-def decode_blobs(value: Any) -> Any:
+def decode_blobs(value: Any, remote: Callable[[str, str, int | None], Any] | None = None) -> Any:
     """Turn every `{"$blob": {...}}` in a decoded JSON value back into a `Blob`.
 
-    Blobs stored as files (`url` instead of `data`) are left as they are: fetching
-    them is I/O, which belongs to the client.
+    Blobs stored as files (`url` instead of `data`) are fetched by I/O, which
+    belongs to the client: `remote(url, type, size)` makes what stands for
+    them; without it they are left as they are.
     """
     if isinstance(value, dict):
         blob = value.get("$blob")
-        if len(value) == 1 and isinstance(blob, dict) and isinstance(blob.get("data"), str):
-            return Blob(
-                base64.b64decode(blob["data"]), blob.get("type", "application/octet-stream")
-            )
-        return {k: decode_blobs(v) for k, v in value.items()}
+        if len(value) == 1 and isinstance(blob, dict):
+            kind = str(blob.get("type", "application/octet-stream"))
+            if isinstance(blob.get("data"), str):
+                return Blob(base64.b64decode(blob["data"]), kind)
+            if remote is not None and isinstance(blob.get("url"), str):
+                size = blob.get("size")
+                return remote(blob["url"], kind, size if isinstance(size, int) else None)
+        return {k: decode_blobs(v, remote) for k, v in value.items()}
     if isinstance(value, list):
-        return [decode_blobs(v) for v in value]
+        return [decode_blobs(v, remote) for v in value]
     return value
 
 

@@ -230,6 +230,17 @@ def test_publish_and_subscribe_with_replay(server: LiveServer, transport: Any) -
     assert events[2].data["caption"] == "pic" and events[2].data["photo"] == PIXEL
 
 
+def test_publish_files_given_as_a_path_or_bytes(server: LiveServer, tmp_path: Path) -> None:
+    path = tmp_path / "p.png"
+    path.write_bytes(PIXEL)
+    with Client(server.url) as tw:
+        sent = tw.publish("pics", None, files={"photo": path, "raw": b"\x01\x02"})
+        with tw.subscribe("pics", after="0") as s:
+            event = next(iter(s))
+    assert event.id == sent
+    assert event.data["photo"] == PIXEL and event.data["raw"] == b"\x01\x02"
+
+
 def test_a_live_subscription_sees_what_is_published_after_it(server: LiveServer) -> None:
     with Client(server.url) as tw:
         tw.publish("live", "before")

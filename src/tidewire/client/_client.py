@@ -12,6 +12,7 @@ import asyncio
 import os
 import time
 from collections.abc import AsyncIterator, Generator, Iterator, Mapping
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from types import TracebackType
 from typing import IO, Any, Literal, Self
@@ -106,7 +107,7 @@ class Client:
         on_gap: GapPolicy = "raise",
     ) -> Stream:
         """Follow a run that is already started: its history after `after`, then live."""
-        return Stream(self, _watch_session(self, run_id, after, transport, on_gap))
+        return Stream(self, _session(self, transport, on_gap, run_id=run_id, after=after))
 
     def subscribe(
         self,
@@ -117,7 +118,7 @@ class Client:
         on_gap: GapPolicy = "raise",
     ) -> Stream:
         """Follow a channel: live from now, or after `after` (`"0"`: all it retains)."""
-        return Stream(self, _channel_session(self, channel, after, transport, on_gap))
+        return Stream(self, _session(self, transport, on_gap, channel=channel, after=after))
 
     def publish(
         self,
@@ -312,7 +313,7 @@ class AsyncClient:
         on_gap: GapPolicy = "raise",
     ) -> AsyncStream:
         """Follow a run that is already started: its history after `after`, then live."""
-        return AsyncStream(self, _watch_session(self, run_id, after, transport, on_gap))
+        return AsyncStream(self, _session(self, transport, on_gap, run_id=run_id, after=after))
 
     def subscribe(
         self,
@@ -323,7 +324,7 @@ class AsyncClient:
         on_gap: GapPolicy = "raise",
     ) -> AsyncStream:
         """Follow a channel: live from now, or after `after` (`"0"`: all it retains)."""
-        return AsyncStream(self, _channel_session(self, channel, after, transport, on_gap))
+        return AsyncStream(self, _session(self, transport, on_gap, channel=channel, after=after))
 
     async def publish(
         self,
@@ -649,97 +650,57 @@ def _run_session(
 ) -> Session:
     path = f"/streams/{_segment(name)}"
     if transport == "ws":
-        start = Target("WS", f"{path}/ws", {k: _query_value(v) for k, v in params.items()})
+        start = Target("WS", f"{path}/ws", {k: _text(v) for k, v in params.items()})
     else:
         # POST with a JSON body keeps the parameters' types exactly.
         start = Target("POST", path, json=params, headers=accept(transport))
-    return Session(transport, _decoder(client), start=start, retries=client.retries, on_gap=on_gap)
+    return _session(client, transport, on_gap, start=start)
 
 
-def _watch_session(
-    client: Client | AsyncClient,
-    run_id: str,
-    after: str | None,
-    transport: Transport,
-    on_gap: GapPolicy,
+def _session(
+    client: Client | AsyncClient, transport: Transport, on_gap: GapPolicy, **where: Any
 ) -> Session:
-    return Session(
-        transport,
-        _decoder(client),
-        run_id=run_id,
-        after=after,
-        retries=client.retries,
-        on_gap=on_gap,
-    )
-
-
-def _channel_session(
-    client: Client | AsyncClient,
-    channel: str,
-    after: str | None,
-    transport: Transport,
-    on_gap: GapPolicy,
-) -> Session:
-    return Session(
-        transport,
-        _decoder(client),
-        channel=channel,
-        after=after,
-        retries=client.retries,
-        on_gap=on_gap,
-    )
-
-
-def _decoder(client: Client | AsyncClient) -> Any:
+    """A stream's session; `where`: a run to `start`, or a `run_id` or `channel` and `after`."""
     http = client.http
-    return lambda value: decode(value, http)
+    return Session(
+        transport,
+        lambda value: decode(value, http),
+        retries=client.retries,
+        on_gap=on_gap,
+        **where,
+    )
 
 
-class _publish_request:
+@contextmanager
+def _publish_request(
+    channel: str, data: Any, event: str | None, files: Mapping[str, FileSpec] | None
+) -> Iterator[dict[str, Any]]:
     """The request of a publish, as keyword arguments; closes the files it opened."""
+    request: dict[str, Any] = {
+        "method": "POST",
+        "path": f"/channels/{_segment(channel)}/events",
+        "params": {"event": event} if event else None,
+    }
+    if not files:
+        request["content"] = dump_data(data)
+        request["headers"] = {"content-type": "application/json"}
+        yield request
+        return
+    if data is not None and not isinstance(data, Mapping):
+        raise TypeError("with files, data must be a mapping of form fields (or None)")
+    with ExitStack() as opened:
 
-    def __init__(
-        self,
-        channel: str,
-        data: Any,
-        event: str | None,
-        files: Mapping[str, FileSpec] | None,
-    ) -> None:
-        self.channel = channel
-        self.data = data
-        self.event = event
-        self.files = files
-        self._opened: list[IO[bytes]] = []
+        def file(spec: FileSpec) -> Any:
+            if isinstance(spec, (str, os.PathLike)):
+                path = Path(spec)
+                return (path.name, opened.enter_context(path.open("rb")))
+            if isinstance(spec, bytes):
+                return ("blob", spec)
+            return spec
 
-    def __enter__(self) -> dict[str, Any]:
-        request: dict[str, Any] = {
-            "method": "POST",
-            "path": f"/channels/{_segment(self.channel)}/events",
-            "params": {"event": self.event} if self.event else None,
-        }
-        if not self.files:
-            request["content"] = dump_data(self.data)
-            request["headers"] = {"content-type": "application/json"}
-            return request
-        if self.data is not None and not isinstance(self.data, Mapping):
-            raise TypeError("with files, data must be a mapping of form fields (or None)")
-        request["data"] = {k: _form_value(v) for k, v in (self.data or {}).items()}
-        request["files"] = {k: self._file(v) for k, v in self.files.items()}
-        return request
-
-    def _file(self, spec: FileSpec) -> Any:
-        if isinstance(spec, (str, os.PathLike)):
-            path = Path(spec)
-            handle = path.open("rb")
-            self._opened.append(handle)
-            return (path.name, handle)
-        if isinstance(spec, bytes):
-            return ("blob", spec)
-        return spec
-
-    def __exit__(self, *exc_info: object) -> None:
-        for handle in self._opened:
-            handle.close()
+        request["data"] = {k: _text(v) for k, v in (data or {}).items()}
+        request["files"] = {k: file(v) for k, v in files.items()}
+        yield request
 
 
 def _page_params(
@@ -774,13 +735,8 @@ def _segment(value: str) -> str:
     return quote(value, safe="")
 
 
-def _query_value(value: Any) -> str:
-    if isinstance(value, str):
-        return value
-    return orjson.dumps(value).decode()
-
-
-def _form_value(value: Any) -> str:
+def _text(value: Any) -> str:
+    """A query or form value: a string as it is, anything else as JSON."""
     return value if isinstance(value, str) else orjson.dumps(value).decode()
 
 

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import base64
 from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
 
-from ..events import Blob
+from ..events import Blob, decode_blobs
 from .exceptions import raise_for_status, translate
 
 __all__ = ["Event", "RemoteBlob", "decode"]
@@ -64,16 +63,4 @@ class RemoteBlob:
 
 def decode(value: Any, http: httpx.Client | httpx.AsyncClient) -> Any:
     """Turn the `$blob` objects in decoded JSON into `Blob`s and `RemoteBlob`s."""
-    if isinstance(value, dict):
-        blob = value.get("$blob")
-        if len(value) == 1 and isinstance(blob, dict):
-            kind = str(blob.get("type", "application/octet-stream"))
-            if isinstance(blob.get("data"), str):
-                return Blob(base64.b64decode(blob["data"]), kind)
-            if isinstance(blob.get("url"), str):
-                size = blob.get("size")
-                return RemoteBlob(blob["url"], kind, size if isinstance(size, int) else None, http)
-        return {k: decode(v, http) for k, v in value.items()}
-    if isinstance(value, list):
-        return [decode(v, http) for v in value]
-    return value
+    return decode_blobs(value, lambda url, kind, size: RemoteBlob(url, kind, size, http))

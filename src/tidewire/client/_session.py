@@ -123,16 +123,14 @@ class Session:
             return self._start
         if self.run_id is not None:
             base = f"/runs/{quote(self.run_id, safe='')}"
-            http, ws = f"{base}/events", f"{base}/ws"
         elif self.channel is not None:
             base = f"/channels/{quote(self.channel, safe='')}"
-            http, ws = f"{base}/events", f"{base}/ws"
         else:  # pragma: no cover - the constructors always give one of the three
             raise RuntimeError("a session needs a start request, a run id or a channel")
         params = {"after": self.last_id} if self.last_id is not None else {}
         if self.transport == "ws":
-            return Target("WS", ws, params)
-        return Target("GET", http, params, headers=accept(self.transport))
+            return Target("WS", f"{base}/ws", params)
+        return Target("GET", f"{base}/events", params, headers=accept(self.transport))
 
     def opened(self, headers: Mapping[str, str]) -> None:
         """A connection is up: learn the run id, or where a live subscription began."""
