@@ -144,10 +144,10 @@ function eventRow(event) {
 
 /** An event list that renders once a frame and keeps its last MAX_ROWS rows. */
 class EventLog {
-  constructor(list, note, emptyText) {
+  constructor(list, note) {
     this.list = list;
     this.note = note;
-    this.emptyText = emptyText;
+    this.emptyText = note.textContent; // as the page says it before anything arrives
     this.pending = [];
     this.total = 0;
     this.scheduled = false;
@@ -161,9 +161,10 @@ class EventLog {
     this.note.textContent = this.emptyText;
   }
 
-  add(node, counts = true) {
+  /** `make` builds the row: only when it is shown, so rows dropped unseen cost nothing. */
+  add(make, counts = true) {
     if (counts) this.total += 1;
-    this.pending.push(node);
+    this.pending.push(make);
     // Rows nobody will see are not kept: a fast stream in a hidden tab stays bounded.
     if (this.pending.length > 2 * MAX_ROWS) this.pending.splice(0, this.pending.length - MAX_ROWS);
     if (!this.scheduled) {
@@ -179,7 +180,7 @@ class EventLog {
     const list = this.list;
     // Follow new rows only when the reader is already at the bottom.
     const follow = list.scrollHeight - list.scrollTop - list.clientHeight < 40;
-    list.append(...this.pending.slice(-MAX_ROWS));
+    list.append(...this.pending.slice(-MAX_ROWS).map((make) => make()));
     this.pending = [];
     const extra = list.children.length - MAX_ROWS;
     for (let i = 0; i < extra; i++) list.firstElementChild.remove();
@@ -328,7 +329,6 @@ function setupStreams() {
   const log = new EventLog(
     $('#events'),
     $('#events-note'),
-    'Pick a stream and start a run: its events appear here as they arrive.',
   );
   const now = { box: $('#now'), img: $('#now-img'), text: $('#now-text') };
   let streams = [];
@@ -391,7 +391,7 @@ function setupStreams() {
     const watch = TRANSPORTS[transport].start(select.value, params, {
       base: BASE,
       onEvent: (event) => {
-        log.add(eventRow(event));
+        log.add(() => eventRow(event));
         status.events.textContent = String(log.total);
         status.last.textContent = event.id ?? '—';
         if (event.event === 'message') showLatest(event.data);
@@ -402,11 +402,12 @@ function setupStreams() {
         status.reconnects.textContent = String(s.reconnects);
         setState(status.state, s.state, stateText(s));
         if (s.state === 'reconnecting' && s.attempt === 1 && !s.notice) {
-          log.add(marker(`Connection lost after #${s.lastId ?? '—'}; reconnecting…`), false);
+          log.add(() => marker(`Connection lost after #${s.lastId ?? '—'}; reconnecting…`), false);
         }
         if (s.state === 'open' && s.resumedAfter !== undefined) {
           log.add(
-            marker(`Reconnected (${s.reconnects}): resumed after #${s.resumedAfter ?? '—'}, nothing missed`),
+            () =>
+              marker(`Reconnected (${s.reconnects}): resumed after #${s.resumedAfter ?? '—'}, nothing missed`),
             false,
           );
         }
@@ -473,7 +474,6 @@ function setupChannels() {
   const log = new EventLog(
     $('#messages'),
     $('#messages-note'),
-    'Subscribe to a channel to see its history and what anyone publishes to it, from any tab or process.',
   );
   const typesField = $('#channel-types-field');
   let sub = null;
@@ -521,7 +521,7 @@ function setupChannels() {
         .value.split(/[\s,]+/)
         .filter(Boolean),
       onEvent: (event) => {
-        log.add(eventRow(event));
+        log.add(() => eventRow(event));
         status.count.textContent = String(log.total);
         status.last.textContent = event.id ?? '—';
       },
@@ -530,7 +530,7 @@ function setupChannels() {
         status.reconnects.textContent = String(s.reconnects);
         setState(status.state, s.state, stateText(s));
         if (s.state === 'open' && s.resumedAfter !== undefined) {
-          log.add(marker(`Reconnected (${s.reconnects}): resumed after #${s.resumedAfter ?? '—'}`), false);
+          log.add(() => marker(`Reconnected (${s.reconnects}): resumed after #${s.resumedAfter ?? '—'}`), false);
         }
         if (s.state === 'failed') showError(errorBox, s.error);
       },
@@ -669,11 +669,6 @@ function setupFiles() {
   };
 
   const showUnfinished = async () => {
-    // Only load tus-js-client when there is something to show.
-    if (!Object.keys(localStorage).some((k) => k.startsWith('tus::'))) {
-      $('#unfinished').hidden = true;
-      return;
-    }
     const list = await unfinishedUploads();
     $('#unfinished-list').replaceChildren(
       ...list.map((u) =>

@@ -140,7 +140,6 @@ class Watch {
     this.state = 'connecting';
     this.reconnects = 0;
     this.received = 0;
-    this.error = null;
     this.finished = false;
     this.abort = new AbortController();
     this._queue = [];
@@ -193,7 +192,6 @@ class Watch {
   fail(error) {
     if (this.finished) return;
     this.finished = true;
-    this.error = error;
     this.abort.abort();
     this.status('failed', { error });
     this._reject(error);
@@ -229,8 +227,9 @@ class Watch {
   /**
    * Keep a connection going until the stream ends: `connect()` resolves when a
    * connection ends (or rejects when it fails), and we resume after lastId.
+   * By default each connection follows this watch's transport.
    */
-  async keepConnected(connect) {
+  async keepConnected(connect = (first) => this.follow(first)) {
     let failures = 0;
     let first = true;
     while (!this.finished) {
@@ -343,8 +342,7 @@ class Watch {
   // -- SSE through EventSource, which reconnects by itself with Last-Event-ID.
   readSse(first) {
     return new Promise((resolve, reject) => {
-      const query = this.lastId !== null ? { after: this.lastId } : {};
-      const source = new EventSource(url(this.base, `${this.path}/events`, query));
+      const source = new EventSource(url(this.base, `${this.path}/events`, { after: this.lastId }));
       let open = false;
       let firstOpen = first;
       const stop = () => {
@@ -389,8 +387,7 @@ class Watch {
   // -- WebSocket: one JSON envelope per text frame.
   readWs(first) {
     return new Promise((resolve, reject) => {
-      const query = this.lastId !== null ? { after: this.lastId } : {};
-      const socket = new WebSocket(wsUrl(this.base, `${this.path}/ws`, query));
+      const socket = new WebSocket(wsUrl(this.base, `${this.path}/ws`, { after: this.lastId }));
       const stop = () => {
         socket.close(1000);
         resolve();
@@ -435,7 +432,7 @@ class RunWatch extends Watch {
     this.path = `/runs/${encodeURIComponent(runId)}`;
     if (this.cancelOnLeave) ownRuns.set(runId, this.base);
     this._runResolve(runId);
-    this.status(this.state, { runId });
+    this.status(this.state);
   }
 
   status(state, extra = {}) {
@@ -552,7 +549,7 @@ function detachedStream(transport, name, params, options) {
   const watch = new RunWatch({ transport, ...startOptions(options), cancelOnLeave: options.cancelOnLeave });
   startDetached(watch, name, params)
     .then(() =>
-      watch.keepConnected((first) => watch.follow(first)),
+      watch.keepConnected(),
     )
     .catch((err) => watch.fail(err));
   return watch;
@@ -583,7 +580,7 @@ export function watchRun(runId, options = {}) {
   });
   watch.started(runId);
   watch
-    .keepConnected((first) => watch.follow(first))
+    .keepConnected()
     .catch((err) => watch.fail(err));
   return watch;
 }
@@ -623,7 +620,7 @@ export function subscribe(channel, options = {}) {
     ends: false,
   });
   watch
-    .keepConnected((first) => watch.follow(first))
+    .keepConnected()
     .catch((err) => watch.fail(err));
   return watch;
 }
@@ -760,6 +757,8 @@ export function upload(file, options = {}) {
 
 /** Resumable uploads this browser has started and not finished: [{name, size, uploadUrl, key}]. */
 export async function unfinishedUploads() {
+  // tus-js-client keeps them in localStorage under 'tus::…': with none, it need not be loaded.
+  if (!Object.keys(localStorage).some((k) => k.startsWith('tus::'))) return [];
   const tus = await loadTus();
   const found = await tus.defaultOptions.urlStorage.findAllUploads();
   return found.map((u) => ({
