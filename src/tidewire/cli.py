@@ -12,14 +12,14 @@ import typer
 
 from . import __version__
 from .cli_client import EXIT_CODES_HELP, add_commands
+from .client._client import DEFAULT_URL
 
 __all__ = ["cli", "load_app", "main", "worker_app"]
 
 cli = typer.Typer(
     name="tidewire",
     help="Stream Python generators, channels and files over NDJSON, SSE and WebSocket.",
-    epilog=EXIT_CODES_HELP
-    + ". The server is --url, or $TIDEWIRE_URL (default http://127.0.0.1:8000).",
+    epilog=EXIT_CODES_HELP + f". The server is --url, or $TIDEWIRE_URL (default {DEFAULT_URL}).",
     no_args_is_help=True,
     add_completion=False,
 )

@@ -23,6 +23,8 @@ from typing import TYPE_CHECKING, Annotated, Any, NoReturn, TextIO
 
 import typer
 
+from .client._client import DEFAULT_URL
+
 if TYPE_CHECKING:
     from rich.progress import Progress
 
@@ -42,8 +44,6 @@ EXIT_CODES: dict[int, str] = {
     130: "Ctrl-C (a run started by `stream` is cancelled)",
 }
 EXIT_CODES_HELP = "Exit codes: " + "; ".join(f"{code} {what}" for code, what in EXIT_CODES.items())
-
-DEFAULT_URL = "http://127.0.0.1:8000"
 
 
 class Transport(StrEnum):
@@ -425,8 +425,11 @@ def attachments(specs: list[str]) -> dict[str, Path]:
     found: dict[str, Path] = {}
     for spec in specs:
         key, sep, where = spec.partition("=")
-        path = Path(where if sep and key and not Path(spec).is_file() else spec)
-        key = key if sep and key and path != Path(spec) else path.name
+        # KEY=PATH, unless the whole of it names a file ("a=b.png" may).
+        if sep and key and not Path(spec).is_file():
+            path = Path(where)
+        else:
+            key, path = Path(spec).name, Path(spec)
         if not path.is_file():
             raise typer.BadParameter(f"{str(path)!r} is not a file", param_hint="--file")
         if key in found:

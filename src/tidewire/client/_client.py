@@ -152,7 +152,7 @@ class Client:
 
     def upload(
         self,
-        source: str | os.PathLike[str] | IO[bytes],
+        source: _transfers.Source,
         *,
         name: str | None = None,
         type: str | None = None,
@@ -358,7 +358,7 @@ class AsyncClient:
 
     async def upload(
         self,
-        source: str | os.PathLike[str] | IO[bytes],
+        source: _transfers.Source,
         *,
         name: str | None = None,
         type: str | None = None,

@@ -3,10 +3,11 @@
 Each transfer is written once, as a generator that yields the HTTP calls it
 needs (`_Call`) and is sent their responses back ("sans-I/O"). `_run` and
 `_arun` are the only code that touches the network, a dozen lines each, so
-the sync and async clients cannot drift apart. Local files are read and
-written inside the generators, at most 1 MiB at a time: a local disk answers
-in microseconds, less than a hop to a worker thread per chunk would cost, so
-the async client does the same.
+the sync and async clients cannot drift apart. Local files move 1 MiB at a
+time, in a thread beside the network: an upload reads and hashes the next
+block while this one is sent, a download hashes and writes one while the
+next is received (the async client also takes each upload step in a thread,
+off the event loop).
 
 Uploads. A file smaller than `tus_threshold`, or one whose size cannot be
 known (a pipe), goes up in one multipart `POST /files` (framed here: see
@@ -49,6 +50,7 @@ from urllib.parse import urljoin
 
 import httpx
 
+from ..storage import valid_id
 from .exceptions import (
     ChecksumMismatch,
     HTTPStatusError,
@@ -62,7 +64,6 @@ from .exceptions import (
 __all__ = [
     "Progress",
     "Source",
-    "TusState",
     "UploadStore",
     "adownload",
     "afind",
@@ -72,13 +73,8 @@ __all__ = [
     "download",
     "find",
     "fingerprint",
-    "multipart_head",
-    "multipart_tail",
     "safe_name",
     "tus_create_headers",
-    "tus_location",
-    "tus_patch_headers",
-    "tus_state",
     "upload",
 ]
 
@@ -108,8 +104,8 @@ MAX_CONFLICTS = 3
 #: time, so a large one costs no memory, and the server keeps what arrived
 #: of a PATCH that is cut off, so it costs nothing on resume either.
 PATCH_SIZE = 32 << 20
-# A file id, as the contract shapes it: 22 characters of 0-9a-v.
-_ID = re.compile(r"[0-9a-v]{22}\Z")
+#: Files of this size or more go up by tus, resumably; smaller ones in one POST.
+TUS_THRESHOLD = 8 << 20
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
@@ -288,11 +284,11 @@ class _Source:
         self.type = type
         self.label = label
         self._owned = owned
-        self.seekable = _seekable(file)
-        self.start = file.tell() if self.seekable else 0
+        seekable = _seekable(file)
+        self.start = file.tell() if seekable else 0
         self.size: int | None = None
         self.mtime_ns: int | None = None
-        if self.seekable:
+        if seekable:
             self.size = file.seek(0, os.SEEK_END) - self.start
             file.seek(self.start)
             try:
@@ -500,7 +496,7 @@ def tus_state(response: httpx.Response, *, default: int | None = None) -> TusSta
     return TusState(
         offset,
         response.headers.get(FILE_HEADER) or None,
-        int(length) if length.isdigit() else None,
+        int(length) if length.isascii() and length.isdigit() else None,
     )
 
 
@@ -587,7 +583,7 @@ class _Wanted:
             wanted = cls(str(meta["id"]), str(meta["name"]), int(meta["size"]), meta["sha256"])
         except (KeyError, TypeError, ValueError):
             raise ProtocolError(f"not a file's metadata: {meta!r:.200}") from None
-        if not isinstance(wanted.sha256, str) or not _ID.match(wanted.id):
+        if not valid_id(wanted.id):  # the sha256 is checked by _file_meta
             raise ProtocolError(f"not a file's metadata: {meta!r:.200}")
         return wanted
 
@@ -874,7 +870,7 @@ def _find_flow(id_or_name: str) -> Flow[dict[str, Any]]:
     if not isinstance(id_or_name, str) or not id_or_name:
         raise ValueError("name the file: its id or its name")
     missing: HTTPStatusError | None = None
-    if _ID.match(id_or_name):
+    if valid_id(id_or_name):
         response = yield _Call("GET", f"/files/{id_or_name}/meta")
         if response.status_code != 404:
             return _file_meta(_json(response), response)
@@ -1018,7 +1014,7 @@ def upload(
     name: str | None = None,
     type: str | None = None,
     progress: Progress | None = None,
-    tus_threshold: int = 8 << 20,
+    tus_threshold: int = TUS_THRESHOLD,
     chunk_size: int = PATCH_SIZE,
     resume_store: UploadStore | None = None,
 ) -> dict[str, Any]:
@@ -1050,7 +1046,7 @@ async def aupload(
     name: str | None = None,
     type: str | None = None,
     progress: Progress | None = None,
-    tus_threshold: int = 8 << 20,
+    tus_threshold: int = TUS_THRESHOLD,
     chunk_size: int = PATCH_SIZE,
     resume_store: UploadStore | None = None,
 ) -> dict[str, Any]:
