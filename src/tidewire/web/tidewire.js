@@ -288,7 +288,7 @@ class Watch {
   }
 
   // -- NDJSON through Axios's fetch adapter: a ReadableStream of lines.
-  async readNdjson(request, first) {
+  async readNdjson(request, first, what = 'connect') {
     let response;
     try {
       response = await axios.request({
@@ -300,7 +300,7 @@ class Watch {
       });
     } catch (err) {
       if (this.finished) return;
-      const error = await toError(err, 'connect');
+      const error = await toError(err, what);
       if (error.status === 503) error.retryAfter = 1000 * Number(err.response?.headers?.['retry-after'] || 1);
       throw error;
     }
@@ -533,11 +533,11 @@ export function streamNdjson(name, params = {}, options = {}) {
         return watch.follow(false);
       }
       try {
-        await watch.readNdjson(start, true);
+        await watch.readNdjson(start, true, `start ${name}`);
       } catch (err) {
         // Before its id came back the run may or may not have started: starting
         // again could make two, so only a known run is resumed.
-        if (!watch.path) watch.fail(await toError(err, `start ${name}`));
+        if (!watch.path) watch.fail(err);
         throw err;
       }
     })
