@@ -218,7 +218,7 @@ class EventWriter:
                 return {"$blob": {"type": kind, "size": size, "data": data}}
         else:
             raise TypeError(f"{type(value).__name__} is not JSON serializable")
-        from .client._transfers import safe_name  # the rules downloads follow
+        from .client._files import safe_name  # the rules downloads follow
 
         # Ids are opaque: whatever they hold, the file stays in the folder.
         path = self.folder / f"{safe_name(event_id, 'event')}-{n}{extension(kind)}"

@@ -1,4 +1,5 @@
-"""The client's file transfers: uploads (multipart, tus, resumed by another process), downloads."""
+"""The client's file transfers, against a server: uploads (multipart, tus, resumed by
+another process), downloads (resumed), find; and that AsyncClient's stay off the event loop."""
 
 from __future__ import annotations
 
@@ -12,7 +13,9 @@ import subprocess
 import sys
 import textwrap
 import threading
+import time
 from collections.abc import Callable
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
@@ -22,26 +25,13 @@ import pytest
 from tests.conftest import QUICK, LiveServer
 from tests.proxy import Proxy
 from tidewire import Tidewire
-from tidewire.client._transfers import (
-    UploadStore,
-    adownload,
-    afind,
-    aupload,
-    default_store_path,
-    destination,
-    download,
-    find,
-    fingerprint,
-    safe_name,
-    tus_create_headers,
-    upload,
-)
+from tidewire.client._files import UploadStore, fingerprint
+from tidewire.client._transfers import adownload, afind, aupload, download, find, upload
 from tidewire.client.exceptions import (
     ChecksumMismatch,
     HTTPStatusError,
     TransportError,
 )
-from tidewire.server.uploads import file_name_and_type, parse_metadata
 from tidewire.storage.local import LocalStorage
 
 KIB = 1 << 10
@@ -172,118 +162,6 @@ def content(server: LiveServer, file_id: str) -> bytes:
 def write(path: Path, data: bytes) -> Path:
     path.write_bytes(data)
     return path
-
-
-# -- pure parts ------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    ("name", "expected"),
-    [
-        ("photo.jpg", "photo.jpg"),
-        ("../../etc/passwd", "passwd"),
-        ("..\\..\\windows\\win.ini", "win.ini"),
-        ("/abs/path/x", "x"),
-        ("..", "download"),
-        ("...", "download"),
-        ("dir/", "download"),
-        (".bashrc", "bashrc"),
-        ("a\x00b\x1fc\x7f.txt", "a_b_c_.txt"),
-        ('what?<"x">|*:y', "what___x_____y"),
-        ("name. . ", "name"),
-        ("CON", "_CON"),
-        ("nul.txt", "_nul.txt"),
-        ("console.txt", "console.txt"),
-        ("ünïcødé ✓.txt", "ünïcødé ✓.txt"),
-    ],
-)
-def test_safe_name(name: str, expected: str) -> None:
-    assert safe_name(name) == expected
-
-
-def test_safe_name_cuts_long_names_keeping_the_extension() -> None:
-    long = safe_name("é" * 300 + ".tar.gz")
-    assert long.endswith(".gz") and len(long.encode()) <= 240
-    long.encode().decode()  # not cut in the middle of a character
-    assert len(safe_name("x" * 1000).encode()) <= 240
-
-
-def test_destination(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.chdir(tmp_path)
-    assert destination(None, "../a.txt") == tmp_path / "a.txt"
-    assert destination(tmp_path, "../../x") == tmp_path / "x"
-    assert destination(str(tmp_path), "y") == tmp_path / "y"
-    # Not a folder: the caller named the file itself, whatever the server calls it.
-    assert destination(tmp_path / "mine.bin", "../../theirs") == tmp_path / "mine.bin"
-
-
-def test_fingerprint_follows_size_name_time_and_ends() -> None:
-    data = payload(300 * KIB)
-
-    def fp(content: bytes, name: str = "f", mtime: int | None = 1, start: int = 0) -> str:
-        f = io.BytesIO(content)
-        f.seek(7)
-        result = fingerprint(f, start=start, size=len(content) - start, name=name, mtime_ns=mtime)
-        assert f.tell() == 7  # left where it was
-        return result
-
-    base = fp(data)
-    assert fp(data) == base
-    assert fp(data[:-1]) != base
-    assert fp(data, name="g") != base
-    assert fp(data, mtime=2) != base
-    assert fp(b"X" + data[1:]) != base
-    assert fp(data[:-1] + b"X") != base
-    assert fp(data, start=5) != base
-    assert fp(b"") == fp(b"")  # an empty file is fine too
-
-
-def test_upload_store(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    path = tmp_path / "deep" / "er" / "uploads.json"
-    store = UploadStore(path)
-    assert store.get("k") is None  # no file yet
-    store.put("k", "http://h/uploads/1")
-    store.put("j", "http://h/uploads/2")
-    assert UploadStore(path).get("k") == "http://h/uploads/1"  # another process sees it
-    store.remove("k")
-    assert store.get("k") is None and store.get("j") == "http://h/uploads/2"
-    assert [p.name for p in path.parent.iterdir()] == ["uploads.json"]  # no temp files left
-
-    for junk in (b"{not json", b"[1, 2]", b"\xff\xfe", b'{"k": "not an entry"}'):
-        path.write_bytes(junk)
-        assert store.get("k") is None
-        store.put("k", "u")  # and a write replaces the junk
-        assert store.get("k") == "u"
-
-    # Old entries go at the next write.
-    old = UploadStore(path, max_age=60)
-    path.write_text(json.dumps({"stale": {"url": "s", "time": 1.0}}))
-    old.put("fresh", "f")
-    assert old.get("stale") is None and old.get("fresh") == "f"
-
-    # A store that cannot be written is only a warning: uploads go on.
-    blocked = UploadStore(tmp_path / "a-file" / "uploads.json")
-    (tmp_path / "a-file").write_text("in the way")
-    blocked.put("k", "u")
-    assert blocked.get("k") is None
-    assert "will not be resumable" in caplog.text
-
-
-def test_default_store_path(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    assert default_store_path() == tmp_path / "tidewire" / "uploads.json"
-    assert UploadStore().path == tmp_path / "tidewire" / "uploads.json"
-    monkeypatch.setenv("XDG_CACHE_HOME", "relative/path")  # the spec says: ignore it
-    monkeypatch.setenv("HOME", str(tmp_path / "home"))
-    assert default_store_path() == tmp_path / "home" / ".cache" / "tidewire" / "uploads.json"
-
-
-def test_tus_metadata_is_what_the_server_reads() -> None:
-    headers = tus_create_headers(10, 'ü "name",with comma.txt', "text/plain")
-    assert headers["Upload-Length"] == "10" and headers["Tus-Resumable"] == "1.0.0"
-    metadata = parse_metadata(headers["Upload-Metadata"])
-    assert file_name_and_type(metadata) == ('ü "name",with comma.txt', "text/plain")
-    assert "filetype" not in tus_create_headers(1, "x", None)["Upload-Metadata"]
 
 
 # -- uploads ---------------------------------------------------------------
@@ -730,3 +608,92 @@ def test_a_remembered_upload_of_another_size_is_not_resumed(
     assert meta["sha256"] == sha256(data)
     assert [m for m, _ in recorder.calls()][:2] == ["HEAD", "POST"]
     assert recorder.requests[0].url == url
+
+
+# -- the event loop does only network I/O ----------------------------------
+
+
+class LocalWork:
+    """Notes which threads hash (sha256) and which wait on a thread's unfinished work.
+
+    `hashlib.sha256` and `concurrent.futures.Future.result`/`exception` are
+    patched for the whole process, so the check does not depend on how the
+    client is laid out inside. The download writer's hashing is slowed down
+    so that the network outpaces it and a block has to wait for the last one.
+    """
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.hashing: set[int] = set()
+        self.waiting: set[int] = set()
+        real_sha256 = hashlib.sha256
+        real_result, real_exception = Future.result, Future.exception
+        work = self
+
+        class Sha256:
+            def __init__(self, data: bytes = b"") -> None:
+                self._sha = real_sha256(data)
+
+            def update(self, data: Any) -> None:
+                work.hashing.add(threading.get_ident())
+                if threading.current_thread().name.startswith("tidewire-download"):
+                    time.sleep(0.02)  # a slow disk
+                self._sha.update(data)
+
+            def hexdigest(self) -> str:
+                return self._sha.hexdigest()
+
+        def result(future: Future[Any], timeout: float | None = None) -> Any:
+            if not future.done():
+                work.waiting.add(threading.get_ident())
+            return real_result(future, timeout)
+
+        def exception(future: Future[Any], timeout: float | None = None) -> Any:
+            if not future.done():
+                work.waiting.add(threading.get_ident())
+            return real_exception(future, timeout)
+
+        monkeypatch.setattr(hashlib, "sha256", Sha256)
+        monkeypatch.setattr(Future, "result", result)
+        monkeypatch.setattr(Future, "exception", exception)
+
+
+def test_async_transfers_hash_and_wait_off_the_event_loop(
+    server: LiveServer,
+    tmp_path: Path,
+    out: Path,
+    store: UploadStore,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Resuming a download hashes its .part, an upload the server already has is
+    hashed whole, a download waits for its writer: none of it on the event loop."""
+    data = payload(6 * MIB)
+    meta = put(server, "resumed.bin", data)
+    (out / "resumed.bin.part").write_bytes(data[: 4 * MIB])
+    path = write(tmp_path / "up.bin", data)
+
+    # Uploaded, but still remembered, as after a crash between the last
+    # PATCH's answer and forgetting the upload: the HEAD says it is complete.
+    class Remembering(UploadStore):
+        def remove(self, key: str) -> None:
+            pass
+
+    with httpx.Client(base_url=server.url) as http:
+        uploaded = upload(http, path, tus_threshold=1, resume_store=Remembering(store.path))
+    work = LocalWork(monkeypatch)
+    recorder = Recorder()
+
+    async def go() -> tuple[int, Path, dict[str, Any]]:
+        hooks = recorder.hooks("async")
+        async with httpx.AsyncClient(base_url=server.url, event_hooks=hooks) as http:
+            downloaded = await adownload(http, meta["id"], out)
+            again = await aupload(http, path, tus_threshold=1, resume_store=store)
+        return threading.get_ident(), downloaded, again
+
+    loop_thread, downloaded, again = asyncio.run(go())
+    assert downloaded.read_bytes() == data
+    assert ("GET", f"/files/{meta['id']}", 206) in recorder.statuses  # resumed
+    assert again["id"] == uploaded["id"]
+    assert [m for m, _ in recorder.calls()][-2:] == ["HEAD", "GET"]  # nothing left to send
+    assert work.hashing and work.waiting  # the instruments saw the work
+    assert loop_thread not in work.hashing
+    assert loop_thread not in work.waiting

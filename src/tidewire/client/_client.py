@@ -28,6 +28,7 @@ from websockets.sync.client import connect as connect_ws
 
 from ..events import dump_data
 from . import _transfers
+from ._files import Source
 from ._models import Event, decode
 from ._session import Session, Target, Transport, accept
 from .exceptions import (
@@ -152,7 +153,7 @@ class Client:
 
     def upload(
         self,
-        source: _transfers.Source,
+        source: Source,
         *,
         name: str | None = None,
         type: str | None = None,
@@ -358,7 +359,7 @@ class AsyncClient:
 
     async def upload(
         self,
-        source: _transfers.Source,
+        source: Source,
         *,
         name: str | None = None,
         type: str | None = None,
