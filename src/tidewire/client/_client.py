@@ -2,8 +2,8 @@
 
 Each is the I/O around the same pure pieces: `Session` decides what a stream
 requests and what its bytes mean, `_transfers` plans uploads and downloads,
-and the request builders below are shared. Where the twins differ is only in
-`await`.
+`_BaseClient` and `_BaseStream` hold what the twins keep, and the request
+builders below are shared. Where the twins differ is only in `await`.
 """
 
 from __future__ import annotations
@@ -11,11 +11,11 @@ from __future__ import annotations
 import asyncio
 import os
 import time
-from collections.abc import AsyncIterator, Generator, Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Generator, Iterator, Mapping
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from types import TracebackType
-from typing import IO, Any, Literal, Self
+from typing import IO, Any, Generic, Literal, Self, TypeVar
 from urllib.parse import quote
 
 import httpx
@@ -50,7 +50,87 @@ Progress = _transfers.Progress
 GapPolicy = Literal["raise", "yield"]
 
 
-class Client:
+H = TypeVar("H", httpx.Client, httpx.AsyncClient)
+
+
+class _BaseClient(Generic[H]):
+    """What `Client` and `AsyncClient` share: their settings, and how a stream begins."""
+
+    #: The httpx client class this one wraps.
+    _http: Callable[..., H]
+
+    def __init__(
+        self,
+        url: str = DEFAULT_URL,
+        *,
+        timeout: float = 10.0,
+        stream_timeout: float = 60.0,
+        retries: int = 10,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
+        self.url = url.rstrip("/")
+        self.retries = retries
+        self.stream_timeout = stream_timeout
+        self._headers = dict(headers or {})
+        self._stream_timeouts = httpx.Timeout(timeout, read=stream_timeout)
+        self.http: H = self._http(base_url=self.url, timeout=timeout, headers=self._headers)
+
+    def _run_session(
+        self, name: str, params: dict[str, Any], transport: Transport, on_gap: GapPolicy
+    ) -> Session:
+        path = f"/streams/{_segment(name)}"
+        if transport == "ws":
+            start = Target("WS", f"{path}/ws", {k: _text(v) for k, v in params.items()})
+        else:
+            # POST with a JSON body keeps the parameters' types exactly.
+            start = Target("POST", path, json=params, headers=accept(transport))
+        return self._session(transport, on_gap, start=start)
+
+    def _session(self, transport: Transport, on_gap: GapPolicy, **where: Any) -> Session:
+        """A stream's session; `where`: a run to `start`, or a `run_id` or `channel` and `after`."""
+        http = self.http
+        return Session(
+            transport,
+            lambda value: decode(value, http),
+            retries=self.retries,
+            on_gap=on_gap,
+            **where,
+        )
+
+
+class _BaseStream:
+    """What `Stream` and `AsyncStream` share: the session, and what it knows."""
+
+    def __init__(self, session: Session) -> None:
+        self._session = session
+        self._started = False
+
+    @property
+    def run_id(self) -> str | None:
+        """The run being followed (None for a channel)."""
+        return self._session.run_id
+
+    @property
+    def last_id(self) -> str | None:
+        """The id of the last event delivered: where a reconnect resumes."""
+        return self._session.last_id
+
+    @property
+    def reconnects(self) -> int:
+        """How many times the connection was made again."""
+        return self._session.reconnects
+
+    def _run_to_cancel(self) -> str:
+        if self.run_id is None:
+            raise TypeError("only a run can be cancelled; this stream follows a channel")
+        return self.run_id
+
+    def _opened(self, headers: Mapping[str, str]) -> None:
+        self._session.opened(headers)
+        self._started = True
+
+
+class Client(_BaseClient[httpx.Client]):
     """A tidewire server, seen from Python.
 
     ```python
@@ -67,21 +147,7 @@ class Client:
     resuming after the last event it delivered.
     """
 
-    def __init__(
-        self,
-        url: str = DEFAULT_URL,
-        *,
-        timeout: float = 10.0,
-        stream_timeout: float = 60.0,
-        retries: int = 10,
-        headers: Mapping[str, str] | None = None,
-    ) -> None:
-        self.url = url.rstrip("/")
-        self.retries = retries
-        self.stream_timeout = stream_timeout
-        self._headers = dict(headers or {})
-        self._stream_timeouts = httpx.Timeout(timeout, read=stream_timeout)
-        self.http = httpx.Client(base_url=self.url, timeout=timeout, headers=self._headers)
+    _http = httpx.Client
 
     # -- streams ----------------------------------------------------------------------
 
@@ -96,7 +162,7 @@ class Client:
     ) -> Stream:
         """Start a run of stream `name` and follow it: `with client.stream(...) as events:`."""
         return Stream(
-            self, _run_session(self, name, {**(params or {}), **kwargs}, transport, on_gap)
+            self, self._run_session(name, {**(params or {}), **kwargs}, transport, on_gap)
         )
 
     def watch(
@@ -108,7 +174,7 @@ class Client:
         on_gap: GapPolicy = "raise",
     ) -> Stream:
         """Follow a run that is already started: its history after `after`, then live."""
-        return Stream(self, _session(self, transport, on_gap, run_id=run_id, after=after))
+        return Stream(self, self._session(transport, on_gap, run_id=run_id, after=after))
 
     def subscribe(
         self,
@@ -119,7 +185,7 @@ class Client:
         on_gap: GapPolicy = "raise",
     ) -> Stream:
         """Follow a channel: live from now, or after `after` (`"0"`: all it retains)."""
-        return Stream(self, _session(self, transport, on_gap, channel=channel, after=after))
+        return Stream(self, self._session(transport, on_gap, channel=channel, after=after))
 
     def publish(
         self,
@@ -263,7 +329,7 @@ class Client:
         self.close()
 
 
-class AsyncClient:
+class AsyncClient(_BaseClient[httpx.AsyncClient]):
     """`Client`'s twin for asyncio: the same methods, awaited.
 
     ```python
@@ -274,21 +340,7 @@ class AsyncClient:
     ```
     """
 
-    def __init__(
-        self,
-        url: str = DEFAULT_URL,
-        *,
-        timeout: float = 10.0,
-        stream_timeout: float = 60.0,
-        retries: int = 10,
-        headers: Mapping[str, str] | None = None,
-    ) -> None:
-        self.url = url.rstrip("/")
-        self.retries = retries
-        self.stream_timeout = stream_timeout
-        self._headers = dict(headers or {})
-        self._stream_timeouts = httpx.Timeout(timeout, read=stream_timeout)
-        self.http = httpx.AsyncClient(base_url=self.url, timeout=timeout, headers=self._headers)
+    _http = httpx.AsyncClient
 
     # -- streams ----------------------------------------------------------------------
 
@@ -302,7 +354,7 @@ class AsyncClient:
         **kwargs: Any,
     ) -> AsyncStream:
         """Start a run of stream `name` and follow it: `async with client.stream(...)`."""
-        session = _run_session(self, name, {**(params or {}), **kwargs}, transport, on_gap)
+        session = self._run_session(name, {**(params or {}), **kwargs}, transport, on_gap)
         return AsyncStream(self, session)
 
     def watch(
@@ -314,7 +366,7 @@ class AsyncClient:
         on_gap: GapPolicy = "raise",
     ) -> AsyncStream:
         """Follow a run that is already started: its history after `after`, then live."""
-        return AsyncStream(self, _session(self, transport, on_gap, run_id=run_id, after=after))
+        return AsyncStream(self, self._session(transport, on_gap, run_id=run_id, after=after))
 
     def subscribe(
         self,
@@ -325,7 +377,7 @@ class AsyncClient:
         on_gap: GapPolicy = "raise",
     ) -> AsyncStream:
         """Follow a channel: live from now, or after `after` (`"0"`: all it retains)."""
-        return AsyncStream(self, _session(self, transport, on_gap, channel=channel, after=after))
+        return AsyncStream(self, self._session(transport, on_gap, channel=channel, after=after))
 
     async def publish(
         self,
@@ -470,7 +522,7 @@ class AsyncClient:
         await self.aclose()
 
 
-class Stream:
+class Stream(_BaseStream):
     """Events of a run or channel, across reconnects: iterate it; `with` closes it.
 
     Entering opens the first connection, so a bad name or parameter raises
@@ -481,31 +533,13 @@ class Stream:
     """
 
     def __init__(self, client: Client, session: Session) -> None:
+        super().__init__(session)
         self._client = client
-        self._session = session
         self._chunks: Generator[bytes | str] | None = None
-        self._started = False
-
-    @property
-    def run_id(self) -> str | None:
-        """The run being followed (None for a channel)."""
-        return self._session.run_id
-
-    @property
-    def last_id(self) -> str | None:
-        """The id of the last event delivered: where a reconnect resumes."""
-        return self._session.last_id
-
-    @property
-    def reconnects(self) -> int:
-        """How many times the connection was made again."""
-        return self._session.reconnects
 
     def cancel(self) -> dict[str, Any]:
         """Cancel the run; the stream then ends with its `cancelled` event."""
-        if self.run_id is None:
-            raise TypeError("only a run can be cancelled; this stream follows a channel")
-        return self._client.cancel(self.run_id)
+        return self._client.cancel(self._run_to_cancel())
 
     def __iter__(self) -> Iterator[Event]:
         session = self._session
@@ -529,8 +563,7 @@ class Stream:
 
     def _connect(self) -> None:
         headers, self._chunks = self._client._open(self._session.target())
-        self._session.opened(headers)
-        self._started = True
+        self._opened(headers)
 
     def _disconnect(self) -> None:
         chunks, self._chunks = self._chunks, None
@@ -554,36 +587,18 @@ class Stream:
         self.close()
 
 
-class AsyncStream:
+class AsyncStream(_BaseStream):
     """`Stream`'s twin for `AsyncClient`: `async with`, `async for`."""
 
     def __init__(self, client: AsyncClient, session: Session) -> None:
+        super().__init__(session)
         self._client = client
-        self._session = session
         self._chunks: AsyncIterator[bytes | str] | None = None
         self._conn: httpx.Response | AsyncWebSocket | None = None
-        self._started = False
-
-    @property
-    def run_id(self) -> str | None:
-        """The run being followed (None for a channel)."""
-        return self._session.run_id
-
-    @property
-    def last_id(self) -> str | None:
-        """The id of the last event delivered: where a reconnect resumes."""
-        return self._session.last_id
-
-    @property
-    def reconnects(self) -> int:
-        """How many times the connection was made again."""
-        return self._session.reconnects
 
     async def cancel(self) -> dict[str, Any]:
         """Cancel the run; the stream then ends with its `cancelled` event."""
-        if self.run_id is None:
-            raise TypeError("only a run can be cancelled; this stream follows a channel")
-        return await self._client.cancel(self.run_id)
+        return await self._client.cancel(self._run_to_cancel())
 
     async def __aiter__(self) -> AsyncIterator[Event]:
         session = self._session
@@ -608,8 +623,7 @@ class AsyncStream:
 
     async def _connect(self) -> None:
         headers, self._chunks, self._conn = await self._client._open(self._session.target())
-        self._session.opened(headers)
-        self._started = True
+        self._opened(headers)
 
     async def _disconnect(self) -> None:
         conn, self._conn, self._chunks = self._conn, None, None
@@ -640,36 +654,6 @@ class AsyncStream:
 # No compression: events are mostly base64 and JSON that is decoded once;
 # frames may be as large as the inline blob limit allows.
 _WS_OPTIONS: dict[str, Any] = {"compression": None, "max_size": 64 << 20}
-
-
-def _run_session(
-    client: Client | AsyncClient,
-    name: str,
-    params: dict[str, Any],
-    transport: Transport,
-    on_gap: GapPolicy,
-) -> Session:
-    path = f"/streams/{_segment(name)}"
-    if transport == "ws":
-        start = Target("WS", f"{path}/ws", {k: _text(v) for k, v in params.items()})
-    else:
-        # POST with a JSON body keeps the parameters' types exactly.
-        start = Target("POST", path, json=params, headers=accept(transport))
-    return _session(client, transport, on_gap, start=start)
-
-
-def _session(
-    client: Client | AsyncClient, transport: Transport, on_gap: GapPolicy, **where: Any
-) -> Session:
-    """A stream's session; `where`: a run to `start`, or a `run_id` or `channel` and `after`."""
-    http = client.http
-    return Session(
-        transport,
-        lambda value: decode(value, http),
-        retries=client.retries,
-        on_gap=on_gap,
-        **where,
-    )
 
 
 @contextmanager
