@@ -31,6 +31,7 @@ from . import _transfers
 from ._files import Source
 from ._models import Event, decode
 from ._session import Session, Target, Transport, accept
+from ._transfers import Progress
 from .exceptions import (
     ConnectError,
     HTTPStatusError,
@@ -46,7 +47,6 @@ DEFAULT_URL = "http://127.0.0.1:8000"
 
 #: A file to publish with an event: a path, bytes, or (filename, bytes or file, type).
 FileSpec = str | os.PathLike[str] | bytes | tuple[str, bytes | IO[bytes], str]
-Progress = _transfers.Progress
 GapPolicy = Literal["raise", "yield"]
 
 
