@@ -8,15 +8,20 @@ import fcntl
 import hashlib
 import os
 import shutil
+import socket
 import sqlite3
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import TypeVar
 
+import httpx
 import psutil
 import pytest
 
+from tests.conftest import wait_for
 from tests.full_disk import fill, small_disk_fixture  # noqa: F401
 from tidewire.storage import StorageFull, from_url
 from tidewire.storage import local as local_module
@@ -393,3 +398,57 @@ def test_leftovers_of_dead_processes_are_swept_at_start_up(tmp_path: Path) -> No
         }
     finally:
         os.close(holder)
+
+
+def test_a_save_killed_midway_is_swept_when_the_server_starts_again(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+
+    def serve() -> tuple[subprocess.Popen[bytes], int]:
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        command = [sys.executable, "-m", "tidewire", "serve", "--data-dir", str(data)]
+        proc = subprocess.Popen(
+            [*command, "--port", str(port)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        wait_for(lambda: _answers(f"http://127.0.0.1:{port}/healthz"), 20, "no server")
+        return proc, port
+
+    proc, port = serve()
+    try:
+        with socket.create_connection(("127.0.0.1", port)) as sock:
+            sock.sendall(
+                b"PUT /files/big.bin HTTP/1.1\r\nHost: x\r\n"
+                + f"Content-Length: {10 * MIB}\r\n\r\n".encode()
+            )
+            sock.sendall(b"x" * (2 * MIB))
+            # The first blocks are on disk, in a temporary file: kill the server there.
+            wait_for(lambda: any(p.stat().st_size for p in _files_in(data / "tmp")), 10)
+            proc.kill()
+            proc.wait(10)
+        [partial] = (data / "tmp").iterdir()
+        assert partial.stat().st_size > 0
+    finally:
+        proc.kill()
+        proc.wait(10)
+
+    proc, port = serve()
+    try:
+        wait_for(lambda: not _files_in(data / "tmp"), 10, "the partial file stayed")
+        assert httpx.get(f"http://127.0.0.1:{port}/files").json() == []
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def _answers(url: str) -> bool:
+    try:
+        return httpx.get(url, timeout=1).status_code == 200
+    except httpx.TransportError:
+        return False
+
+
+def _files_in(folder: Path) -> list[Path]:
+    return list(folder.iterdir()) if folder.exists() else []
