@@ -18,13 +18,18 @@ from hypothesis import strategies as st
 from tests.wire import parse_sse
 from tidewire import Blob, Event, Message
 from tidewire.events import (
+    MAX_DEPTH,
     NDJSON_HEARTBEAT,
     RESERVED,
     SSE_HEARTBEAT,
     SSEDecoder,
+    TooDeep,
+    check_depth,
     decode_blobs,
+    depth_checked,
     dump_data,
     iter_ndjson,
+    load_json,
     parse_ndjson_line,
 )
 
@@ -451,3 +456,64 @@ def test_iter_ndjson_gives_the_same_events_whatever_the_chunking(
     )
     got = list(iter_ndjson(iter(_split(wire, cuts))))
     assert got == expected
+
+
+# ---------------------------------------------------------------- nesting depth
+
+
+def nested(depth: int, leaf: Any = 1, kind: str = "list") -> Any:
+    """`leaf` inside `depth` arrays (or objects)."""
+    value = leaf
+    for _ in range(depth):
+        value = [value] if kind == "list" else {"k": value}
+    return value
+
+
+@pytest.mark.parametrize("kind", ["list", "dict"])
+def test_data_as_deep_as_orjson_writes_passes_and_one_level_more_is_too_deep(kind: str) -> None:
+    check_depth(nested(MAX_DEPTH, kind=kind))
+    assert orjson.loads(dump_data(nested(MAX_DEPTH, kind=kind))) == nested(MAX_DEPTH, kind=kind)
+    with pytest.raises(TooDeep, match=f"nested deeper than {MAX_DEPTH} levels is not accepted"):
+        check_depth(nested(MAX_DEPTH + 1, kind=kind))
+
+
+def test_depth_checked_turns_orjsons_encode_error_into_too_deep() -> None:
+    # This pins the words orjson uses: if an upgrade changes them, this fails.
+    with pytest.raises(TooDeep), depth_checked():
+        dump_data(nested(MAX_DEPTH + 1))
+    # A blob is written as {"$blob": {...}}: two levels more.
+    with pytest.raises(TooDeep), depth_checked():
+        dump_data(nested(MAX_DEPTH - 1, b"raw"))
+    # Other encoding errors are not about depth and pass as they are.
+    with pytest.raises(TypeError, match="not JSON serializable") as caught, depth_checked():
+        dump_data(object())
+    assert not isinstance(caught.value, TooDeep)
+
+
+def test_too_deep_is_a_value_error_that_pickles() -> None:
+    # A ValueError, as other data a client may not send is (routes answer 422).
+    assert isinstance(TooDeep(), ValueError)
+    copy = pickle.loads(pickle.dumps(TooDeep()))
+    assert str(copy) == str(TooDeep())
+
+
+@pytest.mark.parametrize(
+    "depth",
+    # Readable and writable; readable by orjson but not writable; past what orjson reads.
+    [MAX_DEPTH + 1, 300, 1024, 1025, 5000],
+)
+def test_load_json_refuses_what_could_not_be_sent_on(depth: int) -> None:
+    for text in ("[" * depth + "]" * depth, '{"a":' * depth + "1" + "}" * depth):
+        with pytest.raises(TooDeep):
+            load_json(text)
+        with pytest.raises(TooDeep):
+            load_json(text.encode())
+
+
+def test_load_json_decodes_what_may_be_sent_on() -> None:
+    text = "[" * MAX_DEPTH + "]" * MAX_DEPTH
+    assert load_json(text) == nested(MAX_DEPTH - 1, [])
+    assert load_json(b'{"a": [1, "x"]}') == {"a": [1, "x"]}
+    with pytest.raises(orjson.JSONDecodeError) as caught:
+        load_json(b'{"a": ')
+    assert not isinstance(caught.value, TooDeep)

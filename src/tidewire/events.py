@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import base64
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
@@ -23,16 +24,21 @@ import orjson
 from fastapi.sse import format_sse_event
 
 __all__ = [
+    "MAX_DEPTH",
     "RESERVED",
     "Blob",
     "Event",
     "LargeBlob",
     "Message",
     "SSEDecoder",
+    "TooDeep",
+    "check_depth",
     "decode_blobs",
+    "depth_checked",
     "dump_data",
     "iter_ndjson",
     "large_blobs",
+    "load_json",
     "parse_ndjson_line",
 ]
 
@@ -146,6 +152,70 @@ def dump_data(
 
 class LargeBlob(Exception):
     """`dump_data` met a blob over its inline limit that has not been stored yet."""
+
+
+#: The deepest nesting of arrays and objects that orjson writes. It reads up
+#: to 1,024 levels, so data it decoded may be too deep to encode again: such
+#: data is refused where it comes in, not found out when it is sent on.
+MAX_DEPTH = 254
+
+# orjson says so in these words (its tests in tests/test_events.py pin them).
+_TOO_DEEP_TO_WRITE = "Recursion limit reached"
+_TOO_DEEP_TO_READ = "depth limit exceeded"
+
+
+class TooDeep(ValueError):
+    """Data nested deeper than `MAX_DEPTH` levels: it cannot be encoded as JSON here.
+
+    A `ValueError`, as other data a producer or client may not send is.
+    """
+
+    def __init__(self, message: str = "") -> None:
+        # The message has a default but is an argument still, so that the
+        # exception pickles (which re-creates it from its args).
+        super().__init__(message or f"data nested deeper than {MAX_DEPTH} levels is not accepted")
+
+
+@contextmanager
+def depth_checked() -> Iterator[None]:
+    """Turn orjson's error for data nested too deeply, inside, into `TooDeep`.
+
+    Around any encoding (`dump_data`, `orjson.dumps`); its other errors pass.
+    A blob counts as the two levels of its `{"$blob": {...}}`.
+    """
+    try:
+        yield
+    except orjson.JSONEncodeError as exc:
+        if str(exc) == _TOO_DEEP_TO_WRITE:
+            raise TooDeep from None
+        raise
+
+
+def check_depth(value: Any) -> None:
+    """Raise `TooDeep` if `value` could not be encoded for being nested too deeply.
+
+    orjson finds out in C, about ten times faster than a walk in Python would.
+    """
+    with depth_checked():
+        orjson.dumps(value, default=_default, option=orjson.OPT_SERIALIZE_NUMPY)
+
+
+def load_json(data: bytes | str) -> Any:
+    """A client's JSON, decoded; `TooDeep` if it is nested deeper than `MAX_DEPTH`.
+
+    Anything else that is not JSON raises `orjson.JSONDecodeError`. Every
+    route that decodes a client's JSON uses this, so data that could never be
+    sent on is refused there and then, whatever happens to it next. The check
+    costs one encoding in C (about 1 ms per MiB), not a walk in Python.
+    """
+    try:
+        value = orjson.loads(data)
+    except orjson.JSONDecodeError as exc:
+        if str(exc).startswith(_TOO_DEEP_TO_READ):
+            raise TooDeep from None
+        raise
+    check_depth(value)
+    return value
 
 
 def large_blobs(value: Any, limit: int) -> list[bytes | bytearray]:

@@ -29,7 +29,7 @@ import pydantic
 from .blobs import Blobs, Pending
 from .broker import Broker, BrokerUnavailable, Retention
 from .config import Settings
-from .events import LargeBlob, Message, dump_data
+from .events import LargeBlob, Message, depth_checked, dump_data
 
 __all__ = ["Run", "Runs", "Stream", "TooManyRuns"]
 
@@ -50,7 +50,9 @@ def encode_item(item: Any, inline_limit: int | None = None) -> Item | Pending:
     """A yielded item, encoded; or `Pending` if a blob in it must be stored first."""
     event, data = (item.event, item.data) if isinstance(item, Message) else ("message", item)
     try:
-        return event, dump_data(data, inline_limit=inline_limit)
+        # Too deep to encode: the run ends with an `error` saying so.
+        with depth_checked():
+            return event, dump_data(data, inline_limit=inline_limit)
     except LargeBlob:
         return Pending(event, data)
 

@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 import httpx
 import pytest
-from websockets.exceptions import InvalidStatus
+from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import connect
 
 from tests.conftest import QUICK, LiveServer
@@ -351,6 +351,21 @@ def test_invalid_json_is_400(server: LiveServer, ch: str) -> None:
     assert "JSON" in response.json()["detail"]
 
 
+@pytest.mark.parametrize("depth", [255, 300, 1025])
+def test_json_nested_too_deep_to_send_on_is_422(server: LiveServer, ch: str, depth: int) -> None:
+    # orjson reads 1,024 levels but writes only 254: such data once made a 500.
+    for body in ("[" * depth + "]" * depth, '{"a":' * depth + "1" + "}" * depth):
+        response = HTTP.post(
+            events_url(server, ch), content=body, headers={"content-type": "application/json"}
+        )
+        assert response.status_code == 422, response.text
+        assert "nested deeper than 254 levels is not accepted" in response.json()["detail"]
+    # Nothing was published; data as deep as may be sent goes through.
+    id_ = publish(server, ch, None, content=b"[" * 254 + b"]" * 254)
+    [event] = read_all(server, ch, "ndjson")
+    assert event["id"] == id_
+
+
 def test_unsupported_content_type_is_415(server: LiveServer, ch: str) -> None:
     for kind in ["application/xml", "image/png", "application/octet-stream"]:
         response = httpx.post(
@@ -426,6 +441,19 @@ def test_websocket_frames_are_published(server: LiveServer, ch: str) -> None:
     for watcher, events in zip(watchers, collect(watchers), strict=True):
         assert events == own, watcher.transport
     assert base64.b64decode(own[2]["data"]["$blob"]["data"]) == raw
+
+
+@pytest.mark.parametrize("depth", [255, 1025])
+def test_a_websocket_frame_nested_too_deep_closes_with_1007(
+    server: LiveServer, ch: str, depth: int
+) -> None:
+    with connect(ws_url(server, ch), open_timeout=5) as ws:
+        ws.send("[" * depth + "]" * depth)
+        with pytest.raises(ConnectionClosed):
+            ws.recv(timeout=5)
+    assert ws.close_code == 1007
+    assert ws.close_reason == "data nested deeper than 254 levels is not accepted"
+    assert read_all(server, ch, "ndjson") == []  # nothing was published
 
 
 # ---------------------------------------------------------------- gap, resume

@@ -2,9 +2,17 @@
 
 from __future__ import annotations
 
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import httpx
 import pytest
 from fastapi import HTTPException
 
+from tests.conftest import QUICK, LiveServer
+from tests.full_disk import fill, small_disk_fixture  # noqa: F401
+from tidewire import Tidewire
 from tidewire.server.errors import show, storage_error, storage_errors
 from tidewire.storage import (
     ChecksumMismatch,
@@ -15,6 +23,7 @@ from tidewire.storage import (
     TooLarge,
     UploadNotFound,
 )
+from tidewire.storage.local import LocalStorage
 
 
 @pytest.mark.parametrize(
@@ -62,3 +71,47 @@ def test_storage_errors_turns_them_into_http_errors() -> None:
 def test_show_quotes_and_cuts() -> None:
     assert show("a'b") == repr("a'b")
     assert show("x" * 100) == repr("x" * 80 + "…")
+
+
+# ---------------------------------------------------------------- a real full disk, over HTTP
+
+
+def test_a_full_disk_answers_507_on_every_storage_path(
+    small_disk: Path, serve: Callable[..., LiveServer]
+) -> None:
+    root = small_disk / "data"
+    live = serve(Tidewire(storage=LocalStorage(root), settings=QUICK))
+    client = httpx.Client(base_url=live.url, timeout=10)
+    tus = {"Tus-Resumable": "1.0.0"}
+    kept = client.put("/files/kept.txt", content=b"kept").json()
+    begun = client.post("/uploads/", headers={**tus, "Upload-Length": str(1 << 20)})
+    assert begun.status_code == 201
+    upload = begun.headers["location"]
+    before = {d: sorted(os.listdir(root / d)) for d in ("files", "tmp", "uploads")}
+    fill(small_disk)
+
+    body = os.urandom(64 << 10)  # more than any page left with room
+    octets = {**tus, "Content-Type": "application/offset+octet-stream"}
+    answers = {
+        "empty PUT": client.put("/files/empty.txt", content=b""),
+        "multipart POST": client.post("/files", files={"file": ("a.bin", body)}),
+        "DELETE": client.delete(f"/files/{kept['id']}"),
+        "tus create": client.post("/uploads/", headers={**tus, "Upload-Length": "10"}),
+        "tus create with upload": client.post(
+            "/uploads/", content=body, headers={**octets, "Upload-Length": str(len(body))}
+        ),
+        "tus PATCH": client.patch(upload, content=body, headers={**octets, "Upload-Offset": "0"}),
+    }
+    for what, response in answers.items():
+        assert response.status_code == 507, (what, response.text)
+        detail = response.json()["detail"]
+        assert detail.startswith("the storage is full: "), (what, detail)
+        assert detail.endswith("free some space or try again later"), (what, detail)
+        if what.startswith("tus"):
+            assert response.headers["tus-resumable"] == "1.0.0", what
+    assert "the file was not deleted" in answers["DELETE"].json()["detail"]
+    # Nothing was half done, nothing stays behind.
+    assert {d: sorted(os.listdir(root / d)) for d in ("files", "tmp", "uploads")} == before
+    assert [f["id"] for f in client.get("/files").json()] == [kept["id"]]
+    assert client.head(upload, headers=tus).headers["upload-offset"] == "0"
+    client.close()

@@ -98,6 +98,20 @@ def make(settings: Settings = QUICK) -> tuple[Tidewire, Probe]:
         yield {"nested": [b"\x01\x02"]}
 
     @tw.stream
+    async def echo(data: Any = None) -> AsyncIterator[Any]:
+        yield data
+
+    @tw.stream
+    async def too_deep(depth: int = 300) -> AsyncIterator[Any]:
+        yield "before"
+        yield nested(depth)
+
+    @tw.stream
+    def too_deep_sync(depth: int = 300) -> Iterator[Any]:
+        yield "before"
+        yield nested(depth)
+
+    @tw.stream
     async def idle() -> AsyncIterator[int]:
         await asyncio.sleep(3600)
         yield 0
@@ -111,6 +125,17 @@ def make(settings: Settings = QUICK) -> tuple[Tidewire, Probe]:
         yield "met"
 
     return tw, probe
+
+
+def nested(depth: int) -> Any:
+    value: Any = 1
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
+def read_lines(text: str) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
 def detach(server: LiveServer, stream: str, **params: Any) -> str:
@@ -379,6 +404,49 @@ def test_a_failing_generator_ends_with_an_error_event(
     assert [e["data"] for e in events[:2]] == [0, 1]
     assert events[-1] == {"id": "3", "event": "error", "data": {"type": kind, "message": message}}
     assert finished(server, run)["state"] == "failed"
+
+
+@pytest.mark.parametrize("depth", [255, 1025])
+def test_parameters_nested_too_deep_are_422(serve: Any, depth: int) -> None:
+    tw, _ = make()
+    server = serve(tw)
+    body = '{"data": ' + "[" * depth + "]" * depth + "}"
+    for query in ("", "?detach=true"):
+        response = httpx.post(
+            f"{server.url}/streams/echo{query}",
+            content=body,
+            headers={"content-type": "application/json"},
+        )
+        assert response.status_code == 422, response.text
+        assert "nested deeper than 254 levels is not accepted" in response.json()["detail"]
+    assert tw.runs.running == 0  # no run was started
+    ok = httpx.post(f"{server.url}/streams/echo", json={"data": nested(253)})
+    assert ok.status_code == 200 and nested(253) in [e["data"] for e in read_lines(ok.text)]
+
+
+@pytest.mark.parametrize("stream", ["too_deep", "too_deep_sync"])
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_a_generator_yielding_data_nested_too_deep_ends_with_an_error_event(
+    serve: Any, stream: str, transport: str
+) -> None:
+    tw, _ = make()
+    server = serve(tw)
+    run = detach(server, stream)
+    events = read(server, transport, f"/runs/{run}/events")
+    assert events == [
+        {"id": "1", "event": "message", "data": "before"},
+        {
+            "id": "2",
+            "event": "error",
+            "data": {
+                "type": "TooDeep",
+                "message": "data nested deeper than 254 levels is not accepted",
+            },
+        },
+    ]
+    assert finished(server, run)["state"] == "failed"
+    # The server goes on serving.
+    assert httpx.get(f"{server.url}/streams/count?n=1").status_code == 200
 
 
 def test_backpressure_a_slow_watcher_gets_every_event(serve: Any) -> None:

@@ -4,18 +4,25 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import fcntl
 import hashlib
 import os
 import shutil
+import socket
 import sqlite3
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import TypeVar
 
+import httpx
 import psutil
 import pytest
 
+from tests.conftest import wait_for
+from tests.full_disk import fill, small_disk_fixture  # noqa: F401
 from tidewire.storage import StorageFull, from_url
 from tidewire.storage import local as local_module
 from tidewire.storage.local import LocalStorage
@@ -279,3 +286,169 @@ def test_folders_removed_under_a_running_server_come_back(tmp_path: Path) -> Non
         assert (await storage.upload(upload.id)).offset == 0
 
     run(tmp_path, body)
+
+
+# ---------------------------------------------------------------- a real full disk
+
+
+def test_a_full_disk_is_storage_full_on_every_write_and_nothing_stays(small_disk: Path) -> None:
+    root = small_disk / "data"
+
+    async def body(storage: LocalStorage) -> None:
+        kept = await storage.save(chunks(b"kept"), name="kept", type="x")
+        rest = os.urandom(64 << 10)  # more than the slack in the last page of the bytes
+        upload = await storage.create_upload(
+            length=5 + len(rest), name="u", type="x", metadata="", expires=time.time() + HOUR
+        )
+        await storage.append(upload.id, 0, chunks(b"01234"))
+        before = contents(root)
+        filler = fill(small_disk)
+
+        # An empty file needs no bytes, only its row in the index: SQLITE_FULL.
+        with pytest.raises(StorageFull, match="nothing was stored"):
+            await storage.save(chunks(b""), name="empty", type="x")
+        with pytest.raises(StorageFull, match="nothing was stored"):
+            await storage.save(chunks(os.urandom(64 << 10)), name="bytes", type="x")
+        with pytest.raises(StorageFull, match="the file was not deleted"):
+            await storage.delete(kept.id)
+        with pytest.raises(StorageFull, match="the upload was not created"):
+            await storage.create_upload(
+                length=10, name="v", type="x", metadata="", expires=time.time() + HOUR
+            )
+        with pytest.raises(StorageFull, match=r"the upload was not created|nothing was stored"):
+            await storage.create_upload(
+                length=0, name="w", type="x", metadata="", expires=time.time() + HOUR
+            )
+        with pytest.raises(StorageFull, match="nothing was stored"):
+            await storage.append(upload.id, 5, chunks(rest))
+        # Nothing was half done, nothing stays behind.
+        assert contents(root) == before
+        assert (await storage.list(limit=10)).files == [kept]
+        assert (await storage.upload(upload.id)).offset == 5
+
+        filler.unlink()  # space is back: everything works again
+        done = await storage.append(upload.id, 5, chunks(rest))
+        assert await read_all(storage, await storage.info(done.file or "")) == b"01234" + rest
+        await storage.delete(kept.id)
+        empty = await storage.save(chunks(b""), name="empty", type="x")
+        assert (await storage.info(empty.id)).size == 0
+
+    run(root, body)
+
+
+def test_full_index_is_storage_full_and_an_upload_completes_once_it_has_room(
+    tmp_path: Path,
+) -> None:
+    # SQLite's page limit makes the index full while the disk is not: the
+    # last append's bytes are kept, and an empty append at the end finishes.
+    async def body(storage: LocalStorage) -> None:
+        await storage.save(chunks(b"first"), name="first", type="x")
+        upload = await storage.create_upload(
+            length=4, name="u", type="x", metadata="", expires=time.time() + HOUR
+        )
+        pages = await storage._db(lambda db: db.execute("PRAGMA page_count").fetchone()[0])
+        await storage._db(lambda db: db.execute(f"PRAGMA max_page_count = {pages}"))
+        # Rows until a page more is needed.
+        with pytest.raises(StorageFull, match="nothing was stored"):
+            for i in range(10_000):
+                await storage.save(chunks(b""), name=f"n{i:05}" * 20, type="x")
+        with pytest.raises(StorageFull, match="no file was made"):
+            await storage.append(upload.id, 0, chunks(b"data"))
+        assert (await storage.upload(upload.id)).offset == 4
+        assert contents(tmp_path)["uploads"] == sorted([upload.id, f"{upload.id}.json"])
+
+        await storage._db(lambda db: db.execute("PRAGMA max_page_count = 1000000"))
+        done = await storage.append(upload.id, 4, chunks(b""))
+        assert await read_all(storage, await storage.info(done.file or "")) == b"data"
+
+    run(tmp_path, body)
+
+
+def test_leftovers_of_dead_processes_are_swept_at_start_up(tmp_path: Path) -> None:
+    for folder in ("files", "tmp", "uploads"):
+        (tmp_path / folder).mkdir()
+    # A save killed midway, however recent; and one still being written (locked).
+    (tmp_path / "tmp" / "0000000000000000000000").write_bytes(b"partial")
+    busy = tmp_path / "tmp" / "1111111111111111111111"
+    busy.write_bytes(b"being written")
+    holder = os.open(busy, os.O_RDONLY)
+    fcntl.flock(holder, fcntl.LOCK_EX)
+    # An upload whose state was never written, and a state half written long ago.
+    orphan = "2222222222222222222222"
+    (tmp_path / "uploads" / orphan).write_bytes(b"")
+    stale = tmp_path / "uploads" / f"{orphan}.json.4242"
+    stale.write_bytes(b"{")
+    old = time.time() - HOUR  # well past any state write in progress
+    os.utime(stale, (old, old))
+    fresh = tmp_path / "uploads" / "3333333333333333333333.json.4343"
+    fresh.write_bytes(b"{")  # being written right now, perhaps
+
+    async def body(storage: LocalStorage) -> str:
+        upload = await storage.create_upload(
+            length=3, name="u", type="x", metadata="", expires=time.time() + HOUR
+        )
+        return upload.id
+
+    try:
+        live = run(tmp_path, body)
+        assert contents(tmp_path) == {
+            "files": [],
+            "tmp": [busy.name],
+            "uploads": sorted([live, f"{live}.json", fresh.name]),
+        }
+    finally:
+        os.close(holder)
+
+
+def test_a_save_killed_midway_is_swept_when_the_server_starts_again(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+
+    def serve() -> tuple[subprocess.Popen[bytes], int]:
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        command = [sys.executable, "-m", "tidewire", "serve", "--data-dir", str(data)]
+        proc = subprocess.Popen(
+            [*command, "--port", str(port)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        wait_for(lambda: _answers(f"http://127.0.0.1:{port}/healthz"), 20, "no server")
+        return proc, port
+
+    proc, port = serve()
+    try:
+        with socket.create_connection(("127.0.0.1", port)) as sock:
+            sock.sendall(
+                b"PUT /files/big.bin HTTP/1.1\r\nHost: x\r\n"
+                + f"Content-Length: {10 * MIB}\r\n\r\n".encode()
+            )
+            sock.sendall(b"x" * (2 * MIB))
+            # The first blocks are on disk, in a temporary file: kill the server there.
+            wait_for(lambda: any(p.stat().st_size for p in _files_in(data / "tmp")), 10)
+            proc.kill()
+            proc.wait(10)
+        [partial] = (data / "tmp").iterdir()
+        assert partial.stat().st_size > 0
+    finally:
+        proc.kill()
+        proc.wait(10)
+
+    proc, port = serve()
+    try:
+        wait_for(lambda: not _files_in(data / "tmp"), 10, "the partial file stayed")
+        assert httpx.get(f"http://127.0.0.1:{port}/files").json() == []
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def _answers(url: str) -> bool:
+    try:
+        return httpx.get(url, timeout=1).status_code == 200
+    except httpx.TransportError:
+        return False
+
+
+def _files_in(folder: Path) -> list[Path]:
+    return list(folder.iterdir()) if folder.exists() else []

@@ -9,7 +9,7 @@ from fastapi import APIRouter, HTTPException, Request, WebSocket
 from starlette.datastructures import UploadFile
 
 from ..broker import BrokerUnavailable
-from ..events import Blob
+from ..events import Blob, TooDeep, load_json
 from .streams import negotiate, resume_position
 from .transport import LogCursor, LogResponse, add_stream_route, deny_websocket, stream_websocket
 
@@ -42,7 +42,9 @@ async def read_message(request: Request) -> Any:
         return body.decode("utf-8", "replace")
     if kind in ("", "application/json") or kind.endswith("+json"):
         try:
-            return orjson.loads(body)
+            return load_json(body)
+        except TooDeep as exc:
+            raise HTTPException(422, str(exc)) from None
         except orjson.JSONDecodeError as exc:
             raise HTTPException(400, f"the body is not valid JSON: {exc}") from None
     raise HTTPException(415, f"publish JSON, text/plain or a form, not {kind!r}")
@@ -103,7 +105,11 @@ def add_channel_routes(router: APIRouter, tw: Tidewire) -> None:
                 await websocket.close(1009, f"frames may be at most {MAX_PUBLISH_BYTES} bytes")
                 return
             try:
-                data = orjson.loads(text)
+                data = load_json(text)
+            except TooDeep as exc:
+                # 1007: the frame's data cannot be taken (RFC 6455, 7.4.1).
+                await websocket.close(1007, str(exc))
+                return
             except orjson.JSONDecodeError:
                 data = text  # a frame that is not JSON is published as a string
             await channels.publish(name, data)

@@ -48,7 +48,9 @@ def _answer(exc: StorageError) -> tuple[int, str]:
         case ChecksumMismatch():
             return 460, f"checksum mismatch: {exc}; the bytes were discarded"
         case StorageFull():
-            return 507, "the storage is full: nothing was stored; try again later"
+            # The storage says what was not done (stored, deleted, created).
+            undone = str(exc) or "nothing was stored"
+            return 507, f"the storage is full: {undone}; free some space or try again later"
     return 400, str(exc) or type(exc).__name__  # a StorageError is the client's to act on
 
 

@@ -10,6 +10,7 @@ from fastapi import APIRouter, HTTPException, Request, WebSocket
 from fastapi.responses import JSONResponse, Response
 
 from ..broker import BadPosition, BrokerUnavailable
+from ..events import TooDeep, load_json
 from ..runs import RESERVED_PARAMS, Run, Stream, TooManyRuns
 from .transport import (
     Format,
@@ -52,7 +53,9 @@ async def read_params(request: Request | WebSocket) -> dict[str, tuple[Any, str]
     body: Any
     if kind == "application/json" or kind.endswith("+json"):
         try:
-            body = orjson.loads(await request.body() or b"{}")
+            body = load_json(await request.body() or b"{}")
+        except TooDeep as exc:
+            raise HTTPException(422, str(exc)) from None
         except orjson.JSONDecodeError as exc:
             raise HTTPException(400, f"the body is not valid JSON: {exc}") from None
         if not isinstance(body, dict):

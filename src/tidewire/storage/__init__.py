@@ -24,7 +24,9 @@ Errors, all `StorageError`:
                        offset
     ChecksumMismatch   an append's bytes do not match its   -> 460 (tus)
                        checksum; they are discarded
-    StorageFull        out of space; the data is discarded  -> 507
+    StorageFull        out of space (on the disk, in the    -> 507
+                       index, a quota); its message says
+                       what was not done
 """
 
 from __future__ import annotations

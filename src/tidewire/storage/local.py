@@ -2,7 +2,8 @@
 
     <root>/files/<id>           the bytes of complete files
     <root>/tmp/<name>           saves in progress; the same filesystem as files/,
-                                so completing one is an atomic rename
+                                so completing one is an atomic rename. The
+                                process writing one holds it locked (flock)
     <root>/uploads/<id>         a resumable upload's bytes so far
     <root>/uploads/<id>.json    its state
     <root>/index.sqlite3        the metadata, in WAL mode, so that several
@@ -10,6 +11,12 @@
 
 Bytes are written once, in ~1 MiB blocks, by a worker thread that hashes them
 on the way; the event loop only gathers the request's chunks into blocks.
+
+No space on the disk (ENOSPC, EDQUOT) or in the index (SQLITE_FULL) is
+`StorageFull` on every operation, saying what was not done. What a process
+that died (kill -9) or a failed write left behind is swept on first use and
+by `expire`: temporary files nobody holds locked, upload bytes without a
+state, state files half written.
 """
 
 from __future__ import annotations
@@ -48,9 +55,9 @@ __all__ = ["LocalStorage"]
 
 T = TypeVar("T")
 
-#: A save whose temporary file has not been written to for this long was
-#: left behind by a process that died; `expire` removes it.
-STALE_TMP = 3600.0
+#: A state file is written to `<id>.json.<pid>` and renamed at once; one
+#: older than this was left by a process that died mid-write (or a full disk).
+STALE_STATE = 60.0
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS files (
@@ -73,6 +80,27 @@ def _write_all(fd: int, data: bytes) -> None:
         view = view[os.write(fd, view) :]
 
 
+def _is_full(exc: BaseException) -> bool:
+    """Whether an error means no space: on the disk, or in SQLite's index on it."""
+    if isinstance(exc, OSError):
+        return exc.errno in (errno.ENOSPC, errno.EDQUOT)
+    if isinstance(exc, sqlite3.Error):
+        # The primary code is the low byte of an extended one.
+        return (getattr(exc, "sqlite_errorcode", 0) & 0xFF) == sqlite3.SQLITE_FULL
+    return False
+
+
+@contextlib.contextmanager
+def _space(undone: str) -> Iterator[None]:
+    """Turn "no space" raised inside into `StorageFull`, saying what was `undone`."""
+    try:
+        yield
+    except (OSError, sqlite3.Error) as exc:
+        if _is_full(exc):
+            raise StorageFull(undone) from exc
+        raise
+
+
 class _FileSink(Sink):
     """Blocks written to a file descriptor; a full disk is `StorageFull`."""
 
@@ -80,17 +108,9 @@ class _FileSink(Sink):
         super().__init__(hashers)
         self.fd = fd
 
-    def close(self) -> None:
-        self.stop()
-        os.close(self.fd)
-
     def put(self, data: bytes) -> None:
-        try:
+        with _space("nothing was stored"):
             _write_all(self.fd, data)
-        except OSError as exc:
-            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-                raise StorageFull("no space left in the storage") from exc
-            raise
 
 
 class LocalStorage:
@@ -124,31 +144,36 @@ class LocalStorage:
         type: str,
         limit: int | None = None,
     ) -> FileInfo:
-        await self._prepare()
-        tmp = self._tmp / new_id()
-        fd = await asyncio.to_thread(self._create, tmp)
+        with _space("nothing was stored"):
+            await self._prepare()
+            tmp = self._tmp / new_id()
+            # Locked until it has its final name: the sweep leaves it alone.
+            fd = await asyncio.to_thread(self._create_locked, tmp)
         sha = hashlib.sha256()
         sink = _FileSink(fd, [sha])
         try:
-            try:
-                size = await Pump(sink.awrite, limit=limit, over=_too_large(limit)).run(chunks)
-            finally:
-                await finish(sink.close)
-            # The id is made now, so that listing order is completion order.
-            info = FileInfo(
-                id=new_id(),
-                name=name,
-                size=size,
-                type=type,
-                sha256=sha.hexdigest(),
-                created=time.time(),
-            )
-            await asyncio.to_thread(os.replace, tmp, self._files / info.id)
-            tmp = self._files / info.id
-            await self._db(lambda db: _insert(db, info))
+            with _space("nothing was stored"):
+                try:
+                    size = await Pump(sink.awrite, limit=limit, over=_too_large(limit)).run(chunks)
+                finally:
+                    await finish(sink.stop)
+                # The id is made now, so that listing order is completion order.
+                info = FileInfo(
+                    id=new_id(),
+                    name=name,
+                    size=size,
+                    type=type,
+                    sha256=sha.hexdigest(),
+                    created=time.time(),
+                )
+                await asyncio.to_thread(os.replace, tmp, self._files / info.id)
+                tmp = self._files / info.id
+                await self._db(lambda db: _insert(db, info), "nothing was stored")
         except BaseException:
             await finish(tmp.unlink, True)
             raise
+        finally:
+            await finish(os.close, fd)  # and with it the lock
         return info
 
     async def info(self, id: str) -> FileInfo:
@@ -191,7 +216,8 @@ class LocalStorage:
         # The row goes first: once it is gone the file is no longer listed,
         # and a crash before the unlink leaves only unlisted bytes.
         deleted = await self._db(
-            lambda db: db.execute("DELETE FROM files WHERE id = ?", (id,)).rowcount
+            lambda db: db.execute("DELETE FROM files WHERE id = ?", (id,)).rowcount,
+            "the file was not deleted",
         )
         if not deleted:
             raise FileNotFound(id)
@@ -240,10 +266,16 @@ class LocalStorage:
             created=now,
             expires=expires,
         )
-        await asyncio.to_thread(self._start_upload, upload, max(expires - now, 0.0))
+        with _space("the upload was not created"):
+            await asyncio.to_thread(self._start_upload, upload, max(expires - now, 0.0))
         if length == 0:
             # Nothing to wait for: it is a file already.
-            return await self.append(upload.id, 0, _nothing())
+            try:
+                return await self.append(upload.id, 0, _nothing())
+            except BaseException:
+                # Nobody learns this upload's id: nothing may stay behind.
+                await finish(self._remove_upload, upload.id)
+                raise
         return upload
 
     async def upload(self, id: str) -> Upload:
@@ -311,7 +343,16 @@ class LocalStorage:
             if offset == length:
                 state["file"] = (await self._complete(id, state, whole)).id
                 self._hashes.pop(id, None)
-            await asyncio.to_thread(self._write_state, id, state)
+            try:
+                with _space("the state was not saved"):
+                    await asyncio.to_thread(self._write_state, id, state)
+            except StorageFull:
+                # The bytes are stored (and the file made, if they were the
+                # last): that is what the client asked for. Only the pushed-back
+                # expiry is lost, which the next append writes again; a
+                # finished upload's state keeps saying unfinished, and since
+                # its bytes are gone it reads as not found from now on.
+                pass
             if failure is not None:
                 raise failure
             return _upload(state, offset)
@@ -327,6 +368,7 @@ class LocalStorage:
     async def expire(self, now: float | None = None) -> int:
         if not self.root.exists():
             return 0
+        # Leftovers of processes that died go too (see _sweep).
         removed = await asyncio.to_thread(self._expire, time.time() if now is None else now)
         for id in removed:
             self._hashes.pop(id, None)
@@ -343,6 +385,9 @@ class LocalStorage:
     async def _prepare(self) -> None:
         if not self._ready:
             await asyncio.to_thread(self._make_folders)
+            # At start-up: what a process that died here left behind goes now,
+            # not at the first `expire`.
+            await asyncio.to_thread(self._sweep, time.time())
             self._ready = True
 
     def _create(self, path: Path) -> int:
@@ -354,25 +399,50 @@ class LocalStorage:
             self._make_folders()
             return os.open(path, flags, 0o644)
 
+    def _create_locked(self, path: Path) -> int:
+        """`_create`, holding the new file locked (flock) until the descriptor is closed.
+
+        A sweep (another process's, perhaps) may lock and remove the file in
+        the instant between its creation and our lock: then it is made again.
+        """
+        while True:
+            fd = self._create(path)
+            # Blocking: a sweep holds the lock only while it removes the file.
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            with contextlib.suppress(FileNotFoundError):
+                if os.stat(path).st_ino == os.fstat(fd).st_ino:
+                    return fd
+            os.close(fd)
+
     def _make_folders(self) -> None:
         for folder in (self._files, self._tmp, self._uploads):
             folder.mkdir(parents=True, exist_ok=True)
 
-    async def _db(self, query: Callable[[sqlite3.Connection], T]) -> T:
+    async def _db(
+        self,
+        query: Callable[[sqlite3.Connection], T],
+        undone: str = "the index could not be opened",
+    ) -> T:
+        """Run `query` in one transaction; a full disk or index is `StorageFull(undone)`."""
         if self._db_thread is None:
             self._db_thread = ThreadPoolExecutor(1, thread_name_prefix="tidewire-sqlite")
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._db_thread, self._in_db, query)
+        with _space(undone):
+            return await loop.run_in_executor(self._db_thread, self._in_db, query)
 
     def _in_db(self, query: Callable[[sqlite3.Connection], T]) -> T:
         if self._conn is None:
             self.root.mkdir(parents=True, exist_ok=True)
             conn = sqlite3.connect(self.root / "index.sqlite3", check_same_thread=False)
-            # Other processes may be writing: wait for their locks, not fail.
-            conn.execute("PRAGMA busy_timeout = 10000")
-            conn.execute("PRAGMA journal_mode = WAL")
-            conn.execute("PRAGMA synchronous = NORMAL")
-            conn.executescript(_SCHEMA)
+            try:
+                # Other processes may be writing: wait for their locks, not fail.
+                conn.execute("PRAGMA busy_timeout = 10000")
+                conn.execute("PRAGMA journal_mode = WAL")
+                conn.execute("PRAGMA synchronous = NORMAL")
+                conn.executescript(_SCHEMA)
+            except BaseException:
+                conn.close()  # a full disk, say: the next call tries again
+                raise
             self._conn = conn
         with self._conn:  # one transaction
             return query(self._conn)
@@ -430,7 +500,15 @@ class LocalStorage:
             created=time.time(),
         )
         await asyncio.to_thread(os.replace, source, self._files / info.id)
-        await self._db(lambda db: _insert(db, info))
+        try:
+            await self._db(
+                lambda db: _insert(db, info), "the last bytes arrived, but no file was made"
+            )
+        except BaseException:
+            # Not listed: the bytes go back to the upload, which an empty
+            # PATCH at its end completes once there is room in the index.
+            await finish(os.replace, self._files / info.id, source)
+            raise
         return info
 
     async def _append_to_finished(
@@ -445,7 +523,6 @@ class LocalStorage:
         return _upload(state, length)
 
     def _start_upload(self, upload: Upload, ttl: float) -> None:
-        os.close(self._create(self._uploads / upload.id))
         state = {
             "id": upload.id,
             "length": upload.length,
@@ -460,7 +537,14 @@ class LocalStorage:
             "file": None,
             "extra": upload.extra,
         }
-        self._write_state(upload.id, state)
+        # The state first, then the bytes' file: bytes without a state are
+        # then always a leftover, which a sweep may remove at once.
+        try:
+            self._write_state(upload.id, state)
+            os.close(self._create(self._uploads / upload.id))
+        except BaseException:
+            self._remove_upload(upload.id)  # a full disk, say: nothing stays behind
+            raise
 
     def _read_state(self, id: str, now: float | None = None) -> dict[str, Any]:
         try:
@@ -474,8 +558,12 @@ class LocalStorage:
     def _write_state(self, id: str, state: dict[str, Any]) -> None:
         # Write then rename: a reader sees the old state or the new, never half.
         tmp = self._uploads / f"{id}.json.{os.getpid()}"
-        tmp.write_bytes(json.dumps(state).encode())
-        os.replace(tmp, self._uploads / f"{id}.json")
+        try:
+            tmp.write_bytes(json.dumps(state).encode())
+            os.replace(tmp, self._uploads / f"{id}.json")
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
 
     def _remove_upload(self, id: str) -> None:
         (self._uploads / id).unlink(missing_ok=True)
@@ -509,11 +597,33 @@ class LocalStorage:
             finally:
                 if fd is not None:
                     os.close(fd)
-        for entry in _scan(self._tmp):
-            with contextlib.suppress(FileNotFoundError):
-                if entry.stat().st_mtime < now - STALE_TMP:
-                    os.unlink(entry.path)
+        self._sweep(now)
         return removed
+
+    def _sweep(self, now: float) -> None:
+        """Remove what processes that died (or writes that failed) left behind.
+
+        Several worker processes may share the folder, so nothing in use may
+        go. A save's temporary file is locked (flock) by the process writing
+        it until it is renamed: one nobody holds locked is a leftover,
+        however new (the kernel drops a dead process's locks, kill -9 too),
+        and one being written is left alone however old (a slow client). An
+        upload's state is written before its bytes' file is made, so bytes
+        without a state are a leftover too, unless an append holds them
+        locked. A state being written has no lock but lives for milliseconds:
+        one older than `STALE_STATE` is a leftover.
+        """
+        for entry in _scan(self._tmp):
+            _remove_unlocked(Path(entry.path))
+        for entry in _scan(self._uploads):
+            name = entry.name
+            if valid_id(name):
+                if not (self._uploads / f"{name}.json").exists():
+                    _remove_unlocked(Path(entry.path))
+            elif ".json." in name:
+                with contextlib.suppress(FileNotFoundError):
+                    if entry.stat().st_mtime < now - STALE_STATE:
+                        os.unlink(entry.path)
 
 
 def _insert(db: sqlite3.Connection, info: FileInfo) -> None:
@@ -536,6 +646,24 @@ def _upload(state: dict[str, Any], offset: int) -> Upload:
         file=state["file"],
         extra=state["extra"],
     )
+
+
+def _remove_unlocked(path: Path) -> bool:
+    """Remove a file unless a process holds it locked (flock); whether it was removed."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return False
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False  # in use
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        return True
+    finally:
+        os.close(fd)
 
 
 def _sha256_of(path: Path) -> str:
