@@ -361,7 +361,7 @@ def test_check_id(kind: Kind) -> None:
 
 def test_read_from_a_bad_position_raises(kind: Kind) -> None:
     async def body(broker: Broker) -> None:
-        await fill(broker, "a", 8)  # "+7", " 7" or "\\u0667" must not read from 7
+        await fill(broker, "a", 8)  # "+7", " 7" or an Arabic-Indic 7 must not read from 7
         taken = []
         for bad in kind.bad:
             try:

@@ -10,6 +10,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any, Literal
+from urllib.parse import quote
 
 import httpx
 import pytest
@@ -18,7 +19,8 @@ from websockets.sync.client import connect
 
 from tests.conftest import QUICK, LiveServer
 from tests.wire import Envelope, parse_sse
-from tidewire import Settings, Tidewire
+from tidewire import Broker, Settings, Tidewire
+from tidewire.server.channels import MAX_PUBLISH_BYTES
 
 Serve = Callable[..., LiveServer]
 Transport = Literal["ndjson", "sse", "ws"]
@@ -38,9 +40,16 @@ _names = itertools.count(1)
 HTTP = httpx.Client(timeout=10)
 
 
-def start(serve: Serve, settings: Settings = QUICK) -> tuple[Tidewire, LiveServer]:
-    tw = Tidewire(settings=settings)
+def start(
+    serve: Serve, settings: Settings = QUICK, broker: Broker | None = None
+) -> tuple[Tidewire, LiveServer]:
+    tw = Tidewire(settings=settings, broker=broker)
     return tw, serve(tw)
+
+
+def seq(id: str) -> int:
+    """The count of an event id, from either broker ("7" or "1700000000000-7")."""
+    return int(id.rpartition("-")[2])
 
 
 @pytest.fixture(scope="module")
@@ -395,6 +404,28 @@ def test_multipart_publishes_fields_and_files_as_blobs(server: LiveServer, ch: s
     assert base64.b64decode(event["data"]["photo"]["$blob"]["data"]) == raw
 
 
+@pytest.mark.parametrize(
+    ("kind", "body"),
+    [
+        # Exactly the limit, in bytes: a JSON string of 1 MiB, and the same as text.
+        ("application/json", b'"' + b"x" * (MAX_PUBLISH_BYTES - 2) + b'"'),
+        ("text/plain", "é".encode() * (MAX_PUBLISH_BYTES // 2)),
+    ],
+)
+def test_a_publish_over_1_mib_is_413(server: LiveServer, ch: str, kind: str, body: bytes) -> None:
+    assert MAX_PUBLISH_BYTES == 1 << 20 and len(body) == MAX_PUBLISH_BYTES
+    id_ = publish(server, ch, None, content=body, headers={"content-type": kind})
+    over = HTTP.post(events_url(server, ch), content=body + b" ", headers={"content-type": kind})
+    assert over.status_code == 413, over.text[:200]
+    assert "at most" in over.json()["detail"]
+    # Nothing was published by the refused request.
+    events = read_all(server, ch, "ndjson")
+    assert [e["id"] for e in events] == [id_]
+    assert len(events[0]["data"]) == (
+        MAX_PUBLISH_BYTES - 2 if kind == "application/json" else MAX_PUBLISH_BYTES // 2
+    )
+
+
 def test_urlencoded_form_publishes_fields(server: LiveServer, ch: str) -> None:
     id_ = publish(server, ch, None, data={"a": "1", "b": "two words"})
     assert read_all(server, ch, "ndjson") == [
@@ -446,15 +477,37 @@ def test_gap_when_behind_the_retained_history(serve: Serve) -> None:
     assert again == retained
 
 
-def test_after_0_on_a_trimmed_channel_counts_what_was_trimmed(serve: Serve) -> None:
-    _, server = start(serve, Settings(heartbeat=0.15, channel_max_len=3))
+def test_after_0_on_a_trimmed_channel_counts_what_was_trimmed(serve: Serve, broker: Broker) -> None:
+    """`?after=0` asks for everything: what is no longer retained is a gap, never silence."""
+    _, server = start(serve, Settings(heartbeat=0.15, channel_max_len=3), broker)
     ids = [publish(server, "t", i) for i in range(8)]
-    events = read_all(server, "t", "ndjson")
-    real = [e for e in events if e["event"] != "gap"]
+    events = read_on_all(server, "t")
+    gap, real = events[0], events[1:]
+    assert gap["event"] == "gap" and gap["data"] == {"missed": 5}
+    assert seq(gap["id"]) == 5
     assert real == [{"id": ids[i], "event": "message", "data": i} for i in (5, 6, 7)]
-    gaps = [e for e in events if e["event"] == "gap"]
-    assert gaps in ([], [events[0]])
-    assert sum(g["data"]["missed"] for g in gaps) in (0, 5)
+    # Resuming from the gap's id gets the retained events, and no second gap.
+    assert read_on_all(server, "t", "", headers={"last-event-id": gap["id"]}) == real
+
+
+def test_a_gap_of_exactly_one(serve: Serve, broker: Broker) -> None:
+    _, server = start(serve, Settings(heartbeat=0.15, channel_max_len=3), broker)
+    ids = [publish(server, "one", i) for i in range(4)]  # the first is trimmed
+    events = read_on_all(server, "one")
+    # A gap's id is where to resume: just past what was missed (on Redis, with the
+    # time part of the next id, so compare the counts).
+    gap = events[0]
+    assert (gap["event"], gap["data"], seq(gap["id"])) == ("gap", {"missed": 1}, seq(ids[0]))
+    assert events[1:] == [{"id": ids[i], "event": "message", "data": i} for i in (1, 2, 3)]
+
+    ids.append(publish(server, "one", 4))  # the second is trimmed too
+    # A reader that had the first missed only the second.
+    events = read_on_all(server, "one", "", headers={"last-event-id": ids[0]})
+    gap = events[0]
+    assert (gap["event"], gap["data"], seq(gap["id"])) == ("gap", {"missed": 1}, seq(ids[1]))
+    assert events[1:] == [{"id": ids[i], "event": "message", "data": i} for i in (2, 3, 4)]
+    # One that missed nothing gets no gap at all.
+    assert read_on_all(server, "one", "?after=" + ids[1]) == events[1:]
 
 
 def test_resume_with_after_and_last_event_id(server: LiveServer, ch: str) -> None:
@@ -480,7 +533,8 @@ def test_resume_at_the_head_then_live(server: LiveServer, ch: str) -> None:
 
 def test_bad_position_is_400(server: LiveServer, ch: str) -> None:
     publish(server, ch, 1)
-    for bad in ["abc", "-1", "1.5"]:
+    # int() reads "+0", "0_0" and "0x0"... as numbers: no id looks like them.
+    for bad in ["abc", "-1", "1.5", "+0", "0_0", "0x0"]:
         for where in ["header", "query"]:
             headers = {"last-event-id": bad} if where == "header" else {}
             params = {"after": bad} if where == "query" else {}
@@ -497,6 +551,21 @@ def test_bad_position_is_400(server: LiveServer, ch: str) -> None:
             with pytest.raises(InvalidStatus) as denied:
                 connect(ws_url(server, ch, query), additional_headers=headers, open_timeout=5)
             assert denied.value.response.status_code == 400, (bad, where)
+
+
+def test_a_position_int_would_take_is_400_in_the_query_too(server: LiveServer, ch: str) -> None:
+    """Spaces and non-ASCII digits cannot be sent in a header, but can in `?after=`."""
+    publish(server, ch, 1)
+    for bad in [" 0", "0 ", "\u0660", "\uff10", "0\n"]:
+        for accept in ("application/x-ndjson", "text/event-stream"):
+            response = httpx.get(
+                events_url(server, ch), params={"after": bad}, headers={"accept": accept}
+            )
+            assert response.status_code == 400, (bad, accept, response.text)
+            assert repr(bad) in response.json()["detail"], bad
+        with pytest.raises(InvalidStatus) as denied:
+            connect(ws_url(server, ch, "?after=" + quote(bad)), open_timeout=5)
+        assert denied.value.response.status_code == 400, bad
 
 
 def test_an_id_from_before_a_restart_reads_on_from_the_head(server: LiveServer, ch: str) -> None:
