@@ -14,7 +14,7 @@ from urllib.parse import quote
 
 import httpx
 import pytest
-from websockets.exceptions import InvalidStatus
+from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import connect
 
 from tests.conftest import QUICK, LiveServer
@@ -424,6 +424,40 @@ def test_a_publish_over_1_mib_is_413(server: LiveServer, ch: str, kind: str, bod
     assert len(events[0]["data"]) == (
         MAX_PUBLISH_BYTES - 2 if kind == "application/json" else MAX_PUBLISH_BYTES // 2
     )
+
+
+def test_a_form_chunked_or_declared_publish_over_1_mib_is_413(server: LiveServer, ch: str) -> None:
+    over = b"x" * (MAX_PUBLISH_BYTES + 1)
+
+    def chunked() -> Iterator[bytes]:  # no Content-Length: counted as it comes
+        yield b'"'
+        yield from (b"x" * 4096 for _ in range(MAX_PUBLISH_BYTES // 4096))
+
+    attempts: dict[str, dict[str, Any]] = {
+        "multipart file": {"files": {"f": ("big.bin", over, "application/octet-stream")}},
+        "multipart field": {"data": {"f": over.decode()}, "files": {"g": ("a", b"y")}},
+        "urlencoded field": {"data": {"f": over.decode()}},
+        "chunked JSON": {"content": chunked(), "headers": {"content-type": "application/json"}},
+    }
+    for name, body in attempts.items():
+        response = HTTP.post(events_url(server, ch), **body)
+        assert response.status_code == 413, (name, response.text[:200])
+        assert "at most" in response.json()["detail"], name
+    assert read_all(server, ch, "ndjson") == [], "nothing was published"
+    # A file just under the limit is published (as a blob).
+    under = b"y" * (MAX_PUBLISH_BYTES - 1024)
+    publish(server, ch, None, files={"f": ("ok.bin", under, "application/octet-stream")})
+
+
+def test_a_websocket_frame_over_1_mib_in_bytes_closes_1009(server: LiveServer, ch: str) -> None:
+    # Half as many characters as the limit has bytes, each of two bytes in UTF-8: over it.
+    text = "é" * (MAX_PUBLISH_BYTES // 2 + 1)
+    with connect(ws_url(server, ch), max_size=None, open_timeout=5) as ws:
+        ws.send(text)
+        with pytest.raises(ConnectionClosed):
+            ws.recv(timeout=5)
+        assert ws.close_code == 1009
+    assert read_all(server, ch, "ndjson") == [], "nothing was published"
 
 
 def test_urlencoded_form_publishes_fields(server: LiveServer, ch: str) -> None:
