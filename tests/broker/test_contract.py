@@ -24,6 +24,10 @@ T = TypeVar("T")
 
 KEEP = Retention(max_len=1_000)
 
+#: How long a blocked reader may take to be woken: generous, since a loaded
+#: machine is slow, and a reader that is never woken fails all the same.
+WAKE = 5
+
 _prefixes = itertools.count(1)
 
 
@@ -161,7 +165,7 @@ def test_read_blocks_until_an_append(kind: Kind) -> None:
         reader = asyncio.create_task(broker.read("a", ids[-1], limit=10, timeout=None))
         assert await blocked(reader), "a read with nothing to return must wait"
         [late] = await broker.append("a", items("late"), KEEP)
-        batch = await asyncio.wait_for(reader, 1)
+        batch = await asyncio.wait_for(reader, WAKE)
         assert [(e.id, e.seq, e.data) for e in batch.events] == [(late.id, 3, "late")]
 
     run(kind, body)
@@ -175,7 +179,7 @@ def test_append_wakes_every_blocked_reader(kind: Kind) -> None:
         assert await blocked(readers[-1], 0.05)
         assert not any(r.done() for r in readers)
         [event] = await broker.append("a", items(1), KEEP)
-        batches = await asyncio.wait_for(asyncio.gather(*readers), 1)
+        batches = await asyncio.wait_for(asyncio.gather(*readers), WAKE)
         assert all([e.id for e in b.events] == [event.id] for b in batches)
 
     run(kind, body)
@@ -189,7 +193,7 @@ def test_a_reader_blocked_on_one_log_is_woken_by_its_append_only(kind: Kind) -> 
         }
         assert await blocked(readers["a"], 0.05)
         await broker.append("b", items("for b"), KEEP)
-        batch = await asyncio.wait_for(readers["b"], 1)
+        batch = await asyncio.wait_for(readers["b"], WAKE)
         assert [e.data for e in batch.events] == ["for b"]
         assert await blocked(readers["a"]) and await blocked(readers["c"], 0)
         for reader in readers.values():
@@ -209,7 +213,7 @@ def test_timeout_returns_an_empty_batch(kind: Kind) -> None:
 
         start = time.monotonic()
         assert await broker.read("a", last, limit=10, timeout=0) == Batch()
-        assert time.monotonic() - start < 0.1, "timeout=0 must not wait"
+        assert time.monotonic() - start < 1, "timeout=0 must not wait"
 
     run(kind, body)
 
@@ -333,7 +337,7 @@ def test_end_wakes_blocked_readers(kind: Kind) -> None:
         ]
         assert await blocked(readers[-1], 0.05)
         await broker.end("a")
-        batches = await asyncio.wait_for(asyncio.gather(*readers), 1)
+        batches = await asyncio.wait_for(asyncio.gather(*readers), WAKE)
         assert all(b.ended and b.events == [] for b in batches)
 
     run(kind, body)
@@ -383,7 +387,7 @@ def test_an_id_beyond_the_head_reads_on_from_the_head(kind: Kind) -> None:
         reader = asyncio.create_task(broker.read("a", kind.beyond, limit=10, timeout=5))
         assert await blocked(reader, 0.05)
         [event] = await broker.append("a", items("next"), KEEP)
-        batch = await asyncio.wait_for(reader, 1)
+        batch = await asyncio.wait_for(reader, WAKE)
         assert [(e.id, e.seq, e.data) for e in batch.events] == [(event.id, 3, "next")]
         assert batch.missed == 0
 
@@ -396,7 +400,7 @@ def test_delete_wakes_readers_and_forgets_the_log(kind: Kind) -> None:
         reader = asyncio.create_task(broker.read("a", ids[-1], limit=10, timeout=None))
         assert await blocked(reader, 0.05)
         await broker.delete("a")
-        batch = await asyncio.wait_for(reader, 1)
+        batch = await asyncio.wait_for(reader, WAKE)
         assert batch.ended and batch.events == []
         assert await broker.last_id("a") == "0"
         assert await broker.read("a", "0", limit=10, timeout=0) == Batch()
@@ -415,7 +419,7 @@ def test_aclose_wakes_every_reader(kind: Kind) -> None:
         ]
         assert await blocked(readers[-1], 0.05)
         await broker.aclose()
-        batches = await asyncio.wait_for(asyncio.gather(*readers), 1)
+        batches = await asyncio.wait_for(asyncio.gather(*readers), WAKE)
         assert all(b.ended for b in batches)
 
     run(kind, body)
@@ -464,7 +468,7 @@ def test_cancelled_readers_do_not_get_in_the_way(kind: Kind) -> None:
         reader = asyncio.create_task(broker.read("a", "0", limit=10, timeout=None))
         assert await blocked(reader, 0.05)
         await broker.append("a", items(1), KEEP)
-        assert len((await asyncio.wait_for(reader, 1)).events) == 1
+        assert len((await asyncio.wait_for(reader, WAKE)).events) == 1
 
     run(kind, body)
 
