@@ -138,7 +138,7 @@ class _Log(Waiters):
 
 
 #: An id from outside: ASCII digits only. int() alone would also take "+7", " 7",
-#: "7_0" and "٧", which name no event: a client sending them gets 400, not a read
+#: "7_0" and an Arabic-Indic 7, which name no event: a client sending them gets 400, not a read
 #: from 7. (At most 20 digits, as a Redis seq: no id here ever gets longer.)
 _ID = re.compile(r"[0-9]{1,20}")
 
