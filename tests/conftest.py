@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import uvicorn
 
-from tidewire import Settings, Tidewire
+from tidewire import Broker, MemoryBroker, Settings, Tidewire
 
 # Real Redis and S3-compatible servers, started by the tests that need them.
 pytest_plugins = ["tests.redis_server", "tests.s3_server", "tests.proxy"]
@@ -64,6 +64,18 @@ def serve() -> Iterator[Callable[..., LiveServer]]:
     yield start
     for server in servers:
         server.stop()
+
+
+@pytest.fixture(params=["memory", "redis"])
+def broker(request: pytest.FixtureRequest) -> Broker:
+    """A new broker of each kind, for behaviour that is the broker's (Redis: the shared
+    test server, with keys of this test's own)."""
+    if request.param == "memory":
+        return MemoryBroker()
+    from tidewire.broker.redis import RedisBroker
+
+    server = request.getfixturevalue("redis_server")
+    return RedisBroker(server.url, prefix=f"{request.node.name}-{time.time_ns()}:")
 
 
 def wait_for(predicate: Callable[[], Any], timeout: float = 5.0, message: str = "") -> None:

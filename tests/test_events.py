@@ -7,6 +7,7 @@ import datetime
 import itertools
 import json
 import pickle
+from decimal import Decimal
 from typing import Any
 
 import orjson
@@ -208,6 +209,17 @@ def test_blob_pickles_with_its_type() -> None:
 def test_unserializable_values_raise_type_error() -> None:
     with pytest.raises(TypeError):
         dump_data({"x": object()})
+
+
+def test_decimals_are_exact_strings_as_pydantic_sends_them() -> None:
+    # As a float, 0.1 would be 0.1000000000000000055… and the big one would lose digits.
+    values = [Decimal("0.1"), Decimal("12345678901234567890.000000001"), Decimal("-1E+3")]
+    for limit in (None, 1 << 10):  # both encoding paths: with and without an inline limit
+        assert orjson.loads(dump_data(values, inline_limit=limit)) == [str(v) for v in values]
+    assert dump_data({"d": Decimal("2.50")}) == b'{"d":"2.50"}'
+    assert orjson.loads(dump_data(values)) == orjson.loads(
+        pydantic.TypeAdapter(list[Decimal]).dump_json(values)
+    )
 
 
 # ---------------------------------------------------------------- pydantic

@@ -60,10 +60,12 @@ def read_sse(url: str, headers: dict[str, str] | None = None, **kw: Any) -> list
     return parse_sse(response.text)[0]
 
 
-def read_ws(url: str, limit: int | None = None) -> list[Envelope]:
+def read_ws(
+    url: str, limit: int | None = None, headers: dict[str, str] | None = None
+) -> list[Envelope]:
     """Envelopes of a WebSocket, one per text frame, until the server closes or `limit`."""
     events: list[Envelope] = []
-    with connect(url, open_timeout=10) as ws:
+    with connect(url, additional_headers=headers, open_timeout=10) as ws:
         for frame in ws:
             events.append(json.loads(frame))
             if events[-1]["event"] in FINAL or (limit is not None and len(events) >= limit):

@@ -24,7 +24,22 @@ T = TypeVar("T")
 
 KEEP = Retention(max_len=1_000)
 
+#: How long a blocked reader may take to be woken: generous, since a loaded
+#: machine is slow, and a reader that is never woken fails all the same.
+WAKE = 5
+
 _prefixes = itertools.count(1)
+
+
+#: Positions that int() or a loose pattern would take for a number, and no broker
+#: may: ids are ASCII digits only, and every other string is a BadPosition (400).
+LAX = [
+    "abc", "-1", "", "1.5", "+7", " 7", "7 ", "7\n", "7_0", "\u0667", "\uff17", "0x7", "1e3",
+]  # fmt: skip
+
+
+#: And what only a Redis id cannot be.
+REDIS_BAD = ["12", "1-", "-1-0", "1-0-0", "1-x", f"{1 << 64}-0"]
 
 
 @dataclass
@@ -44,7 +59,7 @@ class Kind:
 @pytest.fixture(params=["memory", "redis"])
 def kind(request: pytest.FixtureRequest) -> Kind:
     if request.param == "memory":
-        return Kind("memory", MemoryBroker, "500", ["abc", "-1", "", "1.5", "1-0"], ["0", "12"])
+        return Kind("memory", MemoryBroker, "500", [*LAX, "1-0", "12a"], ["0", "12", "007"])
     server = request.getfixturevalue("redis_server")
     # Tests share one Redis: each keeps to keys of its own.
     prefix = f"contract{next(_prefixes)}-{time.time_ns()}:"
@@ -52,7 +67,7 @@ def kind(request: pytest.FixtureRequest) -> Kind:
         "redis",
         lambda: RedisBroker(server.url, prefix=prefix),
         "99999999999999-500",
-        ["abc", "-1", "", "1.5", "12", "1-", "-1-0", "1-0-0", " 1-0", "1-x", f"{1 << 64}-0"],
+        [*LAX, *(f"{b}-0" for b in LAX if b), *(f"0-{b}" for b in LAX if b), *REDIS_BAD],
         ["0", "0-0", "1-0", "1700000000000-42", f"{(1 << 64) - 1}-{(1 << 64) - 1}"],
     )
 
@@ -150,7 +165,7 @@ def test_read_blocks_until_an_append(kind: Kind) -> None:
         reader = asyncio.create_task(broker.read("a", ids[-1], limit=10, timeout=None))
         assert await blocked(reader), "a read with nothing to return must wait"
         [late] = await broker.append("a", items("late"), KEEP)
-        batch = await asyncio.wait_for(reader, 1)
+        batch = await asyncio.wait_for(reader, WAKE)
         assert [(e.id, e.seq, e.data) for e in batch.events] == [(late.id, 3, "late")]
 
     run(kind, body)
@@ -164,7 +179,7 @@ def test_append_wakes_every_blocked_reader(kind: Kind) -> None:
         assert await blocked(readers[-1], 0.05)
         assert not any(r.done() for r in readers)
         [event] = await broker.append("a", items(1), KEEP)
-        batches = await asyncio.wait_for(asyncio.gather(*readers), 1)
+        batches = await asyncio.wait_for(asyncio.gather(*readers), WAKE)
         assert all([e.id for e in b.events] == [event.id] for b in batches)
 
     run(kind, body)
@@ -178,7 +193,7 @@ def test_a_reader_blocked_on_one_log_is_woken_by_its_append_only(kind: Kind) -> 
         }
         assert await blocked(readers["a"], 0.05)
         await broker.append("b", items("for b"), KEEP)
-        batch = await asyncio.wait_for(readers["b"], 1)
+        batch = await asyncio.wait_for(readers["b"], WAKE)
         assert [e.data for e in batch.events] == ["for b"]
         assert await blocked(readers["a"]) and await blocked(readers["c"], 0)
         for reader in readers.values():
@@ -198,7 +213,7 @@ def test_timeout_returns_an_empty_batch(kind: Kind) -> None:
 
         start = time.monotonic()
         assert await broker.read("a", last, limit=10, timeout=0) == Batch()
-        assert time.monotonic() - start < 0.1, "timeout=0 must not wait"
+        assert time.monotonic() - start < 1, "timeout=0 must not wait"
 
     run(kind, body)
 
@@ -322,26 +337,43 @@ def test_end_wakes_blocked_readers(kind: Kind) -> None:
         ]
         assert await blocked(readers[-1], 0.05)
         await broker.end("a")
-        batches = await asyncio.wait_for(asyncio.gather(*readers), 1)
+        batches = await asyncio.wait_for(asyncio.gather(*readers), WAKE)
         assert all(b.ended and b.events == [] for b in batches)
 
     run(kind, body)
 
 
+def accepted(call: Callable[[str], object], ids: list[str]) -> list[str]:
+    """The ids among `ids` that `call` takes without raising a BadPosition naming them."""
+    taken = []
+    for id in ids:
+        try:
+            call(id)
+        except BadPosition as exc:
+            assert "is not an event id" in str(exc) and repr(id) in str(exc), exc
+        else:
+            taken.append(id)
+    return taken
+
+
 def test_check_id(kind: Kind) -> None:
     broker = kind.make()
-    for bad in kind.bad:
-        with pytest.raises(BadPosition, match="is not an event id"):
-            broker.check_id(bad)
-    for good in kind.good:
-        broker.check_id(good)
+    assert accepted(broker.check_id, kind.bad) == []
+    assert accepted(broker.check_id, kind.good) == kind.good
     assert issubclass(BadPosition, ValueError)
 
 
 def test_read_from_a_bad_position_raises(kind: Kind) -> None:
     async def body(broker: Broker) -> None:
-        with pytest.raises(BadPosition):
-            await broker.read("a", "abc", limit=1, timeout=0)
+        await fill(broker, "a", 8)  # "+7", " 7" or an Arabic-Indic 7 must not read from 7
+        taken = []
+        for bad in kind.bad:
+            try:
+                await broker.read("a", bad, limit=1, timeout=0)
+            except BadPosition:
+                continue
+            taken.append(bad)
+        assert taken == []
 
     run(kind, body)
 
@@ -355,7 +387,7 @@ def test_an_id_beyond_the_head_reads_on_from_the_head(kind: Kind) -> None:
         reader = asyncio.create_task(broker.read("a", kind.beyond, limit=10, timeout=5))
         assert await blocked(reader, 0.05)
         [event] = await broker.append("a", items("next"), KEEP)
-        batch = await asyncio.wait_for(reader, 1)
+        batch = await asyncio.wait_for(reader, WAKE)
         assert [(e.id, e.seq, e.data) for e in batch.events] == [(event.id, 3, "next")]
         assert batch.missed == 0
 
@@ -368,7 +400,7 @@ def test_delete_wakes_readers_and_forgets_the_log(kind: Kind) -> None:
         reader = asyncio.create_task(broker.read("a", ids[-1], limit=10, timeout=None))
         assert await blocked(reader, 0.05)
         await broker.delete("a")
-        batch = await asyncio.wait_for(reader, 1)
+        batch = await asyncio.wait_for(reader, WAKE)
         assert batch.ended and batch.events == []
         assert await broker.last_id("a") == "0"
         assert await broker.read("a", "0", limit=10, timeout=0) == Batch()
@@ -387,7 +419,7 @@ def test_aclose_wakes_every_reader(kind: Kind) -> None:
         ]
         assert await blocked(readers[-1], 0.05)
         await broker.aclose()
-        batches = await asyncio.wait_for(asyncio.gather(*readers), 1)
+        batches = await asyncio.wait_for(asyncio.gather(*readers), WAKE)
         assert all(b.ended for b in batches)
 
     run(kind, body)
@@ -436,7 +468,7 @@ def test_cancelled_readers_do_not_get_in_the_way(kind: Kind) -> None:
         reader = asyncio.create_task(broker.read("a", "0", limit=10, timeout=None))
         assert await blocked(reader, 0.05)
         await broker.append("a", items(1), KEEP)
-        assert len((await asyncio.wait_for(reader, 1)).events) == 1
+        assert len((await asyncio.wait_for(reader, WAKE)).events) == 1
 
     run(kind, body)
 

@@ -16,6 +16,10 @@ T = TypeVar("T")
 
 KEEP = Retention(max_len=1_000)
 
+#: How long a blocked reader may take to be woken: generous, since a loaded
+#: machine is slow, and a reader that is never woken fails all the same.
+WAKE = 5
+
 
 def run(test: Callable[[], Awaitable[T]]) -> T:
     """Run an async test body with a time limit, so a read that never wakes fails fast."""
@@ -99,7 +103,7 @@ def test_read_blocks_until_an_append() -> None:
         await asyncio.sleep(0.1)
         assert not reader.done(), "a read with nothing to return must wait"
         await broker.append("a", items("late"), KEEP)
-        batch = await asyncio.wait_for(reader, 1)
+        batch = await asyncio.wait_for(reader, WAKE)
         assert [(e.id, e.data) for e in batch.events] == [("3", "late")]
 
     run(body)
@@ -114,7 +118,7 @@ def test_append_wakes_every_blocked_reader() -> None:
         await asyncio.sleep(0.05)
         assert not any(r.done() for r in readers)
         await broker.append("a", items(1), KEEP)
-        batches = await asyncio.wait_for(asyncio.gather(*readers), 1)
+        batches = await asyncio.wait_for(asyncio.gather(*readers), WAKE)
         assert all([e.id for e in b.events] == ["1"] for b in batches)
 
     run(body)
@@ -146,7 +150,7 @@ def test_timeout_returns_an_empty_batch() -> None:
 
         start = time.monotonic()
         assert await broker.read("a", "1", limit=10, timeout=0) == Batch()
-        assert time.monotonic() - start < 0.1, "timeout=0 must not wait"
+        assert time.monotonic() - start < 1, "timeout=0 must not wait"
 
     run(body)
 
@@ -263,7 +267,7 @@ def test_end_wakes_blocked_readers() -> None:
         await asyncio.sleep(0.05)
         assert not any(r.done() for r in readers)
         await broker.end("a")
-        batches = await asyncio.wait_for(asyncio.gather(*readers), 1)
+        batches = await asyncio.wait_for(asyncio.gather(*readers), WAKE)
         assert all(b.ended and b.events == [] for b in batches)
 
     run(body)
@@ -301,7 +305,7 @@ def test_an_id_beyond_the_head_reads_on_from_the_head() -> None:
         reader = asyncio.create_task(broker.read("a", "500", limit=10, timeout=5))
         await asyncio.sleep(0.05)
         await broker.append("a", items("next"), KEEP)
-        batch = await asyncio.wait_for(reader, 1)
+        batch = await asyncio.wait_for(reader, WAKE)
         assert [(e.id, e.data) for e in batch.events] == [("3", "next")]
         assert batch.missed == 0
 
@@ -316,7 +320,7 @@ def test_delete_wakes_readers_and_forgets_the_log() -> None:
         await asyncio.sleep(0.05)
         assert not reader.done()
         await broker.delete("a")
-        batch = await asyncio.wait_for(reader, 1)
+        batch = await asyncio.wait_for(reader, WAKE)
         assert batch.ended and batch.events == []
         assert await broker.last_id("a") == "0"
         [event] = await broker.append("a", items("new"), KEEP)
@@ -335,7 +339,7 @@ def test_aclose_wakes_every_reader() -> None:
         ]
         await asyncio.sleep(0.05)
         await broker.aclose()
-        batches = await asyncio.wait_for(asyncio.gather(*readers), 1)
+        batches = await asyncio.wait_for(asyncio.gather(*readers), WAKE)
         assert all(b.ended for b in batches)
 
     run(body)

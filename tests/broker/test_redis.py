@@ -379,7 +379,7 @@ def test_idle_logs_are_no_longer_followed(redis_server: RedisServer) -> None:
             reader = asyncio.create_task(broker.read("a", "0", limit=1, timeout=None))
             await waiting(broker, "a")
             await broker.append("a", items(1), KEEP)
-            assert len((await asyncio.wait_for(reader, 2)).events) == 1
+            assert len((await asyncio.wait_for(reader, 5)).events) == 1
         finally:
             await broker.aclose()
 

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import json
 import socket
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from decimal import Decimal
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 import pytest
@@ -19,7 +22,7 @@ from websockets.sync.client import connect
 
 from tests.conftest import QUICK, LiveServer, wait_for
 from tests.wire import read_ndjson, read_sse, read_ws
-from tidewire import Blob, Message, Settings, Tidewire
+from tidewire import Blob, Broker, Message, Settings, Tidewire
 from tidewire.events import decode_blobs
 
 
@@ -31,8 +34,8 @@ class Probe:
         self.started = threading.Event()
 
 
-def make(settings: Settings = QUICK) -> tuple[Tidewire, Probe]:
-    tw = Tidewire(settings=settings)
+def make(settings: Settings = QUICK, broker: Broker | None = None) -> tuple[Tidewire, Probe]:
+    tw = Tidewire(settings=settings, broker=broker)
     probe = Probe()
 
     @tw.stream
@@ -291,7 +294,7 @@ def test_resume_from_the_middle(serve: Any, transport: str) -> None:
     assert events[-1]["event"] == "end"
 
 
-@pytest.mark.parametrize("transport", ["ndjson", "sse"])
+@pytest.mark.parametrize("transport", TRANSPORTS)
 def test_last_event_id_wins_over_after(serve: Any, transport: str) -> None:
     tw, _ = make()
     server = serve(tw)
@@ -299,6 +302,9 @@ def test_last_event_id_wins_over_after(serve: Any, transport: str) -> None:
     finished(server, run)
     events = read(server, transport, f"/runs/{run}/events?after=2", headers={"last-event-id": "8"})
     assert [e["id"] for e in events] == ["9", "10", "11"]
+    # Alone, it resumes too (a WebSocket client reconnecting sends it as a header).
+    alone = read(server, transport, f"/runs/{run}/events", headers={"last-event-id": "9"})
+    assert [e["id"] for e in alone] == ["10", "11"]
 
 
 def test_resume_while_running_loses_and_repeats_nothing(serve: Any) -> None:
@@ -318,6 +324,93 @@ def test_bad_position_is_400(serve: Any) -> None:
     response = httpx.get(f"{server.url}/runs/{run}/events?after=abc")
     assert response.status_code == 400
     assert "abc" in response.json()["detail"]
+    finished(server, run)
+    # What int() would read as 2 is no id either: the same 400 on every transport.
+    for bad in ["+2", " 2", "2_0", "\u0662", "\uff12", "0x2"]:
+        for accept in ("application/x-ndjson", "text/event-stream"):
+            response = httpx.get(
+                f"{server.url}/runs/{run}/events",
+                params={"after": bad},
+                headers={"accept": accept},
+                timeout=5,
+            )
+            assert response.status_code == 400, (bad, accept, response.text)
+            assert repr(bad) in response.json()["detail"], bad
+        with pytest.raises(InvalidStatus) as denied:
+            connect(f"{server.ws_url}/runs/{run}/ws?after={quote(bad)}", open_timeout=5)
+        assert denied.value.response.status_code == 400, bad
+    for bad in ["+2", "2_0", "0x2"]:  # in the header too (HTTP trims the spaces of " 2")
+        response = httpx.get(f"{server.url}/runs/{run}/events", headers={"last-event-id": bad})
+        assert response.status_code == 400, bad
+        with pytest.raises(InvalidStatus) as denied:
+            connect(
+                f"{server.ws_url}/runs/{run}/ws",
+                additional_headers={"last-event-id": bad},
+                open_timeout=5,
+            )
+        assert denied.value.response.status_code == 400, bad
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_a_late_watcher_of_a_trimmed_run_gets_a_gap(
+    serve: Any, broker: Broker, transport: str
+) -> None:
+    # Nobody watches while it runs, so nothing holds the generator back and
+    # the log keeps only the newest `run_history` events.
+    settings = dataclasses.replace(QUICK, run_window=4, run_history=8)
+    tw, _ = make(settings, broker)
+    server = serve(tw)
+    run = detach(server, "count", n=50)
+    finished(server, run)
+    events = read(server, transport, f"/runs/{run}/events")
+    gap, retained = events[0], events[1:]
+    assert gap["event"] == "gap"
+    assert gap["data"] == {"missed": 51 - 8}
+    assert [e["data"] for e in retained] == [{"i": i} for i in range(43, 50)] + [None]
+    assert retained[-1]["event"] == "end"
+    assert [seq(e["id"]) for e in retained] == list(range(44, 52))
+    assert seq(gap["id"]) == 43
+    # Resuming from the gap's id (as a reconnecting client would) loses nothing more.
+    again = read(server, transport, f"/runs/{run}/events", headers={"last-event-id": gap["id"]})
+    assert again == retained
+
+
+def seq(id: str) -> int:
+    """The count of an event id, from either broker ("7" or "1700000000000-7")."""
+    return int(id.rpartition("-")[2])
+
+
+def test_a_finished_run_is_forgotten_after_run_ttl(serve: Any) -> None:
+    tw, _ = make(dataclasses.replace(QUICK, run_ttl=1.0))
+    server = serve(tw)
+    run = detach(server, "count", n=3)
+    assert finished(server, run)["state"] == "finished"  # watchable once it ended
+
+    def gone() -> bool:
+        return httpx.get(f"{server.url}/runs/{run}").status_code == 404
+
+    wait_for(gone, 10, "a finished run must be forgotten run_ttl after it ended")
+    assert httpx.get(f"{server.url}/runs/{run}/events").status_code == 404
+    with pytest.raises(InvalidStatus) as denied:
+        connect(f"{server.ws_url}/runs/{run}/ws", open_timeout=5)
+    assert denied.value.response.status_code == 404
+    # Its events and records are gone from the broker too, not only from the routes.
+    wait_for(lambda: f"run:{run}" not in tw.broker._logs)  # type: ignore[attr-defined]
+    assert tw.runs.here(run) is None
+
+
+def test_decimals_are_sent_as_exact_strings(serve: Any) -> None:
+    tw, _ = make()
+
+    @tw.stream
+    async def prices() -> AsyncIterator[Any]:
+        yield {"price": Decimal("0.1"), "big": Decimal("12345678901234567890.000000001")}
+
+    server = serve(tw)
+    run = detach(server, "prices")
+    for transport in TRANSPORTS:
+        events = read(server, transport, f"/runs/{run}/events")
+        assert events[0]["data"] == {"price": "0.1", "big": "12345678901234567890.000000001"}
 
 
 @pytest.mark.parametrize("stream", ["forever", "forever_sync"])

@@ -22,9 +22,36 @@ __all__ = ["add_channel_routes"]
 MAX_PUBLISH_BYTES = 1 << 20
 
 
+def too_large() -> HTTPException:
+    return HTTPException(413, f"a published event may be at most {MAX_PUBLISH_BYTES} bytes")
+
+
+async def read_body(request: Request) -> bytes:
+    """The whole body, refused (413) as soon as it is over the limit, whatever its type.
+
+    A declared length over it is refused before anything is read. The limit
+    counts the body as sent: a multipart file is as much a part of the event
+    as a JSON value (form parsing alone would take files of any size).
+    """
+    declared = request.headers.get("content-length", "")
+    if declared.isascii() and declared.isdigit() and int(declared) > MAX_PUBLISH_BYTES:
+        raise too_large()
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > MAX_PUBLISH_BYTES:
+            raise too_large()
+        chunks.append(chunk)
+    body = b"".join(chunks)
+    # Where Request.body() keeps what it read: form parsing reads it from there.
+    request._body = body
+    return body
+
+
 async def read_message(request: Request) -> Any:
     """A published event's data: a JSON body, form fields and files, or plain text."""
     kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    body = await read_body(request)
     if kind in ("multipart/form-data", "application/x-www-form-urlencoded"):
         form = await request.form(max_part_size=MAX_PUBLISH_BYTES)
         data: dict[str, Any] = {}
@@ -35,9 +62,6 @@ async def read_message(request: Request) -> Any:
             else:
                 data[key] = value
         return data
-    body = await request.body()
-    if len(body) > MAX_PUBLISH_BYTES:
-        raise HTTPException(413, f"a published event may be at most {MAX_PUBLISH_BYTES} bytes")
     if kind == "text/plain":
         return body.decode("utf-8", "replace")
     if kind in ("", "application/json") or kind.endswith("+json"):
@@ -101,7 +125,9 @@ def add_channel_routes(router: APIRouter, tw: Tidewire) -> None:
             return
 
         async def on_text(text: str) -> None:
-            if len(text) > MAX_PUBLISH_BYTES:
+            # The limit is in bytes, as sent: a character may be up to four of
+            # them, so only a text that could be over it is encoded to count.
+            if len(text) > MAX_PUBLISH_BYTES // 4 and len(text.encode()) > MAX_PUBLISH_BYTES:
                 await websocket.close(1009, f"frames may be at most {MAX_PUBLISH_BYTES} bytes")
                 return
             try:

@@ -1,0 +1,126 @@
+"""What every transport says when the broker goes away under a live stream.
+
+docs/http.md: NDJSON ends with `{"event": "unavailable", ...}`, SSE with an
+`event: unavailable` block, a WebSocket with close code 1013; none of them
+carries an id, so a client keeps the last one it had and resumes from it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import json
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import httpx
+import pytest
+from websockets.exceptions import ConnectionClosed
+from websockets.sync.client import ClientConnection, connect
+
+from tests.conftest import QUICK, LiveServer
+from tests.redis_server import RedisServer
+from tidewire import Tidewire
+from tidewire.broker.redis import RedisBroker
+
+UNAVAILABLE = "the broker is unreachable; reconnect and resume from your last id"
+
+
+def first_ndjson(lines: Any) -> dict[str, Any]:
+    for line in lines:
+        if line.strip():
+            return dict(json.loads(line))
+    raise AssertionError("the stream ended before its first event")
+
+
+def rest_ndjson(lines: Any) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in lines if line.strip()]
+
+
+def sse_blocks(chunks: Any, stop: Callable[[list[str]], bool]) -> list[str]:
+    """SSE blocks (comments and `retry:` left out) until `stop(blocks)` or the body ends."""
+    blocks: list[str] = []
+    buffer = ""
+    for text in chunks:
+        buffer += text
+        while "\n\n" in buffer:
+            block, buffer = buffer.split("\n\n", 1)
+            lines = [line for line in block.split("\n") if not line.startswith((":", "retry:"))]
+            if lines:
+                blocks.append("\n".join(lines))
+                if stop(blocks):
+                    return blocks
+    return blocks
+
+
+def closed_with(ws: ClientConnection) -> tuple[int | None, str | None, list[str]]:
+    """Frames until the server closes; its close code and reason."""
+    frames: list[str] = []
+    with contextlib.suppress(ConnectionClosed):
+        while True:
+            frame = ws.recv(timeout=10)
+            assert isinstance(frame, str)
+            frames.append(frame)
+    return ws.close_code, ws.close_reason, frames
+
+
+def test_redis_going_away_is_told_on_every_transport(
+    serve: Callable[..., LiveServer], start_redis: Callable[..., RedisServer]
+) -> None:
+    redis = start_redis(aof=False)
+    # A short lease: the run below waits that long for Redis when the server stops.
+    tw = Tidewire(broker=RedisBroker(redis.url), settings=dataclasses.replace(QUICK, lease=1.5))
+
+    @tw.stream
+    async def one() -> AsyncIterator[str]:
+        yield "first"
+        await asyncio.Event().wait()  # then nothing, until it is cancelled
+
+    server = serve(tw)
+    http = httpx.Client(base_url=server.url, timeout=10)
+    assert http.post("/channels/c/events", json="first").status_code == 201
+    run = http.post("/streams/one?detach=true").json()["run"]
+    paths = ["/channels/c/events?after=0", f"/runs/{run}/events"]
+
+    with contextlib.ExitStack() as stack:
+        ndjson, sse, ws = [], [], []
+        for path in paths:
+            response = stack.enter_context(http.stream("GET", path))
+            lines = response.iter_lines()
+            assert first_ndjson(lines)["data"] == "first"
+            ndjson.append(lines)
+
+            response = stack.enter_context(
+                http.stream("GET", path, headers={"accept": "text/event-stream"})
+            )
+            chunks = response.iter_text()
+            assert 'data: "first"' in sse_blocks(chunks, stop=len)[0].split("\n")
+            sse.append(chunks)
+
+            socket = stack.enter_context(
+                connect(server.ws_url + path.replace("/events", "/ws"), open_timeout=10)
+            )
+            assert json.loads(socket.recv(timeout=10))["data"] == "first"
+            ws.append(socket)
+
+        redis.stop()
+
+        for lines in ndjson:
+            [notice] = rest_ndjson(lines)
+            assert notice == {"event": "unavailable", "data": {"message": UNAVAILABLE}}
+        for chunks in sse:
+            [notice] = sse_blocks(chunks, stop=lambda _: False)
+            event, data = notice.split("\n")  # and no `id:`: the client keeps its last one
+            assert event == "event: unavailable"
+            assert json.loads(data.removeprefix("data: ")) == {"message": UNAVAILABLE}
+        for socket in ws:
+            code, reason, frames = closed_with(socket)
+            assert (code, frames) == (1013, [])
+            assert reason is not None and "unreachable" in reason
+
+    # New subscriptions "live from now" are refused while it is away: where "now" is
+    # in the log cannot be known without it.
+    assert http.get("/channels/c/events").status_code == 503
+    with pytest.raises(Exception, match="503"):
+        connect(server.ws_url + "/channels/c/ws", open_timeout=10)
