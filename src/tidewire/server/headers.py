@@ -26,7 +26,7 @@ from collections.abc import Mapping
 from email.utils import formatdate, parsedate_to_datetime
 from urllib.parse import quote
 
-from .names import CONTROL
+from .names import CONTROL, invisible
 
 __all__ = [
     "MAX_RANGES",
@@ -161,6 +161,9 @@ def content_disposition(name: str, *, inline: bool = False) -> str:
     """`inline`/`attachment` with an ASCII `filename=` and a UTF-8 `filename*=` (RFC 6266)."""
     disposition = "inline" if inline else "attachment"
     name = unicodedata.normalize("NFC", name)
+    # Files stored before names.py refused bidi controls may still hold one:
+    # dropped here, `photo\u202egpj.exe` is saved as `photogpj.exe`, the .exe it is.
+    name = "".join(char for char in name if not invisible(char))
     if not name.strip(". ") or CONTROL.search(name):
         name = "download"  # no browser would save under "..", "" or a control character
     fallback = _UNSAFE_IN_FALLBACK.sub("_", name)
