@@ -25,8 +25,10 @@ SIZES = (256, 1 << 10, 4 << 10, 16 << 10, 64 << 10)
 #: Largest time growth allowed for four times the input: linear is ~4; the
 #: margin is for noise, and quadratic (16) is still well above it.
 MAX_RATIO = 10.0
-#: Repeats of each timing; the fastest counts, as noise only ever slows a run.
-REPEATS = 5
+#: Most timings of each size, taken in turns; the fastest counts, as noise only
+#: ever slows a run down. At least `MIN_ATTEMPTS` before any verdict.
+ATTEMPTS = 10
+MIN_ATTEMPTS = 3
 #: Shortest timed run, in seconds: well above the clock's resolution.
 MIN_RUN = 0.002
 
@@ -49,19 +51,22 @@ def growth(
 ) -> float:
     """How many times longer `parse(large)` takes than `parse(small)`, the best of a few runs.
 
-    The large input is timed again only while it looks too slow, so a linear
-    parser costs one run of it and a super-linear one no more than `REPEATS`.
+    The two are timed in turns, so that both see the same machine (another
+    process on the same cores slows both); the fastest of each counts. More
+    turns are taken only while the growth is in doubt: a linear parser takes
+    `MIN_ATTEMPTS`, one far too slow no more either.
     """
     loops = 1
     while _run(parse, small, loops, refusals) < MIN_RUN and loops < 1 << 20:
         loops *= 2
-    fastest_small = min(_run(parse, small, loops, refusals) for _ in range(REPEATS))
-    fastest_large = float("inf")
-    for _ in range(REPEATS):
+    fastest_small = fastest_large = float("inf")
+    for attempt in range(1, ATTEMPTS + 1):
+        fastest_small = min(fastest_small, _run(parse, small, loops, refusals))
         fastest_large = min(fastest_large, _run(parse, large, loops, refusals))
-        if fastest_large / fastest_small < MAX_RATIO:
+        ratio = fastest_large / fastest_small
+        if attempt >= MIN_ATTEMPTS and (ratio < MAX_RATIO or ratio > 3 * MAX_RATIO):
             break
-    return fastest_large / fastest_small
+    return ratio
 
 
 def assert_linear(

@@ -180,8 +180,17 @@ def http_date(timestamp: float) -> str:
     return formatdate(timestamp, usegmt=True)
 
 
+#: Longest date header read: an HTTP date is 29 characters, its obsolete forms
+#: (RFC 850, asctime) at most 33. The standard library's parser turns each
+#: run of digits into an int, which costs the square of its length (up to
+#: CPython's 4,300-digit limit): a longer value is not a date anyway.
+_MAX_HTTP_DATE = 64
+
+
 def parse_http_date(value: str) -> float | None:
     """An HTTP date as a timestamp; None if it is not one."""
+    if len(value) > _MAX_HTTP_DATE:
+        return None
     try:
         return parsedate_to_datetime(value).timestamp()
     except (TypeError, ValueError, IndexError, OverflowError):
