@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from urllib.parse import quote
 
@@ -21,6 +22,41 @@ from ..conftest import QUICK, LiveServer
 
 def b64(text: str) -> str:
     return base64.b64encode(text.encode()).decode()
+
+
+#: Characters that change how a name reads without being seen (Unicode Cf, Zl, Zp).
+INVISIBLE = {
+    "\u202e": "RIGHT-TO-LEFT OVERRIDE",
+    "\u202a": "LEFT-TO-RIGHT EMBEDDING",
+    "\u2066": "LEFT-TO-RIGHT ISOLATE",
+    "\u2069": "POP DIRECTIONAL ISOLATE",
+    "\u200f": "RIGHT-TO-LEFT MARK",
+    "\u061c": "ARABIC LETTER MARK",
+    "\u200b": "ZERO WIDTH SPACE",
+    "\u2060": "WORD JOINER",
+    "\ufeff": "ZERO WIDTH NO-BREAK SPACE",
+    "\u00ad": "SOFT HYPHEN",
+    "\u2028": "LINE SEPARATOR",
+    "\U000e0041": "TAG LATIN CAPITAL LETTER A",
+}
+
+
+@pytest.mark.parametrize("char", INVISIBLE)
+def test_invisible_characters_are_refused_by_name(char: str) -> None:
+    with pytest.raises(ValueError) as refused:
+        clean_name(f"photo{char}gpj.exe")
+    code = f"U+{ord(char):04X}"
+    assert f"{code} ({INVISIBLE[char]})" in str(refused.value)
+    assert char not in str(refused.value), "the message shows the code, not the character"
+
+
+def test_joiners_that_spell_words_are_names() -> None:
+    # ZWNJ in Persian ("mi-khaham"), ZWJ in an emoji sequence: spelling, not a disguise.
+    for name in (
+        "\u0645\u06cc\u200c\u062e\u0648\u0627\u0647\u0645.txt",
+        "\U0001f469\u200d\U0001f4bb.png",
+    ):
+        assert clean_name(name) == name
 
 
 def test_tus_metadata_names_follow_the_same_rule() -> None:
@@ -104,7 +140,7 @@ def client(serve: Callable[..., LiveServer], tmp_path: Path) -> Iterator[httpx.C
 @pytest.mark.parametrize("way", WAYS)
 def test_every_way_in_takes_and_refuses_the_same_names(client: httpx.Client, way: str) -> None:
     send, refused = WAYS[way]
-    for bad in ("n" * (MAX_NAME + 1), "a\x1bb"):
+    for bad in ("n" * (MAX_NAME + 1), "a\x1bb", "photo\u202egpj.exe", "a\u2066b.txt"):
         with pytest.raises(ValueError) as rule:
             clean_name(bad)
         response = send(client, bad, "text/plain")
@@ -126,3 +162,58 @@ def test_every_way_in_stores_the_same_type(client: httpx.Client, way: str) -> No
     ):
         meta = client.get(f"/files/{stored_id(send(client, name, declared))}/meta").json()
         assert meta["type"] == stored, (way, declared)
+
+
+# -- lookups by name, and names stored before the rule ----------------------
+
+
+Lookup = Callable[[httpx.Client, str], httpx.Response]
+
+LOOKUPS: dict[str, Lookup] = {
+    "GET /files?name=": lambda client, name: client.get("/files", params={"name": name}),
+    "downloadfile query": lambda client, name: client.post(
+        "/downloadfile/", params={"filename": name}
+    ),
+    "downloadfile JSON": lambda client, name: client.post(
+        "/downloadfile/", json={"filename": name}
+    ),
+    "downloadfile form": lambda client, name: client.post(
+        "/downloadfile/", data={"filename": name}
+    ),
+}
+
+
+@pytest.mark.parametrize("lookup", LOOKUPS)
+def test_lookups_by_name_refuse_what_no_upload_may_store(client: httpx.Client, lookup: str) -> None:
+    find = LOOKUPS[lookup]
+    stored_id(put(client, "photo.jpg", "image/jpeg"))
+    with pytest.raises(ValueError) as rule:
+        clean_name("photo\u202egpj.jpg")
+    response = find(client, "photo\u202egpj.jpg")
+    assert response.status_code == 422, response.text
+    assert str(rule.value) in response.json()["detail"]
+    found = find(client, "photo.jpg")
+    assert found.status_code == 200, found.text
+
+
+def test_a_name_stored_before_the_rule_is_sent_without_its_bidi_controls(
+    serve: Callable[..., LiveServer], tmp_path: Path
+) -> None:
+    storage = LocalStorage(tmp_path / "data")
+
+    async def store() -> str:
+        async def body() -> AsyncIterator[bytes]:
+            yield b"MZ"
+
+        # Straight into the storage, as an upload before names.py refused it did.
+        info = await storage.save(
+            body(), name="photo\u202egpj.exe", type="application/octet-stream"
+        )
+        return info.id
+
+    file_id = asyncio.run(store())
+    with httpx.Client(base_url=serve(Tidewire(storage=storage, settings=QUICK)).url) as client:
+        disposition = client.get(f"/files/{file_id}").headers["content-disposition"]
+    assert disposition == (
+        "attachment; filename=\"photogpj.exe\"; filename*=UTF-8''photogpj.exe"
+    ), "the name reads as the .exe it is"

@@ -77,6 +77,19 @@ def _boundary(request: Request, hint: str) -> bytes:
     return boundary
 
 
+def _looked_up(name: str, where: str) -> str:
+    """A name to look a file up by, checked by the rule uploads follow.
+
+    Any string would be safe to compare, but one that no upload may store
+    (a bidi control, a control character) is refused as it would be there,
+    naming what to fix, rather than answered with "no such file".
+    """
+    try:
+        return clean_name(name)
+    except ValueError as exc:
+        raise HTTPException(422, f"{exc}: {where} names the file") from None
+
+
 async def _discard(storage: Storage, files: list[FileInfo]) -> None:
     # Shielded: a cancelled request must still take back what it stored.
     with anyio.CancelScope(shield=True):
@@ -288,9 +301,9 @@ def add_file_routes(router: APIRouter, tw: Tidewire) -> None:
         # clients that know files by name want (`Client.download(name)`).
         if cursor is not None:
             raise HTTPException(400, "?name= answers one file: leave out the cursor")
+        name = _looked_up(name, "?name=")
         with storage_errors():
             try:
-                # A label compared for equality: any string is safe to look up.
                 found = [await tw.storage.find(name)]
             except FileNotFound:
                 found = []
@@ -414,14 +427,13 @@ def add_original_file_routes(router: APIRouter, tw: Tidewire) -> None:
         return JSONResponse({"filename": info.name, **info.json()})
 
     async def download(request: Request) -> Response:
-        name = await _requested_name(request)
+        name = _looked_up(await _requested_name(request), "filename")
         info: FileInfo | None = None
         if valid_id(name):
             with suppress(FileNotFound):
                 info = await tw.storage.info(name)
         if info is None:
             try:
-                # A label, compared for equality: any string is safe to look up.
                 info = await tw.storage.find(name)
             except FileNotFound:
                 raise HTTPException(
