@@ -10,6 +10,7 @@ from collections.abc import Callable
 
 import pytest
 
+from tidewire.broker.memory import MemoryBroker
 from tidewire.broker.redis import RedisBroker
 
 from ..linear import assert_linear
@@ -28,3 +29,8 @@ WORST: dict[str, Callable[[int], str]] = {
 def test_redis_ids_are_checked_in_linear_time(worst: Callable[[int], str]) -> None:
     # check_id is pure: no Redis is needed, and none is reached.
     assert_linear(RedisBroker("redis://127.0.0.1:1/0").check_id, worst)
+
+
+@pytest.mark.parametrize("worst", WORST.values(), ids=WORST.keys())
+def test_memory_ids_are_checked_in_linear_time(worst: Callable[[int], str]) -> None:
+    assert_linear(MemoryBroker().check_id, worst)
