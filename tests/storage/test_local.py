@@ -23,7 +23,7 @@ import pytest
 
 from tests.conftest import wait_for
 from tests.full_disk import fill, small_disk_fixture  # noqa: F401
-from tidewire.storage import StorageFull, from_url
+from tidewire.storage import OffsetMismatch, StorageFull, from_url
 from tidewire.storage import local as local_module
 from tidewire.storage.local import LocalStorage
 
@@ -239,7 +239,7 @@ def test_two_storages_on_one_folder_take_turns(tmp_path: Path) -> None:
             assert not other.done(), "the second append must wait for the first"
             go_on.set()
             assert (await one).offset == MIB
-            with pytest.raises(local_module.OffsetMismatch):
+            with pytest.raises(OffsetMismatch):
                 await other
             # The second storage finishes it; the hash comes from the bytes.
             done = await second.append(upload.id, MIB, chunks(b"abcdefghij"))

@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import os
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 import pytest
+from botocore.exceptions import ClientError
 
-from tests.s3_server import S3Server, s3_bucket_fixture, s3_server_fixture  # noqa: F401
-from tidewire.storage import FileInfo, from_url
+from tests.s3_server import FAKE_AWS, S3Server, s3_bucket_fixture, s3_server_fixture  # noqa: F401
+from tidewire.storage import FileInfo, StorageFull, from_url
 from tidewire.storage.s3 import BucketNotFound, S3Storage
 
 from .test_storage import chunks, read_all
@@ -269,3 +271,82 @@ def test_expire_spares_an_upload_created_while_it_lists(
         assert await read_all(storage, await storage.info(done.file or "")) == data
 
     run(storage_for(s3_server, s3_bucket), body)
+
+
+@contextlib.asynccontextmanager
+async def refusing_s3(status: int, code: str) -> AsyncIterator[str]:
+    """An S3 endpoint that has every bucket but answers every write `status`, S3 error `code`.
+
+    moto cannot say "full"; MinIO, Ceph and the like do, so this plays them.
+    """
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        fields = dict(
+            line.split(":", 1) for line in head.decode().lower().splitlines()[1:] if ":" in line
+        )
+        if fields.get("expect", "").strip() != "100-continue":
+            await reader.readexactly(int(fields.get("content-length", 0)))
+        if head.startswith((b"HEAD ", b"GET ")):
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+        else:
+            body = f"<?xml version='1.0'?><Error><Code>{code}</Code><Message>no</Message></Error>"
+            writer.write(
+                f"HTTP/1.1 {status} Refused\r\nContent-Type: application/xml\r\n"
+                f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n{body}".encode()
+            )
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(answer, "127.0.0.1", 0)
+    async with server:
+        yield f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+
+
+@pytest.mark.parametrize(
+    ("status", "code"),
+    [
+        (507, "XMinioStorageFull"),  # MinIO: a drive below its free-space threshold
+        (400, "XMinioAdminBucketQuotaExceeded"),  # MinIO: a bucket quota
+        (403, "QuotaExceeded"),  # Ceph RGW: a user or bucket quota
+        (507, "InsufficientStorage"),  # any other store's 507
+    ],
+)
+def test_a_full_store_is_storage_full(
+    status: int, code: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for name, value in FAKE_AWS.items():
+        monkeypatch.setenv(name, value)
+
+    async def main() -> None:
+        async with refusing_s3(status, code) as endpoint:
+            storage = S3Storage("bucket", endpoint_url=endpoint)
+            try:
+                with pytest.raises(StorageFull, match="nothing was stored"):
+                    await storage.save(chunks(b"data"), name="f", type="x")
+                with pytest.raises(StorageFull, match="the upload was not created"):
+                    await storage.create_upload(
+                        length=4, name="u", type="x", metadata="", expires=time.time() + HOUR
+                    )
+            finally:
+                await storage.aclose()
+
+    asyncio.run(asyncio.wait_for(main(), 30))
+
+
+def test_a_refusal_that_is_not_about_space_stays_what_it_is(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    for name, value in FAKE_AWS.items():
+        monkeypatch.setenv(name, value)
+
+    async def main() -> None:
+        async with refusing_s3(403, "AccessDenied") as endpoint:
+            storage = S3Storage("bucket", endpoint_url=endpoint)
+            try:
+                with pytest.raises(ClientError, match="AccessDenied"):
+                    await storage.save(chunks(b"data"), name="f", type="x")
+            finally:
+                await storage.aclose()
+
+    asyncio.run(asyncio.wait_for(main(), 30))

@@ -14,6 +14,9 @@ complete, and failed writes leave nothing behind.
       LocalStorage   a folder: ./data by default            (storage/local.py)
       S3Storage      S3-compatible object storage           (storage/s3.py)
 
+Both take their resumable uploads from one algorithm (storage/_uploads.py)
+and write bodies in large blocks (storage/_blocks.py).
+
 Errors, all `StorageError`:
 
     FileNotFound       no such file (or malformed id)       -> 404

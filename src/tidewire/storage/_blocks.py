@@ -13,10 +13,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import threading
-from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterable, Awaitable, Callable
 from typing import Any, TypeVar
 
-__all__ = ["BLOCK", "KeyedLocks", "Pump", "Sink", "finish", "uninterrupted"]
+from . import TooLarge
+
+__all__ = ["BLOCK", "Pump", "Sink", "finish", "too_large", "uninterrupted"]
 
 BLOCK = 1 << 20
 
@@ -104,6 +106,11 @@ class Pump:
             raise
 
 
+def too_large(limit: int | None) -> Callable[[], Exception]:
+    """A `Pump`'s `over` for at most `limit` bytes (a file's size limit, an upload's length)."""
+    return lambda: TooLarge(f"more than {limit} bytes", limit or 0)
+
+
 class Sink:
     """Blocks written and hashed by worker threads: subclasses say where (`put`).
 
@@ -171,24 +178,3 @@ async def uninterrupted(work: Awaitable[T]) -> T:
     if cancelled:
         raise asyncio.CancelledError
     return result
-
-
-class KeyedLocks:
-    """An asyncio.Lock per key, forgotten when nobody holds or awaits it."""
-
-    def __init__(self) -> None:
-        self._locks: dict[str, tuple[asyncio.Lock, int]] = {}
-
-    @contextlib.asynccontextmanager
-    async def hold(self, key: str) -> AsyncIterator[None]:
-        lock, users = self._locks.get(key) or (asyncio.Lock(), 0)
-        self._locks[key] = (lock, users + 1)
-        try:
-            async with lock:
-                yield
-        finally:
-            lock, users = self._locks[key]
-            if users == 1:
-                del self._locks[key]
-            else:
-                self._locks[key] = (lock, users - 1)

@@ -36,20 +36,16 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from . import (
-    ChecksumMismatch,
     FileInfo,
     FileNotFound,
-    OffsetMismatch,
     Page,
-    StorageError,
     StorageFull,
-    TooLarge,
-    Upload,
     UploadNotFound,
     new_id,
     valid_id,
 )
-from ._blocks import BLOCK, KeyedLocks, Pump, Sink, finish
+from ._blocks import BLOCK, Pump, Sink, finish, too_large
+from ._uploads import Hashers, KeyedLocks, State, Uploads, Writer, expired
 
 __all__ = ["LocalStorage"]
 
@@ -113,10 +109,34 @@ class _FileSink(Sink):
             _write_all(self.fd, data)
 
 
-class LocalStorage:
+class _UploadWriter:
+    """An append's bytes, written in blocks at the end of the upload's file."""
+
+    block = BLOCK
+    head = b""
+
+    def __init__(self, fd: int, offset: int, hashers: list[Any]) -> None:
+        self._fd = fd
+        self._offset = offset
+        self._sink = _FileSink(fd, hashers)
+
+    async def write(self, parts: list[bytes], last: bool) -> None:
+        await self._sink.awrite(parts, last)
+
+    async def rollback(self) -> None:
+        await finish(self._sink.stop)  # no block lands after the truncation
+        await finish(os.ftruncate, self._fd, self._offset)
+
+    async def keep(self) -> int:
+        await finish(self._sink.stop)
+        return os.fstat(self._fd).st_size
+
+
+class LocalStorage(Uploads):
     """Files in a folder (`./data` by default); nothing is touched until first use."""
 
     def __init__(self, root: str | os.PathLike[str] = "data") -> None:
+        super().__init__()
         self.root = Path(root)
         self._files = self.root / "files"
         self._tmp = self.root / "tmp"
@@ -127,9 +147,6 @@ class LocalStorage:
         self._db_thread: ThreadPoolExecutor | None = None
         self._conn: sqlite3.Connection | None = None
         self._locks = KeyedLocks()
-        # The sha256 of each upload appended to by this process, with the
-        # offset it has hashed up to: it goes on while the offsets line up.
-        self._hashes: dict[str, tuple[int, Any]] = {}
 
     def __repr__(self) -> str:
         return f"LocalStorage({str(self.root)!r})"
@@ -154,7 +171,7 @@ class LocalStorage:
         try:
             with _space("nothing was stored"):
                 try:
-                    size = await Pump(sink.awrite, limit=limit, over=_too_large(limit)).run(chunks)
+                    size = await Pump(sink.awrite, limit=limit, over=too_large(limit)).run(chunks)
                 finally:
                     await finish(sink.stop)
                 # The id is made now, so that listing order is completion order.
@@ -247,123 +264,7 @@ class LocalStorage:
             raise FileNotFound(file.id)
         return self._files / file.id
 
-    # -- resumable uploads -----------------------------------------------
-
-    async def create_upload(
-        self, *, length: int, name: str, type: str, metadata: str, expires: float
-    ) -> Upload:
-        if length < 0:
-            raise ValueError("length must not be negative")
-        await self._prepare()
-        now = time.time()
-        upload = Upload(
-            id=new_id(now),
-            length=length,
-            offset=0,
-            name=name,
-            type=type,
-            metadata=metadata,
-            created=now,
-            expires=expires,
-        )
-        with _space("the upload was not created"):
-            await asyncio.to_thread(self._start_upload, upload, max(expires - now, 0.0))
-        if length == 0:
-            # Nothing to wait for: it is a file already.
-            try:
-                return await self.append(upload.id, 0, _nothing())
-            except BaseException:
-                # Nobody learns this upload's id: nothing may stay behind.
-                await finish(self._remove_upload, upload.id)
-                raise
-        return upload
-
-    async def upload(self, id: str) -> Upload:
-        if not valid_id(id):
-            raise UploadNotFound(id)
-        state = await asyncio.to_thread(self._read_state, id)
-        if state["file"] is None:
-            try:
-                offset = (await asyncio.to_thread(os.stat, self._uploads / id)).st_size
-            except FileNotFoundError:
-                raise UploadNotFound(id) from None
-        else:
-            offset = state["length"]
-        return _upload(state, offset)
-
-    async def append(
-        self,
-        id: str,
-        offset: int,
-        chunks: AsyncIterable[bytes],
-        *,
-        checksum: tuple[str, bytes] | None = None,
-    ) -> Upload:
-        if not valid_id(id):
-            raise UploadNotFound(id)
-        check = hashlib.new(checksum[0]) if checksum else None
-        async with self._locks.hold(id), self._upload_fd(id) as fd:
-            state = await asyncio.to_thread(self._read_state, id)
-            length: int = state["length"]
-            if state["file"] is not None:
-                # Finished: there is nothing left to append.
-                return await self._append_to_finished(state, offset, chunks)
-            if fd is None:
-                raise UploadNotFound(id)
-            current = os.fstat(fd).st_size
-            if offset != current:
-                raise OffsetMismatch(f"the upload is at offset {current}", current)
-            await asyncio.to_thread(os.lseek, fd, offset, os.SEEK_SET)
-
-            whole = self._whole_hash(id, offset)
-            backup = whole.copy() if whole is not None else None
-            sink = _FileSink(fd, [h for h in (whole, check) if h is not None])
-            pump = Pump(sink.awrite, limit=length - offset, over=_too_large(length))
-            failure: BaseException | None = None
-            try:
-                try:
-                    written = await pump.run(chunks, keep=check is None)
-                finally:
-                    await finish(sink.stop)
-                if check is not None and checksum and check.digest() != checksum[1]:
-                    raise ChecksumMismatch(f"the {checksum[0]} of the appended bytes differs")
-            except BaseException as exc:
-                if not pump.kept:
-                    await finish(os.ftruncate, fd, offset)
-                    if backup is not None:
-                        self._hashes[id] = (offset, backup)
-                    raise
-                # The client went away: what did arrive stays, to resume from.
-                failure = exc
-                written = os.fstat(fd).st_size - offset
-            offset += written
-            state["expires"] = time.time() + state["ttl"]
-            if whole is not None:
-                self._hashes[id] = (offset, whole)
-            if offset == length:
-                state["file"] = (await self._complete(id, state, whole)).id
-                self._hashes.pop(id, None)
-            try:
-                with _space("the state was not saved"):
-                    await asyncio.to_thread(self._write_state, id, state)
-            except StorageFull:
-                # The bytes are stored (and the file made, if they were the
-                # last): that is what the client asked for. Only the pushed-back
-                # expiry is lost, which the next append writes again; a
-                # finished upload's state keeps saying unfinished, and since
-                # its bytes are gone it reads as not found from now on.
-                pass
-            if failure is not None:
-                raise failure
-            return _upload(state, offset)
-
-    async def abort(self, id: str) -> None:
-        if not valid_id(id):
-            raise UploadNotFound(id)
-        async with self._locks.hold(id), self._upload_fd(id):
-            await asyncio.to_thread(self._read_state, id)
-            await asyncio.to_thread(self._remove_upload, id)
-            self._hashes.pop(id, None)
+    # -- resumable uploads: create_upload, upload, append, abort are Uploads' --
 
     async def expire(self, now: float | None = None) -> int:
         if not self.root.exists():
@@ -371,7 +272,7 @@ class LocalStorage:
         # Leftovers of processes that died go too (see _sweep).
         removed = await asyncio.to_thread(self._expire, time.time() if now is None else now)
         for id in removed:
-            self._hashes.pop(id, None)
+            self.forget_upload(id)
         return len(removed)
 
     async def aclose(self) -> None:
@@ -452,45 +353,75 @@ class LocalStorage:
             self._conn.close()
             self._conn = None
 
-    # -- uploads ---------------------------------------------------------
+    # -- uploads: the backend of _uploads.Uploads -------------------------
 
     @contextlib.asynccontextmanager
-    async def _upload_fd(self, id: str) -> AsyncIterator[int | None]:
-        """The upload's bytes, open and locked against other processes (None once finished)."""
+    async def lock_upload(self, id: str) -> AsyncIterator[None]:
+        """Held within this process, and against other processes by a flock on its bytes."""
+        async with self._locks.hold(id):
+            try:
+                fd = await asyncio.to_thread(os.open, self._uploads / id, os.O_WRONLY)
+            except FileNotFoundError:
+                yield  # finished, or not there: nothing to write to, nothing to lock
+                return
+            try:
+                # Worker processes sharing the folder take turns by flock. Poll
+                # rather than block: a blocked thread would be lost to the pool
+                # for as long as the other append lasts.
+                while True:
+                    try:
+                        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                        break
+                    except BlockingIOError:
+                        await asyncio.sleep(0.02)
+                yield
+            finally:
+                os.close(fd)  # and with it the lock
+
+    async def load_upload(self, id: str) -> tuple[State, int]:
+        state = await asyncio.to_thread(self._read_state, id)
+        if state["file"] is not None:
+            return state, state["length"]
         try:
-            fd = await asyncio.to_thread(os.open, self._uploads / id, os.O_WRONLY)
+            # The bytes' file is the offset: the state only says how long
+            # the upload is, until when it lives and what it became.
+            offset = (await asyncio.to_thread(os.stat, self._uploads / id)).st_size
         except FileNotFoundError:
-            yield None
-            return
+            raise UploadNotFound(id) from None
+        return state, offset
+
+    async def start_upload(self, state: State) -> None:
+        await self._prepare()
+        with _space("the upload was not created"):
+            await asyncio.to_thread(self._start_upload, state)
+
+    @contextlib.asynccontextmanager
+    async def write_upload(
+        self, state: State, offset: int, hashers: Hashers
+    ) -> AsyncIterator[Writer]:
+        fd = await asyncio.to_thread(os.open, self._uploads / state["id"], os.O_WRONLY)
         try:
-            # Worker processes sharing the folder take turns by flock. Poll
-            # rather than block: a blocked thread would be lost to the pool
-            # for as long as the other append lasts.
-            while True:
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    break
-                except BlockingIOError:
-                    await asyncio.sleep(0.02)
-            yield fd
+            os.lseek(fd, offset, os.SEEK_SET)
+            yield _UploadWriter(fd, offset, hashers)
         finally:
-            os.close(fd)  # and with it the lock
+            await finish(os.close, fd)
 
-    def _whole_hash(self, id: str, offset: int) -> Any:
-        """The running sha256 of the upload, if this process has seen all of its bytes."""
-        hashed, sha = self._hashes.pop(id, (-1, None))
-        if hashed == offset:
-            return sha
-        return hashlib.sha256() if offset == 0 else None
+    async def save_upload(self, state: State) -> None:
+        try:
+            with _space("the state was not saved"):
+                await asyncio.to_thread(self._write_state, state["id"], state)
+        except StorageFull:
+            # The bytes are stored (and the file made, if they were the
+            # last): that is what the client asked for. Only the pushed-back
+            # expiry is lost, which the next append writes again; a
+            # finished upload's state keeps saying unfinished, and since
+            # its bytes are gone it reads as not found from now on.
+            pass
 
-    async def _complete(self, id: str, state: dict[str, Any], whole: Any) -> FileInfo:
-        source = self._uploads / id
-        if whole is None:
-            # Another process (or this one before a restart) did earlier
-            # appends, so the running hash is gone: read the bytes again.
+    async def complete_upload(self, state: State, sha256: str | None) -> str:
+        source = self._uploads / state["id"]
+        if sha256 is None:
             sha256 = await asyncio.to_thread(_sha256_of, source)
-        else:
-            sha256 = whole.hexdigest()
         info = FileInfo(
             id=new_id(),
             name=state["name"],
@@ -509,53 +440,29 @@ class LocalStorage:
             # PATCH at its end completes once there is room in the index.
             await finish(os.replace, self._files / info.id, source)
             raise
-        return info
+        return info.id
 
-    async def _append_to_finished(
-        self, state: dict[str, Any], offset: int, chunks: AsyncIterable[bytes]
-    ) -> Upload:
-        length: int = state["length"]
-        if offset != length:
-            raise OffsetMismatch(f"the upload is at offset {length}", length)
-        async for chunk in chunks:
-            if chunk:
-                raise _too_large(length)()
-        return _upload(state, length)
+    async def remove_upload(self, state: State) -> None:
+        await finish(self._remove_upload, state["id"])
 
-    def _start_upload(self, upload: Upload, ttl: float) -> None:
-        state = {
-            "id": upload.id,
-            "length": upload.length,
-            "name": upload.name,
-            "type": upload.type,
-            "metadata": upload.metadata,
-            "created": upload.created,
-            "expires": upload.expires,
-            # Each append pushes `expires` this far ahead, so an upload in
-            # progress does not expire midway.
-            "ttl": ttl,
-            "file": None,
-            "extra": upload.extra,
-        }
+    def _start_upload(self, state: State) -> None:
         # The state first, then the bytes' file: bytes without a state are
         # then always a leftover, which a sweep may remove at once.
         try:
-            self._write_state(upload.id, state)
-            os.close(self._create(self._uploads / upload.id))
+            self._write_state(state["id"], state)
+            os.close(self._create(self._uploads / state["id"]))
         except BaseException:
-            self._remove_upload(upload.id)  # a full disk, say: nothing stays behind
+            self._remove_upload(state["id"])  # a full disk, say: nothing stays behind
             raise
 
-    def _read_state(self, id: str, now: float | None = None) -> dict[str, Any]:
+    def _read_state(self, id: str) -> State:
         try:
-            state: dict[str, Any] = json.loads((self._uploads / f"{id}.json").read_bytes())
+            state: State = json.loads((self._uploads / f"{id}.json").read_bytes())
         except (FileNotFoundError, ValueError):
             raise UploadNotFound(id) from None
-        if state["expires"] <= (time.time() if now is None else now):
-            raise UploadNotFound(id)
         return state
 
-    def _write_state(self, id: str, state: dict[str, Any]) -> None:
+    def _write_state(self, id: str, state: State) -> None:
         # Write then rename: a reader sees the old state or the new, never half.
         tmp = self._uploads / f"{id}.json.{os.getpid()}"
         try:
@@ -575,11 +482,9 @@ class LocalStorage:
             id = entry.name.removesuffix(".json")
             if entry.name == id or not valid_id(id):
                 continue
-            try:
-                self._read_state(id, now)
-                continue
-            except UploadNotFound:
-                pass
+            with contextlib.suppress(UploadNotFound):  # unreadable: a leftover
+                if not expired(self._read_state(id), now):
+                    continue
             # An append in progress holds the lock (and will push `expires`
             # forward): leave that upload alone.
             try:
@@ -633,21 +538,6 @@ def _insert(db: sqlite3.Connection, info: FileInfo) -> None:
     )
 
 
-def _upload(state: dict[str, Any], offset: int) -> Upload:
-    return Upload(
-        id=state["id"],
-        length=state["length"],
-        offset=offset,
-        name=state["name"],
-        type=state["type"],
-        metadata=state["metadata"],
-        created=state["created"],
-        expires=state["expires"],
-        file=state["file"],
-        extra=state["extra"],
-    )
-
-
 def _remove_unlocked(path: Path) -> bool:
     """Remove a file unless a process holds it locked (flock); whether it was removed."""
     try:
@@ -677,12 +567,3 @@ def _scan(folder: Path) -> Iterator[os.DirEntry[str]]:
             yield from entries
     except FileNotFoundError:
         return
-
-
-def _too_large(limit: int | None) -> Callable[[], StorageError]:
-    return lambda: TooLarge(f"more than {limit} bytes", limit or 0)
-
-
-async def _nothing() -> AsyncIterator[bytes]:
-    return
-    yield

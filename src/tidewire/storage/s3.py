@@ -20,6 +20,9 @@ to one upload are serialised within a process; S3 has no locks, so, as with
 tusd's s3store without a locker, two processes appending to the same upload
 at once are not guarded against.
 
+A store that answers "full" (HTTP 507, or a quota's error code) raises
+`StorageFull`, saying what was not done.
+
 Credentials come from botocore's usual chain: `AWS_ACCESS_KEY_ID` and
 `AWS_SECRET_ACCESS_KEY`, a profile, an instance role...
 """
@@ -31,7 +34,8 @@ import contextlib
 import hashlib
 import json
 import time
-from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Iterable, Iterator
+from contextlib import AbstractAsyncContextManager
 from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import parse_qs, urlsplit
 
@@ -40,19 +44,16 @@ from aiobotocore.session import get_session
 from botocore.exceptions import ClientError
 
 from . import (
-    ChecksumMismatch,
     FileInfo,
     FileNotFound,
-    OffsetMismatch,
     Page,
-    StorageError,
-    TooLarge,
-    Upload,
+    StorageFull,
     UploadNotFound,
     new_id,
     valid_id,
 )
-from ._blocks import BLOCK, KeyedLocks, Pump, uninterrupted
+from ._blocks import BLOCK, Pump, too_large, uninterrupted
+from ._uploads import Hashers, KeyedLocks, State, Uploads, Writer
 
 if TYPE_CHECKING:
     from types_aiobotocore_s3 import S3Client
@@ -72,13 +73,16 @@ STALE_MULTIPART = 3600.0
 FETCHES = 16
 
 _MISSING = {"NoSuchKey", "404", "NotFound"}
+#: Error codes that mean no space, whatever the status: MinIO's full drives
+#: (507) and bucket quota (400), Ceph RGW's quotas (403). Any 507 counts too.
+_FULL = {"XMinioStorageFull", "XMinioAdminBucketQuotaExceeded", "QuotaExceeded"}
 
 
 class BucketNotFound(RuntimeError):
     """The configured bucket does not exist: a deployment error, not a client's."""
 
 
-class S3Storage:
+class S3Storage(Uploads):
     """Files in an S3 bucket, under `prefix`; nothing is contacted until first use."""
 
     def __init__(
@@ -92,6 +96,7 @@ class S3Storage:
     ) -> None:
         if not MIN_PART <= part_size <= MAX_PART:
             raise ValueError(f"part_size must be between {MIN_PART} and {MAX_PART} bytes")
+        super().__init__()
         self.bucket = bucket
         prefix = prefix.strip("/")
         self.prefix = f"{prefix}/" if prefix else ""
@@ -102,8 +107,6 @@ class S3Storage:
         self._stack: contextlib.AsyncExitStack | None = None
         self._opening: asyncio.Lock | None = None
         self._locks = KeyedLocks()
-        # As in LocalStorage: each upload's running sha256, with its offset.
-        self._hashes: dict[str, tuple[int, Any]] = {}
         # Keys this process is writing now (saves, uploads being created):
         # `expire` never aborts their multipart uploads, however long a save
         # takes, and whatever date a store reports for them (moto's is fixed).
@@ -145,17 +148,26 @@ class S3Storage:
         published: FileInfo | None = None
         self._writing.add(self._file(id))
         try:
-            pump = Pump(target.write, block=self.part_size, limit=limit, over=_too_large(limit))
-            size = await pump.run(chunks)
-            await target.finish()
-            info = FileInfo(
-                id=id, name=name, size=size, type=type, sha256=sha.hexdigest(), created=time.time()
-            )
-            published = info
-            await self._publish(info)
-        except BaseException:
-            await _whatever(self._discard(target, published))
-            raise
+            with _space("nothing was stored"):
+                try:
+                    pump = Pump(
+                        target.write, block=self.part_size, limit=limit, over=too_large(limit)
+                    )
+                    size = await pump.run(chunks)
+                    await target.finish()
+                    info = FileInfo(
+                        id=id,
+                        name=name,
+                        size=size,
+                        type=type,
+                        sha256=sha.hexdigest(),
+                        created=time.time(),
+                    )
+                    published = info
+                    await self._publish(info)
+                except BaseException:
+                    await _whatever(self._discard(target, published))
+                    raise
         finally:
             self._writing.discard(self._file(id))
         return info
@@ -224,144 +236,7 @@ class S3Storage:
     def path(self, file: FileInfo) -> None:
         return None
 
-    # -- resumable uploads -----------------------------------------------
-
-    async def create_upload(
-        self, *, length: int, name: str, type: str, metadata: str, expires: float
-    ) -> Upload:
-        if length < 0:
-            raise ValueError("length must not be negative")
-        s3 = await self._s3()
-        now = time.time()
-        id, target = new_id(now), new_id(now)
-        self._writing.add(self._file(target))  # until its state names it
-        try:
-            created = await s3.create_multipart_upload(
-                Bucket=self.bucket, Key=self._file(target), ContentType=type
-            )
-        except BaseException:
-            self._writing.discard(self._file(target))
-            raise
-        state: dict[str, Any] = {
-            "id": id,
-            "length": length,
-            "name": name,
-            "type": type,
-            "metadata": metadata,
-            "created": now,
-            "expires": expires,
-            # Each append pushes `expires` this far ahead, so an upload in
-            # progress does not expire midway.
-            "ttl": max(expires - now, 0.0),
-            "file": None,
-            "extra": {},
-            "target": target,
-            "multipart": created["UploadId"],
-            "parts": [],
-            "tail": 0,
-        }
-        try:
-            await self._put_state(state)
-        except BaseException:
-            await _whatever(self._abort_multipart(state))
-            raise
-        finally:
-            self._writing.discard(self._file(target))
-        if length == 0:
-            # Nothing to wait for: it is a file already.
-            return await self.append(id, 0, _nothing())
-        return _upload(state)
-
-    async def upload(self, id: str) -> Upload:
-        return _upload(await self._state(id))
-
-    async def append(
-        self,
-        id: str,
-        offset: int,
-        chunks: AsyncIterable[bytes],
-        *,
-        checksum: tuple[str, bytes] | None = None,
-    ) -> Upload:
-        check = hashlib.new(checksum[0]) if checksum else None
-        async with self._locks.hold(id):
-            state = await self._state(id)
-            length: int = state["length"]
-            current = _offset(state)
-            if offset != current:
-                raise OffsetMismatch(f"the upload is at offset {current}", current)
-            if state["file"] is not None:
-                # Finished: there is nothing left to append.
-                async for chunk in chunks:
-                    if chunk:
-                        raise _too_large(length)()
-                return _upload(state)
-
-            # Bytes that were too few for a part go first, like tusd's s3store
-            # does with its ".part" object.
-            tail = b""
-            if state["tail"]:
-                tail = await self._get_bytes(self._tail(id))
-                if len(tail) != state["tail"]:
-                    raise RuntimeError(f"the stored tail of upload {id} is damaged")
-            whole = self._whole_hash(id, offset)
-            backup = whole.copy() if whole is not None else None
-            target = _Object(
-                self._s3_now(),
-                self.bucket,
-                self._file(state["target"]),
-                state["type"],
-                [h for h in (whole, check) if h is not None],
-                multipart=state["multipart"],
-                parts=state["parts"],
-                skip=len(tail),
-                length=length,
-            )
-            pump = Pump(
-                target.write,
-                block=self.part_size,
-                limit=length - offset + len(tail),
-                over=_too_large(length),
-            )
-            failure: BaseException | None = None
-            try:
-                await pump.run(_prepend(tail, chunks), keep=check is None)
-                if check is not None and checksum and check.digest() != checksum[1]:
-                    raise ChecksumMismatch(f"the {checksum[0]} of the appended bytes differs")
-            except BaseException as exc:
-                if not pump.kept:
-                    # Parts sent meanwhile are left out of the state: the
-                    # next append sends those part numbers again, replacing
-                    # them, and completion names only the parts in the state.
-                    if backup is not None:
-                        self._hashes[id] = (offset, backup)
-                    raise
-                # The client went away: what did arrive stays, to resume from.
-                failure = exc
-            if target.tail is not None:
-                await self._s3_now().put_object(
-                    Bucket=self.bucket, Key=self._tail(id), Body=target.tail
-                )
-            elif tail:
-                await self._s3_now().delete_object(Bucket=self.bucket, Key=self._tail(id))
-            state["parts"] = target.parts
-            state["tail"] = len(target.tail or b"")
-            state["expires"] = time.time() + state["ttl"]
-            offset = _offset(state)
-            if whole is not None:
-                self._hashes[id] = (offset, whole)
-            if offset == length:
-                state["file"] = (await self._complete(state, whole)).id
-                self._hashes.pop(id, None)
-            await self._put_state(state)
-            if failure is not None:
-                raise failure
-            return _upload(state)
-
-    async def abort(self, id: str) -> None:
-        async with self._locks.hold(id):
-            state = await self._state(id)
-            await self._forget(state)
+    # -- resumable uploads: create_upload, upload, append, abort are Uploads' --
 
     async def expire(self, now: float | None = None) -> int:
         s3 = await self._s3()
@@ -396,7 +271,8 @@ class S3Storage:
                 if state["expires"] > now:
                     live.add(state["multipart"])
                     return False
-                await self._forget(state)
+                await self.remove_upload(state)
+                self.forget_upload(id)
                 return True
 
         removed = sum(await _gather_bounded((one(id) for id in ids), FETCHES))
@@ -571,68 +447,148 @@ class S3Storage:
                 await asyncio.to_thread(sha.update, block)
         return sha.hexdigest()
 
-    # -- uploads ---------------------------------------------------------
+    # -- uploads: the backend of _uploads.Uploads -------------------------
 
-    async def _state(self, id: str) -> dict[str, Any]:
+    def lock_upload(self, id: str) -> AbstractAsyncContextManager[None]:
+        # Within this process only: see the module's docstring.
+        return self._locks.hold(id)
+
+    async def load_upload(self, id: str) -> tuple[State, int]:
         state = await self._get_json(self._state_key(id)) if valid_id(id) else None
-        if state is None or state["expires"] <= time.time():
+        if state is None:
             raise UploadNotFound(id)
-        return state
+        return state, _offset(state)
 
-    async def _put_state(self, state: dict[str, Any]) -> None:
-        await self._put_json(self._state_key(state["id"]), state)
+    async def start_upload(self, state: State) -> None:
+        s3 = await self._s3()
+        # The file's id is made now: its bytes go straight to their final key.
+        target = new_id(state["created"])
+        self._writing.add(self._file(target))  # until its state names it
+        try:
+            with _space("the upload was not created"):
+                created = await s3.create_multipart_upload(
+                    Bucket=self.bucket, Key=self._file(target), ContentType=state["type"]
+                )
+                state.update(target=target, multipart=created["UploadId"], parts=[], tail=0)
+                try:
+                    await self._put_state(state)
+                except BaseException:
+                    await _whatever(self._abort_multipart(state))
+                    raise
+        finally:
+            self._writing.discard(self._file(target))
 
-    def _whole_hash(self, id: str, offset: int) -> Any:
-        """The running sha256 of the upload, if this process has seen all of its bytes."""
-        hashed, sha = self._hashes.pop(id, (-1, None))
-        if hashed == offset:
-            return sha
-        return hashlib.sha256() if offset == 0 else None
+    @contextlib.asynccontextmanager
+    async def write_upload(
+        self, state: State, offset: int, hashers: Hashers
+    ) -> AsyncIterator[Writer]:
+        # Bytes that were too few for a part go first, like tusd's s3store
+        # does with its ".part" object.
+        tail = b""
+        if state["tail"]:
+            tail = await self._get_bytes(self._tail(state["id"]))
+            if len(tail) != state["tail"]:
+                raise RuntimeError(f"the stored tail of upload {state['id']} is damaged")
+        yield _UploadWriter(self, state, tail, hashers)
 
-    async def _complete(self, state: dict[str, Any], whole: Any) -> FileInfo:
+    async def save_upload(self, state: State) -> None:
+        # The state is what holds the parts, so the bytes are kept only once it is saved.
+        with _space("the upload's state was not saved"):
+            await self._put_state(state)
+
+    async def complete_upload(self, state: State, sha256: str | None) -> str:
         s3 = self._s3_now()
         key = self._file(state["target"])
-        if state["parts"]:
-            await s3.complete_multipart_upload(
-                Bucket=self.bucket,
-                Key=key,
-                UploadId=state["multipart"],
-                MultipartUpload={"Parts": _completed(state["parts"])},
+        with _space("the last bytes arrived, but no file was made"):
+            if state["parts"]:
+                await s3.complete_multipart_upload(
+                    Bucket=self.bucket,
+                    Key=key,
+                    UploadId=state["multipart"],
+                    MultipartUpload={"Parts": _completed(state["parts"])},
+                )
+            else:
+                # An empty file: S3 will not complete a multipart upload of no parts.
+                await self._abort_multipart(state)
+                await s3.put_object(
+                    Bucket=self.bucket, Key=key, Body=b"", ContentType=state["type"]
+                )
+            if sha256 is None:
+                sha256 = await self._sha256_of(key, state["length"])
+            info = FileInfo(
+                id=state["target"],
+                name=state["name"],
+                size=state["length"],
+                type=state["type"],
+                sha256=sha256,
+                created=time.time(),
             )
-        else:
-            # An empty file: S3 will not complete a multipart upload of no parts.
-            await self._abort_multipart(state)
-            await s3.put_object(Bucket=self.bucket, Key=key, Body=b"", ContentType=state["type"])
-        if whole is None:
-            # Another process (or this one before a restart) did earlier
-            # appends, so the running hash is gone: read the bytes again.
-            sha256 = await self._sha256_of(key, state["length"])
-        else:
-            sha256 = whole.hexdigest()
-        info = FileInfo(
-            id=state["target"],
-            name=state["name"],
-            size=state["length"],
-            type=state["type"],
-            sha256=sha256,
-            created=time.time(),
-        )
-        await self._publish(info)
-        return info
+            await self._publish(info)
+        return info.id
 
-    async def _abort_multipart(self, state: dict[str, Any]) -> None:
-        with contextlib.suppress(ClientError):  # already gone
-            await self._s3_now().abort_multipart_upload(
-                Bucket=self.bucket, Key=self._file(state["target"]), UploadId=state["multipart"]
-            )
-
-    async def _forget(self, state: dict[str, Any]) -> None:
+    async def remove_upload(self, state: State) -> None:
         s3 = self._s3_now()
         if state["file"] is None:
             await self._abort_multipart(state)
             await s3.delete_object(Bucket=self.bucket, Key=self._tail(state["id"]))
         await s3.delete_object(Bucket=self.bucket, Key=self._state_key(state["id"]))
-        self._hashes.pop(state["id"], None)
+
+    async def _put_state(self, state: State) -> None:
+        await self._put_json(self._state_key(state["id"]), state)
+
+    async def _abort_multipart(self, state: State) -> None:
+        with contextlib.suppress(ClientError):  # already gone
+            await self._s3_now().abort_multipart_upload(
+                Bucket=self.bucket, Key=self._file(state["target"]), UploadId=state["multipart"]
+            )
+
+
+class _UploadWriter:
+    """An append's bytes, sent as parts of the upload's multipart upload.
+
+    Its last bytes, when too few for a part and not the file's end, wait in
+    the `.tail` object; the next append sends them first.
+    """
+
+    def __init__(self, storage: S3Storage, state: State, tail: bytes, hashers: Hashers) -> None:
+        self.block = storage.part_size
+        self.head = tail
+        self._storage = storage
+        self._state = state
+        self._object = _Object(
+            storage._s3_now(),
+            storage.bucket,
+            storage._file(state["target"]),
+            state["type"],
+            hashers,
+            multipart=state["multipart"],
+            parts=state["parts"],
+            skip=len(tail),
+            length=state["length"],
+        )
+
+    async def write(self, parts: list[bytes], last: bool) -> None:
+        with _space("nothing was stored"):
+            await self._object.write(parts, last)
+
+    async def rollback(self) -> None:
+        # Nothing to undo: parts sent meanwhile are left out of the state,
+        # the next append sends those part numbers again, replacing them,
+        # and completion names only the parts in the state.
+        pass
+
+    async def keep(self) -> int:
+        storage, id = self._storage, self._state["id"]
+        s3 = storage._s3_now()
+        written = self._object
+        with _space("nothing was stored"):
+            if written.tail is not None:
+                await s3.put_object(Bucket=storage.bucket, Key=storage._tail(id), Body=written.tail)
+            elif self.head:
+                await s3.delete_object(Bucket=storage.bucket, Key=storage._tail(id))
+        self._state["parts"] = written.parts
+        self._state["tail"] = len(written.tail or b"")
+        return _offset(self._state)
 
 
 class _Object:
@@ -748,6 +704,18 @@ def _code(exc: ClientError) -> str:
     return str(exc.response.get("Error", {}).get("Code", ""))
 
 
+@contextlib.contextmanager
+def _space(undone: str) -> Iterator[None]:
+    """Turn an answer that means "no space" into `StorageFull`, saying what was `undone`."""
+    try:
+        yield
+    except ClientError as exc:
+        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+        if status == 507 or _code(exc) in _FULL:
+            raise StorageFull(undone) from exc
+        raise
+
+
 def _name_hash(name: str) -> str:
     return hashlib.sha256(name.encode("utf-8", "surrogatepass")).hexdigest()
 
@@ -763,41 +731,10 @@ def _file_info(meta: dict[str, Any]) -> FileInfo:
     )
 
 
-def _offset(state: dict[str, Any]) -> int:
+def _offset(state: State) -> int:
     if state["file"] is not None:
         return int(state["length"])
     return sum(int(part["Size"]) for part in state["parts"]) + int(state["tail"])
-
-
-def _upload(state: dict[str, Any]) -> Upload:
-    return Upload(
-        id=state["id"],
-        length=state["length"],
-        offset=_offset(state),
-        name=state["name"],
-        type=state["type"],
-        metadata=state["metadata"],
-        created=state["created"],
-        expires=state["expires"],
-        file=state["file"],
-        extra=state["extra"],
-    )
-
-
-def _too_large(limit: int | None) -> Callable[[], StorageError]:
-    return lambda: TooLarge(f"more than {limit} bytes", limit or 0)
-
-
-async def _prepend(first: bytes, chunks: AsyncIterable[bytes]) -> AsyncIterator[bytes]:
-    if first:
-        yield first
-    async for chunk in chunks:
-        yield chunk
-
-
-async def _nothing() -> AsyncIterator[bytes]:
-    return
-    yield
 
 
 async def _gather_bounded(jobs: Iterable[Awaitable[T]], at_once: int) -> list[T]:
