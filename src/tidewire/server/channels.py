@@ -10,8 +10,16 @@ from starlette.datastructures import UploadFile
 
 from ..broker import BrokerUnavailable
 from ..events import Blob
+from .errors import error_responses
 from .streams import negotiate, resume_position
-from .transport import LogCursor, LogResponse, add_stream_route, deny_websocket, stream_websocket
+from .transport import (
+    EVENTS_RESPONSE,
+    LogCursor,
+    LogResponse,
+    add_stream_route,
+    deny_websocket,
+    stream_websocket,
+)
 
 if TYPE_CHECKING:
     from ..app import Tidewire
@@ -20,6 +28,26 @@ __all__ = ["add_channel_routes"]
 
 #: Largest body a publish may carry; larger data belongs in a file.
 MAX_PUBLISH_BYTES = 1 << 20
+
+# OpenAPI: read_message reads the body itself, so FastAPI cannot see it.
+_FORM = {"schema": {"type": "object", "description": "fields become data, files blobs"}}
+_PUBLISH_BODY = {
+    "requestBody": {
+        "required": False,
+        "content": {
+            "application/json": {"schema": {"description": "any JSON: the event's data"}},
+            "text/plain": {"schema": {"type": "string"}},
+            "application/x-www-form-urlencoded": _FORM,
+            "multipart/form-data": _FORM,
+        },
+    }
+}
+_AFTER_HEADER = {
+    "Tidewire-After": {
+        "description": "where the subscription began: resume from it to miss nothing",
+        "schema": {"type": "string"},
+    }
+}
 
 
 async def read_message(request: Request) -> Any:
@@ -67,7 +95,13 @@ def add_channel_routes(router: APIRouter, tw: Tidewire) -> None:
         return after
 
     @router.post(
-        "/channels/{name}/events", tags=["channels"], status_code=201, summary="Publish an event"
+        "/channels/{name}/events",
+        tags=["channels"],
+        status_code=201,
+        summary="Publish an event",
+        # 422: a bad channel name, or a reserved event type.
+        responses=error_responses(400, 413, 415, 422, 503),
+        openapi_extra=_PUBLISH_BODY,
     )
     async def publish(request: Request, name: str, event: str = "message") -> dict[str, str]:
         log_of(name)
@@ -87,7 +121,17 @@ def add_channel_routes(router: APIRouter, tw: Tidewire) -> None:
         headers = {"tidewire-after": after}
         return LogResponse(cursor, negotiate(request), headers, tw.settings.sse_retry_ms)
 
-    add_stream_route(router, "/channels/{name}/events", subscribe, name="subscribe", tag="channels")
+    add_stream_route(
+        router,
+        "/channels/{name}/events",
+        subscribe,
+        name="subscribe",
+        tag="channels",
+        responses={
+            200: {**EVENTS_RESPONSE, "headers": _AFTER_HEADER},
+            **error_responses(400, 422, 503),
+        },
+    )
 
     @router.websocket("/channels/{name}/ws")
     async def subscribe_ws(websocket: WebSocket, name: str) -> None:

@@ -35,6 +35,7 @@ from ..events import NDJSON_HEARTBEAT, Event, dump_data
 from ..runs import Watcher
 
 __all__ = [
+    "EVENTS_RESPONSE",
     "LeanEndpoint",
     "LogCursor",
     "LogResponse",
@@ -213,6 +214,16 @@ def broker_unavailable(exc: BrokerUnavailable) -> JSONResponse:
     return JSONResponse({"detail": detail}, 503, {"retry-after": "2"})
 
 
+#: OpenAPI: a 200 that streams a log, NDJSON or (by `Accept`) SSE.
+EVENTS_RESPONSE: dict[str, Any] = {
+    "description": (
+        "The events until the log ends: NDJSON, one `{id, event, data}` per line; "
+        "or, for `Accept: text/event-stream`, SSE"
+    ),
+    # No schema: OpenAPI 3.1 cannot describe a sequence of JSON documents.
+    "content": {"application/x-ndjson": {}, "text/event-stream": {}},
+}
+
 #: OpenAPI parameters shared by every route that reads a log.
 RESUME_PARAMETERS: list[dict[str, Any]] = [
     {
@@ -239,6 +250,7 @@ def add_stream_route(
     *,
     name: str,
     tag: str,
+    responses: dict[int | str, dict[str, Any]],
 ) -> None:
     """Serve a long-lived GET stream through a `LeanEndpoint`, and document it.
 
@@ -259,12 +271,7 @@ def add_stream_route(
         tags=[tag],
         summary=(inspect.getdoc(handler) or "").split("\n")[0],
         response_class=Response,
-        responses={
-            200: {
-                "description": "the events, NDJSON or (by `Accept`) SSE, until the log ends",
-                "content": {media: {} for media in MEDIA_TYPES.values()},
-            }
-        },
+        responses={200: EVENTS_RESPONSE, **responses},
         openapi_extra={"parameters": [*path_params, *RESUME_PARAMETERS]},
     )
 
