@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import orjson
-from fastapi import APIRouter, HTTPException, Request, WebSocket
+from fastapi import APIRouter, HTTPException, Path, Query, Request, WebSocket
 from starlette.datastructures import UploadFile
 
 from ..broker import BrokerUnavailable
-from ..events import Blob
+from ..channels import CHANNEL_NAME
+from ..events import RESERVED, Blob
 from .errors import error_responses
 from .streams import negotiate, resume_position
 from .transport import (
@@ -33,7 +34,7 @@ MAX_PUBLISH_BYTES = 1 << 20
 _FORM = {"schema": {"type": "object", "description": "fields become data, files blobs"}}
 _PUBLISH_BODY = {
     "requestBody": {
-        "required": False,
+        "required": True,  # an empty body is not JSON: 400
         "content": {
             "application/json": {"schema": {"description": "any JSON: the event's data"}},
             "text/plain": {"schema": {"type": "string"}},
@@ -42,6 +43,7 @@ _PUBLISH_BODY = {
         },
     }
 }
+_NAME = {"type": "string", "pattern": CHANNEL_NAME.pattern}
 _AFTER_HEADER = {
     "Tidewire-After": {
         "description": "where the subscription began: resume from it to miss nothing",
@@ -85,6 +87,15 @@ def add_channel_routes(router: APIRouter, tw: Tidewire) -> None:
         except ValueError as exc:
             raise HTTPException(422, str(exc)) from None
 
+    def check_after(request: Request) -> None:
+        # Last-Event-ID wins over ?after=, but a malformed one is still an error.
+        after = request.query_params.get("after")
+        if after:
+            try:
+                tw.broker.check_id(after)
+            except ValueError as exc:
+                raise HTTPException(400, str(exc)) from None
+
     async def start_position(log: str, after: str | None) -> str:
         if after is None:
             return await tw.broker.last_id(log)  # live from now
@@ -103,7 +114,21 @@ def add_channel_routes(router: APIRouter, tw: Tidewire) -> None:
         responses=error_responses(400, 413, 415, 422, 503),
         openapi_extra=_PUBLISH_BODY,
     )
-    async def publish(request: Request, name: str, event: str = "message") -> dict[str, str]:
+    async def publish(
+        request: Request,
+        name: Annotated[str, Path(json_schema_extra={"pattern": CHANNEL_NAME.pattern})],
+        event: Annotated[
+            str,
+            Query(
+                description="the event's type",
+                # events.py's rule, told in the spec; a bad type is a 422 from there.
+                json_schema_extra={
+                    "pattern": "^[^\\r\\n]{1,200}$",
+                    "not": {"enum": sorted(RESERVED)},
+                },
+            ),
+        ] = "message",
+    ) -> dict[str, str]:
         log_of(name)
         data = await read_message(request)
         try:
@@ -114,6 +139,7 @@ def add_channel_routes(router: APIRouter, tw: Tidewire) -> None:
     async def subscribe(request: Request) -> LogResponse:
         """Subscribe: live from now, or from Last-Event-ID / ?after= (0: all retained)."""
         log = log_of(request.path_params["name"])
+        check_after(request)
         after = await start_position(log, resume_position(request, "") or None)
         cursor = LogCursor(tw.broker, log, after, tw.settings.heartbeat)
         # Where "live from now" began, so that a client whose connection drops
@@ -127,6 +153,8 @@ def add_channel_routes(router: APIRouter, tw: Tidewire) -> None:
         subscribe,
         name="subscribe",
         tag="channels",
+        broker=tw.broker,
+        path_schemas={"name": _NAME},
         responses={
             200: {**EVENTS_RESPONSE, "headers": _AFTER_HEADER},
             **error_responses(400, 422, 503),

@@ -7,6 +7,8 @@ oversized file reads the same whichever way the bytes came. Some errors only
 one of them meets (460 for a tus checksum, 404 for a file id), but one table
 keeps them from drifting apart. tus puts its own headers on every answer: it
 passes them in.
+
+Below the table: the error models the routes declare in OpenAPI.
 """
 
 from __future__ import annotations

@@ -39,7 +39,7 @@ from .downloads import send_file
 from .errors import error_responses, show, storage_error, storage_errors
 from .headers import content_length, upload_type
 from .multipart import BadMultipart, MultipartStream, decode
-from .names import clean_name
+from .names import MAX_NAME, clean_name
 
 if TYPE_CHECKING:
     from ..app import Tidewire
@@ -155,13 +155,20 @@ def _files_form(file: dict[str, Any]) -> dict[str, Any]:
 
 
 _BINARY = {"type": "string", "format": "binary"}
-_FILENAME = {"schema": {"type": "object", "properties": {"filename": {"type": "string"}}}}
-_MULTIPART_BODY = _files_form({"type": "array", "items": _BINARY})
+_FILENAME = {
+    "schema": {
+        "type": "object",
+        "properties": {"filename": {"type": "string"}},
+        "required": ["filename"],
+    }
+}
+_MULTIPART_BODY = _files_form({"type": "array", "items": _BINARY, "minItems": 1})
 _ONE_FILE_BODY = _files_form(_BINARY)
-_RAW_BODY = _request_body({"application/octet-stream": {"schema": _BINARY}})
+# An empty body is an empty file.
+_RAW_BODY = _request_body({"application/octet-stream": {"schema": _BINARY}}, required=False)
+# Or `?filename=`, for the original's clients: the summary says so.
 _FILENAME_BODY = _request_body(
-    {"application/json": _FILENAME, "application/x-www-form-urlencoded": _FILENAME},
-    required=False,
+    {"application/json": _FILENAME, "application/x-www-form-urlencoded": _FILENAME}
 )
 # A download is in the file's own type, whatever that is; so is one range.
 _ANY = {"*/*": {"schema": _BINARY}}
@@ -184,7 +191,13 @@ _NAME = {
         "the new file's name: only a label, the server makes its id. "
         "`<id>/meta` is a file's metadata, not a name (405)."
     ),
-    "schema": {"type": "string", "minLength": 1, "maxLength": 255},
+    # names.py's rule: 1-255 characters, not all blank, no control characters.
+    "schema": {
+        "type": "string",
+        "minLength": 1,
+        "maxLength": MAX_NAME,
+        "pattern": r"^[^\x00-\x1f\x7f-\x9f]*[^\s\x00-\x1f\x7f-\x9f][^\x00-\x1f\x7f-\x9f]*$",
+    },
 }
 
 
@@ -296,7 +309,13 @@ def add_file_routes(router: APIRouter, tw: Tidewire) -> None:
         request: Request,
         limit: Annotated[int, Query(ge=1, le=1000, description="files per page")] = 50,
         cursor: Annotated[
-            str | None, Query(max_length=200, description="Tidewire-Next-Cursor of a page")
+            str | None,
+            Query(
+                max_length=200,
+                description="Tidewire-Next-Cursor of a page; not with `name`",
+                # What storages make (a file id); any other string is a 400.
+                json_schema_extra={"pattern": "^[0-9a-v]{22}$"},
+            ),
         ] = None,
         name: Annotated[
             str | None,
@@ -492,7 +511,7 @@ def add_original_file_routes(router: APIRouter, tw: Tidewire) -> None:
         (
             "/downloadfile",
             download,
-            "The original service's download, by file name or id",
+            "The original service's download, by file name or id (or `?filename=`)",
             {**_CONTENT, **error_responses(400, 413, 415)},
             _FILENAME_BODY,
         ),

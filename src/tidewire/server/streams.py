@@ -213,6 +213,8 @@ def add_stream_routes(router: APIRouter, tw: Tidewire) -> None:
         run = await get_run(request.path_params["run_id"])
         after = resume_position(request, "0")
         check_position(after)
+        # Last-Event-ID wins over ?after=, but a malformed one is still an error.
+        check_position(request.query_params.get("after") or "0")
         return http_stream(request, run, cursor(run, after))
 
     add_stream_route(
@@ -221,6 +223,7 @@ def add_stream_routes(router: APIRouter, tw: Tidewire) -> None:
         watch,
         name="watch_run",
         tag="streams",
+        broker=tw.broker,
         # 400: a position that is not an id of this broker.
         responses={
             200: {**EVENTS_RESPONSE, "headers": _RUN_HEADER},

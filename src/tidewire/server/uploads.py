@@ -234,11 +234,10 @@ def _header(name: str, schema: dict[str, Any], description: str) -> dict[str, An
     }
 
 
-_SIZE = {"type": "string", "pattern": "^[0-9]{1,18}$"}
+_SIZE = {"type": "integer", "minimum": 0, "maximum": 10**18 - 1}
 _VERSION = _header(
     "Tus-Resumable", {"type": "string", "enum": [TUS_VERSION]}, "the tus version: 412 otherwise"
 )
-_LENGTH = _header("Upload-Length", _SIZE, "the upload's size in bytes")
 _OFFSET = _header("Upload-Offset", _SIZE, "where these bytes go: the upload's offset (HEAD)")
 _STATE_HEADERS = {
     name: {"schema": {"type": "string"}} for name in ("Tus-Resumable", "Upload-Offset")
@@ -419,6 +418,12 @@ def add_upload_routes(router: APIRouter, tw: Tidewire) -> None:
             "model": Problem,
         },
     }
+    most = settings.max_file_size
+    length = _header(
+        "Upload-Length",
+        {**_SIZE, "maximum": _SIZE["maximum"] if most is None else most},
+        "the upload's size in bytes: at most Tus-Max-Size (413 otherwise)",
+    )
     created: dict[int | str, dict[str, Any]] = {
         201: {"description": "Created", "headers": {"Location": {"schema": {"type": "string"}}}},
         **error_responses(400, 412, 413, 415, 460, 507),
@@ -448,7 +453,7 @@ def add_upload_routes(router: APIRouter, tw: Tidewire) -> None:
             ),
             include=include,
             responses=created,
-            openapi={"parameters": [_VERSION, _LENGTH]},
+            openapi={"parameters": [_VERSION, length]},
         )
     patched: dict[int | str, dict[str, Any]] = {
         **found,
