@@ -23,6 +23,7 @@ from .config import Settings
 from .runs import Runs, Stream
 from .server.channels import add_channel_routes
 from .server.files import add_file_routes
+from .server.methods import method_not_allowed
 from .server.streams import add_stream_routes
 from .server.transport import broker_unavailable
 from .server.uploads import add_upload_routes, expire_uploads
@@ -155,6 +156,8 @@ class Tidewire:
         app = FastAPI(title=self.title)
         app.include_router(self.router)
         app.add_exception_handler(BrokerUnavailable, _broker_unavailable)
+        # Several routes share a path (/files/{id}): Allow names all their methods.
+        app.add_exception_handler(405, method_not_allowed(self.router))
         app.add_exception_handler(Exception, _internal_error)
         return app
 

@@ -786,7 +786,8 @@ def test_routes_are_documented(local_client: httpx.Client) -> None:
     post = paths["/files"]["post"]
     assert post["tags"] == ["files"] and post["summary"]
     assert "multipart/form-data" in post["requestBody"]["content"]
-    put_ = paths["/files/{filename}"]["put"]
+    # PUT /files/<name> shares the path of GET /files/<id>: one URL space, one template.
+    put_ = paths["/files/{file_id}"]["put"]
     assert "application/octet-stream" in put_["requestBody"]["content"]
     for method in ("get", "head", "delete"):
         assert paths["/files/{file_id}"][method]["tags"] == ["files"]

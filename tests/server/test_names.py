@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import re
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from urllib.parse import quote
@@ -13,7 +14,7 @@ import pytest
 
 from tidewire import Tidewire
 from tidewire.server.files import add_original_file_routes
-from tidewire.server.names import MAX_NAME, clean_name
+from tidewire.server.names import MAX_NAME, NAME_SCHEMA, clean_name
 from tidewire.server.uploads import file_name_and_type
 from tidewire.storage.local import LocalStorage
 
@@ -217,3 +218,17 @@ def test_a_name_stored_before_the_rule_is_sent_without_its_bidi_controls(
     assert disposition == (
         "attachment; filename=\"photogpj.exe\"; filename*=UTF-8''photogpj.exe"
     ), "the name reads as the .exe it is"
+
+
+def test_the_openapi_schema_refuses_what_clean_name_refuses() -> None:
+    # Every character of the planes where format characters live, alone and
+    # between letters: the schema's pattern and clean_name agree on each.
+    pattern = re.compile(str(NAME_SCHEMA["pattern"]))
+    for code in [*range(0x20000), *range(0xE0000, 0xE1000)]:
+        for name in (chr(code), f"a{chr(code)}b"):
+            try:
+                clean_name(name)
+                accepted = True
+            except ValueError:
+                accepted = False
+            assert bool(pattern.match(name)) == accepted, f"U+{code:04X} in {name!r}"

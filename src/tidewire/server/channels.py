@@ -2,16 +2,25 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import orjson
-from fastapi import APIRouter, HTTPException, Request, WebSocket
+from fastapi import APIRouter, HTTPException, Path, Query, Request, WebSocket
 from starlette.datastructures import UploadFile
 
 from ..broker import BrokerUnavailable
-from ..events import Blob, TooDeep, load_json
+from ..channels import CHANNEL_NAME
+from ..events import RESERVED, Blob, TooDeep, load_json
+from .errors import error_responses
 from .streams import negotiate, resume_position
-from .transport import LogCursor, LogResponse, add_stream_route, deny_websocket, stream_websocket
+from .transport import (
+    EVENTS_RESPONSE,
+    LogCursor,
+    LogResponse,
+    add_stream_route,
+    deny_websocket,
+    stream_websocket,
+)
 
 if TYPE_CHECKING:
     from ..app import Tidewire
@@ -20,6 +29,27 @@ __all__ = ["add_channel_routes"]
 
 #: Largest body a publish may carry; larger data belongs in a file.
 MAX_PUBLISH_BYTES = 1 << 20
+
+# OpenAPI: read_message reads the body itself, so FastAPI cannot see it.
+_FORM = {"schema": {"type": "object", "description": "fields become data, files blobs"}}
+_PUBLISH_BODY = {
+    "requestBody": {
+        "required": True,  # an empty body is not JSON: 400
+        "content": {
+            "application/json": {"schema": {"description": "any JSON: the event's data"}},
+            "text/plain": {"schema": {"type": "string"}},
+            "application/x-www-form-urlencoded": _FORM,
+            "multipart/form-data": _FORM,
+        },
+    }
+}
+_NAME = {"type": "string", "pattern": CHANNEL_NAME.pattern}
+_AFTER_HEADER = {
+    "Tidewire-After": {
+        "description": "where the subscription began: resume from it to miss nothing",
+        "schema": {"type": "string"},
+    }
+}
 
 
 def too_large() -> HTTPException:
@@ -83,6 +113,15 @@ def add_channel_routes(router: APIRouter, tw: Tidewire) -> None:
         except ValueError as exc:
             raise HTTPException(422, str(exc)) from None
 
+    def check_after(request: Request) -> None:
+        # Last-Event-ID wins over ?after=, but a malformed one is still an error.
+        after = request.query_params.get("after")
+        if after:
+            try:
+                tw.broker.check_id(after)
+            except ValueError as exc:
+                raise HTTPException(400, str(exc)) from None
+
     async def start_position(log: str, after: str | None) -> str:
         if after is None:
             return await tw.broker.last_id(log)  # live from now
@@ -93,9 +132,29 @@ def add_channel_routes(router: APIRouter, tw: Tidewire) -> None:
         return after
 
     @router.post(
-        "/channels/{name}/events", tags=["channels"], status_code=201, summary="Publish an event"
+        "/channels/{name}/events",
+        tags=["channels"],
+        status_code=201,
+        summary="Publish an event",
+        # 422: a bad channel name, or a reserved event type.
+        responses=error_responses(400, 413, 415, 422, 503),
+        openapi_extra=_PUBLISH_BODY,
     )
-    async def publish(request: Request, name: str, event: str = "message") -> dict[str, str]:
+    async def publish(
+        request: Request,
+        name: Annotated[str, Path(json_schema_extra={"pattern": CHANNEL_NAME.pattern})],
+        event: Annotated[
+            str,
+            Query(
+                description="the event's type",
+                # events.py's rule, told in the spec; a bad type is a 422 from there.
+                json_schema_extra={
+                    "pattern": "^[^\\r\\n]{1,200}$",
+                    "not": {"enum": sorted(RESERVED)},
+                },
+            ),
+        ] = "message",
+    ) -> dict[str, str]:
         log_of(name)
         data = await read_message(request)
         try:
@@ -106,6 +165,7 @@ def add_channel_routes(router: APIRouter, tw: Tidewire) -> None:
     async def subscribe(request: Request) -> LogResponse:
         """Subscribe: live from now, or from Last-Event-ID / ?after= (0: all retained)."""
         log = log_of(request.path_params["name"])
+        check_after(request)
         after = await start_position(log, resume_position(request, "") or None)
         cursor = LogCursor(tw.broker, log, after, tw.settings.heartbeat)
         # Where "live from now" began, so that a client whose connection drops
@@ -113,7 +173,19 @@ def add_channel_routes(router: APIRouter, tw: Tidewire) -> None:
         headers = {"tidewire-after": after}
         return LogResponse(cursor, negotiate(request), headers, tw.settings.sse_retry_ms)
 
-    add_stream_route(router, "/channels/{name}/events", subscribe, name="subscribe", tag="channels")
+    add_stream_route(
+        router,
+        "/channels/{name}/events",
+        subscribe,
+        name="subscribe",
+        tag="channels",
+        broker=tw.broker,
+        path_schemas={"name": _NAME},
+        responses={
+            200: {**EVENTS_RESPONSE, "headers": _AFTER_HEADER},
+            **error_responses(400, 422, 503),
+        },
+    )
 
     @router.websocket("/channels/{name}/ws")
     async def subscribe_ws(websocket: WebSocket, name: str) -> None:

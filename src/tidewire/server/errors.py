@@ -7,14 +7,18 @@ oversized file reads the same whichever way the bytes came. Some errors only
 one of them meets (460 for a tus checksum, 404 for a file id), but one table
 keeps them from drifting apart. tus puts its own headers on every answer: it
 passes them in.
+
+Below the table: the error models the routes declare in OpenAPI.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from typing import Any
 
 from fastapi import HTTPException
+from pydantic import BaseModel
 
 from ..storage import (
     ChecksumMismatch,
@@ -26,7 +30,15 @@ from ..storage import (
     UploadNotFound,
 )
 
-__all__ = ["show", "storage_error", "storage_errors"]
+__all__ = [
+    "FieldError",
+    "Invalid",
+    "Problem",
+    "error_responses",
+    "show",
+    "storage_error",
+    "storage_errors",
+]
 
 
 def show(value: str, limit: int = 80) -> str:
@@ -72,3 +84,59 @@ def storage_errors(headers: Mapping[str, str] | None = None) -> Iterator[None]:
         yield
     except StorageError as exc:
         raise storage_error(exc, headers) from None
+
+
+# -- errors in the OpenAPI document ----------------------------------------
+#
+# What a route may answer besides success, declared with `responses=` so that
+# the spec says what the server does: a `detail` that is a sentence (every
+# HTTPException here) or, for a 422, FastAPI's list of fields at fault.
+
+
+class FieldError(BaseModel):
+    """One field at fault, as FastAPI (and a stream's parameters) report it."""
+
+    loc: list[str | int]
+    msg: str
+    type: str
+
+
+class Problem(BaseModel):
+    """An error: `{"detail": "<what to fix>"}`, FastAPI's convention."""
+
+    detail: str
+
+
+class Invalid(BaseModel):
+    """A 422: a sentence, or the list of fields at fault."""
+
+    detail: str | list[FieldError]
+
+
+#: What each error status means, for the OpenAPI page.
+ERROR_STATUSES: dict[int, str] = {
+    400: "Malformed request (body, header or position); `detail` says what to fix",
+    404: "Not found",
+    405: "Method not allowed; `Allow` lists the methods that are",
+    409: "Conflict with the resource's state",
+    410: "Gone (an upload that expired)",
+    412: "Precondition failed",
+    413: "Too large",
+    415: "Unsupported Content-Type",
+    416: "The range is outside the file",
+    422: "Invalid value; `detail` names it",
+    460: "Checksum mismatch (tus)",
+    503: "Unavailable for now (the broker is unreachable, or too many runs); see Retry-After",
+    507: "The storage is full",
+}
+
+
+def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """`responses=` entries for the error statuses a route answers, each with its model."""
+    return {
+        status: {
+            "description": ERROR_STATUSES[status],
+            "model": Invalid if status == 422 else Problem,
+        }
+        for status in statuses
+    }

@@ -31,14 +31,15 @@ from fastapi import APIRouter, HTTPException, Query, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel
 from python_multipart.multipart import parse_options_header
+from starlette.convertors import PathConvertor, register_url_convertor
 from starlette.requests import ClientDisconnect
 
 from ..storage import FileInfo, FileNotFound, Storage, TooLarge, valid_id
 from .downloads import send_file
-from .errors import show, storage_error, storage_errors
+from .errors import error_responses, show, storage_error, storage_errors
 from .headers import content_length, upload_type
 from .multipart import BadMultipart, MultipartStream, decode
-from .names import clean_name
+from .names import NAME_SCHEMA, clean_name
 
 if TYPE_CHECKING:
     from ..app import Tidewire
@@ -167,21 +168,59 @@ def _files_form(file: dict[str, Any]) -> dict[str, Any]:
 
 
 _BINARY = {"type": "string", "format": "binary"}
-_FILENAME = {"schema": {"type": "object", "properties": {"filename": {"type": "string"}}}}
-_MULTIPART_BODY = _files_form({"type": "array", "items": _BINARY})
-_ONE_FILE_BODY = _files_form(_BINARY)
-_RAW_BODY = _request_body({"application/octet-stream": {"schema": _BINARY}})
-_FILENAME_BODY = _request_body(
-    {"application/json": _FILENAME, "application/x-www-form-urlencoded": _FILENAME},
-    required=False,
-)
-_CONTENT: dict[int | str, dict[str, Any]] = {
-    200: {"description": "The file", "content": {"application/octet-stream": {"schema": _BINARY}}},
-    206: {"description": "The requested range(s); several as multipart/byteranges"},
-    304: {"description": "Not modified (If-None-Match / If-Modified-Since)"},
-    404: {"description": "No such file"},
-    416: {"description": "The range is outside the file"},
+_FILENAME = {
+    "schema": {
+        "type": "object",
+        "properties": {"filename": NAME_SCHEMA},
+        "required": ["filename"],
+    }
 }
+_MULTIPART_BODY = _files_form({"type": "array", "items": _BINARY, "minItems": 1})
+_ONE_FILE_BODY = _files_form(_BINARY)
+# An empty body is an empty file.
+_RAW_BODY = _request_body({"application/octet-stream": {"schema": _BINARY}}, required=False)
+# Or `?filename=`, for the original's clients: the summary says so.
+_FILENAME_BODY = _request_body(
+    {"application/json": _FILENAME, "application/x-www-form-urlencoded": _FILENAME}
+)
+# A download is in the file's own type, whatever that is; so is one range.
+_ANY = {"*/*": {"schema": _BINARY}}
+_CONTENT: dict[int | str, dict[str, Any]] = {
+    200: {"description": "The file, in its own type", "content": _ANY},
+    206: {
+        "description": "The requested range; several as multipart/byteranges",
+        "content": {**_ANY, "multipart/byteranges": {"schema": _BINARY}},
+    },
+    304: {"description": "Not modified (If-None-Match / If-Modified-Since)"},
+    **error_responses(404, 416, 422),
+}
+#: Where the storage may refuse an upload (errors.py's table).
+_STORING = (400, 413, 422, 507)
+_NAME = {
+    "name": "file_id",
+    "in": "path",
+    "required": True,
+    "description": (
+        "the new file's name: only a label, the server makes its id. "
+        "`<id>/meta` is a file's metadata, not a name (405)."
+    ),
+    "schema": NAME_SCHEMA,
+}
+
+
+class UploadName(PathConvertor):
+    """The name in `PUT /files/<name>`: any path but a file's metadata, `<id>/meta`.
+
+    A name may hold slashes (`../../etc/passwd` is a fine label), so the PUT
+    route takes a whole path; without this, `PUT /files/<id>/meta` stored a
+    file named `<id>/meta` rather than answer 405 as for any resource that
+    only has GET. In the router's regex, so that Allow says the same.
+    """
+
+    regex = r"(?![^/]+/meta$).*"
+
+
+register_url_convertor("upload_name", UploadName())
 
 
 # -- /files ----------------------------------------------------------------
@@ -221,7 +260,7 @@ def add_file_routes(router: APIRouter, tw: Tidewire) -> None:
         status_code=201,
         summary="Upload files (multipart, one or more `file` fields)",
         response_model=None,
-        responses={201: {"model": list[FileMetadata]}},
+        responses={201: {"model": list[FileMetadata]}, **error_responses(415, *_STORING)},
         openapi_extra=_MULTIPART_BODY,
     )
     async def upload_files(request: Request) -> Response:
@@ -231,17 +270,26 @@ def add_file_routes(router: APIRouter, tw: Tidewire) -> None:
             return Response(status_code=400)  # nobody is there to read it
         return JSONResponse([info.json() for info in saved], status_code=201)
 
+    # The same path as GET /files/{file_id}, as a URL cannot tell a name from
+    # an id: the parameter is declared here, where it can say it is a name.
     @router.put(
-        "/files/{filename:path}",
+        "/files/{file_id:upload_name}",
         tags=["files"],
         status_code=201,
         summary="Upload a file as the raw body (curl -T FILE URL)",
         response_model=None,
-        responses={201: {"model": FileMetadata}},
-        openapi_extra=_RAW_BODY,
+        responses={
+            201: {
+                "model": FileMetadata,
+                "headers": {"Location": {"schema": {"type": "string"}}},
+            },
+            **error_responses(*_STORING),
+        },
+        openapi_extra={**_RAW_BODY, "parameters": [_NAME]},
     )
-    async def put_file(request: Request, filename: str) -> Response:
+    async def put_file(request: Request) -> Response:
         """The name in the URL is only the file's label; the server makes its id."""
+        filename = request.path_params["file_id"]
         try:
             name = clean_name(filename)
         except ValueError as exc:
@@ -262,20 +310,26 @@ def add_file_routes(router: APIRouter, tw: Tidewire) -> None:
         tags=["files"],
         summary="List files, newest first",
         response_model=None,
-        responses={200: {"model": list[FileMetadata]}},
+        responses={200: {"model": list[FileMetadata]}, **error_responses(400, 422)},
     )
     async def list_files(
         request: Request,
         limit: Annotated[int, Query(ge=1, le=1000, description="files per page")] = 50,
         cursor: Annotated[
-            str | None, Query(max_length=200, description="Tidewire-Next-Cursor of a page")
+            str | None,
+            Query(
+                max_length=200,
+                description="Tidewire-Next-Cursor of a page; not with `name`",
+                # What storages make (a file id); any other string is a 400.
+                json_schema_extra={"pattern": "^[0-9a-v]{22}$"},
+            ),
         ] = None,
         name: Annotated[
             str | None,
             Query(
-                min_length=1,
-                max_length=255,
                 description="only the newest file of exactly this name: a list of one, or none",
+                # The name rule itself (names.py), so the spec and the check agree.
+                json_schema_extra=NAME_SCHEMA,
             ),
         ] = None,
     ) -> Response:
@@ -309,7 +363,7 @@ def add_file_routes(router: APIRouter, tw: Tidewire) -> None:
                 found = []
         return JSONResponse([info.json() for info in found])
 
-    # PUT /files/{filename:path} also matches "/files/", so the usual slash
+    # PUT /files/{file_id:upload_name} also matches "/files/", so the usual slash
     # redirect would not happen: GET /files/ would be a 405 instead of the list.
     router.add_api_route("/files/", list_files, methods=["GET"], include_in_schema=False)
 
@@ -325,6 +379,8 @@ def add_file_routes(router: APIRouter, tw: Tidewire) -> None:
             tags=["files"],
             summary=summary + " (Range, If-Range, If-None-Match)",
             response_model=None,
+            # The file's own type, not JSON: _CONTENT says which.
+            response_class=Response,
             responses=_CONTENT,
         )
 
@@ -333,12 +389,18 @@ def add_file_routes(router: APIRouter, tw: Tidewire) -> None:
         tags=["files"],
         summary="A file's metadata",
         response_model=None,
-        responses={200: {"model": FileMetadata}},
+        responses={200: {"model": FileMetadata}, **error_responses(404)},
     )
     async def file_meta(file_id: str) -> Response:
         return JSONResponse((await get_info(file_id)).json())
 
-    @router.delete("/files/{file_id}", tags=["files"], status_code=204, summary="Delete a file")
+    @router.delete(
+        "/files/{file_id}",
+        tags=["files"],
+        status_code=204,
+        summary="Delete a file",
+        responses=error_responses(404),
+    )
     async def delete_file(file_id: str) -> Response:
         with storage_errors():
             await tw.storage.delete(_file_id(file_id))
@@ -449,14 +511,14 @@ def add_original_file_routes(router: APIRouter, tw: Tidewire) -> None:
             "/uploadfile",
             upload,
             "The original service's upload (multipart `file`)",
-            {200: {"model": OriginalUpload}},
+            {200: {"model": OriginalUpload}, **error_responses(415, *_STORING)},
             _ONE_FILE_BODY,
         ),
         (
             "/downloadfile",
             download,
-            "The original service's download, by file name or id",
-            _CONTENT,
+            "The original service's download, by file name or id (or `?filename=`)",
+            {**_CONTENT, **error_responses(400, 413, 415)},
             _FILENAME_BODY,
         ),
     ]
@@ -471,6 +533,8 @@ def add_original_file_routes(router: APIRouter, tw: Tidewire) -> None:
                 tags=["compatibility"],
                 summary=summary,
                 response_model=None,
+                # `responses` says which types: the file's own, or JSON.
+                response_class=Response,
                 responses=responses,
                 openapi_extra=body,
                 include_in_schema=slashed,

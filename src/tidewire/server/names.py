@@ -11,10 +11,11 @@ called instead of answering "none".
 
 from __future__ import annotations
 
+import itertools
 import re
 import unicodedata
 
-__all__ = ["CONTROL", "MAX_NAME", "clean_name", "invisible"]
+__all__ = ["CONTROL", "MAX_NAME", "NAME_SCHEMA", "clean_name", "invisible"]
 
 #: Longest name accepted, in characters: what file systems (255 bytes for
 #: ASCII names) and the programs that save downloads cope with.
@@ -69,3 +70,39 @@ def clean_name(name: str) -> str:
             " that changes how the name reads: remove it"
         )
     return name
+
+
+def _refused_class() -> str:
+    """The characters `clean_name` refuses, as the inside of a regex character class.
+
+    Made from `unicodedata` rather than written out, so the schema and the
+    check cannot disagree. Astral characters go in as themselves: a JSON
+    Schema pattern has no escape for them that every regex dialect reads.
+    """
+    ranges: list[list[int]] = []
+    # Format characters live in planes 0, 1 and 14 only (tags); scanning just
+    # those keeps the import fast.
+    for code in itertools.chain(range(0x20000), range(0xE0000, 0xE1000)):
+        char = chr(code)
+        if CONTROL.match(char) or invisible(char):
+            if ranges and ranges[-1][1] == code - 1:
+                ranges[-1][1] = code
+            else:
+                ranges.append([code, code])
+
+    def one(code: int) -> str:
+        return f"\\u{code:04x}" if code <= 0xFFFF else chr(code)
+
+    return "".join(one(a) if a == b else f"{one(a)}-{one(b)}" for a, b in ranges)
+
+
+_REFUSED = _refused_class()
+
+#: OpenAPI schema of a file name: what `clean_name` accepts (not all blank,
+#: no control or invisible characters, 1 to `MAX_NAME` characters).
+NAME_SCHEMA: dict[str, object] = {
+    "type": "string",
+    "minLength": 1,
+    "maxLength": MAX_NAME,
+    "pattern": f"^[^{_REFUSED}]*[^\\s{_REFUSED}][^{_REFUSED}]*$",
+}

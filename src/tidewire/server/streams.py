@@ -12,7 +12,9 @@ from fastapi.responses import JSONResponse, Response
 from ..broker import BadPosition, BrokerUnavailable
 from ..events import TooDeep, load_json
 from ..runs import RESERVED_PARAMS, Run, Stream, TooManyRuns
+from .errors import error_responses
 from .transport import (
+    EVENTS_RESPONSE,
     Format,
     LogCursor,
     LogResponse,
@@ -25,6 +27,41 @@ if TYPE_CHECKING:
     from ..app import Tidewire
 
 __all__ = ["add_stream_routes"]
+
+_RUN_HEADER = {"Tidewire-Run": {"description": "the run's id", "schema": {"type": "string"}}}
+_PARAMS = {"type": "object", "description": "the stream's parameters (GET /streams lists them)"}
+#: A run's parameters may come in a body too; the route reads it itself.
+_PARAMS_BODY = {
+    "requestBody": {
+        "required": False,
+        "content": {
+            "application/json": {"schema": _PARAMS},
+            "application/x-www-form-urlencoded": {"schema": _PARAMS},
+        },
+    }
+}
+_START_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {**EVENTS_RESPONSE, "headers": _RUN_HEADER},
+    202: {
+        "description": "Detached (`?detach=true`): where to watch the run",
+        "headers": _RUN_HEADER,
+        "content": {
+            "application/json": {
+                "schema": {
+                    "type": "object",
+                    "properties": {
+                        "run": {"type": "string"},
+                        "events": {"type": "string"},
+                        "ws": {"type": "string"},
+                    },
+                    "required": ["run", "events", "ws"],
+                }
+            }
+        },
+    },
+    # 400: a body that is not JSON; 503: too many runs, or no broker.
+    **error_responses(400, 404, 415, 422, 503),
+}
 
 
 def negotiate(request: Request) -> Format:
@@ -148,6 +185,9 @@ def add_stream_routes(router: APIRouter, tw: Tidewire) -> None:
             tags=["streams"],
             summary="Start a run and stream its events (NDJSON, or SSE by Accept)",
             response_model=None,
+            response_class=Response,
+            responses=_START_RESPONSES,
+            openapi_extra=_PARAMS_BODY if method == "POST" else None,
         )
 
     @router.websocket("/streams/{name}/ws")
@@ -162,7 +202,12 @@ def add_stream_routes(router: APIRouter, tw: Tidewire) -> None:
         cur = cursor(run, "0", new=True)
         await stream_websocket(websocket, cur, {"tidewire-run": run.id})
 
-    @router.get("/runs/{run_id}", tags=["streams"], summary="A run's state")
+    @router.get(
+        "/runs/{run_id}",
+        tags=["streams"],
+        summary="A run's state",
+        responses=error_responses(404, 503),
+    )
     async def run_info(run_id: str) -> dict[str, Any]:
         return (await get_run(run_id)).info()
 
@@ -171,9 +216,23 @@ def add_stream_routes(router: APIRouter, tw: Tidewire) -> None:
         run = await get_run(request.path_params["run_id"])
         after = resume_position(request, "0")
         check_position(after)
+        # Last-Event-ID wins over ?after=, but a malformed one is still an error.
+        check_position(request.query_params.get("after") or "0")
         return http_stream(request, run, cursor(run, after))
 
-    add_stream_route(router, "/runs/{run_id}/events", watch, name="watch_run", tag="streams")
+    add_stream_route(
+        router,
+        "/runs/{run_id}/events",
+        watch,
+        name="watch_run",
+        tag="streams",
+        broker=tw.broker,
+        # 400: a position that is not an id of this broker.
+        responses={
+            200: {**EVENTS_RESPONSE, "headers": _RUN_HEADER},
+            **error_responses(400, 404, 503),
+        },
+    )
 
     @router.websocket("/runs/{run_id}/ws", name="watch_run_ws")
     async def watch_ws(websocket: WebSocket, run_id: str) -> None:
@@ -187,7 +246,10 @@ def add_stream_routes(router: APIRouter, tw: Tidewire) -> None:
         await stream_websocket(websocket, cursor(run, after), {"tidewire-run": run.id})
 
     @router.delete(
-        "/runs/{run_id}", tags=["streams"], summary="Cancel a run: its generator is closed"
+        "/runs/{run_id}",
+        tags=["streams"],
+        summary="Cancel a run: its generator is closed",
+        responses=error_responses(404, 409, 503),
     )
     async def cancel(run_id: str) -> dict[str, Any]:
         run = await get_run(run_id)

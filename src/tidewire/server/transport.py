@@ -30,11 +30,12 @@ from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
-from ..broker import Batch, Broker, BrokerUnavailable
+from ..broker import BadPosition, Batch, Broker, BrokerUnavailable
 from ..events import NDJSON_HEARTBEAT, Event, dump_data
 from ..runs import Watcher
 
 __all__ = [
+    "EVENTS_RESPONSE",
     "LeanEndpoint",
     "LogCursor",
     "LogResponse",
@@ -213,23 +214,50 @@ def broker_unavailable(exc: BrokerUnavailable) -> JSONResponse:
     return JSONResponse({"detail": detail}, 503, {"retry-after": "2"})
 
 
-#: OpenAPI parameters shared by every route that reads a log.
-RESUME_PARAMETERS: list[dict[str, Any]] = [
-    {
-        "name": "after",
-        "in": "query",
-        "required": False,
-        "schema": {"type": "string"},
-        "description": "resume after this event id (`0`: from the start)",
-    },
-    {
-        "name": "Last-Event-ID",
-        "in": "header",
-        "required": False,
-        "schema": {"type": "string"},
-        "description": "as `after`, and wins over it (EventSource sends it when it reconnects)",
-    },
-]
+#: OpenAPI: a 200 that streams a log, NDJSON or (by `Accept`) SSE.
+EVENTS_RESPONSE: dict[str, Any] = {
+    "description": (
+        "The events until the log ends: NDJSON, one `{id, event, data}` per line; "
+        "or, for `Accept: text/event-stream`, SSE"
+    ),
+    # No schema: OpenAPI 3.1 cannot describe a sequence of JSON documents.
+    "content": {"application/x-ndjson": {}, "text/event-stream": {}},
+}
+
+
+def position_pattern(broker: Broker) -> str:
+    """The event ids `broker` takes as a position, as a pattern for the spec.
+
+    Redis Streams ids (`1700000000000-42`) or whole numbers (memory); asked
+    of the broker itself, so the spec says what `check_id` will accept.
+    """
+    # Empty: as if not given.
+    try:
+        broker.check_id("1-0")
+    except BadPosition:
+        return "^([0-9]{1,19})?$"
+    return "^(0|[0-9]{1,19}-[0-9]{1,19})?$"
+
+
+def resume_parameters(broker: Broker) -> list[dict[str, Any]]:
+    """OpenAPI parameters of every route that reads a log: where to resume."""
+    schema = {"type": "string", "pattern": position_pattern(broker)}
+    return [
+        {
+            "name": "after",
+            "in": "query",
+            "required": False,
+            "schema": schema,
+            "description": "resume after this event id (`0`: from the start)",
+        },
+        {
+            "name": "Last-Event-ID",
+            "in": "header",
+            "required": False,
+            "schema": schema,
+            "description": "as `after`, and wins over it (EventSource sends it when it reconnects)",
+        },
+    ]
 
 
 def add_stream_route(
@@ -239,6 +267,9 @@ def add_stream_route(
     *,
     name: str,
     tag: str,
+    responses: dict[int | str, dict[str, Any]],
+    broker: Broker,
+    path_schemas: dict[str, dict[str, Any]] | None = None,
 ) -> None:
     """Serve a long-lived GET stream through a `LeanEndpoint`, and document it.
 
@@ -248,7 +279,12 @@ def add_stream_route(
     """
     router.routes.append(Route(path, LeanEndpoint(handler), methods=["GET"], name=name))
     path_params = [
-        {"name": param, "in": "path", "required": True, "schema": {"type": "string"}}
+        {
+            "name": param,
+            "in": "path",
+            "required": True,
+            "schema": (path_schemas or {}).get(param, {"type": "string"}),
+        }
         for param in re.findall(r"{(\w+)}", path)
     ]
     router.add_api_route(
@@ -259,13 +295,8 @@ def add_stream_route(
         tags=[tag],
         summary=(inspect.getdoc(handler) or "").split("\n")[0],
         response_class=Response,
-        responses={
-            200: {
-                "description": "the events, NDJSON or (by `Accept`) SSE, until the log ends",
-                "content": {media: {} for media in MEDIA_TYPES.values()},
-            }
-        },
-        openapi_extra={"parameters": [*path_params, *RESUME_PARAMETERS]},
+        responses={200: EVENTS_RESPONSE, **responses},
+        openapi_extra={"parameters": [*path_params, *resume_parameters(broker)]},
     )
 
 

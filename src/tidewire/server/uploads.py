@@ -35,7 +35,7 @@ from fastapi.responses import Response
 from starlette.requests import ClientDisconnect
 
 from ..storage import StorageError, Upload, UploadNotFound
-from .errors import show, storage_error, storage_errors
+from .errors import Problem, error_responses, show, storage_error, storage_errors
 from .headers import clean_type, content_length, essence, http_date, parse_size, upload_type
 from .names import CONTROL, clean_name
 
@@ -224,6 +224,26 @@ _RESOURCE_DOC = (
 )
 
 
+def _header(name: str, schema: dict[str, Any], description: str) -> dict[str, Any]:
+    return {
+        "name": name,
+        "in": "header",
+        "required": True,
+        "schema": schema,
+        "description": description,
+    }
+
+
+_SIZE = {"type": "integer", "minimum": 0, "maximum": 10**18 - 1}
+_VERSION = _header(
+    "Tus-Resumable", {"type": "string", "enum": [TUS_VERSION]}, "the tus version: 412 otherwise"
+)
+_OFFSET = _header("Upload-Offset", _SIZE, "where these bytes go: the upload's offset (HEAD)")
+_STATE_HEADERS = {
+    name: {"schema": {"type": "string"}} for name in ("Tus-Resumable", "Upload-Offset")
+}
+
+
 def add_upload_routes(router: APIRouter, tw: Tidewire) -> None:
     settings = tw.settings
 
@@ -370,6 +390,7 @@ def add_upload_routes(router: APIRouter, tw: Tidewire) -> None:
         description: str = _RESOURCE_DOC,
         include: bool = True,
         responses: dict[int | str, dict[str, Any]] | None = None,
+        openapi: dict[str, Any] | None = None,
     ) -> None:
         router.add_api_route(
             path,
@@ -383,18 +404,29 @@ def add_upload_routes(router: APIRouter, tw: Tidewire) -> None:
             response_class=Response,
             include_in_schema=include,
             responses=responses,
+            openapi_extra=openapi,
         )
 
+    # Upload-Metadata and Upload-Checksum are only described, not declared as
+    # parameters: their rules (base64 of UTF-8 names, a digest of the body)
+    # are more than a schema says, and a declared parameter would be filled
+    # with values that the spec calls valid and the server refuses.
     found: dict[int | str, dict[str, Any]] = {
-        404: {"description": "No such upload, or it expired or was terminated"}
+        **error_responses(404, 410, 412),
+        404: {
+            "description": "No such upload, or it expired or was terminated",
+            "model": Problem,
+        },
     }
+    most = settings.max_file_size
+    length = _header(
+        "Upload-Length",
+        {**_SIZE, "maximum": _SIZE["maximum"] if most is None else most},
+        "the upload's size in bytes: at most Tus-Max-Size (413 otherwise)",
+    )
     created: dict[int | str, dict[str, Any]] = {
-        400: {"description": "Malformed Upload-Length, Upload-Metadata or Upload-Checksum"},
-        412: {"description": "Unsupported Tus-Resumable; see Tus-Version"},
-        413: {"description": "Upload-Length over Tus-Max-Size"},
-        415: {"description": f"A body that is not {OFFSET_STREAM}"},
-        460: {"description": "Checksum mismatch"},
-        507: {"description": "Storage full"},
+        201: {"description": "Created", "headers": {"Location": {"schema": {"type": "string"}}}},
+        **error_responses(400, 412, 413, 415, 460, 507),
     }
     for path, include in (("/uploads/", True), ("/uploads", False)):
         add(
@@ -421,20 +453,23 @@ def add_upload_routes(router: APIRouter, tw: Tidewire) -> None:
             ),
             include=include,
             responses=created,
+            openapi={"parameters": [_VERSION, length]},
         )
     patched: dict[int | str, dict[str, Any]] = {
         **found,
-        409: {"description": "Upload-Offset is not the upload's offset"},
-        415: {"description": f"Content-Type is not {OFFSET_STREAM}"},
-        460: {"description": "Checksum mismatch; the bytes were discarded"},
+        204: {"description": "Stored", "headers": _STATE_HEADERS},
+        **error_responses(400, 409, 413, 415, 460, 507),
     }
+    bytes_body = {"required": True, "content": {OFFSET_STREAM: {"schema": {"type": "string"}}}}
+    patch_doc = {"parameters": [_VERSION, _OFFSET], "requestBody": bytes_body}
+    version_doc = {"parameters": [_VERSION]}
     override = "PATCH or DELETE, for clients that can only POST (X-HTTP-Method-Override)"
-    for method, summary, status, name, responses in (
-        ("HEAD", "How far an upload got", 200, "upload", found),
-        ("PATCH", "Add bytes to an upload", 204, "upload_patch", patched),
-        ("DELETE", "Terminate an upload", 204, "upload_delete", found),
-        ("POST", override, 204, "upload_override", None),
-        ("OPTIONS", "What the tus server supports", 204, "upload_options", None),
+    for method, summary, status, name, responses, openapi in (
+        ("HEAD", "How far an upload got", 200, "upload", found, version_doc),
+        ("PATCH", "Add bytes to an upload", 204, "upload_patch", patched, patch_doc),
+        ("DELETE", "Terminate an upload", 204, "upload_delete", found, version_doc),
+        ("POST", override, 204, "upload_override", None, None),
+        ("OPTIONS", "What the tus server supports", 204, "upload_options", None, None),
     ):
         add(
             "/uploads/{id}",
@@ -444,7 +479,11 @@ def add_upload_routes(router: APIRouter, tw: Tidewire) -> None:
             status=status,
             name=name,
             responses=responses,
-            include=method != "OPTIONS",
+            openapi=openapi,
+            # Not in the spec: OPTIONS, as usual; and the override POST, which
+            # is PATCH or DELETE as its header says (the description tells
+            # it): one OpenAPI operation cannot be either.
+            include=method not in ("OPTIONS", "POST"),
         )
 
 
