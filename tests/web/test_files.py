@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from decimal import ROUND_HALF_UP, Decimal
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +63,25 @@ def random_file(path: Path, size: int) -> bytes:
     data = os.urandom(size)
     path.write_bytes(data)
     return data
+
+
+def post_file(server: LiveServer, name: str, size: int) -> dict[str, Any]:
+    response = httpx.post(f"{server.url}/files", files={"file": (name, bytes(size))}, timeout=30)
+    assert response.status_code == 201, response.text
+    stored: dict[str, Any] = response.json()[0]
+    return stored
+
+
+def decimal_size(n: int) -> str:
+    """What the page should show for n bytes: SI units, written here independently of the page."""
+    for unit, scale in (("GB", 10**9), ("MB", 10**6), ("kB", 10**3)):
+        if n >= scale * 0.9995:
+            value = Decimal(n) / scale
+            rounded = value.quantize(
+                Decimal("0.1" if value < Decimal("9.95") else "1"), ROUND_HALF_UP
+            )
+            return f"{rounded} {unit}"
+    return f"{n} B"
 
 
 def test_a_50_mb_upload_shows_progress_to_100_and_stores_the_same_bytes(
@@ -185,3 +205,62 @@ def test_a_reload_mid_upload_resumes_where_it_stopped(
     listed = httpx.get(f"{server.url}/files", timeout=5).json()
     assert [f["name"] for f in listed] == ["resume.bin"]
     page.wait_for_selector("#unfinished", state="hidden")
+
+
+def test_sizes_are_shown_in_decimal_units_as_browsers_show_downloads(
+    page: Page, server: LiveServer
+) -> None:
+    sizes = {"fifty.bin": 50_000_000, "small.txt": 1_500, "tiny.txt": 999}
+    ids = {name: post_file(server, name, size)["id"] for name, size in sizes.items()}
+    open_files(page, server.url)
+    page.wait_for_selector("#files-body tr >> nth=2")
+    shown = {
+        name: page.text_content(f'#files-body tr[data-id="{file_id}"] td:nth-child(2)')
+        for name, file_id in ids.items()
+    }
+    assert shown == {"fifty.bin": "50 MB", "small.txt": "1.5 kB", "tiny.txt": "999 B"}
+    # The page's one formatting function, at the edges of its units.
+    cases = [
+        2_050_000,
+        12_499_999,
+        0,
+        1,
+        999,
+        1000,
+        1_049,
+        9_949,
+        9_950,
+        99_999,
+        999_499,
+        999_500,
+        1_000_000,
+        2_500_000,
+        12_500_000,
+        25_165_824,
+        999_999_999,
+        4_700_000_000,
+    ]
+    got = page.evaluate(
+        "async (ns) => { const { formatBytes } = await import('./web/format.js');"
+        " return ns.map(formatBytes); }",
+        cases,
+    )
+    assert got == [decimal_size(n) for n in cases]
+    assert got[cases.index(999_500)] == "1.0 MB"  # never "1000 kB"
+
+
+def test_the_options_mb_are_the_mb_the_page_shows(
+    page: Page, server: LiveServer, tmp_path: Path
+) -> None:
+    # 2,050,000 bytes: over 2 MB (decimal, as shown) though under 2 MiB.
+    source = tmp_path / "over-two.bin"
+    random_file(source, 2_050_000)
+    open_files(page, server.url)
+    page.get_by_text("Upload options").click()
+    page.get_by_label("Resumable above (MB)").fill("2")
+    page.set_input_files("#file-input", source)
+    row = wait_done(page, "over-two.bin")
+    assert row["method"] == "tus"
+    assert page.text_content("#threshold-label") == "2.0 MB"
+    meta_text = page.text_content('.upload[data-name="over-two.bin"] .up-meta') or ""
+    assert meta_text.strip() == "100% of 2.1 MB"

@@ -18,6 +18,7 @@ import {
   unfinishedUploads,
   upload,
 } from './tidewire.js';
+import { formatBytes, MB } from './format.js';
 
 const $ = (selector, root = document) => root.querySelector(selector);
 const MAX_ROWS = 500; // the event lists keep this many rows; counters keep the totals
@@ -41,18 +42,6 @@ function el(tag, attrs = {}, ...children) {
 function showError(node, error) {
   node.hidden = !error;
   node.textContent = error ? String(error.message || error) : '';
-}
-
-function formatBytes(n) {
-  if (n < 1024) return `${n} B`;
-  const units = ['KB', 'MB', 'GB', 'TB'];
-  let value = n;
-  let unit = -1;
-  do {
-    value /= 1024;
-    unit += 1;
-  } while (value >= 1024 && unit < units.length - 1);
-  return `${value.toFixed(value < 10 ? 1 : 0)} ${units[unit]}`;
 }
 
 function formatTime(seconds) {
@@ -597,12 +586,13 @@ function setupFiles() {
     $('.table-wrap').hidden = body.children.length === 0;
   };
 
+  // In the MB the page shows sizes in (format.js), so that "over 16 MB" means what the list says.
   const options = () => ({
-    resumableAbove: Math.max(0, Number(threshold.value) || 0) * 1024 * 1024,
-    chunkSize: Math.max(64 * 1024, Math.round((Number(chunk.value) || 8) * 1024 * 1024)),
+    resumableAbove: Math.max(0, Number(threshold.value) || 0) * MB,
+    chunkSize: Math.max(64_000, Math.round((Number(chunk.value) || 8) * MB)),
   });
   threshold.addEventListener('input', () => {
-    $('#threshold-label').textContent = `${Number(threshold.value) || 0} MB`;
+    $('#threshold-label').textContent = formatBytes(options().resumableAbove);
   });
 
   const fileRow = (meta) =>
