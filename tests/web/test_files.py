@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import time
 from decimal import ROUND_HALF_UP, Decimal
 from pathlib import Path
 from typing import Any
@@ -264,3 +265,68 @@ def test_the_options_mb_are_the_mb_the_page_shows(
     assert page.text_content("#threshold-label") == "2.0 MB"
     meta_text = page.text_content('.upload[data-name="over-two.bin"] .up-meta') or ""
     assert meta_text.strip() == "100% of 2.1 MB"
+
+
+def server_offset(upload_url: str) -> tuple[int, int]:
+    head = httpx.head(upload_url, headers={"Tus-Resumable": "1.0.0"}, timeout=5)
+    assert head.status_code == 200, head.status_code
+    return int(head.headers["upload-offset"]), int(head.headers["upload-length"])
+
+
+def test_an_unfinished_upload_says_how_far_it_got(
+    page: Page, server: LiveServer, tmp_path: Path, console: Console
+) -> None:
+    console.allowed.append("net::ERR_")  # the upload the reload interrupted
+    source = tmp_path / "halfway.bin"
+    size = 24 * MB
+    random_file(source, size)
+    open_files(page, server.url)
+    page.get_by_text("Upload options").click()
+    page.get_by_label("tus chunk size (MB)").fill("1")
+    cdp = page.context.new_cdp_session(page)
+    cdp.send("Network.enable")
+    cdp.send(
+        "Network.emulateNetworkConditions",
+        {"offline": False, "latency": 0, "downloadThroughput": -1, "uploadThroughput": 8 * MB},
+    )
+    page.set_input_files("#file-input", source)
+    page.wait_for_function(
+        "() => document.querySelector('.upload[data-name=\"halfway.bin\"] progress')?.value >= 25"
+    )
+    page.reload()
+    page.wait_for_selector("html[data-ready]", state="attached")
+    cdp.send(
+        "Network.emulateNetworkConditions",
+        {"offline": False, "latency": 0, "downloadThroughput": -1, "uploadThroughput": -1},
+    )
+    upload_url = page.evaluate(
+        "() => Object.entries(localStorage).filter(([k]) => k.startsWith('tus::'))"
+        ".map(([, v]) => JSON.parse(v).uploadUrl)[0]"
+    )
+    # The interrupted PATCH may still be landing on the server: wait until it has,
+    # then load the page again, so that what it shows can be compared exactly.
+    offset, length = server_offset(upload_url)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        time.sleep(0.3)
+        again = server_offset(upload_url)
+        if again == (offset, length):
+            break
+        offset, length = again
+    else:
+        raise AssertionError("the upload's offset on the server kept moving")
+    assert length == size and 0 < offset < size
+    page.reload()
+    entry = page.locator("#unfinished-list li", has_text="halfway.bin")
+    entry.get_by_text("%").wait_for()
+    percent = offset * 100 // size
+    expected = f"{decimal_size(offset)} of {decimal_size(size)} ({percent}%)"
+    assert expected in (entry.text_content() or ""), (expected, entry.text_content())
+    bar = entry.locator("progress")
+    assert (bar.get_attribute("value"), bar.get_attribute("max")) == (str(offset), str(size))
+    # On a phone too, with Forget in view.
+    page.set_viewport_size({"width": 375, "height": 740})
+    assert page.evaluate("() => document.documentElement.scrollWidth") <= 375
+    forget = entry.get_by_role("button", name="Forget the unfinished upload of halfway.bin")
+    box = forget.bounding_box()
+    assert box and box["x"] >= 0 and box["x"] + box["width"] <= 375

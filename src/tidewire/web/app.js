@@ -658,14 +658,29 @@ function setupFiles() {
     }
   };
 
+  // "7.0 MB of 25 MB (28%)": what the server has, which is where choosing the file again goes on from.
+  const howFar = (u) => {
+    if (u.gone) return `${formatBytes(u.size)}, no longer on the server: choosing it again starts over`;
+    if (u.offset === null) return `${formatBytes(u.size)}, progress unknown (the server did not answer)`;
+    // Rounded down: 100% only once every byte is there.
+    const percent = u.size ? Math.floor((u.offset * 100) / u.size) : 100;
+    return `${formatBytes(u.offset)} of ${formatBytes(u.size)} (${percent}%)`;
+  };
+
   const showUnfinished = async () => {
     const list = await unfinishedUploads();
     $('#unfinished-list').replaceChildren(
       ...list.map((u) =>
         el(
           'li',
-          {},
-          el('span', { text: `${u.name} (${formatBytes(u.size)})` }),
+          { 'data-name': u.name },
+          el('span', { class: 'unf-name', title: u.name, text: u.name }),
+          el('progress', {
+            max: u.size || 1,
+            value: u.offset ?? 0,
+            'aria-label': `How far the upload of ${u.name} got`,
+          }),
+          el('span', { class: 'unf-got', text: howFar(u) }),
           el('button', {
             type: 'button',
             class: 'small',
