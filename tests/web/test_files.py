@@ -10,10 +10,11 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 from playwright.sync_api import Page, Request
 
 from tests.conftest import LiveServer
-from tests.web.conftest import Console, open_page
+from tests.web.conftest import LONG_NAMES, Console, actions_out_of_view, open_page, store_files
 
 MB = 1024 * 1024
 
@@ -330,3 +331,19 @@ def test_an_unfinished_upload_says_how_far_it_got(
     forget = entry.get_by_role("button", name="Forget the unfinished upload of halfway.bin")
     box = forget.bounding_box()
     assert box and box["x"] >= 0 and box["x"] + box["width"] <= 375
+
+
+@pytest.mark.parametrize("width", [560, 700, 900, 1280])
+def test_long_names_leave_download_and_delete_in_view(
+    page: Page, server: LiveServer, width: int
+) -> None:
+    # 375 px is in test_page's test_usable_at_375_px; these are tablets and laptops,
+    # where the list sits under the upload card (up to 820 px) or beside it.
+    store_files(server, LONG_NAMES)
+    page.set_viewport_size({"width": width, "height": 800})
+    open_files(page, server.url)
+    page.wait_for_function(
+        f"() => document.querySelectorAll('#files-body tr').length == {len(LONG_NAMES)}"
+    )
+    assert page.evaluate("() => document.documentElement.scrollWidth") <= width
+    assert actions_out_of_view(page, LONG_NAMES) == []

@@ -595,13 +595,15 @@ function setupFiles() {
     $('#threshold-label').textContent = formatBytes(options().resumableAbove);
   });
 
+  // Explicit roles: on a phone the rows are laid out as cards (style.css), and a
+  // table whose display is changed loses its table semantics in some browsers.
   const fileRow = (meta) =>
     el(
       'tr',
-      { 'data-id': meta.id },
+      { 'data-id': meta.id, role: 'row' },
       el(
         'td',
-        { class: 'name' },
+        { class: 'name', role: 'cell' },
         el('a', {
           href: fileUrl(meta.id, { base: BASE }),
           target: '_blank',
@@ -610,13 +612,13 @@ function setupFiles() {
           title: meta.name,
         }),
       ),
-      el('td', { class: 'num', text: formatBytes(meta.size) }),
-      el('td', { class: 'wide', text: meta.type }),
-      el('td', { class: 'wide num', text: formatTime(meta.created) }),
-      el('td', { class: 'wide hash', title: meta.sha256, text: `${meta.sha256.slice(0, 12)}…` }),
+      el('td', { class: 'num size', role: 'cell', text: formatBytes(meta.size) }),
+      el('td', { class: 'wide type', role: 'cell', title: meta.type, text: meta.type }),
+      el('td', { class: 'added num', role: 'cell', text: formatTime(meta.created) }),
+      el('td', { class: 'wide hash', role: 'cell', title: meta.sha256, text: `${meta.sha256.slice(0, 8)}…` }),
       el(
         'td',
-        { class: 'acts' },
+        { class: 'acts', role: 'cell' },
         el('a', {
           class: 'button download',
           href: fileUrl(meta.id, { base: BASE, download: true }),
