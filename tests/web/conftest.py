@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from playwright.sync_api import Browser, BrowserContext, ConsoleMessage, Page, sync_playwright
 
@@ -109,3 +110,51 @@ def open_page(page: Page, url: str) -> Page:
 
 def js(page: Page, expression: str, arg: Any = None) -> Any:
     return page.evaluate(expression, arg)
+
+
+# Names the files list must show without pushing anything out of view: long,
+# unbroken, wide characters.
+LONG_NAMES = [
+    "quarterly-report-2025-final-final-v3-with-appendices-and-scanned-signatures.pdf",
+    "x" * 200 + ".bin",
+    "W" * 60,
+    "photo €.jpg",
+]
+
+
+def store_files(server: LiveServer, names: list[str], size: int = 4000) -> None:
+    for name in names:
+        response = httpx.post(f"{server.url}/files", files={"file": (name, b"x" * size)}, timeout=5)
+        assert response.status_code == 201, response.text
+
+
+def actions_out_of_view(page: Page, names: list[str]) -> list[str]:
+    """Each file's Download and Delete that a user could not see or tap without
+    scrolling sideways (the page, or a box inside it); [] when all are in view."""
+    viewport = page.viewport_size
+    assert viewport
+    wrong = []
+    for name in names:
+        for action in (
+            page.get_by_role("link", name=f"Download {name}"),
+            page.get_by_role("button", name=f"Delete {name}"),
+        ):
+            # Scrolled to vertically only: sideways, the page must not need it.
+            action.evaluate("a => scrollTo(0, a.getBoundingClientRect().top + scrollY - 300)")
+            box = action.bounding_box()
+            if not (
+                box
+                and box["x"] >= 0
+                and box["x"] + box["width"] <= viewport["width"]
+                and box["y"] >= 0
+                and box["y"] + box["height"] <= viewport["height"]
+                and box["height"] >= 32  # big enough to tap
+            ):
+                wrong.append(f"{action}: {box}")
+    scrolled = page.evaluate(
+        """() => [...document.querySelectorAll('#panel-files *')]
+            .filter((e) => ['auto', 'scroll'].includes(getComputedStyle(e).overflowX)
+                           && e.scrollWidth > e.clientWidth)
+            .map((e) => `scrolls sideways: ${e.id || e.className}`)"""
+    )
+    return wrong + scrolled

@@ -4,8 +4,9 @@
 
 It serves the demo on a free port with a temporary data folder, fills each
 panel as a user would (a run of the demo, a few channel messages, some
-uploaded files) and writes streams.png, channels.png, files.png and
-mobile.png to OUT_DIR (default docs/screenshots).
+uploaded files, one upload cut off by a reload) and writes streams.png,
+channels.png, files.png, mobile.png and mobile-files.png to OUT_DIR
+(default docs/screenshots).
 """
 
 from __future__ import annotations
@@ -57,9 +58,35 @@ def channels(page: Page, url: str, out: Path) -> None:
     page.screenshot(path=out)
 
 
+def interrupted_upload(page: Page, work: Path) -> None:
+    """Start a resumable upload over a slow link and reload mid-way: an unfinished upload."""
+    path = work / "dataset-2025-03.tar"
+    path.write_bytes(bytes(range(256)) * (25_000_000 // 256))
+    page.get_by_text("Upload options").click()
+    page.get_by_label("tus chunk size (MB)").fill("1")
+    cdp = page.context.new_cdp_session(page)
+    cdp.send("Network.enable")
+    throttled = {"offline": False, "latency": 0, "downloadThroughput": -1}
+    cdp.send("Network.emulateNetworkConditions", {**throttled, "uploadThroughput": 8_000_000})
+    page.set_input_files("#file-input", path)
+    page.wait_for_function(
+        "() => document.querySelector('.upload[data-method=\"tus\"] progress')?.value >= 35"
+    )
+    page.reload()
+    cdp.send("Network.emulateNetworkConditions", {**throttled, "uploadThroughput": -1})
+    page.wait_for_selector("html[data-ready]", state="attached")
+    page.wait_for_selector("#unfinished-list li")
+
+
 def files(page: Page, work: Path, out: Path) -> None:
     page.get_by_role("tab", name="Files").click()
-    sizes = {"report.pdf": 420_000, "frames.tar": 3_100_000, "notes.txt": 2_300}
+    interrupted_upload(page, work)
+    sizes = {
+        "report.pdf": 420_000,
+        "frames.tar": 3_100_000,
+        "notes.txt": 2_300,
+        "site-survey-photos-north-field-2025-03-14-highres.zip": 8_700_000,
+    }
     paths = []
     for name, size in sizes.items():
         path = work / name
@@ -68,7 +95,18 @@ def files(page: Page, work: Path, out: Path) -> None:
     page.set_input_files("#file-input", paths)
     for name in sizes:
         page.wait_for_selector(f'.upload[data-name="{name}"][data-state="done"]')
-    page.wait_for_function("() => document.querySelectorAll('#files-body tr').length == 3")
+    page.wait_for_function("() => document.querySelectorAll('#files-body tr').length == 4")
+    page.evaluate("() => { document.activeElement.blur(); scrollTo(0, 0); }")
+    page.screenshot(path=out)
+
+
+def phone_files(page: Page, out: Path) -> None:
+    """The stored files on a phone (the desktop's, listed again): one card each."""
+    page.get_by_role("tab", name="Files").click()
+    page.wait_for_function("() => document.querySelectorAll('#files-body tr').length == 4")
+    page.eval_on_selector(
+        ".files-card", "c => scrollTo(0, c.getBoundingClientRect().top + scrollY - 110)"
+    )
     page.screenshot(path=out)
 
 
@@ -88,10 +126,11 @@ def main(out_dir: str = "docs/screenshots") -> None:
                 phone = browser.new_page(viewport={"width": 375, "height": 740})
                 open_page(phone, server.url + "/")
                 streams(phone, out / "mobile.png", scroll_to_output=True)
+                phone_files(phone, out / "mobile-files.png")
                 browser.close()
         finally:
             server.stop()
-    for name in ("streams", "channels", "files", "mobile"):
+    for name in ("streams", "channels", "files", "mobile", "mobile-files"):
         print(out / f"{name}.png")
 
 

@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import hashlib
 import os
+import time
+from decimal import ROUND_HALF_UP, Decimal
 from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 from playwright.sync_api import Page, Request
 
 from tests.conftest import LiveServer
-from tests.web.conftest import Console, open_page
+from tests.web.conftest import LONG_NAMES, Console, actions_out_of_view, open_page, store_files
 
 MB = 1024 * 1024
 
@@ -62,6 +65,25 @@ def random_file(path: Path, size: int) -> bytes:
     data = os.urandom(size)
     path.write_bytes(data)
     return data
+
+
+def post_file(server: LiveServer, name: str, size: int) -> dict[str, Any]:
+    response = httpx.post(f"{server.url}/files", files={"file": (name, bytes(size))}, timeout=30)
+    assert response.status_code == 201, response.text
+    stored: dict[str, Any] = response.json()[0]
+    return stored
+
+
+def decimal_size(n: int) -> str:
+    """What the page should show for n bytes: SI units, written here independently of the page."""
+    for unit, scale in (("GB", 10**9), ("MB", 10**6), ("kB", 10**3)):
+        if n >= scale * 0.9995:
+            value = Decimal(n) / scale
+            rounded = value.quantize(
+                Decimal("0.1" if value < Decimal("9.95") else "1"), ROUND_HALF_UP
+            )
+            return f"{rounded} {unit}"
+    return f"{n} B"
 
 
 def test_a_50_mb_upload_shows_progress_to_100_and_stores_the_same_bytes(
@@ -185,3 +207,143 @@ def test_a_reload_mid_upload_resumes_where_it_stopped(
     listed = httpx.get(f"{server.url}/files", timeout=5).json()
     assert [f["name"] for f in listed] == ["resume.bin"]
     page.wait_for_selector("#unfinished", state="hidden")
+
+
+def test_sizes_are_shown_in_decimal_units_as_browsers_show_downloads(
+    page: Page, server: LiveServer
+) -> None:
+    sizes = {"fifty.bin": 50_000_000, "small.txt": 1_500, "tiny.txt": 999}
+    ids = {name: post_file(server, name, size)["id"] for name, size in sizes.items()}
+    open_files(page, server.url)
+    page.wait_for_selector("#files-body tr >> nth=2")
+    shown = {
+        name: page.text_content(f'#files-body tr[data-id="{file_id}"] td:nth-child(2)')
+        for name, file_id in ids.items()
+    }
+    assert shown == {"fifty.bin": "50 MB", "small.txt": "1.5 kB", "tiny.txt": "999 B"}
+    # The page's one formatting function, at the edges of its units.
+    cases = [
+        2_050_000,
+        12_499_999,
+        0,
+        1,
+        999,
+        1000,
+        1_049,
+        9_949,
+        9_950,
+        99_999,
+        999_499,
+        999_500,
+        1_000_000,
+        2_500_000,
+        12_500_000,
+        25_165_824,
+        999_999_999,
+        4_700_000_000,
+    ]
+    got = page.evaluate(
+        "async (ns) => { const { formatBytes } = await import('./web/format.js');"
+        " return ns.map(formatBytes); }",
+        cases,
+    )
+    assert got == [decimal_size(n) for n in cases]
+    assert got[cases.index(999_500)] == "1.0 MB"  # never "1000 kB"
+
+
+def test_the_options_mb_are_the_mb_the_page_shows(
+    page: Page, server: LiveServer, tmp_path: Path
+) -> None:
+    # 2,050,000 bytes: over 2 MB (decimal, as shown) though under 2 MiB.
+    source = tmp_path / "over-two.bin"
+    random_file(source, 2_050_000)
+    open_files(page, server.url)
+    page.get_by_text("Upload options").click()
+    page.get_by_label("Resumable above (MB)").fill("2")
+    page.set_input_files("#file-input", source)
+    row = wait_done(page, "over-two.bin")
+    assert row["method"] == "tus"
+    assert page.text_content("#threshold-label") == "2.0 MB"
+    meta_text = page.text_content('.upload[data-name="over-two.bin"] .up-meta') or ""
+    assert meta_text.strip() == "100% of 2.1 MB"
+
+
+def server_offset(upload_url: str) -> tuple[int, int]:
+    head = httpx.head(upload_url, headers={"Tus-Resumable": "1.0.0"}, timeout=5)
+    assert head.status_code == 200, head.status_code
+    return int(head.headers["upload-offset"]), int(head.headers["upload-length"])
+
+
+def test_an_unfinished_upload_says_how_far_it_got(
+    page: Page, server: LiveServer, tmp_path: Path, console: Console
+) -> None:
+    console.allowed.append("net::ERR_")  # the upload the reload interrupted
+    source = tmp_path / "halfway.bin"
+    size = 24 * MB
+    random_file(source, size)
+    open_files(page, server.url)
+    page.get_by_text("Upload options").click()
+    page.get_by_label("tus chunk size (MB)").fill("1")
+    cdp = page.context.new_cdp_session(page)
+    cdp.send("Network.enable")
+    cdp.send(
+        "Network.emulateNetworkConditions",
+        {"offline": False, "latency": 0, "downloadThroughput": -1, "uploadThroughput": 8 * MB},
+    )
+    page.set_input_files("#file-input", source)
+    page.wait_for_function(
+        "() => document.querySelector('.upload[data-name=\"halfway.bin\"] progress')?.value >= 25"
+    )
+    page.reload()
+    page.wait_for_selector("html[data-ready]", state="attached")
+    cdp.send(
+        "Network.emulateNetworkConditions",
+        {"offline": False, "latency": 0, "downloadThroughput": -1, "uploadThroughput": -1},
+    )
+    upload_url = page.evaluate(
+        "() => Object.entries(localStorage).filter(([k]) => k.startsWith('tus::'))"
+        ".map(([, v]) => JSON.parse(v).uploadUrl)[0]"
+    )
+    # The interrupted PATCH may still be landing on the server: wait until it has,
+    # then load the page again, so that what it shows can be compared exactly.
+    offset, length = server_offset(upload_url)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        time.sleep(0.3)
+        again = server_offset(upload_url)
+        if again == (offset, length):
+            break
+        offset, length = again
+    else:
+        raise AssertionError("the upload's offset on the server kept moving")
+    assert length == size and 0 < offset < size
+    page.reload()
+    entry = page.locator("#unfinished-list li", has_text="halfway.bin")
+    entry.get_by_text("%").wait_for()
+    percent = offset * 100 // size
+    expected = f"{decimal_size(offset)} of {decimal_size(size)} ({percent}%)"
+    assert expected in (entry.text_content() or ""), (expected, entry.text_content())
+    bar = entry.locator("progress")
+    assert (bar.get_attribute("value"), bar.get_attribute("max")) == (str(offset), str(size))
+    # On a phone too, with Forget in view.
+    page.set_viewport_size({"width": 375, "height": 740})
+    assert page.evaluate("() => document.documentElement.scrollWidth") <= 375
+    forget = entry.get_by_role("button", name="Forget the unfinished upload of halfway.bin")
+    box = forget.bounding_box()
+    assert box and box["x"] >= 0 and box["x"] + box["width"] <= 375
+
+
+@pytest.mark.parametrize("width", [560, 700, 900, 1280])
+def test_long_names_leave_download_and_delete_in_view(
+    page: Page, server: LiveServer, width: int
+) -> None:
+    # 375 px is in test_page's test_usable_at_375_px; these are tablets and laptops,
+    # where the list sits under the upload card (up to 820 px) or beside it.
+    store_files(server, LONG_NAMES)
+    page.set_viewport_size({"width": width, "height": 800})
+    open_files(page, server.url)
+    page.wait_for_function(
+        f"() => document.querySelectorAll('#files-body tr').length == {len(LONG_NAMES)}"
+    )
+    assert page.evaluate("() => document.documentElement.scrollWidth") <= width
+    assert actions_out_of_view(page, LONG_NAMES) == []

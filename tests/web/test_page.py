@@ -12,7 +12,7 @@ import pytest
 from playwright.sync_api import Page
 
 from tests.conftest import LiveServer
-from tests.web.conftest import Console, open_page
+from tests.web.conftest import LONG_NAMES, Console, actions_out_of_view, open_page, store_files
 
 PANELS = ["Streams", "Channels", "Files"]
 
@@ -99,6 +99,8 @@ def test_every_control_has_a_label(page: Page, server: LiveServer) -> None:
 
 @pytest.mark.parametrize("panel", PANELS)
 def test_usable_at_375_px(page: Page, server: LiveServer, panel: str) -> None:
+    if panel == "Files":
+        store_files(server, LONG_NAMES)
     page.set_viewport_size({"width": 375, "height": 740})
     open_page(page, server.url + "/")
     page.get_by_role("tab", name=panel).click()
@@ -106,12 +108,24 @@ def test_usable_at_375_px(page: Page, server: LiveServer, panel: str) -> None:
         page.get_by_label("N", exact=True).fill("12")
         page.get_by_role("button", name="Start").click()
         page.wait_for_selector('#events li[data-event="end"]', timeout=20_000)
+    if panel == "Files":
+        page.wait_for_function(
+            f"() => document.querySelectorAll('#files-body tr').length == {len(LONG_NAMES)}"
+        )
     # Nothing sticks out sideways: no horizontal scrolling of the page.
     assert page.evaluate("() => document.documentElement.scrollWidth") <= 375
     for tab in PANELS:
         box = page.get_by_role("tab", name=tab).bounding_box()
         assert box and box["x"] >= 0 and box["x"] + box["width"] <= 375
         assert box["height"] >= 32  # big enough to tap
+    if panel == "Files":
+        # Every file's Download and Delete in view, without scrolling sideways.
+        assert actions_out_of_view(page, LONG_NAMES) == []
+        # The last one can be deleted.
+        page.get_by_role("button", name=f"Delete {LONG_NAMES[-1]}").click()
+        page.wait_for_function(
+            f"() => document.querySelectorAll('#files-body tr').length == {len(LONG_NAMES) - 1}"
+        )
 
 
 def snippets(doc: str = "docs/browser.md", after: str = "") -> list[str]:

@@ -18,6 +18,7 @@ import {
   unfinishedUploads,
   upload,
 } from './tidewire.js';
+import { formatBytes, MB } from './format.js';
 
 const $ = (selector, root = document) => root.querySelector(selector);
 const MAX_ROWS = 500; // the event lists keep this many rows; counters keep the totals
@@ -41,18 +42,6 @@ function el(tag, attrs = {}, ...children) {
 function showError(node, error) {
   node.hidden = !error;
   node.textContent = error ? String(error.message || error) : '';
-}
-
-function formatBytes(n) {
-  if (n < 1024) return `${n} B`;
-  const units = ['KB', 'MB', 'GB', 'TB'];
-  let value = n;
-  let unit = -1;
-  do {
-    value /= 1024;
-    unit += 1;
-  } while (value >= 1024 && unit < units.length - 1);
-  return `${value.toFixed(value < 10 ? 1 : 0)} ${units[unit]}`;
 }
 
 function formatTime(seconds) {
@@ -597,21 +586,24 @@ function setupFiles() {
     $('.table-wrap').hidden = body.children.length === 0;
   };
 
+  // In the MB the page shows sizes in (format.js), so that "over 16 MB" means what the list says.
   const options = () => ({
-    resumableAbove: Math.max(0, Number(threshold.value) || 0) * 1024 * 1024,
-    chunkSize: Math.max(64 * 1024, Math.round((Number(chunk.value) || 8) * 1024 * 1024)),
+    resumableAbove: Math.max(0, Number(threshold.value) || 0) * MB,
+    chunkSize: Math.max(64_000, Math.round((Number(chunk.value) || 8) * MB)),
   });
   threshold.addEventListener('input', () => {
-    $('#threshold-label').textContent = `${Number(threshold.value) || 0} MB`;
+    $('#threshold-label').textContent = formatBytes(options().resumableAbove);
   });
 
+  // Explicit roles: on a phone the rows are laid out as cards (style.css), and a
+  // table whose display is changed loses its table semantics in some browsers.
   const fileRow = (meta) =>
     el(
       'tr',
-      { 'data-id': meta.id },
+      { 'data-id': meta.id, role: 'row' },
       el(
         'td',
-        { class: 'name' },
+        { class: 'name', role: 'cell' },
         el('a', {
           href: fileUrl(meta.id, { base: BASE }),
           target: '_blank',
@@ -620,13 +612,13 @@ function setupFiles() {
           title: meta.name,
         }),
       ),
-      el('td', { class: 'num', text: formatBytes(meta.size) }),
-      el('td', { class: 'wide', text: meta.type }),
-      el('td', { class: 'wide num', text: formatTime(meta.created) }),
-      el('td', { class: 'wide hash', title: meta.sha256, text: `${meta.sha256.slice(0, 12)}…` }),
+      el('td', { class: 'num size', role: 'cell', text: formatBytes(meta.size) }),
+      el('td', { class: 'wide type', role: 'cell', title: meta.type, text: meta.type }),
+      el('td', { class: 'added num', role: 'cell', text: formatTime(meta.created) }),
+      el('td', { class: 'wide hash', role: 'cell', title: meta.sha256, text: `${meta.sha256.slice(0, 8)}…` }),
       el(
         'td',
-        { class: 'acts' },
+        { class: 'acts', role: 'cell' },
         el('a', {
           class: 'button download',
           href: fileUrl(meta.id, { base: BASE, download: true }),
@@ -668,14 +660,29 @@ function setupFiles() {
     }
   };
 
+  // "7.0 MB of 25 MB (28%)": what the server has, which is where choosing the file again goes on from.
+  const howFar = (u) => {
+    if (u.gone) return `${formatBytes(u.size)}, no longer on the server: choosing it again starts over`;
+    if (u.offset === null) return `${formatBytes(u.size)}, progress unknown (the server did not answer)`;
+    // Rounded down: 100% only once every byte is there.
+    const percent = u.size ? Math.floor((u.offset * 100) / u.size) : 100;
+    return `${formatBytes(u.offset)} of ${formatBytes(u.size)} (${percent}%)`;
+  };
+
   const showUnfinished = async () => {
     const list = await unfinishedUploads();
     $('#unfinished-list').replaceChildren(
       ...list.map((u) =>
         el(
           'li',
-          {},
-          el('span', { text: `${u.name} (${formatBytes(u.size)})` }),
+          { 'data-name': u.name },
+          el('span', { class: 'unf-name', title: u.name, text: u.name }),
+          el('progress', {
+            max: u.size || 1,
+            value: u.offset ?? 0,
+            'aria-label': `How far the upload of ${u.name} got`,
+          }),
+          el('span', { class: 'unf-got', text: howFar(u) }),
           el('button', {
             type: 'button',
             class: 'small',

@@ -755,19 +755,49 @@ export function upload(file, options = {}) {
   };
 }
 
-/** Resumable uploads this browser has started and not finished: [{name, size, uploadUrl, key}]. */
+/**
+ * How far an upload got, from the server: a tus `HEAD` gives `Upload-Offset`.
+ * `{offset, gone}`: `gone` when the server no longer has it (expired or
+ * deleted: choosing the file again starts over); `offset` is null when the
+ * server could not be asked.
+ */
+async function uploadOffset(uploadUrl) {
+  if (!uploadUrl) return { offset: null, gone: false };
+  try {
+    const response = await fetch(uploadUrl, {
+      method: 'HEAD',
+      headers: { 'Tus-Resumable': '1.0.0' },
+      cache: 'no-store', // tus requires it; a cached offset would be a wrong one
+    });
+    if (response.status === 404 || response.status === 410) return { offset: 0, gone: true };
+    const offset = Number.parseInt(response.headers.get('Upload-Offset') ?? '', 10);
+    return { offset: response.ok && Number.isFinite(offset) ? offset : null, gone: false };
+  } catch {
+    return { offset: null, gone: false };
+  }
+}
+
+/**
+ * Resumable uploads this browser has started and not finished:
+ * [{name, size, offset, gone, uploadUrl, created, key}]; `offset` is how many
+ * of the `size` bytes the server has (null if it could not be asked), `gone`
+ * says it has none any more.
+ */
 export async function unfinishedUploads() {
   // tus-js-client keeps them in localStorage under 'tus::…': with none, it need not be loaded.
   if (!Object.keys(localStorage).some((k) => k.startsWith('tus::'))) return [];
   const tus = await loadTus();
   const found = await tus.defaultOptions.urlStorage.findAllUploads();
-  return found.map((u) => ({
-    name: u.metadata?.filename || '(unnamed)',
-    size: u.size,
-    uploadUrl: u.uploadUrl,
-    created: u.creationTime,
-    key: u.urlStorageKey,
-  }));
+  return Promise.all(
+    found.map(async (u) => ({
+      name: u.metadata?.filename || '(unnamed)',
+      size: u.size,
+      ...(await uploadOffset(u.uploadUrl)),
+      uploadUrl: u.uploadUrl,
+      created: u.creationTime,
+      key: u.urlStorageKey,
+    })),
+  );
 }
 
 /** Forget an unfinished upload here and delete its bytes on the server. */
