@@ -36,6 +36,8 @@ class Sizes:
     # Writing 1 GiB into the page cache of this VM takes anywhere from 1 to 3 s from one
     # upload to the next, whichever server: W6 needs more rounds for a steady median.
     w6_rounds: int = 5
+    w9_channels: int = 100  # of 1,000 retained events each
+    w9_runs: int = 10  # of 10,000 retained events each
 
 
 QUICK = Sizes(
@@ -48,6 +50,8 @@ QUICK = Sizes(
     w5b_bytes=16 << 20,
     w6_bytes=64 << 20,
     w6_rounds=1,
+    w9_channels=20,
+    w9_runs=2,
 )
 
 

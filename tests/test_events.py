@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import base64
 import datetime
+import gc
 import itertools
 import json
 import pickle
+import sys
+import tracemalloc
+from collections.abc import Callable
 from decimal import Decimal
 from typing import Any
 
@@ -529,3 +533,70 @@ def test_load_json_decodes_what_may_be_sent_on() -> None:
     with pytest.raises(orjson.JSONDecodeError) as caught:
         load_json(b'{"a": ')
     assert not isinstance(caught.value, TooDeep)
+
+
+# -- memory: what a retained event keeps ---------------------------------------
+
+
+def _kept_bytes_each(make: Callable[[int], object], n: int = 2_000) -> float:
+    """Bytes still allocated per object after making `n` of them and keeping them all."""
+    gc.collect()
+    tracemalloc.start()
+    try:
+        kept = [make(i) for i in range(n)]
+        allocated = tracemalloc.get_traced_memory()[0]
+    finally:
+        tracemalloc.stop()
+    assert len(kept) == n
+    return allocated / n
+
+
+@pytest.mark.parametrize("size", [10, 100, 1_000, 20_000])
+def test_encoded_data_is_right_sized(size: int) -> None:
+    # orjson's result sits in a buffer of 4 KB or more whatever its length;
+    # sys.getsizeof cannot see it (it reports the length), tracemalloc can.
+    value = {"text": "x" * size}
+    encoded = dump_data(value)
+    assert sys.getsizeof(encoded) - len(encoded) < 40
+    each = _kept_bytes_each(lambda i: dump_data({"text": "x" * size, "i": i}))
+    assert each < sys.getsizeof(encoded) + 80  # a list slot, allocator rounding
+    stored = _kept_bytes_each(
+        lambda i: dump_data({"text": "x" * size, "i": i}, inline_limit=10, urls={})
+    )
+    assert stored < sys.getsizeof(encoded) + 80
+
+
+def test_a_retained_event_keeps_right_sized_encodings() -> None:
+    data = {"seq": 1, "text": "hello " * 12}
+    wire = len(Event("12345", 12345, "message", dump_data(data)).ndjson())
+
+    def event(i: int) -> Event:
+        return Event(str(i + 10_000), i + 10_000, "message", dump_data(data))
+
+    bare = _kept_bytes_each(event)
+    assert bare < wire + 250  # the object, its id and its data: no 4 KB buffer
+
+    def watched(i: int) -> Event:
+        e = event(i)
+        e.ndjson(), e.sse(), e.ws()
+        return e
+
+    # Each encoding costs about its length, once.
+    assert _kept_bytes_each(watched) < bare + 3 * (wire + 60)
+
+
+def test_an_event_watched_over_websockets_only_keeps_no_ndjson_line() -> None:
+    event = Event("1", 1, "message", dump_data({"a": 1}))
+    assert event.ws() == event.ndjson()[:-1].decode()
+    fresh = Event("1", 1, "message", dump_data({"a": 1}))
+    fresh.ws()
+    assert fresh._ndjson is None
+    assert fresh.ws() is fresh.ws()
+
+
+def test_decoded_events_are_right_sized() -> None:
+    line = b'{"id":"7","event":"message","data":{"text":"' + b"y" * 200 + b'"}}'
+    parsed = parse_ndjson_line(line)
+    assert parsed is not None
+    each = _kept_bytes_each(lambda i: parse_ndjson_line(line))
+    assert each < len(line) + 300

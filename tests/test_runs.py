@@ -17,6 +17,7 @@ from fastapi import FastAPI
 from tests.conftest import LiveServer, wait_for
 from tests.wire import read_ndjson
 from tidewire import MemoryBroker, Message, Settings, Tidewire
+from tidewire import runs as runs_module
 from tidewire.runs import Stream
 
 
@@ -319,3 +320,24 @@ def test_an_attached_run_watched_only_elsewhere_is_cancelled_when_they_all_leave
         timeout=SHARED.disconnect_grace + 3 * SHARED.lease + 2,
     )
     assert pair.finished.is_set()
+
+
+def test_forgotten_runs_are_followed_by_one_heap_trim(
+    serve: Callable[..., LiveServer], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Runs expiring together share one trim (a trim walks the whole heap).
+    trims: list[float] = []
+    monkeypatch.setattr(runs_module, "trim", lambda: trims.append(time.monotonic()))
+    monkeypatch.setattr(runs_module, "TRIM_DELAY", 0.2)
+    tw = Tidewire(settings=Settings(run_ttl=0.1))
+
+    @tw.stream
+    async def few() -> AsyncIterator[int]:
+        yield 1
+
+    server = serve(tw)
+    ids = [httpx.post(f"{server.url}/streams/few?detach=true").json()["run"] for _ in range(5)]
+    wait_for(lambda: trims, timeout=10, message="no trim after the runs expired")
+    assert all(httpx.get(f"{server.url}/runs/{run}").status_code == 404 for run in ids)
+    time.sleep(0.5)
+    assert len(trims) == 1

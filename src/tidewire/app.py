@@ -20,6 +20,7 @@ from .broker import Broker, BrokerUnavailable
 from .broker import from_url as broker_from_url
 from .channels import Channels
 from .config import Settings
+from .heap import trim_forever
 from .runs import Runs, Stream
 from .server.channels import add_channel_routes
 from .server.files import add_file_routes
@@ -124,12 +125,15 @@ class Tidewire:
     async def lifespan(self, _: Any = None) -> AsyncIterator[None]:
         # Stale resumable uploads are swept in the background for as long as we serve.
         sweeper = asyncio.get_running_loop().create_task(expire_uploads(self))
+        # Memory freed by trimmed histories goes back to the system (see heap).
+        trimmer = asyncio.get_running_loop().create_task(trim_forever())
         try:
             yield
         finally:
-            sweeper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await sweeper
+            for task in (sweeper, trimmer):
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
             await self.aclose()
 
     @cached_property

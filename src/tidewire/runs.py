@@ -30,6 +30,7 @@ from .blobs import Blobs, Pending
 from .broker import Broker, BrokerUnavailable, Retention
 from .config import Settings
 from .events import LargeBlob, Message, depth_checked, dump_data
+from .heap import trim
 
 __all__ = ["Run", "Runs", "Stream", "TooManyRuns"]
 
@@ -40,6 +41,11 @@ Item = tuple[str, bytes]  # (event type, data JSON), ready for a log
 
 #: Query parameters that belong to tidewire, not to a stream's generator.
 RESERVED_PARAMS = frozenset({"detach", "after"})
+
+
+#: Seconds from a run's expiry to the heap trim that returns its memory to
+#: the operating system (see `heap`): expiries close together share one.
+TRIM_DELAY = 1.0
 
 
 class TooManyRuns(Exception):
@@ -371,6 +377,7 @@ class Runs:
         self._keys = itertools.count(1)
         self._background: list[asyncio.Task[None]] = []
         self._telling: set[str] = set()
+        self._trim: asyncio.TimerHandle | None = None
         self.running = 0
 
     # -- looking up --------------------------------------------------------
@@ -687,6 +694,13 @@ class Runs:
             await self.broker.delete(run.log)
             await self.broker.delete_state(f"run:{run.id}")
             await self.broker.delete_state(f"runpos:{run.id}")
+        if self._trim is None:
+            self._trim = asyncio.get_running_loop().call_later(TRIM_DELAY, self._trim_heap)
+
+    def _trim_heap(self) -> None:
+        """Give the memory of forgotten runs back to the operating system."""
+        self._trim = None
+        trim()
 
     # -- in the background ---------------------------------------------------
 
@@ -756,6 +770,9 @@ class Runs:
         for task in self._background:
             task.cancel()
         self._background = []
+        if self._trim is not None:
+            self._trim.cancel()
+            self._trim = None
 
 
 async def _close(source: _Source) -> None:
