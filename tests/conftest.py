@@ -11,7 +11,9 @@ from typing import Any
 import pytest
 import uvicorn
 
-from tidewire import Broker, MemoryBroker, Settings, Tidewire
+from tidewire import Settings, Tidewire
+from tidewire.broker import Broker
+from tidewire.broker.memory import MemoryBroker
 
 # Real Redis and S3-compatible servers, started by the tests that need them.
 pytest_plugins = ["tests.redis_server", "tests.s3_server", "tests.proxy"]

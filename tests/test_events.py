@@ -21,12 +21,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tests.wire import parse_sse
-from tidewire import Blob, Event, Message
+from tidewire import Blob, Message
 from tidewire.events import (
     MAX_DEPTH,
     NDJSON_HEARTBEAT,
     RESERVED,
     SSE_HEARTBEAT,
+    Envelope,
     SSEDecoder,
     TooDeep,
     check_depth,
@@ -41,11 +42,11 @@ from tidewire.events import (
 PNG_HEAD = b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR"
 
 
-def event(id: str, data: Any, kind: str = "message") -> Event:
-    return Event(id, int(id) if id.isdigit() else 0, kind, dump_data(data))
+def event(id: str, data: Any, kind: str = "message") -> Envelope:
+    return Envelope(id, int(id) if id.isdigit() else 0, kind, dump_data(data))
 
 
-def envelope(e: Event) -> dict[str, Any]:
+def envelope(e: Envelope) -> dict[str, Any]:
     return {"id": e.id, "event": e.event, "data": orjson.loads(e.data_json)}
 
 
@@ -102,18 +103,18 @@ def test_encodings_are_made_once_and_reused() -> None:
 
 def test_data_json_is_spliced_verbatim_into_the_ndjson_line() -> None:
     data_json = b'{"b":1,"a":[1.5,"x"]}'
-    e = Event("9", 9, "message", data_json)
+    e = Envelope("9", 9, "message", data_json)
     assert e.ndjson() == b'{"id":"9","event":"message","data":' + data_json + b"}\n"
     assert e.ws() == e.ndjson()[:-1].decode()
 
 
 def test_event_ids_and_types_are_json_escaped() -> None:
-    e = Event('a"b\\c', 0, 'we"ird', b"1")
+    e = Envelope('a"b\\c', 0, 'we"ird', b"1")
     assert json.loads(e.ndjson()) == {"id": 'a"b\\c', "event": 'we"ird', "data": 1}
 
 
 def test_events_compare_by_id_type_and_data() -> None:
-    assert event("1", {"a": 1}) == Event("1", 99, "message", b'{"a":1}')
+    assert event("1", {"a": 1}) == Envelope("1", 99, "message", b'{"a":1}')
     assert event("1", {"a": 1}) != event("2", {"a": 1})
     assert event("1", {"a": 1}) != event("1", {"a": 1}, "other")
     assert event("1", {"a": 1}) != event("1", {"a": 2})
@@ -317,7 +318,7 @@ def test_sse_decoder_reads_fields_skips_comments_and_remembers_retry_and_id() ->
 def test_sse_decoder_id_without_data_sets_last_id_only() -> None:
     decoder = SSEDecoder()
     assert decoder.feed(b"id: 12\n\nevent: lonely\n\ndata: 3\n\n") == [
-        Event("12", 0, "message", b"3")
+        Envelope("12", 0, "message", b"3")
     ]
     assert decoder.last_id == "12"
 
@@ -332,7 +333,7 @@ def test_sse_decoder_ignores_a_bad_retry_and_an_id_with_nul() -> None:
 def test_sse_decoder_waits_for_the_blank_line() -> None:
     decoder = SSEDecoder()
     assert decoder.feed(b"id: 1\ndata: 1\n") == []
-    assert decoder.feed(b"\n") == [Event("1", 0, "message", b"1")]
+    assert decoder.feed(b"\n") == [Envelope("1", 0, "message", b"1")]
 
 
 def test_sse_decoder_handles_multibyte_characters_split_between_chunks() -> None:
@@ -360,11 +361,13 @@ SSE_SAMPLES = st.lists(
 )
 
 
-def _sse_stream(samples: list[tuple[str, str, Any, bool]], eol: bytes) -> tuple[bytes, list[Event]]:
+def _sse_stream(
+    samples: list[tuple[str, str, Any, bool]], eol: bytes
+) -> tuple[bytes, list[Envelope]]:
     parts = [b"retry: 1500\n\n"]
     expected = []
     for id_, kind, data, ping in samples:
-        e = Event(id_, 0, kind, orjson.dumps(data))
+        e = Envelope(id_, 0, kind, orjson.dumps(data))
         expected.append(e)
         if ping:
             parts.append(SSE_HEARTBEAT)
@@ -418,9 +421,9 @@ def test_sse_decoder_lone_cr_then_more_is_a_line_end() -> None:
     decoder = SSEDecoder()
     got = decoder.feed(b"data: 1\r") + decoder.feed(b"\r")
     # A CR at a chunk's end may be held (half a CRLF?) until the next byte comes.
-    assert got in ([], [Event("", 0, "message", b"1")])
+    assert got in ([], [Envelope("", 0, "message", b"1")])
     got += decoder.feed(b"data: 2\r\r:")
-    assert got == [Event("", 0, "message", b"1"), Event("", 0, "message", b"2")]
+    assert got == [Envelope("", 0, "message", b"1"), Envelope("", 0, "message", b"2")]
     assert decoder.feed(b"\n") == []  # ":" + LF: a comment, not a blank line
 
 
@@ -465,7 +468,7 @@ def test_iter_ndjson_accepts_crlf_lines() -> None:
 def test_iter_ndjson_gives_the_same_events_whatever_the_chunking(
     samples: list[tuple[str, str, Any, bool]], cuts: list[int]
 ) -> None:
-    expected = [Event(id_, 0, kind, orjson.dumps(data)) for id_, kind, data, _ in samples]
+    expected = [Envelope(id_, 0, kind, orjson.dumps(data)) for id_, kind, data, _ in samples]
     wire = b"".join(
         (NDJSON_HEARTBEAT if ping else b"") + e.ndjson()
         for e, (_, _, _, ping) in zip(expected, samples, strict=True)
@@ -568,15 +571,15 @@ def test_encoded_data_is_right_sized(size: int) -> None:
 
 def test_a_retained_event_keeps_right_sized_encodings() -> None:
     data = {"seq": 1, "text": "hello " * 12}
-    wire = len(Event("12345", 12345, "message", dump_data(data)).ndjson())
+    wire = len(Envelope("12345", 12345, "message", dump_data(data)).ndjson())
 
-    def event(i: int) -> Event:
-        return Event(str(i + 10_000), i + 10_000, "message", dump_data(data))
+    def event(i: int) -> Envelope:
+        return Envelope(str(i + 10_000), i + 10_000, "message", dump_data(data))
 
     bare = _kept_bytes_each(event)
     assert bare < wire + 250  # the object, its id and its data: no 4 KB buffer
 
-    def watched(i: int) -> Event:
+    def watched(i: int) -> Envelope:
         e = event(i)
         e.ndjson(), e.sse(), e.ws()
         return e
@@ -586,9 +589,9 @@ def test_a_retained_event_keeps_right_sized_encodings() -> None:
 
 
 def test_an_event_watched_over_websockets_only_keeps_no_ndjson_line() -> None:
-    event = Event("1", 1, "message", dump_data({"a": 1}))
+    event = Envelope("1", 1, "message", dump_data({"a": 1}))
     assert event.ws() == event.ndjson()[:-1].decode()
-    fresh = Event("1", 1, "message", dump_data({"a": 1}))
+    fresh = Envelope("1", 1, "message", dump_data({"a": 1}))
     fresh.ws()
     assert fresh._ndjson is None
     assert fresh.ws() is fresh.ws()

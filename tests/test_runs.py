@@ -16,9 +16,10 @@ from fastapi import FastAPI
 
 from tests.conftest import LiveServer, wait_for
 from tests.wire import read_ndjson
-from tidewire import MemoryBroker, Message, Settings, Tidewire
+from tidewire import Message, Settings, Tidewire
 from tidewire import runs as runs_module
-from tidewire.runs import Stream
+from tidewire.broker.memory import MemoryBroker
+from tidewire.runs import StreamFunction
 
 
 def test_parameters_are_validated_from_the_signature() -> None:
@@ -27,7 +28,7 @@ def test_parameters_are_validated_from_the_signature() -> None:
     ) -> Iterator[int]:
         yield n
 
-    stream = Stream(gen, "gen", "")
+    stream = StreamFunction(gen, "gen", "")
     assert stream.validate({"n": "3", "scale": "2.5"}) == {"n": 3, "name": "x", "scale": 2.5}
     assert stream.validate({"n": 1, "unknown": 2}) == {"n": 1, "name": "x", "scale": 1.0}
     with pytest.raises(pydantic.ValidationError) as missing:

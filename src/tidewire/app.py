@@ -21,7 +21,7 @@ from .broker import from_url as broker_from_url
 from .channels import Channels
 from .config import Settings
 from .heap import trim_forever
-from .runs import Runs, Stream
+from .runs import Runs, StreamFunction
 from .server.channels import add_channel_routes
 from .server.files import add_file_routes
 from .server.methods import method_not_allowed
@@ -65,7 +65,7 @@ class Tidewire:
         self.broker: Broker = broker or broker_from_url(os.environ.get("TIDEWIRE_BROKER"))
         self._storage = storage
         self.title = title
-        self.streams: dict[str, Stream] = {}
+        self.streams: dict[str, StreamFunction] = {}
         # Blobs over the inline limit go to storage, made when first needed.
         blobs = Blobs(lambda: self.storage, self.settings.inline_blob_limit)
         self.runs = Runs(self.broker, self.settings, blobs)
@@ -105,7 +105,7 @@ class Tidewire:
             if stream_name in self.streams:
                 raise ValueError(f"a stream named {stream_name!r} is already registered")
             doc = description if description is not None else inspect.getdoc(func) or ""
-            self.streams[stream_name] = Stream(func, stream_name, doc)
+            self.streams[stream_name] = StreamFunction(func, stream_name, doc)
             return func
 
         return register(func) if func is not None else register

@@ -21,13 +21,12 @@ from decimal import Decimal
 from typing import Any
 
 import orjson
-from fastapi.sse import format_sse_event
 
 __all__ = [
     "MAX_DEPTH",
     "RESERVED",
     "Blob",
-    "Event",
+    "Envelope",
     "LargeBlob",
     "Message",
     "SSEDecoder",
@@ -253,7 +252,7 @@ def large_blobs(value: Any, limit: int) -> list[bytes | bytearray]:
     return list(found.values())
 
 
-class Event:
+class Envelope:
     """One event of a run or channel, with its encodings made once and cached.
 
     Logs keep events for as long as their history lasts, so what an event
@@ -302,6 +301,10 @@ class Event:
     def sse(self) -> bytes:
         """The event as an SSE frame: `event:`, `data:` and `id:` lines."""
         if self._sse is None:
+            # Imported here, not at the top: the client imports this module
+            # too, and must not pay for loading a web framework.
+            from fastapi.sse import format_sse_event
+
             self._sse = format_sse_event(
                 data_str=self.data_json.decode(), event=self.event, id=self.id
             )
@@ -317,10 +320,10 @@ class Event:
         return self._ws
 
     def __repr__(self) -> str:
-        return f"Event(id={self.id!r}, event={self.event!r}, data={self.data_json[:60]!r})"
+        return f"Envelope(id={self.id!r}, event={self.event!r}, data={self.data_json[:60]!r})"
 
     def __eq__(self, other: object) -> bool:
-        if not isinstance(other, Event):
+        if not isinstance(other, Envelope):
             return NotImplemented
         return (self.id, self.event, self.data_json) == (other.id, other.event, other.data_json)
 
@@ -349,14 +352,14 @@ def decode_blobs(value: Any, remote: Callable[[str, str, int | None], Any] | Non
     return value
 
 
-def parse_ndjson_line(line: bytes | str) -> Event | None:
+def parse_ndjson_line(line: bytes | str) -> Envelope | None:
     """Parse one NDJSON line; a blank line (a heartbeat) gives None."""
     if not line.strip():
         return None
     obj = orjson.loads(line)
     # Compacted: a client may keep the events it reads.
     data_json = _compact(orjson.dumps(obj.get("data")))
-    return Event(str(obj["id"]), 0, str(obj["event"]), data_json)
+    return Envelope(str(obj["id"]), 0, str(obj["event"]), data_json)
 
 
 class SSEDecoder:
@@ -374,7 +377,7 @@ class SSEDecoder:
         self.last_id: str | None = None
         self.retry: int | None = None
 
-    def feed(self, chunk: bytes) -> list[Event]:
+    def feed(self, chunk: bytes) -> list[Envelope]:
         buffer = self._buffer + chunk
         # A line ends at CRLF, LF or a lone CR; a CR at the very end may be the
         # first half of a CRLF split across chunks, so it waits for the next one.
@@ -383,14 +386,14 @@ class SSEDecoder:
             buffer, held = buffer[:-1], b"\r"
         *lines, rest = buffer.replace(b"\r\n", b"\n").replace(b"\r", b"\n").split(b"\n")
         self._buffer = rest + held
-        events: list[Event] = []
+        events: list[Envelope] = []
         for raw in lines:
             event = self._line(raw.decode("utf-8"))
             if event is not None:
                 events.append(event)
         return events
 
-    def _line(self, line: str) -> Event | None:
+    def _line(self, line: str) -> Envelope | None:
         if line == "":
             return self._dispatch()
         if line.startswith(":"):
@@ -403,23 +406,25 @@ class SSEDecoder:
             self._event = value
         elif name == "id" and "\0" not in value:
             self._id = value
-        elif name == "retry" and value.isdigit():
+        elif name == "retry" and value.isascii() and value.isdigit() and len(value) <= 9:
+            # ASCII digits only, as the SSE spec says: str.isdigit() alone takes
+            # "²" (which int() refuses) and other scripts' digits.
             self.retry = int(value)
         return None
 
-    def _dispatch(self) -> Event | None:
+    def _dispatch(self) -> Envelope | None:
         if self._id is not None:
             self.last_id = self._id
         if not self._data:
             self._event = ""
             return None
         data = "\n".join(self._data)
-        event = Event(self.last_id or "", 0, self._event or "message", data.encode())
+        event = Envelope(self.last_id or "", 0, self._event or "message", data.encode())
         self._event, self._data, self._id = "", [], None
         return event
 
 
-def iter_ndjson(chunks: Iterator[bytes]) -> Iterator[Event]:
+def iter_ndjson(chunks: Iterator[bytes]) -> Iterator[Envelope]:
     """Events from NDJSON bytes in any chunking (lines may span chunks)."""
     pending = b""
     for chunk in chunks:

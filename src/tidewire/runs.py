@@ -32,7 +32,7 @@ from .config import Settings
 from .events import LargeBlob, Message, depth_checked, dump_data
 from .heap import trim
 
-__all__ = ["Run", "Runs", "Stream", "TooManyRuns"]
+__all__ = ["Run", "Runs", "StreamFunction", "TooManyRuns"]
 
 logger = logging.getLogger("tidewire")
 
@@ -63,7 +63,7 @@ def encode_item(item: Any, inline_limit: int | None = None) -> Item | Pending:
         return Pending(event, data)
 
 
-class Stream:
+class StreamFunction:
     """A generator function registered as a stream; its signature is its parameter schema."""
 
     def __init__(self, func: Callable[..., Any], name: str, description: str) -> None:
@@ -415,7 +415,7 @@ class Runs:
 
     # -- starting ----------------------------------------------------------
 
-    async def start(self, stream: Stream, params: dict[str, Any], *, attached: bool) -> Run:
+    async def start(self, stream: StreamFunction, params: dict[str, Any], *, attached: bool) -> Run:
         """Start a run. An attached run gets its first watcher at once, before any event."""
         if self.running >= self.settings.max_runs:
             raise TooManyRuns(f"{self.running} runs are running, the most this server allows")

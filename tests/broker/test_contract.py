@@ -17,7 +17,8 @@ from typing import Any, TypeVar
 import orjson
 import pytest
 
-from tidewire import BadPosition, Batch, Broker, MemoryBroker, Retention
+from tidewire.broker import BadPosition, Batch, Broker, Retention
+from tidewire.broker.memory import MemoryBroker
 from tidewire.broker.redis import RedisBroker
 
 T = TypeVar("T")

@@ -10,7 +10,8 @@ from typing import TypeVar
 import orjson
 import pytest
 
-from tidewire import BadPosition, Batch, MemoryBroker, Retention
+from tidewire.broker import BadPosition, Batch, Retention
+from tidewire.broker.memory import MemoryBroker
 
 T = TypeVar("T")
 

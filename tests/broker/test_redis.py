@@ -22,8 +22,8 @@ import pytest
 from tests.conftest import QUICK, LiveServer, wait_for
 from tests.redis_server import RedisServer
 from tests.wire import Envelope, parse_sse, read_ndjson
-from tidewire import Batch, Retention, Tidewire
-from tidewire.broker import BrokerUnavailable
+from tidewire import Tidewire
+from tidewire.broker import Batch, BrokerUnavailable, Retention
 from tidewire.broker.redis import RedisBroker
 
 T = TypeVar("T")

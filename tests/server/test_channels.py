@@ -21,7 +21,8 @@ from websockets.sync.client import connect
 
 from tests.conftest import QUICK, LiveServer
 from tests.wire import Envelope, parse_sse
-from tidewire import Broker, Settings, Tidewire
+from tidewire import Settings, Tidewire
+from tidewire.broker import Broker
 from tidewire.server.channels import MAX_PUBLISH_BYTES
 
 Serve = Callable[..., LiveServer]

@@ -15,7 +15,7 @@ from tests.full_disk import fill, small_disk_fixture  # noqa: F401
 from tidewire import Tidewire
 from tidewire.server.errors import show, storage_error, storage_errors
 from tidewire.storage import (
-    ChecksumMismatch,
+    BadChecksum,
     FileNotFound,
     OffsetMismatch,
     StorageError,
@@ -33,7 +33,7 @@ from tidewire.storage.local import LocalStorage
         (UploadNotFound("abc"), 404, "no such upload"),
         (TooLarge("more than 10 bytes", 10), 413, "at most 10 bytes may be stored"),
         (OffsetMismatch("the upload is at offset 7", 7), 409, "the upload is at 7"),
-        (ChecksumMismatch("the sha1 differs"), 460, "checksum mismatch: the sha1 differs"),
+        (BadChecksum("the sha1 differs"), 460, "checksum mismatch: the sha1 differs"),
         (StorageFull("no space"), 507, "the storage is full"),
         (StorageError("the cursor is stale"), 400, "the cursor is stale"),
         (StorageError(), 400, "StorageError"),  # never an empty detail

@@ -24,7 +24,8 @@ from websockets.sync.client import connect
 
 from tests.conftest import QUICK, LiveServer, wait_for
 from tests.wire import read_ndjson, read_sse, read_ws
-from tidewire import Blob, Broker, Message, Settings, Tidewire
+from tidewire import Blob, Message, Settings, Tidewire
+from tidewire.broker import Broker
 from tidewire.events import decode_blobs
 
 

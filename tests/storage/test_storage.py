@@ -16,7 +16,7 @@ import pytest
 
 from tests.s3_server import S3Server, s3_bucket_fixture, s3_server_fixture  # noqa: F401
 from tidewire.storage import (
-    ChecksumMismatch,
+    BadChecksum,
     FileInfo,
     FileNotFound,
     OffsetMismatch,
@@ -378,7 +378,7 @@ def test_checksum(backend: Backend) -> None:
         good = ("sha1", hashlib.sha1(b"abcd").digest())
         assert (await storage.append(id, 0, chunks(b"abcd"), checksum=good)).offset == 4
         bad = ("md5", hashlib.md5(b"efgh").digest())
-        with pytest.raises(ChecksumMismatch):
+        with pytest.raises(BadChecksum):
             await storage.append(id, 4, chunks(b"efgX"), checksum=bad)
         # The bad bytes are gone; the good ones go on from there.
         assert (await storage.upload(id)).offset == 4

@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 import pytest
 
 from tidewire.storage import (
-    ChecksumMismatch,
+    BadChecksum,
     OffsetMismatch,
     TooLarge,
     UploadNotFound,
@@ -153,7 +153,7 @@ def test_a_checksum_mismatch_rolls_back_and_the_running_hash_goes_on() -> None:
         id = await create(memory, 12)
         await memory.append(id, 0, chunks(b"0123"))
         wrong = ("sha1", hashlib.sha1(b"other").digest())
-        with pytest.raises(ChecksumMismatch):
+        with pytest.raises(BadChecksum):
             await memory.append(id, 4, chunks(b"45678", 1), checksum=wrong)
         assert bytes(memory.bytes[id]) == b"0123"
         right = ("sha1", hashlib.sha1(b"456789ab").digest())

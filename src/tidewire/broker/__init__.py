@@ -19,7 +19,7 @@ from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from ..events import Event
+from ..events import Envelope
 
 __all__ = ["BadPosition", "Batch", "Broker", "BrokerUnavailable", "Retention", "from_url"]
 
@@ -49,7 +49,7 @@ class Batch:
     when the log was closed and `events` reaches its end.
     """
 
-    events: list[Event] = field(default_factory=list)
+    events: list[Envelope] = field(default_factory=list)
     missed: int = 0
     resume_id: str | None = None
     ended: bool = False
@@ -58,7 +58,7 @@ class Batch:
 class Broker(Protocol):
     async def append(
         self, log: str, items: Sequence[tuple[str, bytes]], retention: Retention
-    ) -> list[Event]:
+    ) -> list[Envelope]:
         """Add `(event type, data JSON)` items to a log, in order; trim it; return the events."""
         ...
 

@@ -8,7 +8,7 @@ import time
 from collections import deque
 from collections.abc import AsyncIterator, Mapping, Sequence
 
-from ..events import Event
+from ..events import Envelope
 from . import BadPosition, Batch, Retention
 
 __all__ = ["MemoryBroker"]
@@ -101,7 +101,7 @@ class _Log(Waiters):
 
     def __init__(self) -> None:
         super().__init__()
-        self.events: deque[Event] = deque()
+        self.events: deque[Envelope] = deque()
         self.times: deque[float] = deque()  # monotonic time each event was appended
         self.next_seq = 1
         self.ended = False
@@ -237,7 +237,7 @@ class MemoryBroker(_State):
 
     async def append(
         self, log: str, items: Sequence[tuple[str, bytes]], retention: Retention
-    ) -> list[Event]:
+    ) -> list[Envelope]:
         target = self._log(log)
         self._retention[log] = retention
         now = time.monotonic()
@@ -245,7 +245,7 @@ class MemoryBroker(_State):
         for event_type, data_json in items:
             seq = target.next_seq
             target.next_seq += 1
-            event = Event(str(seq), seq, event_type, data_json)
+            event = Envelope(str(seq), seq, event_type, data_json)
             target.events.append(event)
             target.times.append(now)
             events.append(event)

@@ -2,7 +2,7 @@
 
 Each log is a stream at `<prefix><log>`, with a small hash beside it at
 `<prefix><log>#meta` (`#` cannot occur in a channel name or a run id, so the
-two never collide). Event ids are the stream ids, `<ms>-<seq>`: `ms` is
+two never collide). Envelope ids are the stream ids, `<ms>-<seq>`: `ms` is
 Redis's clock (never going back within a log) and `seq` is the log's own
 count of events, so the seq of any id, even of a trimmed event, is known,
 and a reader that was trimmed past can be told exactly how much it missed.
@@ -39,7 +39,7 @@ import redis.exceptions
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
-from ..events import Event
+from ..events import Envelope
 from . import BadPosition, Batch, BrokerUnavailable, Retention
 from .memory import Waiters
 
@@ -150,8 +150,8 @@ def _reachable() -> Iterator[None]:
         raise BrokerUnavailable(f"redis is unreachable: {exc}") from exc
 
 
-def _event(id: str, event_type: bytes, data_json: bytes) -> Event:
-    return Event(id, int(id.partition("-")[2]), event_type.decode(), data_json)
+def _event(id: str, event_type: bytes, data_json: bytes) -> Envelope:
+    return Envelope(id, int(id.partition("-")[2]), event_type.decode(), data_json)
 
 
 class _Mirror(Waiters):
@@ -167,7 +167,7 @@ class _Mirror(Waiters):
 
     def __init__(self, head: Position, age: int | None, age_known: bool, ended: bool) -> None:
         super().__init__()
-        self.events: deque[Event] = deque()
+        self.events: deque[Envelope] = deque()
         self.head = head  # the newest event known here
         # The stream id the following task reads after: the newest entry it
         # has seen (the end marker included), or the newest event when it starts.
@@ -177,7 +177,7 @@ class _Mirror(Waiters):
         self.ended = ended
         self.used = time.monotonic()
 
-    def add(self, event: Event, window: int) -> bool:
+    def add(self, event: Envelope, window: int) -> bool:
         """Keep a new event; False if it was here already (appended by this process)."""
         position = _parse(event.id)
         if position <= self.head:
@@ -344,7 +344,7 @@ class RedisBroker:
 
     async def append(
         self, log: str, items: Sequence[tuple[str, bytes]], retention: Retention
-    ) -> list[Event]:
+    ) -> list[Envelope]:
         if not items:
             return []
         age = "" if retention.max_age is None else str(max(1, round(retention.max_age * 1000)))
@@ -355,7 +355,7 @@ class RedisBroker:
         async with self._command():
             ids = await self._append(keys=self._keys(log), args=args)
         events = [
-            Event(raw.decode(), int(raw.partition(b"-")[2]), event_type, data_json)
+            Envelope(raw.decode(), int(raw.partition(b"-")[2]), event_type, data_json)
             for raw, (event_type, data_json) in zip(ids, items, strict=True)
         ]
         mirror = self._mirrors.get(log)
@@ -407,7 +407,7 @@ class RedisBroker:
         ended = bool(end_raw)
         head_seq = int(seq_raw or 0)
         head = _parse(last_raw.decode()) if last_raw else (0, 0)
-        events: list[Event] = []
+        events: list[Envelope] = []
         for raw_id, fields in entries:
             if fields[0] == b"t":  # not the end marker
                 events.append(_event(raw_id.decode(), fields[1], fields[3]))

@@ -21,7 +21,7 @@ from fastapi import HTTPException
 from pydantic import BaseModel
 
 from ..storage import (
-    ChecksumMismatch,
+    BadChecksum,
     FileNotFound,
     OffsetMismatch,
     StorageError,
@@ -57,7 +57,7 @@ def _answer(exc: StorageError) -> tuple[int, str]:
             return 413, f"the file is too large: at most {limit} bytes may be stored"
         case OffsetMismatch(offset=offset):
             return 409, f"Upload-Offset does not match: the upload is at {offset}"
-        case ChecksumMismatch():
+        case BadChecksum():
             return 460, f"checksum mismatch: {exc}; the bytes were discarded"
         case StorageFull():
             # The storage says what was not done (stored, deleted, created).

@@ -11,7 +11,7 @@ from fastapi.responses import JSONResponse, Response
 
 from ..broker import BadPosition, BrokerUnavailable
 from ..events import TooDeep, load_json
-from ..runs import RESERVED_PARAMS, Run, Stream, TooManyRuns
+from ..runs import RESERVED_PARAMS, Run, StreamFunction, TooManyRuns
 from .errors import error_responses
 from .transport import (
     EVENTS_RESPONSE,
@@ -110,7 +110,7 @@ async def read_params(request: Request | WebSocket) -> dict[str, tuple[Any, str]
     return values
 
 
-def validate(stream: Stream, values: dict[str, tuple[Any, str]]) -> dict[str, Any]:
+def validate(stream: StreamFunction, values: dict[str, tuple[Any, str]]) -> dict[str, Any]:
     try:
         return stream.validate({key: value for key, (value, _) in values.items()})
     except pydantic.ValidationError as exc:
@@ -127,13 +127,13 @@ def validate(stream: Stream, values: dict[str, tuple[Any, str]]) -> dict[str, An
 def add_stream_routes(router: APIRouter, tw: Tidewire) -> None:
     runs = tw.runs
 
-    def get_stream(name: str) -> Stream:
+    def get_stream(name: str) -> StreamFunction:
         stream = tw.streams.get(name)
         if stream is None:
             raise HTTPException(404, f"no stream named {name!r}; GET /streams lists them")
         return stream
 
-    async def start_run(stream: Stream, params: dict[str, Any], *, attached: bool) -> Run:
+    async def start_run(stream: StreamFunction, params: dict[str, Any], *, attached: bool) -> Run:
         try:
             return await runs.start(stream, params, attached=attached)
         except TooManyRuns as exc:

@@ -31,7 +31,7 @@ from starlette.types import Receive, Scope, Send
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
 from ..broker import BadPosition, Batch, Broker, BrokerUnavailable
-from ..events import NDJSON_HEARTBEAT, Event, dump_data
+from ..events import NDJSON_HEARTBEAT, Envelope, dump_data
 from ..runs import Watcher
 
 __all__ = [
@@ -125,9 +125,9 @@ UNAVAILABLE_SSE = b"event: unavailable\ndata: " + dump_data(_UNAVAILABLE) + b"\n
 UNAVAILABLE_CLOSE = 1013
 
 
-def gap_event(batch: Batch) -> Event:
+def gap_event(batch: Batch) -> Envelope:
     """The `gap` event telling one reader how many events it missed."""
-    return Event(batch.resume_id or "0", 0, "gap", dump_data({"missed": batch.missed}))
+    return Envelope(batch.resume_id or "0", 0, "gap", dump_data({"missed": batch.missed}))
 
 
 class LogResponse(Response):

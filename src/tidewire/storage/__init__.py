@@ -25,7 +25,7 @@ Errors, all `StorageError`:
                        length; the data is discarded
     OffsetMismatch     a resumable append at the wrong      -> 409
                        offset
-    ChecksumMismatch   an append's bytes do not match its   -> 460 (tus)
+    BadChecksum        an append's bytes do not match its   -> 460 (tus)
                        checksum; they are discarded
     StorageFull        out of space (on the disk, in the    -> 507
                        index, a quota); its message says
@@ -45,7 +45,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 __all__ = [
-    "ChecksumMismatch",
+    "BadChecksum",
     "FileInfo",
     "FileNotFound",
     "OffsetMismatch",
@@ -85,7 +85,7 @@ class OffsetMismatch(StorageError):
         self.offset = offset  # where the upload really is
 
 
-class ChecksumMismatch(StorageError):
+class BadChecksum(StorageError):
     pass
 
 
@@ -247,7 +247,7 @@ class Storage(Protocol):
 
         `checksum` is `(algorithm, digest)` of these bytes (hashlib names:
         "sha1", "sha256", "md5"): on a mismatch they are discarded and
-        `ChecksumMismatch` is raised. If `chunks` raises, the bytes that did
+        `BadChecksum` is raised. If `chunks` raises, the bytes that did
         arrive are kept (that is what makes the upload resumable) unless a
         checksum was given. Bytes beyond `length` raise `TooLarge`. When the
         last byte arrives, the upload becomes a file: `Upload.file` is its id.

@@ -54,7 +54,7 @@ from collections.abc import AsyncIterable, AsyncIterator
 from contextlib import AbstractAsyncContextManager
 from typing import Any, Protocol
 
-from . import ChecksumMismatch, OffsetMismatch, Upload, UploadNotFound, new_id, valid_id
+from . import BadChecksum, OffsetMismatch, Upload, UploadNotFound, new_id, valid_id
 from ._blocks import Pump, too_large, uninterrupted
 
 __all__ = ["Hashers", "KeyedLocks", "State", "Uploads", "Writer"]
@@ -170,7 +170,7 @@ class Uploads(abc.ABC):
                 try:
                     await pump.run(_prepend(head, chunks), keep=check is None)
                     if check is not None and checksum and check.digest() != checksum[1]:
-                        raise ChecksumMismatch(f"the {checksum[0]} of the appended bytes differs")
+                        raise BadChecksum(f"the {checksum[0]} of the appended bytes differs")
                 except BaseException as exc:
                     if not pump.kept:
                         await writer.rollback()
