@@ -30,7 +30,7 @@ from tidewire.server.headers import (
     inline_safe,
     parse_range,
 )
-from tidewire.server.names import MAX_NAME, clean_name
+from tidewire.server.names import MAX_NAME, clean_name, invisible
 from tidewire.storage import FileInfo, Storage, StorageFull, from_url
 from tidewire.storage.local import LocalStorage
 
@@ -153,7 +153,9 @@ def test_content_disposition_round_trips_any_name(name: str) -> None:
     header.encode("ascii")  # a header value, all ASCII
     kind, fallback, decoded = _disposition(header)
     assert kind == "attachment"
-    if not any(c < " " or "\x7f" <= c <= "\x9f" for c in name):
+    if not any(c < " " or "\x7f" <= c <= "\x9f" or invisible(c) for c in name):
+        # Any name a file can have round-trips; invisible characters (only in
+        # names stored before names.py refused them) are left out.
         import unicodedata
 
         assert decoded == unicodedata.normalize("NFC", name)

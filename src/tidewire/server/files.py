@@ -39,7 +39,7 @@ from .downloads import send_file
 from .errors import error_responses, show, storage_error, storage_errors
 from .headers import content_length, upload_type
 from .multipart import BadMultipart, MultipartStream, decode
-from .names import NAME_SCHEMA, clean_name
+from .names import MAX_NAME, NAME_SCHEMA, clean_name
 
 if TYPE_CHECKING:
     from ..app import Tidewire
@@ -327,6 +327,8 @@ def add_file_routes(router: APIRouter, tw: Tidewire) -> None:
         name: Annotated[
             str | None,
             Query(
+                min_length=1,
+                max_length=MAX_NAME,
                 description="only the newest file of exactly this name: a list of one, or none",
                 # The name rule itself (names.py), so the spec and the check agree.
                 json_schema_extra=NAME_SCHEMA,
