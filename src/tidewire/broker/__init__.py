@@ -1,11 +1,12 @@
-"""Brokers keep logs: ordered, bounded sequences of events, one per run or channel.
+"""Brokers: logs (`Logs`), and coordination between processes (`Coordination`).
 
-The protocol is shaped for Redis Streams as much as for memory: ids are
+Logs are ordered, bounded sequences of events, one per run or channel. The
+`Logs` protocol is shaped for Redis Streams as much as for memory: ids are
 strings, a reader asks for what follows a position and may block until it
 comes, logs are trimmed by count and age, and a writer can mark a log ended.
 Nothing outside a broker knows which broker it has.
 
-Beside logs, a broker carries what the processes of one deployment tell
+Beside logs, a broker carries (`Coordination`) what the processes of one deployment tell
 each other about runs: small records with a time to live (a run's state,
 its watchers' positions), leases (which process runs a generator, and is
 it alive), and messages on topics (cancel this run). In memory these are
@@ -21,7 +22,16 @@ from typing import Protocol
 
 from ..events import Envelope
 
-__all__ = ["BadPosition", "Batch", "Broker", "BrokerUnavailable", "Retention", "from_url"]
+__all__ = [
+    "BadPosition",
+    "Batch",
+    "Broker",
+    "BrokerUnavailable",
+    "Coordination",
+    "Logs",
+    "Retention",
+    "from_url",
+]
 
 
 class BadPosition(ValueError):
@@ -55,7 +65,9 @@ class Batch:
     ended: bool = False
 
 
-class Broker(Protocol):
+class Logs(Protocol):
+    """Logs: append, read (waiting for more), trim, end, delete."""
+
     async def append(
         self, log: str, items: Sequence[tuple[str, bytes]], retention: Retention
     ) -> list[Envelope]:
@@ -86,7 +98,10 @@ class Broker(Protocol):
         """Forget a log and its events."""
         ...
 
-    # -- shared state ----------------------------------------------------
+
+class Coordination(Protocol):
+    """What the processes of one deployment tell each other: records with a
+    time to live, leases, and messages on topics (see `runs.cluster`)."""
 
     async def put_state(
         self, key: str, fields: Mapping[str, str], ttl: float | None = None
@@ -115,6 +130,10 @@ class Broker(Protocol):
     def listen(self, topic: str) -> AsyncIterator[str]:
         """The messages sent to `topic` from now on, for as long as it is iterated."""
         ...
+
+
+class Broker(Logs, Coordination, Protocol):
+    """Logs and coordination, from one backend (memory, or one Redis)."""
 
     async def aclose(self) -> None:
         """Release the broker's resources."""

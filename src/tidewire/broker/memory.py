@@ -152,7 +152,10 @@ def _position(after: str) -> int:
 
 
 class _State:
-    """Records, leases and topics for the processes of a deployment: here, just one."""
+    """Records, leases and topics for the processes of a deployment: here, just one.
+
+    The `Coordination` half of the broker; `MemoryBroker` adds the `Logs`.
+    """
 
     def __init__(self) -> None:
         # key -> (fields, expiry on the monotonic clock or None)

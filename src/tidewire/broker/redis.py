@@ -340,7 +340,7 @@ class RedisBroker:
     def _now_ms(self) -> float:
         return time.time() * 1000 + self._skew_ms
 
-    # -- logs ---------------------------------------------------------------
+    # -- logs (the `Logs` protocol) -------------------------------------------
 
     async def append(
         self, log: str, items: Sequence[tuple[str, bytes]], retention: Retention
@@ -651,7 +651,7 @@ class RedisBroker:
             if now - mirror.used > self.idle and not mirror.waiting():
                 del self._mirrors[name]
 
-    # -- shared state -------------------------------------------------------
+    # -- coordination (the `Coordination` protocol) ---------------------------
 
     async def put_state(
         self, key: str, fields: Mapping[str, str], ttl: float | None = None

@@ -1,8 +1,13 @@
-"""Several `tidewire serve` processes sharing one real Redis: runs and channels
-cross processes, and survive a process killed or Redis restarted."""
+"""Runs across processes: watched, held back and cancelled from another process,
+failed when their process dies.
+
+First two Tidewire instances sharing one memory broker; then several
+`tidewire serve` processes sharing one real Redis, where runs and channels
+cross processes and survive a process killed or Redis restarted."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import os
@@ -10,22 +15,204 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import httpx
 import psutil
 import pytest
+from fastapi import FastAPI
 
+from tests.conftest import LiveServer, wait_for
 from tests.redis_server import RedisServer
 from tests.s3_server import S3Server
 from tests.test_cli import free_port
 from tests.wire import read_ndjson, read_ws
+from tidewire import Settings, Tidewire
+from tidewire.broker.memory import MemoryBroker
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parent.parent.parent
 LEASE = 1.5  # tests/cluster_app.py
+
+
+# -- several processes sharing a broker --------------------------------------
+#
+# Two Tidewire instances on one broker stand in for two processes: each has
+# its own runs and instance name and knows the other's runs only through the
+# broker. (Further down, real processes on Redis do the same.)
+
+
+class Pair:
+    """Instances `a` and `b` sharing one MemoryBroker, served under /a and /b."""
+
+    def __init__(self, serve: Callable[..., LiveServer], settings: Settings) -> None:
+        broker = MemoryBroker()
+        self.a = Tidewire(broker=broker, settings=settings)
+        self.b = Tidewire(broker=broker, settings=settings)
+        self.finished = threading.Event()
+        self.started = threading.Event()
+        self.go = threading.Event()
+        self.go.set()
+
+        @self.a.stream
+        async def ticks(
+            n: int = 1_000_000, interval: float = 0.01, pad: int = 0
+        ) -> AsyncIterator[Any]:
+            try:
+                self.started.set()
+                while not self.go.is_set():
+                    await asyncio.sleep(0.01)
+                for i in range(n):
+                    yield {"i": i, "pad": "x" * pad} if pad else i
+                    await asyncio.sleep(interval)
+            finally:
+                self.finished.set()
+
+        self.b.streams = self.a.streams
+        app = FastAPI()
+        app.mount("/a", self.a.app)
+        app.mount("/b", self.b.app)
+        self.url = serve(app).url
+
+    def start(self, **params: Any) -> str:
+        response = httpx.post(f"{self.url}/a/streams/ticks?detach=true", json=params)
+        assert response.status_code == 202
+        run_id: str = response.json()["run"]
+        return run_id
+
+
+# A lease short enough for quick tests, long enough that a loaded machine's
+# stalls (both "processes" here share one Python) do not look like a death.
+SHARED = Settings(heartbeat=0.3, disconnect_grace=0.3, close_timeout=2.0, lease=1.5)
+
+
+def test_a_run_started_in_one_process_is_watched_from_another(
+    serve: Callable[..., LiveServer],
+) -> None:
+    pair = Pair(serve, SHARED)
+    run_id = pair.start(n=30, interval=0.005)
+    events = read_ndjson(f"{pair.url}/b/runs/{run_id}/events")
+    assert [e["data"] for e in events[:-1]] == list(range(30))
+    assert events[-1]["event"] == "end"
+    info = httpx.get(f"{pair.url}/b/runs/{run_id}").json()
+    assert info["state"] == "finished" and info["events"] == 31
+    assert httpx.get(f"{pair.url}/b/runs/0123456789abcdef").status_code == 404
+
+
+def test_a_run_is_cancelled_from_another_process(serve: Callable[..., LiveServer]) -> None:
+    pair = Pair(serve, SHARED)
+    run_id = pair.start()
+    assert pair.started.wait(5)
+    response = httpx.delete(f"{pair.url}/b/runs/{run_id}", timeout=10)
+    assert response.status_code == 200
+    # DELETE answers once the generator's `finally` has run in the other process.
+    assert pair.finished.is_set()
+    assert response.json()["state"] == "cancelled"
+    assert read_ndjson(f"{pair.url}/b/runs/{run_id}/events")[-1]["event"] == "cancelled"
+
+
+def test_backpressure_holds_for_a_watcher_in_another_process(
+    serve: Callable[..., LiveServer],
+) -> None:
+    settings = Settings(heartbeat=0.3, run_window=16, run_history=32, lease=SHARED.lease)
+    pair = Pair(serve, settings)
+    pair.go.clear()  # the generator waits until b's watcher is there
+    # 16 MB: more than the socket buffers hold, so the reader's pace matters.
+    run_id = pair.start(n=2000, interval=0, pad=8000)
+    seen: list[int] = []
+    with httpx.stream("GET", f"{pair.url}/b/runs/{run_id}/events", timeout=30) as response:
+        pair.go.set()
+        for line in response.iter_lines():
+            if not line.strip():
+                continue
+            event = json.loads(line)
+            if event["event"] != "message":
+                assert event["event"] == "end", event
+                break
+            seen.append(event["data"]["i"])
+            if len(seen) % 100 == 0:
+                time.sleep(0.02)  # a slow reader: the generator must wait for it
+    # With a history of 32 and nobody holding the generator back, this
+    # reader would have got a `gap` (see the test above that shows it).
+    assert seen == list(range(2000))
+
+
+def test_a_watcher_elsewhere_is_told_when_the_running_process_dies(
+    serve: Callable[..., LiveServer],
+) -> None:
+    pair = Pair(serve, SHARED)
+    run_id = pair.start(n=5, interval=3600)  # yields once, then waits
+    assert pair.started.wait(5)
+
+    # "Kill" process a: it stops renewing its lease, and its run goes silent
+    # without ending its log (as after kill -9).
+    run = pair.a.runs.here(run_id)
+    assert run is not None
+    run.lost = True  # so that its own end is not written when we stop it
+    for task in pair.a.runs.cluster._background:
+        task.get_loop().call_soon_threadsafe(task.cancel)
+
+    started = time.monotonic()
+    events = read_ndjson(f"{pair.url}/b/runs/{run_id}/events")
+    waited = time.monotonic() - started
+    assert events[0]["data"] == 0
+    assert events[-1]["event"] == "error"
+    assert events[-1]["data"]["type"] == "WorkerLost"
+    assert waited < 2 * SHARED.lease + 1
+    info = httpx.get(f"{pair.url}/b/runs/{run_id}").json()
+    assert info["state"] == "failed"
+    assert run.task is not None
+    run.task.get_loop().call_soon_threadsafe(run.task.cancel)
+
+
+def test_an_attached_run_watched_only_elsewhere_is_cancelled_when_they_all_leave(
+    serve: Callable[..., LiveServer],
+) -> None:
+    pair = Pair(serve, SHARED)
+    # Started attached on a, with a's watcher gone at once; b watches it.
+    with httpx.stream("GET", f"{pair.url}/a/streams/ticks?interval=0.01") as response:
+        run_id = response.headers["tidewire-run"]
+        with httpx.stream("GET", f"{pair.url}/b/runs/{run_id}/events") as watching:
+            lines = watching.iter_lines()
+            next(lines)
+            response.close()
+            time.sleep(SHARED.disconnect_grace + SHARED.lease)
+            # b's watcher still holds it: the run goes on.
+            assert httpx.get(f"{pair.url}/a/runs/{run_id}").json()["state"] == "running"
+    wait_for(
+        lambda: httpx.get(f"{pair.url}/a/runs/{run_id}").json()["state"] == "cancelled",
+        timeout=SHARED.disconnect_grace + 3 * SHARED.lease + 2,
+    )
+    assert pair.finished.is_set()
+
+
+def test_a_cancel_from_another_process_reaches_an_owner_that_missed_the_message(
+    serve: Callable[..., LiveServer], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The owner is not subscribed to its control topic (its listener starts
+    # late, or is reconnecting): the pub/sub message is lost, the run's
+    # shared record still carries the request.
+    pair = Pair(serve, SHARED)
+
+    async def deaf(topic: str) -> AsyncIterator[str]:
+        await asyncio.Event().wait()
+        yield ""  # never reached
+
+    monkeypatch.setattr(pair.a.broker, "listen", deaf)
+    run_id = pair.start()
+    assert pair.started.wait(5)
+    response = httpx.delete(f"{pair.url}/b/runs/{run_id}", timeout=15)
+    assert response.status_code == 200, response.text
+    assert response.json()["state"] == "cancelled"
+    assert pair.finished.is_set()  # the generator's finally ran before the answer
+    assert read_ndjson(f"{pair.url}/b/runs/{run_id}/events")[-1]["event"] == "cancelled"
+
+
+# -- processes on Redis ---------------------------------------------------------
 
 
 class Node:
@@ -351,3 +538,23 @@ def test_files_uploaded_on_one_host_are_served_by_another_on_s3(
     meta = httpx.get(f"{a.url}/files/{second.headers['tidewire-file']}/meta").json()
     assert meta["size"] == len(body)
     assert meta["sha256"] == hashlib.sha256(body).hexdigest()
+
+
+def test_many_runs_started_on_a_and_cancelled_on_b_at_once_are_all_cancelled(
+    cluster: Any, tmp_path: Path
+) -> None:
+    # The cancels race a's control listener, which a fresh process subscribes
+    # only when its first run starts: a message sent before is lost, and the
+    # run's record must carry the request instead. None may answer 200 while
+    # its run goes on.
+    _, node = cluster
+    a, b = node(), node()
+
+    def start_and_cancel(_: int) -> tuple[int, str]:
+        run_id = start(a)
+        response = httpx.delete(f"{b.url}/runs/{run_id}", timeout=30)
+        return response.status_code, response.json().get("state", response.text)
+
+    with ThreadPoolExecutor(20) as pool:
+        answers = list(pool.map(start_and_cancel, range(20)))
+    assert answers == [(200, "cancelled")] * 20
