@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
+import os
+import typing
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
+
+import pydantic
 
 __all__ = ["Settings"]
 
@@ -54,6 +61,52 @@ class Settings:
     #: <prefix><id>` and let nginx send the bytes (None: send them ourselves).
     accel_redirect: str | None = None
 
+    # -- access control (docs/security.md); any of the three keys turns it on --
+    #: HMAC secret for HS256/384/512 tokens (at least 32 bytes).
+    auth_secret: str | None = None
+    #: A PEM public key (its text, or the path of a file holding it): RS*, PS*, ES*, EdDSA.
+    auth_public_key: str | None = None
+    #: URL of a JWKS: keys fetched, cached and rotated by `kid`.
+    auth_jwks: str | None = None
+    #: When set, tokens must carry this `aud` / `iss`.
+    auth_audience: str | None = None
+    auth_issuer: str | None = None
+    #: Origins besides the server's own that may open WebSockets, change
+    #: state and start streams from a browser, and get CORS headers.
+    allow_origins: tuple[str, ...] = ()
+    #: Key of signed file links; by default derived from `auth_secret`. With
+    #: public keys, set it (the same in every process) for links to work.
+    link_secret: str | None = None
+
+    @property
+    def auth(self) -> bool:
+        """Whether access control is on: any of the three kinds of key is set."""
+        return bool(self.auth_secret or self.auth_public_key or self.auth_jwks)
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **given: Any) -> Settings:
+        """Settings from `TIDEWIRE_<FIELD>` variables (lists comma-separated), then `given`.
+
+        Values are converted and checked by pydantic, so a bad one names its
+        variable: `TIDEWIRE_HEARTBEAT: Input should be a valid number`.
+        """
+        environ = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for f in dataclasses.fields(cls):
+            raw = environ.get(f"TIDEWIRE_{f.name.upper()}")
+            if raw is None or f.name in given:
+                continue
+            kind = _HINTS[f.name]
+            text: Any = (
+                [v.strip() for v in raw.split(",") if v.strip()] if f.name in _LISTS else raw
+            )
+            try:
+                values[f.name] = pydantic.TypeAdapter(kind).validate_python(text, strict=False)
+            except pydantic.ValidationError as exc:
+                message = exc.errors()[0]["msg"]
+                raise ValueError(f"TIDEWIRE_{f.name.upper()}: {message}") from None
+        return cls(**values, **given)
+
     def __post_init__(self) -> None:
         if self.run_window < 1 or self.run_history < self.run_window:
             # A watcher that is still connected must never lose events to
@@ -69,3 +122,10 @@ class Settings:
             raise ValueError("max_file_size must not be negative")
         if self.channel_max_len < 1:
             raise ValueError("channel_max_len must be at least 1")
+
+        if self.auth_secret is not None and len(self.auth_secret.encode()) < 32:
+            raise ValueError("auth_secret must be at least 32 bytes (RFC 7518 for HS256)")
+
+
+_HINTS = typing.get_type_hints(Settings)
+_LISTS = frozenset({"allow_origins"})
