@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -110,9 +111,12 @@ async def read_params(request: Request | WebSocket) -> dict[str, tuple[Any, str]
     return values
 
 
-def validate(stream: StreamFunction, values: dict[str, tuple[Any, str]]) -> dict[str, Any]:
+def validate(
+    check: Callable[[dict[str, Any]], dict[str, Any]], values: dict[str, tuple[Any, str]]
+) -> dict[str, Any]:
+    """`check(values)` (a stream's `validate`), its errors a 422 naming query or body."""
     try:
-        return stream.validate({key: value for key, (value, _) in values.items()})
+        return check({key: value for key, (value, _) in values.items()})
     except pydantic.ValidationError as exc:
         detail = []
         for error in exc.errors(include_url=False, include_context=False, include_input=False):
@@ -165,7 +169,7 @@ def add_stream_routes(router: APIRouter, tw: Tidewire) -> None:
 
     async def start(request: Request, name: str, detach: bool = False) -> Response:
         stream = get_stream(name)
-        params = validate(stream, await read_params(request))
+        params = validate(stream.validate, await read_params(request))
         run = await start_run(stream, params, attached=not detach)
         if detach:
             body = {
@@ -194,7 +198,7 @@ def add_stream_routes(router: APIRouter, tw: Tidewire) -> None:
     async def start_ws(websocket: WebSocket, name: str) -> None:
         try:
             stream = get_stream(name)
-            params = validate(stream, await read_params(websocket))
+            params = validate(stream.validate, await read_params(websocket))
             run = await start_run(stream, params, attached=True)
         except (HTTPException, BrokerUnavailable) as exc:
             await deny_websocket(websocket, exc)

@@ -35,6 +35,7 @@ from fastapi.responses import Response
 from starlette.requests import ClientDisconnect
 
 from ..storage import StorageError, Upload, UploadNotFound
+from ..wire import FILE_HEADER, OFFSET_STREAM, TUS_EXTENSIONS, TUS_VERSION
 from .errors import Problem, error_responses, show, storage_error, storage_errors
 from .headers import clean_type, content_length, essence, http_date, parse_size, upload_type
 from .names import CONTROL, clean_name
@@ -54,13 +55,9 @@ __all__ = [
 
 logger = logging.getLogger("tidewire")
 
-TUS_VERSION = "1.0.0"
-EXTENSIONS = "creation,creation-with-upload,termination,checksum,expiration"
+EXTENSIONS = ",".join(TUS_EXTENSIONS)
 #: hashlib names, as `Storage.append` takes them; the spec requires sha1.
 CHECKSUM_ALGORITHMS = ("sha1", "sha256", "md5")
-OFFSET_STREAM = "application/offset+octet-stream"
-#: The header naming the file a finished upload became.
-FILE_HEADER = "Tidewire-File"
 
 # A page on another origin (or a client reading headers through fetch) only
 # sees the response headers listed here.
@@ -219,7 +216,7 @@ def _check_live(upload: Upload) -> None:
 Handler = Callable[[Request, str], Awaitable[Response]]
 
 _RESOURCE_DOC = (
-    "tus 1.0.0 upload resource. Send `Tus-Resumable: 1.0.0`. "
+    f"tus {TUS_VERSION} upload resource. Send `Tus-Resumable: {TUS_VERSION}`. "
     "Clients that cannot send PATCH or DELETE may POST with `X-HTTP-Method-Override`."
 )
 
