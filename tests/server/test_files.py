@@ -20,7 +20,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from tidewire import Settings, Tidewire
-from tidewire.server.files import add_original_file_routes
+from tidewire.server.compat import add_original_file_routes
 from tidewire.server.headers import (
     Unsatisfiable,
     clean_type,
