@@ -281,7 +281,9 @@ def test_message_refuses_reserved_types(kind: str) -> None:
 
 
 def test_reserved_set_is_exactly_the_contracts() -> None:
-    assert frozenset({"end", "error", "cancelled", "gap"}) == RESERVED
+    # DESIGN.md: `unavailable` too ("Publishers cannot use them"): a notice
+    # with that type would read, to a client, as the server going away.
+    assert frozenset({"end", "error", "cancelled", "gap", "unavailable"}) == RESERVED
 
 
 @pytest.mark.parametrize("kind", ["two\nlines", "cr\rhere", "crlf\r\n", "", "x" * 201])
