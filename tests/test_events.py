@@ -275,7 +275,7 @@ def test_message_names_the_type() -> None:
 
 @pytest.mark.parametrize("kind", sorted(RESERVED))
 def test_message_refuses_reserved_types(kind: str) -> None:
-    assert kind in {"end", "error", "cancelled", "gap"}
+    assert kind in {"end", "error", "cancelled", "gap", "unavailable"}
     with pytest.raises(ValueError, match="reserved"):
         Message(1, event=kind)
 
