@@ -1,10 +1,8 @@
-"""The built-in demo: the `demo` stream and the original service's routes."""
+"""The built-in demo: the `demo` stream, and the original `/stream` showing its frames."""
 
 from __future__ import annotations
 
-import asyncio
 import base64
-import hashlib
 import json
 import struct
 import zlib
@@ -19,7 +17,6 @@ from websockets.sync.client import connect
 from tests.conftest import LiveServer
 from tests.wire import read_ndjson, read_sse, read_ws
 from tidewire.demo import png, tw
-from tidewire.storage.local import LocalStorage
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -117,23 +114,6 @@ def test_demo_images_change_from_event_to_event(server: LiveServer) -> None:
     assert len(set(images)) == 3
 
 
-def test_original_stream_keeps_its_format(server: LiveServer) -> None:
-    response = httpx.get(f"{server.url}/stream?n=3&interval=0", timeout=10)
-    assert response.status_code == 200
-    assert response.headers["content-type"].startswith("text/plain")
-    body = response.content.decode()
-    assert body.endswith("\n")
-    lines = body.split("\n")[:-1]
-    assert len(lines) == 3
-    for i, line in enumerate(lines):
-        value = json.loads(line)
-        assert list(value) == ["text", "img"], "key order of the original"
-        assert value["text"] == str(i)
-        # Byte-exact: the original wrote json.dumps(..., ensure_ascii=False).
-        assert line == json.dumps({"text": str(i), "img": value["img"]}, ensure_ascii=False)
-        assert check_png(base64.b64decode(value["img"], validate=True))[0] > 0
-
-
 def test_original_stream_and_demo_stream_send_the_same_images(server: LiveServer) -> None:
     original = httpx.get(f"{server.url}/stream?n=3&interval=0", timeout=10).text.splitlines()
     demo = read_ndjson(f"{server.url}/streams/demo?n=3&interval=0")
@@ -142,19 +122,13 @@ def test_original_stream_and_demo_stream_send_the_same_images(server: LiveServer
     ]
 
 
-def test_original_stream_with_n_0_is_empty(server: LiveServer) -> None:
-    response = httpx.get(f"{server.url}/stream?n=0&interval=0", timeout=5)
-    assert response.status_code == 200
-    assert response.content == b""
-
-
 def test_healthz(server: LiveServer) -> None:
     response = httpx.get(f"{server.url}/healthz", timeout=5)
     assert response.status_code == 200
     assert response.json()["status"] == "ok"
 
 
-@pytest.mark.parametrize("path", ["/streams/demo", "/stream"])
+@pytest.mark.parametrize("path", ["/streams/demo"])
 @pytest.mark.parametrize(("query", "field"), [("n=-1", "n"), ("interval=-1", "interval")])
 def test_bad_parameters_are_422_naming_the_field(
     server: LiveServer, path: str, query: str, field: str
@@ -171,37 +145,3 @@ def test_bad_parameter_over_websocket_is_refused(server: LiveServer) -> None:
         connect(f"{server.ws_url}/streams/demo/ws?n=-1", open_timeout=5)
     assert denied.value.response.status_code == 422
     assert json.loads(denied.value.response.body)["detail"][0]["loc"] == ["query", "n"]
-
-
-@pytest.fixture(scope="module")
-def demo_storage(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStorage]:
-    """The demo's storage, in a temporary folder rather than ./data."""
-    storage = LocalStorage(tmp_path_factory.mktemp("demo") / "data")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setitem(tw.__dict__, "storage", storage)  # what the cached property holds
-        yield storage
-    asyncio.run(storage.aclose())
-
-
-def test_original_file_routes_round_trip(server: LiveServer, demo_storage: LocalStorage) -> None:
-    data = b"\x00\x01 original bytes " * 1000
-    uploaded = httpx.post(f"{server.url}/uploadfile/", files={"file": ("haha", data)}, timeout=10)
-    assert uploaded.status_code == 200
-    meta = uploaded.json()
-    assert meta["filename"] == "haha"
-    assert meta["sha256"] == hashlib.sha256(data).hexdigest()
-    # Stored under an id made by the server, never under the client's name.
-    assert [p.name for p in (demo_storage.root / "files").iterdir()] == [meta["id"]]
-    # The original client's call, verbatim: no trailing slash, the name in params=.
-    response = httpx.post(f"{server.url}/downloadfile", params={"filename": "haha"}, timeout=10)
-    assert response.status_code == 200
-    assert response.content == data
-
-
-@pytest.mark.parametrize("name", ["/etc/passwd", __file__, "../pyproject.toml", "test.png"])
-def test_original_download_never_reads_a_path(
-    server: LiveServer, demo_storage: LocalStorage, name: str
-) -> None:
-    response = httpx.post(f"{server.url}/downloadfile/", json={"filename": name}, timeout=10)
-    assert response.status_code == 404
-    assert "no file named" in response.json()["detail"]

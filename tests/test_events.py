@@ -275,13 +275,15 @@ def test_message_names_the_type() -> None:
 
 @pytest.mark.parametrize("kind", sorted(RESERVED))
 def test_message_refuses_reserved_types(kind: str) -> None:
-    assert kind in {"end", "error", "cancelled", "gap"}
+    assert kind in {"end", "error", "cancelled", "gap", "unavailable"}
     with pytest.raises(ValueError, match="reserved"):
         Message(1, event=kind)
 
 
 def test_reserved_set_is_exactly_the_contracts() -> None:
-    assert frozenset({"end", "error", "cancelled", "gap"}) == RESERVED
+    # DESIGN.md: `unavailable` too ("Publishers cannot use them"): a notice
+    # with that type would read, to a client, as the server going away.
+    assert frozenset({"end", "error", "cancelled", "gap", "unavailable"}) == RESERVED
 
 
 @pytest.mark.parametrize("kind", ["two\nlines", "cr\rhere", "crlf\r\n", "", "x" * 201])

@@ -25,8 +25,8 @@ from .runs import Runs, StreamFunction
 from .server.channels import add_channel_routes
 from .server.files import add_file_routes
 from .server.methods import method_not_allowed
+from .server.routing import broker_unavailable
 from .server.streams import add_stream_routes
-from .server.transport import broker_unavailable
 from .server.uploads import add_upload_routes, expire_uploads
 from .server.web import add_web_routes
 from .storage import Storage, from_url

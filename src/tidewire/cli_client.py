@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Annotated, Any, NoReturn, TextIO
 import typer
 
 from .client._client import DEFAULT_URL
+from .wire import RUN_HEADER
 
 if TYPE_CHECKING:
     from rich.progress import Progress
@@ -332,7 +333,7 @@ def stream(
 
 
 def watch(
-    run: Annotated[str, typer.Argument(help="The run's id (the Tidewire-Run header).")],
+    run: Annotated[str, typer.Argument(help=f"The run's id (the {RUN_HEADER} header).")],
     after: After = None,
     transport: TransportOpt = Transport.ndjson,
     save_blobs: SaveBlobs = None,

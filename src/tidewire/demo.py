@@ -1,27 +1,24 @@
 """The demo: the original service's text + image counter, as a tidewire stream.
 
 `tidewire serve` with no app serves this module's `tw`: the `demo` stream,
-open channels, the original `GET /stream` in its original line format, and
-the original `POST /uploadfile/` and `POST /downloadfile/` over the storage.
+open channels, and the original service's routes (server/compat.py), whose
+`/stream` shows this module's frames.
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
 import colorsys
-import json
 import struct
 import zlib
 from collections.abc import AsyncIterator
 from typing import Annotated
 
-from fastapi.responses import StreamingResponse
 from pydantic import Field
 
 from .app import Tidewire
 from .events import Blob
-from .server.files import add_original_file_routes
+from .server.compat import add_compat_routes
 
 __all__ = ["frame", "png", "tw"]
 
@@ -80,20 +77,5 @@ async def demo(n: Count = 100, interval: Pause = 0.05) -> AsyncIterator[dict[str
         yield {"text": str(i), "img": frame(i)}
 
 
-@tw.router.get("/stream", tags=["compatibility"], summary="The original service's stream")
-async def original_stream(n: Count = 10_000, interval: Pause = 0.05) -> StreamingResponse:
-    """Lines of `{"text": "<i>", "img": "<base64 PNG>"}`, exactly as the original sent them."""
-    images = [base64.b64encode(blob).decode() for blob in FRAMES]
-
-    async def lines() -> AsyncIterator[str]:
-        for i in range(n):
-            if interval:
-                await asyncio.sleep(interval)
-            line = {"text": str(i), "img": images[i % len(images)]}
-            yield json.dumps(line, ensure_ascii=False) + "\n"
-
-    return StreamingResponse(lines(), media_type="text/plain")
-
-
-# The original's file routes, now storing files by id with their names as labels.
-add_original_file_routes(tw.router, tw)
+# The original service's routes: `/stream` shows the same frames.
+add_compat_routes(tw.router, tw, FRAMES)

@@ -22,6 +22,8 @@ from typing import Any
 
 import orjson
 
+from .wire import RESERVED_EVENTS
+
 __all__ = [
     "MAX_DEPTH",
     "RESERVED",
@@ -42,7 +44,7 @@ __all__ = [
 ]
 
 #: Event types the server itself emits; producers may not use them.
-RESERVED = frozenset({"end", "error", "cancelled", "gap"})
+RESERVED = RESERVED_EVENTS
 
 #: What a transport writes while a log is idle, so that proxies and clients
 #: can tell a quiet connection from a dead one.

@@ -332,7 +332,7 @@ def test_event_query_names_the_type(server: LiveServer, ch: str) -> None:
 
 
 def test_reserved_or_bad_event_type_is_422(server: LiveServer, ch: str) -> None:
-    for kind in ["end", "error", "cancelled", "gap", "two\nlines", "x" * 201]:
+    for kind in ["end", "error", "cancelled", "gap", "unavailable", "two\nlines", "x" * 201]:
         response = httpx.post(events_url(server, ch), params={"event": kind}, json={"a": 1})
         assert response.status_code == 422, kind
         assert response.json()["detail"], kind

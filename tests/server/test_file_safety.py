@@ -30,7 +30,7 @@ import httpx
 import pytest
 
 from tidewire import Tidewire
-from tidewire.server.files import add_original_file_routes
+from tidewire.server.compat import add_original_file_routes
 from tidewire.storage import valid_id
 from tidewire.storage.local import LocalStorage
 

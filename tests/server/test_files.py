@@ -20,7 +20,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from tidewire import Settings, Tidewire
-from tidewire.server.files import add_original_file_routes
+from tidewire.server.compat import add_original_file_routes
 from tidewire.server.headers import (
     Unsatisfiable,
     clean_type,
@@ -796,65 +796,3 @@ def test_routes_are_documented(local_client: httpx.Client) -> None:
     assert paths["/files/{file_id}/meta"]["get"]["summary"]
     assert paths["/files"]["get"]["parameters"]
     assert "/uploadfile/" in paths and "/downloadfile/" in paths
-
-
-# -- the original service's routes -------------------------------------------
-
-
-def test_original_upload_and_download(client: httpx.Client) -> None:
-    uploaded = client.post("/uploadfile/", files={"file": ("haha", DATA)})
-    assert uploaded.status_code == 200  # as the original answered
-    meta = uploaded.json()
-    assert meta["filename"] == "haha" and meta["size"] == len(DATA)
-    assert meta["sha256"] == sha(DATA)
-    # The original client: requests.post(url + "/downloadfile", params={"filename": ...}),
-    # and it reads the body only on a 200.
-    response = client.post("/downloadfile", params={"filename": "haha"})
-    assert response.status_code == 200
-    assert response.content == DATA
-    assert response.headers["content-disposition"].startswith("attachment;")
-
-
-def test_original_download_takes_the_name_from_anywhere(local_client: httpx.Client) -> None:
-    old = local_client.post("/uploadfile", files={"file": ("same.txt", b"old")}).json()
-    new = local_client.post("/uploadfile/", files={"file": ("same.txt", b"new")}).json()
-    assert old["id"] != new["id"]
-    ways: list[dict[str, Any]] = [
-        {"params": {"filename": "same.txt"}},
-        {"data": {"filename": "same.txt"}},
-        {"json": {"filename": "same.txt"}},
-        {"files": {"filename": (None, "same.txt")}},
-    ]
-    for way in ways:
-        response = local_client.post("/downloadfile/", **way)
-        assert response.status_code == 200, way
-        assert response.content == b"new", "the newest file of that name"
-    by_id = local_client.post("/downloadfile/", json={"filename": old["id"]})
-    assert by_id.content == b"old"
-
-
-def test_original_download_errors(local_client: httpx.Client) -> None:
-    missing = local_client.post("/downloadfile/", params={"filename": "nope.txt"})
-    assert missing.status_code == 404
-    assert "no file named 'nope.txt'" in missing.json()["detail"]
-    for way in ({}, {"json": {}}, {"json": {"other": 1}}, {"data": {"x": "y"}}):
-        response = local_client.post("/downloadfile/", **way)
-        assert response.status_code == 422, way
-        assert "filename" in response.json()["detail"]
-    assert local_client.post("/downloadfile/", json={"filename": 3}).status_code == 422
-    assert local_client.post("/downloadfile/", json=[1]).status_code == 422
-    bad_json = local_client.post(
-        "/downloadfile/", content=b"{", headers={"content-type": "application/json"}
-    )
-    assert bad_json.status_code == 400
-    huge = local_client.post("/downloadfile/", json={"filename": "x" * 100_000})
-    assert huge.status_code == 413
-
-
-def test_original_upload_takes_one_file(local_client: httpx.Client) -> None:
-    response = local_client.post(
-        "/uploadfile/", files=[("file", ("a", b"1")), ("file", ("b", b"2"))]
-    )
-    assert response.status_code == 413
-    assert local_client.get("/files").json() == [], "the first one was taken back"
-    assert local_client.post("/uploadfile/", data={"x": "y"}).status_code in (415, 422)

@@ -36,7 +36,7 @@ from tidewire.server.headers import (
 )
 from tidewire.server.multipart import BadMultipart, MultipartStream
 from tidewire.server.names import clean_name
-from tidewire.server.streams import negotiate
+from tidewire.server.routing import negotiate
 from tidewire.server.uploads import file_name_and_type, parse_checksum, parse_metadata
 from tidewire.storage import valid_id
 from tidewire.storage.local import LocalStorage

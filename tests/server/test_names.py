@@ -13,7 +13,7 @@ import httpx
 import pytest
 
 from tidewire import Tidewire
-from tidewire.server.files import add_original_file_routes
+from tidewire.server.compat import add_original_file_routes
 from tidewire.server.names import MAX_NAME, NAME_SCHEMA, clean_name
 from tidewire.server.uploads import file_name_and_type
 from tidewire.storage.local import LocalStorage

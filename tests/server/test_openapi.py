@@ -22,7 +22,7 @@ from pydantic import Field
 from schemathesis.engine import events as engine_events
 
 from tidewire import Tidewire
-from tidewire.server.files import add_original_file_routes
+from tidewire.server.compat import add_original_file_routes
 from tidewire.storage.local import LocalStorage
 
 from ..conftest import QUICK, LiveServer

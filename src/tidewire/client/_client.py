@@ -27,6 +27,7 @@ from websockets.sync.client import ClientConnection as WebSocket
 from websockets.sync.client import connect as connect_ws
 
 from ..events import dump_data
+from ..wire import NEXT_CURSOR_HEADER
 from . import _transfers
 from ._files import Source
 from ._models import Event, decode
@@ -697,7 +698,7 @@ def _page_params(
         return None
     params: dict[str, Any] = {"limit": min(limit - len(found), 1000) if limit else 1000}
     if response is not None:
-        cursor = response.headers.get("tidewire-next-cursor")
+        cursor = response.headers.get(NEXT_CURSOR_HEADER)
         if not cursor:
             return None
         params["cursor"] = cursor

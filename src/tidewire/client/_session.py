@@ -17,6 +17,7 @@ from urllib.parse import quote
 import orjson
 
 from ..events import SSEDecoder
+from ..wire import AFTER_HEADER, ERROR, GAP, RUN_HEADER, SSE, TERMINAL_EVENTS
 from ._models import Event
 from .exceptions import (
     Disconnected,
@@ -34,7 +35,7 @@ Transport = Literal["ndjson", "sse", "ws"]
 TRANSPORTS = ("ndjson", "sse", "ws")
 
 #: Events after which a run's stream is over.
-TERMINAL = frozenset({"end", "error", "cancelled"})
+TERMINAL = TERMINAL_EVENTS
 
 #: Statuses that mean "try again shortly" rather than "this request is wrong".
 RETRYABLE = frozenset({502, 503, 504})
@@ -138,11 +139,11 @@ class Session:
         self._sse = SSEDecoder()
         self._flowing = False
         if self.run_id is None:
-            self.run_id = headers.get("tidewire-run") or None
+            self.run_id = headers.get(RUN_HEADER.lower()) or None
         if self.last_id is None:
             # A channel says where "live from now" began: resuming from there
             # loses nothing published while we were away.
-            self.last_id = headers.get("tidewire-after") or None
+            self.last_id = headers.get(AFTER_HEADER.lower()) or None
 
     # -- what arrives ---------------------------------------------------------------
 
@@ -178,14 +179,14 @@ class Session:
                 self._backoff.reset()
             if kind in TERMINAL and self.run_id is not None:
                 self.done = True
-                if kind == "error":
+                if kind == ERROR:
                     info = value if isinstance(value, dict) else {}
                     raise RunFailed(
                         self.run_id,
                         str(info.get("type", "Exception")),
                         str(info.get("message", value)),
                     )
-            elif kind == "gap" and self._on_gap == "raise":
+            elif kind == GAP and self._on_gap == "raise":
                 missed = value.get("missed", 0) if isinstance(value, dict) else 0
                 raise StreamGap(int(missed), id)
             events.append(Event(id, kind, self._decode(value)))
@@ -217,7 +218,7 @@ class Session:
 
 
 def accept(transport: Transport) -> dict[str, str]:
-    return {"accept": "text/event-stream"} if transport == "sse" else {}
+    return {"accept": SSE} if transport == "sse" else {}
 
 
 def _json(raw: bytes) -> Any:

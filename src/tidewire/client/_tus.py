@@ -13,6 +13,7 @@ from urllib.parse import urljoin
 
 import httpx
 
+from ..wire import FILE_HEADER, OFFSET_STREAM, TUS_VERSION
 from .exceptions import ProtocolError
 
 __all__ = [
@@ -26,10 +27,7 @@ __all__ = [
     "tus_state",
 ]
 
-TUS = {"Tus-Resumable": "1.0.0"}
-OFFSET_STREAM = "application/offset+octet-stream"
-#: Names the file a finished upload became (on the last PATCH, and on HEAD).
-FILE_HEADER = "tidewire-file"
+TUS = {"Tus-Resumable": TUS_VERSION}
 
 
 def _b64(text: str) -> str:

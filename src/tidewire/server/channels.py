@@ -11,16 +11,16 @@ from starlette.datastructures import UploadFile
 from ..broker import BrokerUnavailable
 from ..channels import CHANNEL_NAME
 from ..events import RESERVED, Blob, TooDeep, load_json
+from ..wire import AFTER_HEADER
 from .errors import error_responses
-from .streams import negotiate, resume_position
-from .transport import (
+from .routing import (
     EVENTS_RESPONSE,
-    LogCursor,
-    LogResponse,
     add_stream_route,
     deny_websocket,
-    stream_websocket,
+    negotiate,
+    resume_position,
 )
+from .transport import LogCursor, LogResponse, stream_websocket
 
 if TYPE_CHECKING:
     from ..app import Tidewire
@@ -45,7 +45,7 @@ _PUBLISH_BODY = {
 }
 _NAME = {"type": "string", "pattern": CHANNEL_NAME.pattern}
 _AFTER_HEADER = {
-    "Tidewire-After": {
+    AFTER_HEADER: {
         "description": "where the subscription began: resume from it to miss nothing",
         "schema": {"type": "string"},
     }
@@ -170,7 +170,7 @@ def add_channel_routes(router: APIRouter, tw: Tidewire) -> None:
         cursor = LogCursor(tw.broker, log, after, tw.settings.heartbeat)
         # Where "live from now" began, so that a client whose connection drops
         # before any event can resume from there and miss nothing.
-        headers = {"tidewire-after": after}
+        headers = {AFTER_HEADER: after}
         return LogResponse(cursor, negotiate(request), headers, tw.settings.sse_retry_ms)
 
     add_stream_route(
@@ -219,4 +219,4 @@ def add_channel_routes(router: APIRouter, tw: Tidewire) -> None:
             await channels.publish(name, Blob(raw))
 
         cursor = LogCursor(tw.broker, log, after, tw.settings.heartbeat)
-        await stream_websocket(websocket, cursor, {"tidewire-after": after}, on_text, on_bytes)
+        await stream_websocket(websocket, cursor, {AFTER_HEADER: after}, on_text, on_bytes)

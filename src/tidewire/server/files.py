@@ -8,7 +8,8 @@
     GET    /files/<id>/meta    metadata
     DELETE /files/<id>
 
-and the original service's `POST /uploadfile/` and `POST /downloadfile/`.
+(The original service's `POST /uploadfile/` and `POST /downloadfile/` are
+compat.py's, on top of `receive_files` and `send_file`.)
 
 Uploads stream: each file part of a multipart body goes, as it arrives,
 straight into `Storage.save` (multipart.py says why we parse it ourselves),
@@ -20,13 +21,11 @@ errors.py (what a storage error tells the client).
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import suppress
 from typing import TYPE_CHECKING, Annotated, Any
-from urllib.parse import parse_qs, urlencode
+from urllib.parse import urlencode
 
 import anyio
-import orjson
 from fastapi import APIRouter, HTTPException, Query, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel
@@ -35,21 +34,32 @@ from starlette.convertors import PathConvertor, register_url_convertor
 from starlette.requests import ClientDisconnect
 
 from ..storage import FileInfo, FileNotFound, Storage, TooLarge, valid_id
+from ..wire import NEXT_CURSOR_HEADER
 from .downloads import send_file
 from .errors import error_responses, show, storage_error, storage_errors
 from .headers import content_length, upload_type
-from .multipart import BadMultipart, MultipartStream, decode
+from .multipart import BadMultipart, MultipartStream
 from .names import MAX_NAME, NAME_SCHEMA, clean_name
 
 if TYPE_CHECKING:
     from ..app import Tidewire
 
-__all__ = ["MAX_FILES", "FileMetadata", "add_file_routes", "add_original_file_routes"]
+__all__ = [
+    "BINARY",
+    "FILE_CONTENT",
+    "MAX_FILES",
+    "STORING",
+    "FileMetadata",
+    "add_file_routes",
+    "files_form",
+    "looked_up",
+    "multipart_boundary",
+    "receive_files",
+    "request_body",
+]
 
 #: Most files one multipart request may carry.
 MAX_FILES = 100
-#: Largest JSON or form body `/downloadfile/` reads to find a file name.
-MAX_SMALL_BODY = 64 << 10
 
 # -- receiving -------------------------------------------------------------
 
@@ -68,7 +78,7 @@ def _refuse_declared(request: Request, limit: int | None) -> None:
         raise storage_error(TooLarge(f"more than {limit} bytes", limit))
 
 
-def _boundary(request: Request, hint: str) -> bytes:
+def multipart_boundary(request: Request, hint: str) -> bytes:
     kind, params = parse_options_header(request.headers.get("content-type"))
     if kind != b"multipart/form-data":
         raise HTTPException(415, f"send multipart/form-data: {hint}")
@@ -78,7 +88,7 @@ def _boundary(request: Request, hint: str) -> bytes:
     return boundary
 
 
-def _looked_up(name: str, where: str) -> str:
+def looked_up(name: str, where: str) -> str:
     """A name to look a file up by, checked by the rule uploads follow.
 
     Any string would be safe to compare, but one that no upload may store
@@ -106,7 +116,7 @@ async def receive_files(request: Request, tw: Tidewire, *, most: int = MAX_FILES
     multipart body does not say how large its files are.
     """
     hint = "one or more file fields named 'file', e.g. curl -F file=@photo.jpg URL"
-    boundary = _boundary(request, hint)
+    boundary = multipart_boundary(request, hint)
     storage = tw.storage
     saved: list[FileInfo] = []
     try:
@@ -153,49 +163,33 @@ class FileMetadata(BaseModel):
     url: str
 
 
-class OriginalUpload(FileMetadata):
-    filename: str
-
-
-def _request_body(content: dict[str, Any], *, required: bool = True) -> dict[str, Any]:
+def request_body(content: dict[str, Any], *, required: bool = True) -> dict[str, Any]:
     """`openapi_extra` for a body the route reads itself (FastAPI cannot see it)."""
     return {"requestBody": {"required": required, "content": content}}
 
 
-def _files_form(file: dict[str, Any]) -> dict[str, Any]:
+def files_form(file: dict[str, Any]) -> dict[str, Any]:
     schema = {"type": "object", "properties": {"file": file}, "required": ["file"]}
-    return _request_body({"multipart/form-data": {"schema": schema}})
+    return request_body({"multipart/form-data": {"schema": schema}})
 
 
-_BINARY = {"type": "string", "format": "binary"}
-_FILENAME = {
-    "schema": {
-        "type": "object",
-        "properties": {"filename": NAME_SCHEMA},
-        "required": ["filename"],
-    }
-}
-_MULTIPART_BODY = _files_form({"type": "array", "items": _BINARY, "minItems": 1})
-_ONE_FILE_BODY = _files_form(_BINARY)
+BINARY = {"type": "string", "format": "binary"}
+_MULTIPART_BODY = files_form({"type": "array", "items": BINARY, "minItems": 1})
 # An empty body is an empty file.
-_RAW_BODY = _request_body({"application/octet-stream": {"schema": _BINARY}}, required=False)
-# Or `?filename=`, for the original's clients: the summary says so.
-_FILENAME_BODY = _request_body(
-    {"application/json": _FILENAME, "application/x-www-form-urlencoded": _FILENAME}
-)
+_RAW_BODY = request_body({"application/octet-stream": {"schema": BINARY}}, required=False)
 # A download is in the file's own type, whatever that is; so is one range.
-_ANY = {"*/*": {"schema": _BINARY}}
-_CONTENT: dict[int | str, dict[str, Any]] = {
+_ANY = {"*/*": {"schema": BINARY}}
+FILE_CONTENT: dict[int | str, dict[str, Any]] = {
     200: {"description": "The file, in its own type", "content": _ANY},
     206: {
         "description": "The requested range; several as multipart/byteranges",
-        "content": {**_ANY, "multipart/byteranges": {"schema": _BINARY}},
+        "content": {**_ANY, "multipart/byteranges": {"schema": BINARY}},
     },
     304: {"description": "Not modified (If-None-Match / If-Modified-Since)"},
     **error_responses(404, 416, 422),
 }
 #: Where the storage may refuse an upload (errors.py's table).
-_STORING = (400, 413, 422, 507)
+STORING = (400, 413, 422, 507)
 _NAME = {
     "name": "file_id",
     "in": "path",
@@ -260,7 +254,7 @@ def add_file_routes(router: APIRouter, tw: Tidewire) -> None:
         status_code=201,
         summary="Upload files (multipart, one or more `file` fields)",
         response_model=None,
-        responses={201: {"model": list[FileMetadata]}, **error_responses(415, *_STORING)},
+        responses={201: {"model": list[FileMetadata]}, **error_responses(415, *STORING)},
         openapi_extra=_MULTIPART_BODY,
     )
     async def upload_files(request: Request) -> Response:
@@ -283,7 +277,7 @@ def add_file_routes(router: APIRouter, tw: Tidewire) -> None:
                 "model": FileMetadata,
                 "headers": {"Location": {"schema": {"type": "string"}}},
             },
-            **error_responses(*_STORING),
+            **error_responses(*STORING),
         },
         openapi_extra={**_RAW_BODY, "parameters": [_NAME]},
     )
@@ -319,7 +313,7 @@ def add_file_routes(router: APIRouter, tw: Tidewire) -> None:
             str | None,
             Query(
                 max_length=200,
-                description="Tidewire-Next-Cursor of a page; not with `name`",
+                description=f"{NEXT_CURSOR_HEADER} of a page; not with `name`",
                 # What storages make (a file id); any other string is a 400.
                 json_schema_extra={"pattern": "^[0-9a-v]{22}$"},
             ),
@@ -342,12 +336,12 @@ def add_file_routes(router: APIRouter, tw: Tidewire) -> None:
                 page = await tw.storage.list(limit=limit, cursor=cursor)
         except ValueError:
             raise HTTPException(
-                400, "bad cursor: pass the Tidewire-Next-Cursor of a page"
+                400, f"bad cursor: pass the {NEXT_CURSOR_HEADER} of a page"
             ) from None
         headers = {}
         if page.next is not None:
             query = urlencode({"limit": limit, "cursor": page.next})
-            headers["tidewire-next-cursor"] = page.next
+            headers[NEXT_CURSOR_HEADER] = page.next
             headers["link"] = f'<{request.url.path}?{query}>; rel="next"'
         return JSONResponse([info.json() for info in page.files], headers=headers)
 
@@ -357,7 +351,7 @@ def add_file_routes(router: APIRouter, tw: Tidewire) -> None:
         # clients that know files by name want (`Client.download(name)`).
         if cursor is not None:
             raise HTTPException(400, "?name= answers one file: leave out the cursor")
-        name = _looked_up(name, "?name=")
+        name = looked_up(name, "?name=")
         with storage_errors():
             try:
                 found = [await tw.storage.find(name)]
@@ -381,9 +375,9 @@ def add_file_routes(router: APIRouter, tw: Tidewire) -> None:
             tags=["files"],
             summary=summary + " (Range, If-Range, If-None-Match)",
             response_model=None,
-            # The file's own type, not JSON: _CONTENT says which.
+            # The file's own type, not JSON: FILE_CONTENT says which.
             response_class=Response,
-            responses=_CONTENT,
+            responses=FILE_CONTENT,
         )
 
     @router.get(
@@ -407,137 +401,3 @@ def add_file_routes(router: APIRouter, tw: Tidewire) -> None:
         with storage_errors():
             await tw.storage.delete(_file_id(file_id))
         return Response(status_code=204)
-
-
-# -- the original service --------------------------------------------------
-
-
-async def _small_body(request: Request) -> bytes:
-    too_large = HTTPException(413, f"send at most {MAX_SMALL_BODY} bytes: just the filename")
-    declared = content_length(request.headers)
-    if declared is not None and declared > MAX_SMALL_BODY:
-        raise too_large
-    body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > MAX_SMALL_BODY:
-            raise too_large
-    return bytes(body)
-
-
-async def _form_field(request: Request, field: str) -> str | None:
-    """A plain field of a small form body (urlencoded or multipart), read with a bound."""
-    body = await _small_body(request)
-    kind, _ = parse_options_header(request.headers.get("content-type"))
-    if kind == b"application/x-www-form-urlencoded":
-        values = parse_qs(body.decode("utf-8", "replace"), keep_blank_values=True)
-        return values[field][-1] if field in values else None
-
-    async def once() -> AsyncIterator[bytes]:
-        yield body
-
-    boundary = _boundary(request, "a form")
-    value: str | None = None
-    try:
-        reader = MultipartStream(once(), boundary)
-        while (part := await reader.next_part()) is not None:
-            if part.field == field and part.filename is None:
-                value = decode(b"".join([chunk async for chunk in reader.body()]))
-    except BadMultipart as exc:
-        raise HTTPException(400, f"malformed multipart body: {exc}") from None
-    return value
-
-
-async def _requested_name(request: Request) -> str:
-    """`filename` from the query string, else a JSON or form body."""
-    name = request.query_params.get("filename")
-    if name is not None:
-        return name
-    kind, _ = parse_options_header(request.headers.get("content-type"))
-    value: Any = None
-    if kind == b"application/json" or kind.endswith(b"+json"):
-        try:
-            body = orjson.loads(await _small_body(request) or b"{}")
-        except orjson.JSONDecodeError as exc:
-            raise HTTPException(400, f"the body is not valid JSON: {exc}") from None
-        if not isinstance(body, dict):
-            raise HTTPException(422, 'send a JSON object: {"filename": "..."}')
-        value = body.get("filename")
-    elif kind in (b"application/x-www-form-urlencoded", b"multipart/form-data"):
-        value = await _form_field(request, "filename")
-    if value is None:
-        raise HTTPException(
-            422, 'name the file: ?filename=NAME, a form field, or JSON {"filename": NAME}'
-        )
-    if not isinstance(value, str):
-        raise HTTPException(422, "filename must be a string")
-    return value
-
-
-def add_original_file_routes(router: APIRouter, tw: Tidewire) -> None:
-    """The original service's `/uploadfile/` and `/downloadfile/`, on top of the storage.
-
-    The original wrote uploads to `uploads/<the client's file name>` and sent
-    back whatever path `/downloadfile/` was given. Here names are labels, as
-    everywhere: `/downloadfile/` looks a file up by its id or its name.
-    """
-
-    async def upload(request: Request) -> Response:
-        try:
-            [info] = await receive_files(request, tw, most=1)
-        except ClientDisconnect:
-            return Response(status_code=400)
-        # 200, as the original answered (its clients check for it).
-        return JSONResponse({"filename": info.name, **info.json()})
-
-    async def download(request: Request) -> Response:
-        name = _looked_up(await _requested_name(request), "filename")
-        info: FileInfo | None = None
-        if valid_id(name):
-            with suppress(FileNotFound):
-                info = await tw.storage.info(name)
-        if info is None:
-            try:
-                info = await tw.storage.find(name)
-            except FileNotFound:
-                raise HTTPException(
-                    404,
-                    f"no file named {show(name)}; "
-                    "POST /uploadfile/ stores one, GET /files lists them",
-                ) from None
-        return await send_file(request, tw, info, attachment=True)
-
-    Endpoint = Callable[[Request], Awaitable[Response]]
-    routes: list[tuple[str, Endpoint, str, dict[int | str, dict[str, Any]], dict[str, Any]]] = [
-        (
-            "/uploadfile",
-            upload,
-            "The original service's upload (multipart `file`)",
-            {200: {"model": OriginalUpload}, **error_responses(415, *_STORING)},
-            _ONE_FILE_BODY,
-        ),
-        (
-            "/downloadfile",
-            download,
-            "The original service's download, by file name or id (or `?filename=`)",
-            {**_CONTENT, **error_responses(400, 413, 415)},
-            _FILENAME_BODY,
-        ),
-    ]
-    for path, endpoint, summary, responses, body in routes:
-        # With and without the slash: the original client posts to /downloadfile,
-        # and a redirect would cost a round trip (and, for some clients, the body).
-        for slashed in (True, False):
-            router.add_api_route(
-                path + "/" if slashed else path,
-                endpoint,
-                methods=["POST"],
-                tags=["compatibility"],
-                summary=summary,
-                response_model=None,
-                # `responses` says which types: the file's own, or JSON.
-                response_class=Response,
-                responses=responses,
-                openapi_extra=body,
-                include_in_schema=slashed,
-            )

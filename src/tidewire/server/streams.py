@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -12,23 +13,23 @@ from fastapi.responses import JSONResponse, Response
 from ..broker import BadPosition, BrokerUnavailable
 from ..events import TooDeep, load_json
 from ..runs import RESERVED_PARAMS, Run, StreamFunction, TooManyRuns
+from ..wire import RUN_HEADER
 from .errors import error_responses
-from .transport import (
+from .routing import (
     EVENTS_RESPONSE,
-    Format,
-    LogCursor,
-    LogResponse,
     add_stream_route,
     deny_websocket,
-    stream_websocket,
+    negotiate,
+    resume_position,
 )
+from .transport import LogCursor, LogResponse, stream_websocket
 
 if TYPE_CHECKING:
     from ..app import Tidewire
 
-__all__ = ["add_stream_routes"]
+__all__ = ["add_stream_routes", "read_params", "validate"]
 
-_RUN_HEADER = {"Tidewire-Run": {"description": "the run's id", "schema": {"type": "string"}}}
+_RUN_HEADER = {RUN_HEADER: {"description": "the run's id", "schema": {"type": "string"}}}
 _PARAMS = {"type": "object", "description": "the stream's parameters (GET /streams lists them)"}
 #: A run's parameters may come in a body too; the route reads it itself.
 _PARAMS_BODY = {
@@ -62,16 +63,6 @@ _START_RESPONSES: dict[int | str, dict[str, Any]] = {
     # 400: a body that is not JSON; 503: too many runs, or no broker.
     **error_responses(400, 404, 415, 422, 503),
 }
-
-
-def negotiate(request: Request) -> Format:
-    """SSE for clients that accept `text/event-stream`, NDJSON for everyone else."""
-    return "sse" if "text/event-stream" in request.headers.get("accept", "") else "ndjson"
-
-
-def resume_position(request: Request | WebSocket, default: str) -> str:
-    """Where a reader resumes: `Last-Event-ID` (what EventSource sends back) wins over `?after=`."""
-    return request.headers.get("last-event-id") or request.query_params.get("after") or default
 
 
 async def read_params(request: Request | WebSocket) -> dict[str, tuple[Any, str]]:
@@ -110,9 +101,12 @@ async def read_params(request: Request | WebSocket) -> dict[str, tuple[Any, str]
     return values
 
 
-def validate(stream: StreamFunction, values: dict[str, tuple[Any, str]]) -> dict[str, Any]:
+def validate(
+    check: Callable[[dict[str, Any]], dict[str, Any]], values: dict[str, tuple[Any, str]]
+) -> dict[str, Any]:
+    """`check(values)` (a stream's `validate`), its errors a 422 naming query or body."""
     try:
-        return stream.validate({key: value for key, (value, _) in values.items()})
+        return check({key: value for key, (value, _) in values.items()})
     except pydantic.ValidationError as exc:
         detail = []
         for error in exc.errors(include_url=False, include_context=False, include_input=False):
@@ -155,9 +149,7 @@ def add_stream_routes(router: APIRouter, tw: Tidewire) -> None:
         return LogCursor(tw.broker, run.log, after, tw.settings.heartbeat, watcher, check)
 
     def http_stream(request: Request, run: Run, cur: LogCursor) -> LogResponse:
-        return LogResponse(
-            cur, negotiate(request), {"tidewire-run": run.id}, tw.settings.sse_retry_ms
-        )
+        return LogResponse(cur, negotiate(request), {RUN_HEADER: run.id}, tw.settings.sse_retry_ms)
 
     @router.get("/streams", tags=["streams"], summary="The registered streams and their parameters")
     async def list_streams() -> list[dict[str, Any]]:
@@ -165,7 +157,7 @@ def add_stream_routes(router: APIRouter, tw: Tidewire) -> None:
 
     async def start(request: Request, name: str, detach: bool = False) -> Response:
         stream = get_stream(name)
-        params = validate(stream, await read_params(request))
+        params = validate(stream.validate, await read_params(request))
         run = await start_run(stream, params, attached=not detach)
         if detach:
             body = {
@@ -173,7 +165,7 @@ def add_stream_routes(router: APIRouter, tw: Tidewire) -> None:
                 "events": request.url_for("watch_run", run_id=run.id).path,
                 "ws": request.url_for("watch_run_ws", run_id=run.id).path,
             }
-            return JSONResponse(body, status_code=202, headers={"tidewire-run": run.id})
+            return JSONResponse(body, status_code=202, headers={RUN_HEADER: run.id})
         return http_stream(request, run, cursor(run, "0", new=True))
 
     # GET and POST as two routes, so that each has its own OpenAPI operation.
@@ -194,13 +186,13 @@ def add_stream_routes(router: APIRouter, tw: Tidewire) -> None:
     async def start_ws(websocket: WebSocket, name: str) -> None:
         try:
             stream = get_stream(name)
-            params = validate(stream, await read_params(websocket))
+            params = validate(stream.validate, await read_params(websocket))
             run = await start_run(stream, params, attached=True)
         except (HTTPException, BrokerUnavailable) as exc:
             await deny_websocket(websocket, exc)
             return
         cur = cursor(run, "0", new=True)
-        await stream_websocket(websocket, cur, {"tidewire-run": run.id})
+        await stream_websocket(websocket, cur, {RUN_HEADER: run.id})
 
     @router.get(
         "/runs/{run_id}",
@@ -243,7 +235,7 @@ def add_stream_routes(router: APIRouter, tw: Tidewire) -> None:
         except (HTTPException, BrokerUnavailable) as exc:
             await deny_websocket(websocket, exc)
             return
-        await stream_websocket(websocket, cursor(run, after), {"tidewire-run": run.id})
+        await stream_websocket(websocket, cursor(run, after), {RUN_HEADER: run.id})
 
     @router.delete(
         "/runs/{run_id}",

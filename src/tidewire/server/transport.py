@@ -1,4 +1,8 @@
-"""Transports: read a log from a position and write it as NDJSON, SSE or WebSocket frames.
+"""Log streaming: read a log from a position and write it as NDJSON, SSE or WebSocket frames.
+
+Owns the reader (`LogCursor`), the HTTP response (`LogResponse`) and the
+WebSocket loop (`stream_websocket`); what routes need around them
+(negotiation, resume positions, lean endpoints, refusals) is routing.py's.
 
 The events come already encoded (see `tidewire.events`); a transport only
 joins the bytes of whatever is ready into one write, so a watcher that is
@@ -15,41 +19,28 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import inspect
-import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Literal
 
-import orjson
-from fastapi import APIRouter, HTTPException
 from fastapi.sse import KEEPALIVE_COMMENT
-from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
+from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
-from ..broker import BadPosition, Batch, Broker, BrokerUnavailable
+from ..broker import Batch, Broker, BrokerUnavailable
 from ..events import NDJSON_HEARTBEAT, Envelope, dump_data
 from ..runs import Watcher
+from ..wire import GAP, NDJSON, SSE, UNAVAILABLE
 
-__all__ = [
-    "EVENTS_RESPONSE",
-    "LeanEndpoint",
-    "LogCursor",
-    "LogResponse",
-    "add_stream_route",
-    "deny_websocket",
-    "stream_websocket",
-]
+__all__ = ["Format", "LogCursor", "LogResponse", "stream_websocket", "until_disconnected"]
 
 Format = Literal["ndjson", "sse"]
 
 #: At most this many events go into one write.
 BATCH = 512
 
-MEDIA_TYPES = {"ndjson": "application/x-ndjson", "sse": "text/event-stream; charset=utf-8"}
+MEDIA_TYPES = {"ndjson": NDJSON, "sse": f"{SSE}; charset=utf-8"}
 
 RAW_HEADERS = {
     fmt: [
@@ -119,15 +110,15 @@ class LogCursor:
 # ends, and it resumes later from its last id. No `id`: this is not an event
 # of the log, and an SSE client must keep its Last-Event-ID.
 _UNAVAILABLE = {"message": "the broker is unreachable; reconnect and resume from your last id"}
-UNAVAILABLE_NDJSON = b'{"event":"unavailable","data":' + dump_data(_UNAVAILABLE) + b"}\n"
-UNAVAILABLE_SSE = b"event: unavailable\ndata: " + dump_data(_UNAVAILABLE) + b"\n\n"
+UNAVAILABLE_NDJSON = b'{"event":"%s","data":%s}\n' % (UNAVAILABLE.encode(), dump_data(_UNAVAILABLE))
+UNAVAILABLE_SSE = b"event: %s\ndata: %s\n\n" % (UNAVAILABLE.encode(), dump_data(_UNAVAILABLE))
 #: WebSocket close code for the same: 1013, "try again later".
 UNAVAILABLE_CLOSE = 1013
 
 
 def gap_event(batch: Batch) -> Envelope:
     """The `gap` event telling one reader how many events it missed."""
-    return Envelope(batch.resume_id or "0", 0, "gap", dump_data({"missed": batch.missed}))
+    return Envelope(batch.resume_id or "0", 0, GAP, dump_data({"missed": batch.missed}))
 
 
 class LogResponse(Response):
@@ -142,7 +133,7 @@ class LogResponse(Response):
         if headers:
             self.raw_headers = [
                 *self.raw_headers,
-                *((k.encode(), v.encode()) for k, v in headers.items()),
+                *((k.lower().encode(), v.encode()) for k, v in headers.items()),
             ]
         self.cursor = cursor
         self.fmt = fmt
@@ -182,122 +173,6 @@ class LogResponse(Response):
             cursor.delivered(batch)
             if batch.ended:
                 return
-
-
-class LeanEndpoint:
-    """An ASGI endpoint for a route whose response lives as long as its connection.
-
-    A FastAPI path operation keeps its dependency machinery and exit stacks,
-    and a Starlette one its exception wrappers, alive until the response
-    ends: for an idle subscription that is over a third of what it costs
-    (bench W4). Here the handler returns a response or raises HTTPException,
-    and nothing else stays on the stack. (A class, not a function: Starlette
-    routes to an object as to an ASGI app, without wrapping it.)
-    """
-
-    def __init__(self, handler: Callable[[Request], Awaitable[Response]]) -> None:
-        self.handler = handler
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        try:
-            response = await self.handler(Request(scope, receive))
-        except HTTPException as exc:
-            response = JSONResponse({"detail": exc.detail}, exc.status_code, exc.headers)
-        except BrokerUnavailable as exc:
-            response = broker_unavailable(exc)
-        await response(scope, receive, send)
-
-
-def broker_unavailable(exc: BrokerUnavailable) -> JSONResponse:
-    """503 for a request that needs the broker while it is down."""
-    detail = f"the broker is unreachable ({exc}); try again shortly"
-    return JSONResponse({"detail": detail}, 503, {"retry-after": "2"})
-
-
-#: OpenAPI: a 200 that streams a log, NDJSON or (by `Accept`) SSE.
-EVENTS_RESPONSE: dict[str, Any] = {
-    "description": (
-        "The events until the log ends: NDJSON, one `{id, event, data}` per line; "
-        "or, for `Accept: text/event-stream`, SSE"
-    ),
-    # No schema: OpenAPI 3.1 cannot describe a sequence of JSON documents.
-    "content": {"application/x-ndjson": {}, "text/event-stream": {}},
-}
-
-
-def position_pattern(broker: Broker) -> str:
-    """The event ids `broker` takes as a position, as a pattern for the spec.
-
-    Redis Streams ids (`1700000000000-42`) or whole numbers (memory); asked
-    of the broker itself, so the spec says what `check_id` will accept.
-    """
-    # Empty: as if not given.
-    try:
-        broker.check_id("1-0")
-    except BadPosition:
-        return "^([0-9]{1,19})?$"
-    return "^(0|[0-9]{1,19}-[0-9]{1,19})?$"
-
-
-def resume_parameters(broker: Broker) -> list[dict[str, Any]]:
-    """OpenAPI parameters of every route that reads a log: where to resume."""
-    schema = {"type": "string", "pattern": position_pattern(broker)}
-    return [
-        {
-            "name": "after",
-            "in": "query",
-            "required": False,
-            "schema": schema,
-            "description": "resume after this event id (`0`: from the start)",
-        },
-        {
-            "name": "Last-Event-ID",
-            "in": "header",
-            "required": False,
-            "schema": schema,
-            "description": "as `after`, and wins over it (EventSource sends it when it reconnects)",
-        },
-    ]
-
-
-def add_stream_route(
-    router: APIRouter,
-    path: str,
-    handler: Callable[[Request], Awaitable[Response]],
-    *,
-    name: str,
-    tag: str,
-    responses: dict[int | str, dict[str, Any]],
-    broker: Broker,
-    path_schemas: dict[str, dict[str, Any]] | None = None,
-) -> None:
-    """Serve a long-lived GET stream through a `LeanEndpoint`, and document it.
-
-    The same handler is also added as a FastAPI operation, after the lean
-    route: that one always matches first, so the operation only gives the
-    route its place on the OpenAPI page.
-    """
-    router.routes.append(Route(path, LeanEndpoint(handler), methods=["GET"], name=name))
-    path_params = [
-        {
-            "name": param,
-            "in": "path",
-            "required": True,
-            "schema": (path_schemas or {}).get(param, {"type": "string"}),
-        }
-        for param in re.findall(r"{(\w+)}", path)
-    ]
-    router.add_api_route(
-        path,
-        handler,
-        methods=["GET"],
-        name=f"{name}_openapi",
-        tags=[tag],
-        summary=(inspect.getdoc(handler) or "").split("\n")[0],
-        response_class=Response,
-        responses={200: EVENTS_RESPONSE, **responses},
-        openapi_extra={"parameters": [*path_params, *resume_parameters(broker)]},
-    )
 
 
 async def until_disconnected(receive: Receive, work: Awaitable[None]) -> None:
@@ -348,7 +223,7 @@ async def stream_websocket(
     them); without a handler they are ignored. Idle heartbeats are the
     server's WebSocket pings (`tidewire serve` sets uvicorn's ping interval).
     """
-    await websocket.accept(headers=[(k.encode(), v.encode()) for k, v in headers.items()])
+    await websocket.accept(headers=[(k.lower().encode(), v.encode()) for k, v in headers.items()])
     task = asyncio.current_task()
     assert task is not None
 
@@ -393,20 +268,3 @@ async def stream_websocket(
         if websocket.application_state == WebSocketState.CONNECTED:
             with contextlib.suppress(Exception):
                 await websocket.close(1000)
-
-
-async def deny_websocket(websocket: WebSocket, exc: HTTPException | BrokerUnavailable) -> None:
-    """Refuse a WebSocket handshake with the same JSON error an HTTP request gets.
-
-    Servers that cannot send an HTTP response here (the ASGI extension is
-    optional) get a close code of 4000 + status instead.
-    """
-    if isinstance(exc, BrokerUnavailable):
-        response = broker_unavailable(exc)
-    else:
-        response = JSONResponse({"detail": exc.detail}, exc.status_code, exc.headers)
-    if "websocket.http.response" in websocket.scope.get("extensions", {}):
-        await websocket.send_denial_response(response)
-    else:
-        reason = orjson.loads(response.body)["detail"]
-        await websocket.close(4000 + response.status_code, str(reason)[:120])

@@ -35,6 +35,7 @@ from fastapi.responses import Response
 from starlette.requests import ClientDisconnect
 
 from ..storage import StorageError, Upload, UploadNotFound
+from ..wire import FILE_HEADER, OFFSET_STREAM, TUS_EXTENSIONS, TUS_VERSION
 from .errors import Problem, error_responses, show, storage_error, storage_errors
 from .headers import clean_type, content_length, essence, http_date, parse_size, upload_type
 from .names import CONTROL, clean_name
@@ -45,6 +46,7 @@ if TYPE_CHECKING:
 __all__ = [
     "CHECKSUM_ALGORITHMS",
     "TUS_VERSION",
+    "TusServer",
     "add_upload_routes",
     "expire_uploads",
     "file_name_and_type",
@@ -54,13 +56,9 @@ __all__ = [
 
 logger = logging.getLogger("tidewire")
 
-TUS_VERSION = "1.0.0"
-EXTENSIONS = "creation,creation-with-upload,termination,checksum,expiration"
+EXTENSIONS = ",".join(TUS_EXTENSIONS)
 #: hashlib names, as `Storage.append` takes them; the spec requires sha1.
 CHECKSUM_ALGORITHMS = ("sha1", "sha256", "md5")
-OFFSET_STREAM = "application/offset+octet-stream"
-#: The header naming the file a finished upload became.
-FILE_HEADER = "Tidewire-File"
 
 # A page on another origin (or a client reading headers through fetch) only
 # sees the response headers listed here.
@@ -219,7 +217,7 @@ def _check_live(upload: Upload) -> None:
 Handler = Callable[[Request, str], Awaitable[Response]]
 
 _RESOURCE_DOC = (
-    "tus 1.0.0 upload resource. Send `Tus-Resumable: 1.0.0`. "
+    f"tus {TUS_VERSION} upload resource. Send `Tus-Resumable: {TUS_VERSION}`. "
     "Clients that cannot send PATCH or DELETE may POST with `X-HTTP-Method-Override`."
 )
 
@@ -244,9 +242,25 @@ _STATE_HEADERS = {
 }
 
 
-def add_upload_routes(router: APIRouter, tw: Tidewire) -> None:
-    settings = tw.settings
+class TusServer:
+    """The tus handlers of one `Tidewire`: one method per request type.
 
+    tus lets `X-HTTP-Method-Override` name the method, so the routes go to
+    `collection` and `resource`, which dispatch by the effective method
+    (what Starlette's `HTTPEndpoint` does by the request's own).
+    """
+
+    def __init__(self, tw: Tidewire) -> None:
+        self.tw = tw
+        self.on_collection: dict[str, Handler] = {"OPTIONS": self.options, "POST": self.create}
+        self.on_upload: dict[str, Handler] = {
+            "OPTIONS": self.options,
+            "HEAD": self.head,
+            "PATCH": self.patch,
+            "DELETE": self.delete,
+        }
+
+    @staticmethod
     def check_version(request: Request) -> None:
         version = request.headers.get("tus-resumable")
         if version != TUS_VERSION:
@@ -257,25 +271,25 @@ def add_upload_routes(router: APIRouter, tw: Tidewire) -> None:
                 {"Tus-Version": TUS_VERSION},
             )
 
-    async def find(id: str) -> Upload:
+    async def find(self, id: str) -> Upload:
         with storage_errors(_ALWAYS):
-            upload = await tw.storage.upload(id)
+            upload = await self.tw.storage.upload(id)
         _check_live(upload)
         return upload
 
-    async def options(request: Request, id: str) -> Response:
+    async def options(self, request: Request, id: str) -> Response:
         headers = {
             **_ALWAYS,
             "Tus-Version": TUS_VERSION,
             "Tus-Extension": EXTENSIONS,
             "Tus-Checksum-Algorithm": ",".join(CHECKSUM_ALGORITHMS),
         }
-        if settings.max_file_size is not None:
-            headers["Tus-Max-Size"] = str(settings.max_file_size)
+        if self.tw.settings.max_file_size is not None:
+            headers["Tus-Max-Size"] = str(self.tw.settings.max_file_size)
         return Response(status_code=204, headers=headers)
 
-    async def create(request: Request, _: str) -> Response:
-        check_version(request)
+    async def create(self, request: Request, _: str) -> Response:
+        self.check_version(request)
         for unsupported in ("upload-defer-length", "upload-concat"):
             if unsupported in request.headers:
                 raise _error(400, f"{unsupported.title()} is not supported: send Upload-Length")
@@ -285,7 +299,7 @@ def add_upload_routes(router: APIRouter, tw: Tidewire) -> None:
             name, kind = file_name_and_type(parse_metadata(raw))
         except ValueError as exc:
             raise _bad(exc) from None
-        limit = settings.max_file_size
+        limit = self.tw.settings.max_file_size
         if limit is not None and length > limit:
             raise _error(413, f"Upload-Length {length} is over the limit of {limit} bytes")
         # creation-with-upload: bytes in the POST are the upload's first bytes.
@@ -297,35 +311,37 @@ def add_upload_routes(router: APIRouter, tw: Tidewire) -> None:
         if with_body and sent is not None and sent > length:
             raise _error(413, f"the body has {sent} bytes but Upload-Length is {length}")
 
-        expires = time.time() + settings.upload_expiry
+        expires = time.time() + self.tw.settings.upload_expiry
         with storage_errors(_ALWAYS):
-            upload = await tw.storage.create_upload(
+            upload = await self.tw.storage.create_upload(
                 length=length, name=name, type=kind, metadata=raw, expires=expires
             )
         if with_body and upload.file is None:
             try:
-                upload = await tw.storage.append(upload.id, 0, request.stream(), checksum=checksum)
+                upload = await self.tw.storage.append(
+                    upload.id, 0, request.stream(), checksum=checksum
+                )
             except ClientDisconnect:
                 # Nobody to answer; the bytes that came stay until the upload expires.
                 return Response(status_code=400)
             except StorageError as exc:
                 # The client never learns this upload's URL: nothing should stay behind.
                 with contextlib.suppress(UploadNotFound):
-                    await tw.storage.abort(upload.id)
+                    await self.tw.storage.abort(upload.id)
                 raise storage_error(exc, _ALWAYS) from None
         location = request.url_for("upload", id=upload.id).path
         return Response(status_code=201, headers={**_state(upload), "Location": location})
 
-    async def head(request: Request, id: str) -> Response:
-        check_version(request)
-        upload = await find(id)
+    async def head(self, request: Request, id: str) -> Response:
+        self.check_version(request)
+        upload = await self.find(id)
         headers = {**_state(upload), "Cache-Control": "no-store"}
         if upload.metadata:
             headers["Upload-Metadata"] = upload.metadata
         return Response(status_code=200, headers=headers)
 
-    async def patch(request: Request, id: str) -> Response:
-        check_version(request)
+    async def patch(self, request: Request, id: str) -> Response:
+        self.check_version(request)
         if essence(request.headers.get("content-type", "")) != OFFSET_STREAM:
             raise _error(415, f"PATCH needs Content-Type: {OFFSET_STREAM}")
         try:
@@ -334,7 +350,7 @@ def add_upload_routes(router: APIRouter, tw: Tidewire) -> None:
             raise _bad(exc) from None
         checksum = _checksum(request)
         # Refuse before reading the body, which may be gigabytes.
-        upload = await find(id)
+        upload = await self.find(id)
         if offset != upload.offset:
             raise _error(409, f"Upload-Offset is {offset} but the upload is at {upload.offset}")
         sent = content_length(request.headers)
@@ -344,19 +360,21 @@ def add_upload_routes(router: APIRouter, tw: Tidewire) -> None:
             )
         try:
             with storage_errors(_ALWAYS):
-                upload = await tw.storage.append(id, offset, request.stream(), checksum=checksum)
+                upload = await self.tw.storage.append(
+                    id, offset, request.stream(), checksum=checksum
+                )
         except ClientDisconnect:
             # The storage kept what arrived: the client resumes from there.
             return Response(status_code=400)
         return Response(status_code=204, headers=_state(upload))
 
-    async def delete(request: Request, id: str) -> Response:
-        check_version(request)
+    async def delete(self, request: Request, id: str) -> Response:
+        self.check_version(request)
         with storage_errors(_ALWAYS):
-            await tw.storage.abort(id)
+            await self.tw.storage.abort(id)
         return Response(status_code=204, headers=dict(_ALWAYS))
 
-    async def dispatch(handlers: dict[str, Handler], request: Request, id: str) -> Response:
+    async def dispatch(self, handlers: dict[str, Handler], request: Request, id: str) -> Response:
         # tus: X-HTTP-Method-Override, when present, *is* the method.
         method = request.headers.get("x-http-method-override", request.method)
         handler = handlers.get(method.strip().upper())
@@ -365,19 +383,18 @@ def add_upload_routes(router: APIRouter, tw: Tidewire) -> None:
             raise _error(405, f"{method[:20]!r} is not allowed here", {"Allow": allowed})
         return await handler(request, id)
 
-    on_collection: dict[str, Handler] = {"OPTIONS": options, "POST": create}
-    on_upload: dict[str, Handler] = {
-        "OPTIONS": options,
-        "HEAD": head,
-        "PATCH": patch,
-        "DELETE": delete,
-    }
+    async def collection(self, request: Request) -> Response:
+        return await self.dispatch(self.on_collection, request, "")
 
-    async def collection(request: Request) -> Response:
-        return await dispatch(on_collection, request, "")
+    async def resource(self, request: Request, id: str) -> Response:
+        return await self.dispatch(self.on_upload, request, id)
 
-    async def resource(request: Request, id: str) -> Response:
-        return await dispatch(on_upload, request, id)
+
+def add_upload_routes(router: APIRouter, tw: Tidewire) -> None:
+    """`/uploads/` and `/uploads/{id}`, served by a `TusServer`, and their OpenAPI operations."""
+    settings = tw.settings
+    tus = TusServer(tw)
+    collection, resource = tus.collection, tus.resource
 
     def add(
         path: str,

@@ -1,0 +1,285 @@
+"""The original service's routes, kept working for its clients, over tidewire's storage.
+
+    GET  /stream          lines of `{"text": "<i>", "img": "<base64 PNG>"}`, as the original sent
+    POST /stream          the same; parameters from the query, a JSON or a form body (the
+                          original client's `stream()` helper POSTs)
+    POST /uploadfile/     multipart `file` -> 200 {"filename", ...metadata}
+    POST /downloadfile/   the file named by `filename` (query, form or JSON), by name or id
+
+The original wrote uploads to `uploads/<the client's file name>` and sent back
+whatever path `/downloadfile/` was given. Here files go through the storage as
+everywhere (files.py receives them, downloads.py sends them): names are labels.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import suppress
+from typing import TYPE_CHECKING, Annotated, Any
+from urllib.parse import parse_qs
+
+import orjson
+from fastapi import APIRouter, HTTPException, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel, Field
+from python_multipart.multipart import parse_options_header
+from starlette.requests import ClientDisconnect
+
+from ..storage import FileInfo, FileNotFound, valid_id
+from .downloads import send_file
+from .errors import error_responses, show
+from .files import (
+    BINARY,
+    FILE_CONTENT,
+    STORING,
+    FileMetadata,
+    files_form,
+    looked_up,
+    multipart_boundary,
+    receive_files,
+    request_body,
+)
+from .headers import content_length
+from .multipart import BadMultipart, MultipartStream, decode
+from .names import NAME_SCHEMA
+from .streams import read_params, validate
+
+if TYPE_CHECKING:
+    from ..app import Tidewire
+
+__all__ = [
+    "MAX_SMALL_BODY",
+    "OriginalStreamParams",
+    "OriginalUpload",
+    "add_compat_routes",
+    "add_original_file_routes",
+    "add_original_stream_routes",
+]
+
+#: Largest JSON or form body `/downloadfile/` reads to find a file name.
+MAX_SMALL_BODY = 64 << 10
+
+# -- /stream -----------------------------------------------------------------
+
+Count = Annotated[int, Field(ge=0, le=10_000_000, description="how many events")]
+Pause = Annotated[
+    float, Field(ge=0, le=60, allow_inf_nan=False, description="seconds before each event")
+]
+
+
+class OriginalStreamParams(BaseModel):
+    """`/stream`'s parameters; others are ignored, as the original ignored them."""
+
+    n: Count = 10_000
+    interval: Pause = 0.05
+
+
+def _stream_params_body() -> dict[str, Any]:
+    schema = OriginalStreamParams.model_json_schema()
+    content = {"application/json": {"schema": schema}}
+    content["application/x-www-form-urlencoded"] = {"schema": schema}
+    query = [
+        {"name": name, "in": "query", "required": False, "schema": field}
+        for name, field in schema["properties"].items()
+    ]
+    return {"parameters": query, **request_body(content, required=False)}
+
+
+def add_original_stream_routes(router: APIRouter, frames: Sequence[bytes]) -> None:
+    """`GET` and `POST /stream`: the original's counter, one line per event, cycling `frames`."""
+    images = [base64.b64encode(frame).decode() for frame in frames]
+
+    def respond(n: int, interval: float) -> StreamingResponse:
+        async def lines() -> AsyncIterator[str]:
+            for i in range(n):
+                if interval:
+                    await asyncio.sleep(interval)
+                line = {"text": str(i), "img": images[i % len(images)]}
+                yield json.dumps(line, ensure_ascii=False) + "\n"
+
+        return StreamingResponse(lines(), media_type="text/plain")
+
+    @router.get("/stream", tags=["compatibility"], summary="The original service's stream")
+    async def original_stream(n: Count = 10_000, interval: Pause = 0.05) -> StreamingResponse:
+        """Lines of `{"text": "<i>", "img": "<base64 PNG>"}`, exactly as the original sent them."""
+        return respond(n, interval)
+
+    def check(values: dict[str, Any]) -> dict[str, Any]:
+        return OriginalStreamParams.model_validate(values).model_dump()
+
+    @router.post(
+        "/stream",
+        tags=["compatibility"],
+        summary="The original service's stream, for its client's POST",
+        response_class=StreamingResponse,
+        responses={
+            200: {"content": {"text/plain": {}}},
+            **error_responses(400, 415, 422),
+        },
+        openapi_extra=_stream_params_body(),
+    )
+    async def original_stream_post(request: Request) -> StreamingResponse:
+        """As `GET /stream`; `n` and `interval` may come in a JSON or form body too."""
+        params = validate(check, await read_params(request))
+        return respond(params["n"], params["interval"])
+
+
+# -- /uploadfile/, /downloadfile/ ---------------------------------------------
+
+
+class OriginalUpload(FileMetadata):
+    filename: str
+
+
+_FILENAME = {
+    "schema": {
+        "type": "object",
+        "properties": {"filename": NAME_SCHEMA},
+        "required": ["filename"],
+    }
+}
+_ONE_FILE_BODY = files_form(BINARY)
+# Or `?filename=`, for the original's clients: the summary says so.
+_FILENAME_BODY = request_body(
+    {"application/json": _FILENAME, "application/x-www-form-urlencoded": _FILENAME}
+)
+
+
+async def _small_body(request: Request) -> bytes:
+    too_large = HTTPException(413, f"send at most {MAX_SMALL_BODY} bytes: just the filename")
+    declared = content_length(request.headers)
+    if declared is not None and declared > MAX_SMALL_BODY:
+        raise too_large
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > MAX_SMALL_BODY:
+            raise too_large
+    return bytes(body)
+
+
+async def _form_field(request: Request, field: str) -> str | None:
+    """A plain field of a small form body (urlencoded or multipart), read with a bound."""
+    body = await _small_body(request)
+    kind, _ = parse_options_header(request.headers.get("content-type"))
+    if kind == b"application/x-www-form-urlencoded":
+        values = parse_qs(body.decode("utf-8", "replace"), keep_blank_values=True)
+        return values[field][-1] if field in values else None
+
+    async def once() -> AsyncIterator[bytes]:
+        yield body
+
+    boundary = multipart_boundary(request, "a form")
+    value: str | None = None
+    try:
+        reader = MultipartStream(once(), boundary)
+        while (part := await reader.next_part()) is not None:
+            if part.field == field and part.filename is None:
+                value = decode(b"".join([chunk async for chunk in reader.body()]))
+    except BadMultipart as exc:
+        raise HTTPException(400, f"malformed multipart body: {exc}") from None
+    return value
+
+
+async def _requested_name(request: Request) -> str:
+    """`filename` from the query string, else a JSON or form body."""
+    name = request.query_params.get("filename")
+    if name is not None:
+        return name
+    kind, _ = parse_options_header(request.headers.get("content-type"))
+    value: Any = None
+    if kind == b"application/json" or kind.endswith(b"+json"):
+        try:
+            body = orjson.loads(await _small_body(request) or b"{}")
+        except orjson.JSONDecodeError as exc:
+            raise HTTPException(400, f"the body is not valid JSON: {exc}") from None
+        if not isinstance(body, dict):
+            raise HTTPException(422, 'send a JSON object: {"filename": "..."}')
+        value = body.get("filename")
+    elif kind in (b"application/x-www-form-urlencoded", b"multipart/form-data"):
+        value = await _form_field(request, "filename")
+    if value is None:
+        raise HTTPException(
+            422, 'name the file: ?filename=NAME, a form field, or JSON {"filename": NAME}'
+        )
+    if not isinstance(value, str):
+        raise HTTPException(422, "filename must be a string")
+    return value
+
+
+def add_original_file_routes(router: APIRouter, tw: Tidewire) -> None:
+    """The original service's `/uploadfile/` and `/downloadfile/`, on top of the storage.
+
+    The original wrote uploads to `uploads/<the client's file name>` and sent
+    back whatever path `/downloadfile/` was given. Here names are labels, as
+    everywhere: `/downloadfile/` looks a file up by its id or its name.
+    """
+
+    async def upload(request: Request) -> Response:
+        try:
+            [info] = await receive_files(request, tw, most=1)
+        except ClientDisconnect:
+            return Response(status_code=400)
+        # 200, as the original answered (its clients check for it).
+        return JSONResponse({"filename": info.name, **info.json()})
+
+    async def download(request: Request) -> Response:
+        name = looked_up(await _requested_name(request), "filename")
+        info: FileInfo | None = None
+        if valid_id(name):
+            with suppress(FileNotFound):
+                info = await tw.storage.info(name)
+        if info is None:
+            try:
+                info = await tw.storage.find(name)
+            except FileNotFound:
+                raise HTTPException(
+                    404,
+                    f"no file named {show(name)}; "
+                    "POST /uploadfile/ stores one, GET /files lists them",
+                ) from None
+        return await send_file(request, tw, info, attachment=True)
+
+    Endpoint = Callable[[Request], Awaitable[Response]]
+    routes: list[tuple[str, Endpoint, str, dict[int | str, dict[str, Any]], dict[str, Any]]] = [
+        (
+            "/uploadfile",
+            upload,
+            "The original service's upload (multipart `file`)",
+            {200: {"model": OriginalUpload}, **error_responses(415, *STORING)},
+            _ONE_FILE_BODY,
+        ),
+        (
+            "/downloadfile",
+            download,
+            "The original service's download, by file name or id (or `?filename=`)",
+            {**FILE_CONTENT, **error_responses(400, 413, 415)},
+            _FILENAME_BODY,
+        ),
+    ]
+    for path, endpoint, summary, responses, body in routes:
+        # With and without the slash: the original client posts to /downloadfile,
+        # and a redirect would cost a round trip (and, for some clients, the body).
+        for slashed in (True, False):
+            router.add_api_route(
+                path + "/" if slashed else path,
+                endpoint,
+                methods=["POST"],
+                tags=["compatibility"],
+                summary=summary,
+                response_model=None,
+                # `responses` says which types: the file's own, or JSON.
+                response_class=Response,
+                responses=responses,
+                openapi_extra=body,
+                include_in_schema=slashed,
+            )
+
+
+def add_compat_routes(router: APIRouter, tw: Tidewire, frames: Sequence[bytes]) -> None:
+    """All of the original service's routes; `/stream` cycles `frames` as its images."""
+    add_original_stream_routes(router, frames)
+    add_original_file_routes(router, tw)

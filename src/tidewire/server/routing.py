@@ -1,0 +1,182 @@
+"""Route plumbing shared by the streams and channels routes.
+
+What a route that serves a log needs besides the log itself: which format a
+client asked for (`negotiate`) and where it resumes (`resume_position`); a
+lean ASGI endpoint for long-lived responses (`LeanEndpoint`,
+`add_stream_route`) and how that route is documented (`EVENTS_RESPONSE`,
+`resume_parameters`); and the JSON refusals (`broker_unavailable`,
+`deny_websocket`). Writing the log's events is transport.py's.
+"""
+
+from __future__ import annotations
+
+import inspect
+import re
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import orjson
+from fastapi import APIRouter, HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+from starlette.types import Receive, Scope, Send
+from starlette.websockets import WebSocket
+
+from ..broker import BadPosition, Broker, BrokerUnavailable
+from ..wire import LAST_EVENT_ID, NDJSON, SSE
+from .transport import Format
+
+__all__ = [
+    "EVENTS_RESPONSE",
+    "LeanEndpoint",
+    "add_stream_route",
+    "broker_unavailable",
+    "deny_websocket",
+    "negotiate",
+    "resume_parameters",
+    "resume_position",
+]
+
+
+def negotiate(request: Request) -> Format:
+    """SSE for clients that accept `text/event-stream`, NDJSON for everyone else."""
+    return "sse" if SSE in request.headers.get("accept", "") else "ndjson"
+
+
+def resume_position(request: Request | WebSocket, default: str) -> str:
+    """Where a reader resumes: `Last-Event-ID` (what EventSource sends back) wins over `?after=`."""
+    return request.headers.get(LAST_EVENT_ID) or request.query_params.get("after") or default
+
+
+class LeanEndpoint:
+    """An ASGI endpoint for a route whose response lives as long as its connection.
+
+    A FastAPI path operation keeps its dependency machinery and exit stacks,
+    and a Starlette one its exception wrappers, alive until the response
+    ends: for an idle subscription that is over a third of what it costs
+    (bench W4). Here the handler returns a response or raises HTTPException,
+    and nothing else stays on the stack. (A class, not a function: Starlette
+    routes to an object as to an ASGI app, without wrapping it.)
+    """
+
+    def __init__(self, handler: Callable[[Request], Awaitable[Response]]) -> None:
+        self.handler = handler
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            response = await self.handler(Request(scope, receive))
+        except HTTPException as exc:
+            response = JSONResponse({"detail": exc.detail}, exc.status_code, exc.headers)
+        except BrokerUnavailable as exc:
+            response = broker_unavailable(exc)
+        await response(scope, receive, send)
+
+
+def broker_unavailable(exc: BrokerUnavailable) -> JSONResponse:
+    """503 for a request that needs the broker while it is down."""
+    detail = f"the broker is unreachable ({exc}); try again shortly"
+    return JSONResponse({"detail": detail}, 503, {"retry-after": "2"})
+
+
+#: OpenAPI: a 200 that streams a log, NDJSON or (by `Accept`) SSE.
+EVENTS_RESPONSE: dict[str, Any] = {
+    "description": (
+        "The events until the log ends: NDJSON, one `{id, event, data}` per line; "
+        "or, for `Accept: text/event-stream`, SSE"
+    ),
+    # No schema: OpenAPI 3.1 cannot describe a sequence of JSON documents.
+    "content": {NDJSON: {}, SSE: {}},
+}
+
+
+def position_pattern(broker: Broker) -> str:
+    """The event ids `broker` takes as a position, as a pattern for the spec.
+
+    Redis Streams ids (`1700000000000-42`) or whole numbers (memory); asked
+    of the broker itself, so the spec says what `check_id` will accept.
+    """
+    # Empty: as if not given.
+    try:
+        broker.check_id("1-0")
+    except BadPosition:
+        return "^([0-9]{1,19})?$"
+    return "^(0|[0-9]{1,19}-[0-9]{1,19})?$"
+
+
+def resume_parameters(broker: Broker) -> list[dict[str, Any]]:
+    """OpenAPI parameters of every route that reads a log: where to resume."""
+    schema = {"type": "string", "pattern": position_pattern(broker)}
+    return [
+        {
+            "name": "after",
+            "in": "query",
+            "required": False,
+            "schema": schema,
+            "description": "resume after this event id (`0`: from the start)",
+        },
+        {
+            "name": LAST_EVENT_ID,
+            "in": "header",
+            "required": False,
+            "schema": schema,
+            "description": "as `after`, and wins over it (EventSource sends it when it reconnects)",
+        },
+    ]
+
+
+def add_stream_route(
+    router: APIRouter,
+    path: str,
+    handler: Callable[[Request], Awaitable[Response]],
+    *,
+    name: str,
+    tag: str,
+    responses: dict[int | str, dict[str, Any]],
+    broker: Broker,
+    path_schemas: dict[str, dict[str, Any]] | None = None,
+) -> None:
+    """Serve a long-lived GET stream through a `LeanEndpoint`, and document it.
+
+    The same handler is also added as a FastAPI operation, after the lean
+    route: that one always matches first, so the operation only gives the
+    route its place on the OpenAPI page.
+    """
+    router.routes.append(Route(path, LeanEndpoint(handler), methods=["GET"], name=name))
+    path_params = [
+        {
+            "name": param,
+            "in": "path",
+            "required": True,
+            "schema": (path_schemas or {}).get(param, {"type": "string"}),
+        }
+        for param in re.findall(r"{(\w+)}", path)
+    ]
+    router.add_api_route(
+        path,
+        handler,
+        methods=["GET"],
+        name=f"{name}_openapi",
+        tags=[tag],
+        summary=(inspect.getdoc(handler) or "").split("\n")[0],
+        response_class=Response,
+        responses={200: EVENTS_RESPONSE, **responses},
+        openapi_extra={"parameters": [*path_params, *resume_parameters(broker)]},
+    )
+
+
+async def deny_websocket(websocket: WebSocket, exc: HTTPException | BrokerUnavailable) -> None:
+    """Refuse a WebSocket handshake with the same JSON error an HTTP request gets.
+
+    Servers that cannot send an HTTP response here (the ASGI extension is
+    optional) get a close code of 4000 + status instead.
+    """
+    if isinstance(exc, BrokerUnavailable):
+        response = broker_unavailable(exc)
+    else:
+        response = JSONResponse({"detail": exc.detail}, exc.status_code, exc.headers)
+    if "websocket.http.response" in websocket.scope.get("extensions", {}):
+        await websocket.send_denial_response(response)
+    else:
+        reason = orjson.loads(response.body)["detail"]
+        await websocket.close(4000 + response.status_code, str(reason)[:120])
