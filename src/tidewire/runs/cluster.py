@@ -29,6 +29,7 @@ import secrets
 import time
 from typing import TYPE_CHECKING, Protocol
 
+from .. import wire
 from ..broker import Broker, BrokerUnavailable, Retention
 from ..config import Settings
 from ..events import dump_data
@@ -210,7 +211,7 @@ class Cluster:
             f"for {self.settings.lease:g}s)",
         }
         run.state, run.ended = "failed", time.time()
-        await self.broker.append(run.log, [("error", dump_data(error))], self.retention)
+        await self.broker.append(run.log, [(wire.ERROR, dump_data(error))], self.retention)
         # The record before the end of the log, as in publish_end.
         await self.broker.put_state(
             record_key(run.id),

@@ -19,6 +19,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from .. import wire
 from ..blobs import Blobs, Pending
 from ..broker import Broker, BrokerUnavailable
 from ..config import Settings
@@ -156,7 +157,6 @@ class Watcher:
             await self._runs.cluster.check_owner_alive(self.run)
 
     # server/transport.py's name for it, until it calls check_owner_alive.
-    idle = check_owner_alive
 
     def leave(self) -> None:
         self._runs.release(self.run, self.key)
@@ -373,13 +373,13 @@ class Runs:
                 await close(source)
         except asyncio.CancelledError:
             asyncio.current_task().uncancel()  # type: ignore[union-attr]
-            run.state, final = "cancelled", ("cancelled", b"null")
+            run.state, final = "cancelled", (wire.CANCELLED, b"null")
         except Exception as exc:
             logger.exception("run %s of stream %r failed", run.id, run.stream)
             error = {"type": type(exc).__name__, "message": str(exc)}
-            run.state, final = "failed", ("error", dump_data(error))
+            run.state, final = "failed", (wire.ERROR, dump_data(error))
         else:
-            run.state, final = "finished", ("end", b"null")
+            run.state, final = "finished", (wire.END, b"null")
         run.ended = time.time()
         self.running -= 1
         loop = asyncio.get_running_loop()

@@ -12,7 +12,7 @@ from fastapi.responses import JSONResponse, Response
 
 from ..broker import BadPosition, BrokerUnavailable
 from ..events import TooDeep, load_json
-from ..runs import RESERVED_PARAMS, Run, StreamFunction, TooManyRuns
+from ..runs import RESERVED_PARAMS, CancelNotConfirmed, Run, StreamFunction, TooManyRuns
 from ..wire import RUN_HEADER
 from .errors import error_responses
 from .routing import (
@@ -246,7 +246,11 @@ def add_stream_routes(router: APIRouter, tw: Tidewire) -> None:
     async def cancel(run_id: str) -> dict[str, Any]:
         run = await get_run(run_id)
         # Returns once the generator's `finally` has run, here or elsewhere.
-        if not await runs.cancel(run) and run.state != "cancelled":
+        try:
+            cancelled = await runs.cancel(run)
+        except CancelNotConfirmed as exc:
+            raise HTTPException(503, str(exc), {"retry-after": "1"}) from None
+        if not cancelled and run.state != "cancelled":
             raise HTTPException(409, f"run {run_id!r} already ended: {run.state}")
         return run.info()
 

@@ -93,7 +93,7 @@ class LogCursor:
                 return batch
             if self.watcher is not None and loop.time() - self.checked >= every:
                 self.checked = loop.time()
-                await self.watcher.idle()
+                await self.watcher.check_owner_alive()
             if loop.time() >= deadline:
                 return batch
 
