@@ -3,9 +3,9 @@
 Every route asks the `Guard` once per request or connection: `identify` reads
 and verifies the token the request carries (a long-lived stream is verified
 when it starts, not per event), `require` checks one action on one resource,
-and `AuthError`s become the same JSON answer on every route (401 with
-`WWW-Authenticate`, 403 naming what is missing) or, on a WebSocket handshake,
-the same status through `deny_websocket`.
+and refusals are `HTTPException`s (401 with `WWW-Authenticate`, 403 naming
+what is missing): every route, a `LeanEndpoint` and `deny_websocket` already
+answer those as JSON, also in an app that only includes `tw.router`.
 
 With access control off, `identify` answers `OPEN` (may do everything) and
 `require` never refuses: routes are written once, for both.
@@ -18,8 +18,8 @@ import hmac
 import inspect
 import time
 
+from fastapi import HTTPException
 from starlette.requests import HTTPConnection
-from starlette.responses import JSONResponse
 
 from ..auth import (
     OPEN,
@@ -35,7 +35,7 @@ from ..auth import (
 )
 from ..config import Settings
 
-__all__ = ["Guard", "auth_error_response"]
+__all__ = ["Guard", "http_error"]
 
 _VERBS: dict[str, str] = {
     "stream": "start this stream",
@@ -79,7 +79,13 @@ class Guard:
         return self.verifier is not None
 
     async def identify(self, conn: HTTPConnection) -> Identity:
-        """Who sent this request; `Unauthenticated` without a good token."""
+        """Who sent this request; 401 without a good token."""
+        try:
+            return await self._identify(conn)
+        except AuthError as exc:
+            raise http_error(exc) from None
+
+    async def _identify(self, conn: HTTPConnection) -> Identity:
         if self.verifier is None:
             return OPEN
         token = token_from(conn.headers, conn.query_params, conn.cookies)
@@ -94,7 +100,15 @@ class Guard:
     async def require(
         self, identity: Identity, action: Action, resource: str, *, owner: str | None = None
     ) -> None:
-        """`Forbidden` unless `identity` may do `action` on `resource`."""
+        """403 unless `identity` may do `action` on `resource`."""
+        try:
+            await self._require(identity, action, resource, owner)
+        except AuthError as exc:
+            raise http_error(exc) from None
+
+    async def _require(
+        self, identity: Identity, action: Action, resource: str, owner: str | None
+    ) -> None:
         if identity is OPEN:
             return
         missing = missing_permission(identity, action, resource, owner=owner)
@@ -149,6 +163,6 @@ def _link_key(settings: Settings) -> bytes:
     return hmac.new(secret.encode(), b"tidewire file links v1", hashlib.sha256).digest()
 
 
-def auth_error_response(exc: AuthError) -> JSONResponse:
-    """The JSON answer to a refused request: 401 or 403, with its headers."""
-    return JSONResponse({"detail": exc.detail}, exc.status, exc.headers)
+def http_error(exc: AuthError) -> HTTPException:
+    """A refusal as the HTTPException every route answers: 401 or 403, with its headers."""
+    return HTTPException(exc.status, exc.detail, exc.headers)
