@@ -15,6 +15,7 @@ from typing import Any, TypeVar, overload
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse
 
+from .auth import Authorize
 from .blobs import Blobs
 from .broker import Broker, BrokerUnavailable
 from .broker import from_url as broker_from_url
@@ -24,6 +25,7 @@ from .heap import trim_forever
 from .runs import Runs, StreamFunction
 from .server.channels import add_channel_routes
 from .server.files import add_file_routes
+from .server.guard import Guard
 from .server.methods import method_not_allowed
 from .server.routing import broker_unavailable
 from .server.streams import add_stream_routes
@@ -59,8 +61,14 @@ class Tidewire:
         storage: Storage | None = None,
         settings: Settings | None = None,
         title: str = "tidewire",
+        authorize: Authorize | None = None,
     ) -> None:
-        self.settings = settings or Settings()
+        # Without settings, from the environment: `tidewire serve` hands its
+        # worker processes their settings (the auth key among them) that way.
+        self.settings = settings or Settings.from_env()
+        #: Who may call which route (see server/guard.py); `authorize(identity,
+        #: action, resource)` is a rule of the application's own, after the token's.
+        self.guard = Guard(self.settings, authorize)
         # As for storage, the command line names the broker in the environment.
         self.broker: Broker = broker or broker_from_url(os.environ.get("TIDEWIRE_BROKER"))
         self._storage = storage

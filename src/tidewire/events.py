@@ -29,11 +29,13 @@ __all__ = [
     "RESERVED",
     "Blob",
     "Envelope",
+    "ForgedBlob",
     "LargeBlob",
     "Message",
     "SSEDecoder",
     "TooDeep",
     "check_depth",
+    "check_no_file_refs",
     "decode_blobs",
     "depth_checked",
     "dump_data",
@@ -234,6 +236,32 @@ def load_json(data: bytes | str) -> Any:
         raise
     check_depth(value)
     return value
+
+
+class ForgedBlob(ValueError):
+    """Published data holding a `$blob` with a `url`: only the server stores blobs as files."""
+
+
+def check_no_file_refs(value: Any) -> None:
+    """Raise `ForgedBlob` if a client's decoded JSON holds a `{"$blob": {"url": ...}}`.
+
+    Clients follow a blob's `url` to fetch it, with their credentials; a
+    publisher who could write one could point every subscriber at any URL
+    (or at another user's file). Blobs a client sends carry their `data`; the
+    server alone turns large ones into files (see `tidewire.blobs`).
+    """
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            blob = item.get("$blob")
+            if isinstance(blob, dict) and "url" in blob:
+                raise ForgedBlob(
+                    'a published $blob may not carry a "url": send its bytes as "data" (base64)'
+                )
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
 
 
 def large_blobs(value: Any, limit: int) -> list[bytes | bytearray]:

@@ -23,7 +23,7 @@ import pytest
 
 from tests.conftest import wait_for
 from tests.full_disk import fill, small_disk_fixture  # noqa: F401
-from tidewire.storage import OffsetMismatch, StorageFull, from_url
+from tidewire.storage import OffsetMismatch, StorageFull, from_url, new_id
 from tidewire.storage import local as local_module
 from tidewire.storage.local import LocalStorage
 
@@ -452,3 +452,41 @@ def _answers(url: str) -> bool:
 
 def _files_in(folder: Path) -> list[Path]:
     return list(folder.iterdir()) if folder.exists() else []
+
+
+def test_an_index_made_before_owners_is_migrated(tmp_path: Path) -> None:
+    # The schema as it was: no owner column.
+    (tmp_path / "files").mkdir()
+    with sqlite3.connect(tmp_path / "index.sqlite3") as db:
+        db.executescript(
+            "CREATE TABLE files (id TEXT PRIMARY KEY, name TEXT NOT NULL, size INTEGER NOT NULL,"
+            " type TEXT NOT NULL, sha256 TEXT NOT NULL, created REAL NOT NULL) WITHOUT ROWID;"
+        )
+        old = new_id()
+        db.execute(
+            "INSERT INTO files VALUES (?, 'old.txt', 2, 'text/plain', ?, 1.0)",
+            (old, hashlib.sha256(b"hi").hexdigest()),
+        )
+    (tmp_path / "files" / old).write_bytes(b"hi")
+
+    async def main() -> None:
+        storage = LocalStorage(tmp_path)
+        try:
+            assert (await storage.info(old)).owner is None
+            new = await storage.save(_once(b"x"), name="new.txt", type="text/plain", owner="al")
+            assert [f.id for f in (await storage.list(limit=5)).files] == [new.id, old]
+            assert [f.id for f in (await storage.list(limit=5, owner="al")).files] == [new.id]
+        finally:
+            await storage.aclose()
+        # Opened again (another process, a restart): the column is there already.
+        again = LocalStorage(tmp_path)
+        try:
+            assert (await again.info(new.id)).owner == "al"
+        finally:
+            await again.aclose()
+
+    asyncio.run(main())
+
+
+async def _once(data: bytes) -> AsyncIterator[bytes]:
+    yield data

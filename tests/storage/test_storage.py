@@ -533,3 +533,53 @@ def test_ids_sort_newest_first_even_within_a_millisecond() -> None:
     assert len(set(burst)) == len(burst)
     assert all(valid(id) for id in burst)
     assert new_id(2_000_000_000) < new_id(1_000_000_000)
+
+
+# -- owners ----------------------------------------------------------------
+
+
+def test_owners_are_kept_and_filter_listings_and_lookups(backend: Backend) -> None:
+    async def body(storage: Storage) -> None:
+        mine = [
+            await storage.save(chunks(b"a"), name=f"a{i}", type="text/plain", owner="alice")
+            for i in range(3)
+        ]
+        theirs = await storage.save(chunks(b"b"), name="a1", type="text/plain", owner="bob")
+        nobody = await save(storage, b"c", name="a1")
+        assert (await storage.info(mine[0].id)).owner == "alice"
+        assert nobody.owner is None and (await storage.info(nobody.id)).owner is None
+        assert "owner" not in mine[0].json()
+
+        everyone = await storage.list(limit=10)
+        assert [f.id for f in everyone.files] == [nobody.id, theirs.id, *reversed(ids(mine))]
+        # Pages of alice's files alone, however the others lie between them.
+        first = await storage.list(limit=2, owner="alice")
+        assert [f.id for f in first.files] == [mine[2].id, mine[1].id]
+        assert first.next is not None
+        rest = await storage.list(limit=2, cursor=first.next, owner="alice")
+        assert [f.id for f in rest.files] == [mine[0].id] and rest.next is None
+        assert (await storage.list(limit=5, owner="carol")).files == []
+
+        assert (await storage.find("a1")).id == nobody.id
+        assert (await storage.find("a1", owner="alice")).id == mine[1].id
+        assert (await storage.find("a1", owner="bob")).id == theirs.id
+        with pytest.raises(FileNotFound):
+            await storage.find("a2", owner="bob")
+
+        upload = await storage.create_upload(
+            length=2,
+            name="t",
+            type="text/plain",
+            metadata=META,
+            expires=time.time() + HOUR,
+            owner="bob",
+        )
+        assert (await storage.upload(upload.id)).owner == "bob"
+        done = await storage.append(upload.id, 0, chunks(b"hi"))
+        assert done.file is not None and (await storage.info(done.file)).owner == "bob"
+
+    backend.run(body)
+
+
+def ids(files: list[FileInfo]) -> list[str]:
+    return [f.id for f in files]

@@ -58,6 +58,10 @@ class Run:
     attached: bool
     owner: str  # the instance (process) that runs the generator
     local: bool = True
+    #: The `sub` of the identity that started it ("" with access control off):
+    #: only it (or an admin) may see, watch or cancel the run. In the shared
+    #: record too, so that every process refuses the others alike.
+    sub: str = ""
     created: float = field(default_factory=time.time)
     state: RunState = "running"
     ended: float | None = None
@@ -92,6 +96,7 @@ class Run:
             attached=bool(record["attached"]),
             owner=record["owner"],
             local=False,
+            sub=record.get("sub", ""),
             created=float(record["created"]),
         )
 
@@ -122,6 +127,7 @@ class Run:
             "stream": self.stream,
             "attached": "1" if self.attached else "",
             "owner": self.owner,
+            "sub": self.sub,
             "state": self.state,
             "events": str(self.events),
             "created": repr(self.created),
@@ -205,12 +211,19 @@ class Runs:
 
     # -- starting ----------------------------------------------------------
 
-    async def start(self, stream: StreamFunction, params: dict[str, Any], *, attached: bool) -> Run:
-        """Start a run. An attached run gets its first watcher at once, before any event."""
+    async def start(
+        self, stream: StreamFunction, params: dict[str, Any], *, attached: bool, sub: str = ""
+    ) -> Run:
+        """Start a run for the identity `sub`. An attached run gets its first
+        watcher at once, before any event."""
         if self.running >= self.settings.max_runs:
             raise TooManyRuns(f"{self.running} runs are running, the most this server allows")
         run = Run(
-            id=secrets.token_hex(8), stream=stream.name, attached=attached, owner=self.instance
+            id=secrets.token_hex(8),
+            stream=stream.name,
+            attached=attached,
+            owner=self.instance,
+            sub=sub,
         )
         await self.cluster.register(run)
         self._runs[run.id] = run

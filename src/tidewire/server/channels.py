@@ -10,7 +10,7 @@ from starlette.datastructures import UploadFile
 
 from ..broker import BrokerUnavailable
 from ..channels import CHANNEL_NAME
-from ..events import RESERVED, Blob, TooDeep, load_json
+from ..events import RESERVED, Blob, ForgedBlob, TooDeep, check_no_file_refs, load_json
 from ..wire import AFTER_HEADER
 from .errors import error_responses
 from .routing import (
@@ -96,8 +96,10 @@ async def read_message(request: Request) -> Any:
         return body.decode("utf-8", "replace")
     if kind in ("", "application/json") or kind.endswith("+json"):
         try:
-            return load_json(body)
-        except TooDeep as exc:
+            data = load_json(body)
+            check_no_file_refs(data)
+            return data
+        except (TooDeep, ForgedBlob) as exc:
             raise HTTPException(422, str(exc)) from None
         except orjson.JSONDecodeError as exc:
             raise HTTPException(400, f"the body is not valid JSON: {exc}") from None
@@ -106,6 +108,7 @@ async def read_message(request: Request) -> Any:
 
 def add_channel_routes(router: APIRouter, tw: Tidewire) -> None:
     channels = tw.channels
+    guard = tw.guard
 
     def log_of(name: str) -> str:
         try:
@@ -155,6 +158,7 @@ def add_channel_routes(router: APIRouter, tw: Tidewire) -> None:
             ),
         ] = "message",
     ) -> dict[str, str]:
+        await guard.check(request, "publish", name)
         log_of(name)
         data = await read_message(request)
         try:
@@ -164,6 +168,7 @@ def add_channel_routes(router: APIRouter, tw: Tidewire) -> None:
 
     async def subscribe(request: Request) -> LogResponse:
         """Subscribe: live from now, or from Last-Event-ID / ?after= (0: all retained)."""
+        await guard.check(request, "subscribe", request.path_params["name"])
         log = log_of(request.path_params["name"])
         check_after(request)
         after = await start_position(log, resume_position(request, "") or None)
@@ -190,13 +195,34 @@ def add_channel_routes(router: APIRouter, tw: Tidewire) -> None:
     @router.websocket("/channels/{name}/ws")
     async def subscribe_ws(websocket: WebSocket, name: str) -> None:
         try:
+            identity = await guard.check(websocket, "subscribe", name)
             log = log_of(name)
             after = await start_position(log, resume_position(websocket, "") or None)
         except (HTTPException, BrokerUnavailable) as exc:
             await deny_websocket(websocket, exc)
             return
+        # Asked at the first frame, then known for the connection's life (as
+        # its token is verified once): subscribers who never send pay nothing.
+        publish_refused: list[str | None] = []
+
+        async def may_publish() -> bool:
+            if not publish_refused:
+                try:
+                    await guard.require(identity, "publish", name)
+                    publish_refused.append(None)
+                except HTTPException as exc:
+                    publish_refused.append(str(exc.detail))
+            refused = publish_refused[0]
+            if refused is not None:
+                # 1008: policy violation (RFC 6455, 7.4.1); a close reason is
+                # at most 123 bytes.
+                await websocket.close(1008, refused.encode()[:123].decode(errors="ignore"))
+                return False
+            return True
 
         async def on_text(text: str) -> None:
+            if not await may_publish():
+                return
             # The limit is in bytes, as sent: a character may be up to four of
             # them, so only a text that could be over it is encoded to count.
             if len(text) > MAX_PUBLISH_BYTES // 4 and len(text.encode()) > MAX_PUBLISH_BYTES:
@@ -210,9 +236,16 @@ def add_channel_routes(router: APIRouter, tw: Tidewire) -> None:
                 return
             except orjson.JSONDecodeError:
                 data = text  # a frame that is not JSON is published as a string
+            try:
+                check_no_file_refs(data)
+            except ForgedBlob as exc:
+                await websocket.close(1008, str(exc)[:123])
+                return
             await channels.publish(name, data)
 
         async def on_bytes(raw: bytes) -> None:
+            if not await may_publish():
+                return
             if len(raw) > MAX_PUBLISH_BYTES:
                 await websocket.close(1009, f"frames may be at most {MAX_PUBLISH_BYTES} bytes")
                 return

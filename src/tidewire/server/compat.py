@@ -39,9 +39,13 @@ from .files import (
     files_form,
     looked_up,
     multipart_boundary,
+    own_only,
+    owner_of_new,
+    readable,
     receive_files,
     request_body,
 )
+from .guard import Guard
 from .headers import content_length
 from .multipart import BadMultipart, MultipartStream, decode
 from .names import NAME_SCHEMA
@@ -88,8 +92,18 @@ def _stream_params_body() -> dict[str, Any]:
     return {"parameters": query, **request_body(content, required=False)}
 
 
-def add_original_stream_routes(router: APIRouter, frames: Sequence[bytes]) -> None:
-    """`GET` and `POST /stream`: the original's counter, one line per event, cycling `frames`."""
+#: The stream whose permission `/stream` needs: it is the demo's counter.
+ORIGINAL_STREAM = "demo"
+
+
+def add_original_stream_routes(
+    router: APIRouter, frames: Sequence[bytes], guard: Guard | None = None
+) -> None:
+    """`GET` and `POST /stream`: the original's counter, one line per event, cycling `frames`.
+
+    With a `guard`, it needs what starting the stream `demo` needs (it is the
+    same counter, in the original's format).
+    """
     images = [base64.b64encode(frame).decode() for frame in frames]
 
     def respond(n: int, interval: float) -> StreamingResponse:
@@ -103,8 +117,12 @@ def add_original_stream_routes(router: APIRouter, frames: Sequence[bytes]) -> No
         return StreamingResponse(lines(), media_type="text/plain")
 
     @router.get("/stream", tags=["compatibility"], summary="The original service's stream")
-    async def original_stream(n: Count = 10_000, interval: Pause = 0.05) -> StreamingResponse:
+    async def original_stream(
+        request: Request, n: Count = 10_000, interval: Pause = 0.05
+    ) -> StreamingResponse:
         """Lines of `{"text": "<i>", "img": "<base64 PNG>"}`, exactly as the original sent them."""
+        if guard is not None:
+            await guard.check(request, "stream", ORIGINAL_STREAM)
         return respond(n, interval)
 
     def check(values: dict[str, Any]) -> dict[str, Any]:
@@ -123,6 +141,8 @@ def add_original_stream_routes(router: APIRouter, frames: Sequence[bytes]) -> No
     )
     async def original_stream_post(request: Request) -> StreamingResponse:
         """As `GET /stream`; `n` and `interval` may come in a JSON or form body too."""
+        if guard is not None:
+            await guard.check(request, "stream", ORIGINAL_STREAM)
         params = validate(check, await read_params(request))
         return respond(params["n"], params["interval"])
 
@@ -219,22 +239,25 @@ def add_original_file_routes(router: APIRouter, tw: Tidewire) -> None:
     """
 
     async def upload(request: Request) -> Response:
+        identity = await tw.guard.check(request, "files:write", "")
         try:
-            [info] = await receive_files(request, tw, most=1)
+            [info] = await receive_files(request, tw, most=1, owner=owner_of_new(tw, identity))
         except ClientDisconnect:
             return Response(status_code=400)
         # 200, as the original answered (its clients check for it).
         return JSONResponse({"filename": info.name, **info.json()})
 
     async def download(request: Request) -> Response:
+        identity = await tw.guard.check(request, "files:read", "")
         name = looked_up(await _requested_name(request), "filename")
         info: FileInfo | None = None
         if valid_id(name):
             with suppress(FileNotFound):
-                info = await tw.storage.info(name)
+                info = await readable(tw, identity, await tw.storage.info(name))
         if info is None:
             try:
-                info = await tw.storage.find(name)
+                # read:own finds the newest file of that name among its own.
+                info = await tw.storage.find(name, owner=own_only(identity))
             except FileNotFound:
                 raise HTTPException(
                     404,
@@ -281,5 +304,5 @@ def add_original_file_routes(router: APIRouter, tw: Tidewire) -> None:
 
 def add_compat_routes(router: APIRouter, tw: Tidewire, frames: Sequence[bytes]) -> None:
     """All of the original service's routes; `/stream` cycles `frames` as its images."""
-    add_original_stream_routes(router, frames)
+    add_original_stream_routes(router, frames, tw.guard)
     add_original_file_routes(router, tw)

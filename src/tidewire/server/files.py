@@ -33,6 +33,7 @@ from python_multipart.multipart import parse_options_header
 from starlette.convertors import PathConvertor, register_url_convertor
 from starlette.requests import ClientDisconnect
 
+from ..auth import Identity
 from ..storage import FileInfo, FileNotFound, Storage, TooLarge, valid_id
 from ..wire import NEXT_CURSOR_HEADER
 from .downloads import send_file
@@ -54,12 +55,38 @@ __all__ = [
     "files_form",
     "looked_up",
     "multipart_boundary",
+    "own_only",
+    "owner_of_new",
+    "readable",
     "receive_files",
     "request_body",
 ]
 
 #: Most files one multipart request may carry.
 MAX_FILES = 100
+
+# -- who may ---------------------------------------------------------------
+
+
+def owner_of_new(tw: Tidewire, identity: Identity) -> str | None:
+    """Who owns what `identity` uploads: its `sub`; nobody with access control off."""
+    return identity.sub if tw.guard.on else None
+
+
+def own_only(identity: Identity) -> str | None:
+    """The owner a listing or lookup is limited to: the identity itself, for `read:own`."""
+    if identity.admin or "read" in identity.files:
+        return None
+    return identity.sub
+
+
+async def readable(tw: Tidewire, identity: Identity, info: FileInfo) -> FileInfo:
+    """`info`, once `identity` passed the `files:read` check: with `read:own`
+    only, the file must be its own (else 403, naming what is missing)."""
+    if own_only(identity) is not None and info.owner != identity.sub:
+        await tw.guard.require(identity, "files:read", info.id, owner=info.owner or "")
+    return info
+
 
 # -- receiving -------------------------------------------------------------
 
@@ -109,11 +136,13 @@ async def _discard(storage: Storage, files: list[FileInfo]) -> None:
                 await storage.delete(info.id)
 
 
-async def receive_files(request: Request, tw: Tidewire, *, most: int = MAX_FILES) -> list[FileInfo]:
+async def receive_files(
+    request: Request, tw: Tidewire, *, most: int = MAX_FILES, owner: str | None = None
+) -> list[FileInfo]:
     """Store each `file` part of a multipart request, streaming; all of them or none.
 
     The size limit applies to each file, as it streams: the length of a
-    multipart body does not say how large its files are.
+    multipart body does not say how large its files are. The files are `owner`'s.
     """
     hint = "one or more file fields named 'file', e.g. curl -F file=@photo.jpg URL"
     boundary = multipart_boundary(request, hint)
@@ -136,6 +165,7 @@ async def receive_files(request: Request, tw: Tidewire, *, most: int = MAX_FILES
                     name=name,
                     type=upload_type(part.type, name),
                     limit=tw.settings.max_file_size,
+                    owner=owner,
                 )
             saved.append(info)
     except BaseException as exc:
@@ -244,9 +274,17 @@ def add_file_routes(router: APIRouter, tw: Tidewire) -> None:
         }
     """
 
+    guard = tw.guard
+
     async def get_info(file_id: str) -> FileInfo:
         with storage_errors():
             return await tw.storage.info(_file_id(file_id))
+
+    async def get_readable(request: Request, file_id: str) -> FileInfo:
+        # `read` or `read:own` before the lookup (no token, no answer about
+        # what exists); then, for `read:own`, whose file it is.
+        identity = await guard.check(request, "files:read", file_id)
+        return await readable(tw, identity, await get_info(file_id))
 
     @router.post(
         "/files",
@@ -258,8 +296,10 @@ def add_file_routes(router: APIRouter, tw: Tidewire) -> None:
         openapi_extra=_MULTIPART_BODY,
     )
     async def upload_files(request: Request) -> Response:
+        # The names come with the body: the policy hook sees "" for them.
+        identity = await guard.check(request, "files:write", "")
         try:
-            saved = await receive_files(request, tw)
+            saved = await receive_files(request, tw, owner=owner_of_new(tw, identity))
         except ClientDisconnect:
             return Response(status_code=400)  # nobody is there to read it
         return JSONResponse([info.json() for info in saved], status_code=201)
@@ -284,16 +324,22 @@ def add_file_routes(router: APIRouter, tw: Tidewire) -> None:
     async def put_file(request: Request) -> Response:
         """The name in the URL is only the file's label; the server makes its id."""
         filename = request.path_params["file_id"]
+        identity = await guard.identify(request)
         try:
             name = clean_name(filename)
         except ValueError as exc:
             raise HTTPException(422, f"{exc}: PUT /files/<name> names the file") from None
+        await guard.require(identity, "files:write", name)
         _refuse_declared(request, tw.settings.max_file_size)
         kind = upload_type(request.headers.get("content-type"), name)
         try:
             with storage_errors():
                 info = await tw.storage.save(
-                    request.stream(), name=name, type=kind, limit=tw.settings.max_file_size
+                    request.stream(),
+                    name=name,
+                    type=kind,
+                    limit=tw.settings.max_file_size,
+                    owner=owner_of_new(tw, identity),
                 )
         except ClientDisconnect:
             return Response(status_code=400)
@@ -329,11 +375,13 @@ def add_file_routes(router: APIRouter, tw: Tidewire) -> None:
             ),
         ] = None,
     ) -> Response:
+        identity = await guard.check(request, "files:read", "")
+        mine = own_only(identity)  # read:own lists only the identity's own files
         if name is not None:
-            return await newest_named(name, cursor)
+            return await newest_named(name, cursor, mine)
         try:
             with storage_errors():
-                page = await tw.storage.list(limit=limit, cursor=cursor)
+                page = await tw.storage.list(limit=limit, cursor=cursor, owner=mine)
         except ValueError:
             raise HTTPException(
                 400, f"bad cursor: pass the {NEXT_CURSOR_HEADER} of a page"
@@ -345,7 +393,7 @@ def add_file_routes(router: APIRouter, tw: Tidewire) -> None:
             headers["link"] = f'<{request.url.path}?{query}>; rel="next"'
         return JSONResponse([info.json() for info in page.files], headers=headers)
 
-    async def newest_named(name: str, cursor: str | None) -> Response:
+    async def newest_named(name: str, cursor: str | None, owner: str | None) -> Response:
         # Storage keeps an index by name that answers "the newest" without a
         # scan (`Storage.find`), not a listing by name; the newest is what
         # clients that know files by name want (`Client.download(name)`).
@@ -354,7 +402,7 @@ def add_file_routes(router: APIRouter, tw: Tidewire) -> None:
         name = looked_up(name, "?name=")
         with storage_errors():
             try:
-                found = [await tw.storage.find(name)]
+                found = [await tw.storage.find(name, owner=owner)]
             except FileNotFound:
                 found = []
         return JSONResponse([info.json() for info in found])
@@ -365,7 +413,8 @@ def add_file_routes(router: APIRouter, tw: Tidewire) -> None:
 
     async def get_file(request: Request, file_id: str, download: bool = False) -> Response:
         """The file's bytes; `?download=1` makes any file an attachment."""
-        return await send_file(request, tw, await get_info(file_id), attachment=download)
+        info = await get_readable(request, file_id)
+        return await send_file(request, tw, info, attachment=download)
 
     for method, summary in (("GET", "Download a file"), ("HEAD", "A file's headers")):
         router.add_api_route(
@@ -387,8 +436,8 @@ def add_file_routes(router: APIRouter, tw: Tidewire) -> None:
         response_model=None,
         responses={200: {"model": FileMetadata}, **error_responses(404)},
     )
-    async def file_meta(file_id: str) -> Response:
-        return JSONResponse((await get_info(file_id)).json())
+    async def file_meta(request: Request, file_id: str) -> Response:
+        return JSONResponse((await get_readable(request, file_id)).json())
 
     @router.delete(
         "/files/{file_id}",
@@ -397,7 +446,14 @@ def add_file_routes(router: APIRouter, tw: Tidewire) -> None:
         summary="Delete a file",
         responses=error_responses(404),
     )
-    async def delete_file(file_id: str) -> Response:
+    async def delete_file(request: Request, file_id: str) -> Response:
+        identity = await guard.identify(request)
+        if not identity.admin and "delete" not in identity.files:
+            # Refused before the lookup, as a token without the right learns nothing.
+            await guard.require(identity, "files:delete", file_id)
+        # `delete` covers the identity's own files (admin: any).
+        info = await get_info(file_id)
+        await guard.require(identity, "files:delete", file_id, owner=info.owner or "")
         with storage_errors():
-            await tw.storage.delete(_file_id(file_id))
+            await tw.storage.delete(info.id)
         return Response(status_code=204)

@@ -10,6 +10,7 @@ import pydantic
 from fastapi import APIRouter, HTTPException, Request, WebSocket
 from fastapi.responses import JSONResponse, Response
 
+from ..auth import Identity
 from ..broker import BadPosition, BrokerUnavailable
 from ..events import TooDeep, load_json
 from ..runs import RESERVED_PARAMS, CancelNotConfirmed, Run, StreamFunction, TooManyRuns
@@ -120,6 +121,7 @@ def validate(
 
 def add_stream_routes(router: APIRouter, tw: Tidewire) -> None:
     runs = tw.runs
+    guard = tw.guard
 
     def get_stream(name: str) -> StreamFunction:
         stream = tw.streams.get(name)
@@ -127,15 +129,19 @@ def add_stream_routes(router: APIRouter, tw: Tidewire) -> None:
             raise HTTPException(404, f"no stream named {name!r}; GET /streams lists them")
         return stream
 
-    async def start_run(stream: StreamFunction, params: dict[str, Any], *, attached: bool) -> Run:
+    async def start_run(
+        stream: StreamFunction, params: dict[str, Any], identity: Identity, *, attached: bool
+    ) -> Run:
         try:
-            return await runs.start(stream, params, attached=attached)
+            return await runs.start(stream, params, attached=attached, sub=identity.sub)
         except TooManyRuns as exc:
             raise HTTPException(503, f"{exc}; try again later", {"retry-after": "1"}) from None
 
-    async def get_run(run_id: str) -> Run:
+    async def get_run(run_id: str, identity: Identity) -> Run:
         run = await runs.get(run_id)
-        if run is None:
+        # Someone else's run is answered as one that does not exist: run ids
+        # are not secrets (they are in URLs and logs), so their existence is.
+        if run is None or not guard.owns(identity, run.sub):
             raise HTTPException(404, f"no run {run_id!r} (unknown, or finished and expired)")
         return run
 
@@ -152,13 +158,36 @@ def add_stream_routes(router: APIRouter, tw: Tidewire) -> None:
         return LogResponse(cur, negotiate(request), {RUN_HEADER: run.id}, tw.settings.sse_retry_ms)
 
     @router.get("/streams", tags=["streams"], summary="The registered streams and their parameters")
-    async def list_streams() -> list[dict[str, Any]]:
-        return [stream.schema() for stream in tw.streams.values()]
+    async def list_streams(request: Request) -> list[dict[str, Any]]:
+        """With access control on: only the streams this token may start."""
+        identity = await guard.identify(request)
+        return [
+            stream.schema()
+            for stream in tw.streams.values()
+            if await may_start(identity, stream.name)
+        ]
+
+    async def may_start(identity: Identity, name: str) -> bool:
+        try:
+            await guard.require(identity, "stream", name)
+        except HTTPException:
+            return False
+        return True
+
+    async def start_get(request: Request, name: str) -> Response:
+        # `detach` is not a GET parameter: a GET must not start a run that
+        # outlives it (a link, a prefetch or an <img> would start runs nobody watches).
+        if request.query_params.get("detach", "false").lower() not in ("false", "0", ""):
+            raise HTTPException(
+                405, "?detach=true starts a run in the background: use POST", {"allow": "POST"}
+            )
+        return await start(request, name)
 
     async def start(request: Request, name: str, detach: bool = False) -> Response:
+        identity = await guard.check(request, "stream", name)
         stream = get_stream(name)
         params = validate(stream.validate, await read_params(request))
-        run = await start_run(stream, params, attached=not detach)
+        run = await start_run(stream, params, identity, attached=not detach)
         if detach:
             body = {
                 "run": run.id,
@@ -169,25 +198,29 @@ def add_stream_routes(router: APIRouter, tw: Tidewire) -> None:
         return http_stream(request, run, cursor(run, "0", new=True))
 
     # GET and POST as two routes, so that each has its own OpenAPI operation.
-    for method in ("GET", "POST"):
+    for method, endpoint, responses in (
+        ("GET", start_get, {k: v for k, v in _START_RESPONSES.items() if k != 202}),
+        ("POST", start, _START_RESPONSES),
+    ):
         router.add_api_route(
             "/streams/{name}",
-            start,
+            endpoint,
             methods=[method],
             tags=["streams"],
             summary="Start a run and stream its events (NDJSON, or SSE by Accept)",
             response_model=None,
             response_class=Response,
-            responses=_START_RESPONSES,
+            responses=responses,
             openapi_extra=_PARAMS_BODY if method == "POST" else None,
         )
 
     @router.websocket("/streams/{name}/ws")
     async def start_ws(websocket: WebSocket, name: str) -> None:
         try:
+            identity = await guard.check(websocket, "stream", name)
             stream = get_stream(name)
             params = validate(stream.validate, await read_params(websocket))
-            run = await start_run(stream, params, attached=True)
+            run = await start_run(stream, params, identity, attached=True)
         except (HTTPException, BrokerUnavailable) as exc:
             await deny_websocket(websocket, exc)
             return
@@ -200,12 +233,13 @@ def add_stream_routes(router: APIRouter, tw: Tidewire) -> None:
         summary="A run's state",
         responses=error_responses(404, 503),
     )
-    async def run_info(run_id: str) -> dict[str, Any]:
-        return (await get_run(run_id)).info()
+    async def run_info(request: Request, run_id: str) -> dict[str, Any]:
+        return (await get_run(run_id, await guard.identify(request))).info()
 
     async def watch(request: Request) -> LogResponse:
         """Watch a run: history first, then live; resume with Last-Event-ID or ?after=."""
-        run = await get_run(request.path_params["run_id"])
+        identity = await guard.identify(request)
+        run = await get_run(request.path_params["run_id"], identity)
         after = resume_position(request, "0")
         check_position(after)
         # Last-Event-ID wins over ?after=, but a malformed one is still an error.
@@ -229,7 +263,7 @@ def add_stream_routes(router: APIRouter, tw: Tidewire) -> None:
     @router.websocket("/runs/{run_id}/ws", name="watch_run_ws")
     async def watch_ws(websocket: WebSocket, run_id: str) -> None:
         try:
-            run = await get_run(run_id)
+            run = await get_run(run_id, await guard.identify(websocket))
             after = resume_position(websocket, "0")
             check_position(after)
         except (HTTPException, BrokerUnavailable) as exc:
@@ -243,8 +277,8 @@ def add_stream_routes(router: APIRouter, tw: Tidewire) -> None:
         summary="Cancel a run: its generator is closed",
         responses=error_responses(404, 409, 503),
     )
-    async def cancel(run_id: str) -> dict[str, Any]:
-        run = await get_run(run_id)
+    async def cancel(request: Request, run_id: str) -> dict[str, Any]:
+        run = await get_run(run_id, await guard.identify(request))
         # Returns once the generator's `finally` has run, here or elsewhere.
         try:
             cancelled = await runs.cancel(run)

@@ -34,6 +34,7 @@ from fastapi import APIRouter, HTTPException, Request
 from fastapi.responses import Response
 from starlette.requests import ClientDisconnect
 
+from ..auth import Identity
 from ..storage import StorageError, Upload, UploadNotFound
 from ..wire import FILE_HEADER, OFFSET_STREAM, TUS_EXTENSIONS, TUS_VERSION
 from .errors import Problem, error_responses, show, storage_error, storage_errors
@@ -271,9 +272,16 @@ class TusServer:
                 {"Tus-Version": TUS_VERSION},
             )
 
-    async def find(self, id: str) -> Upload:
+    async def find(self, request: Request, id: str) -> Upload:
+        """The upload `id`, if it is the caller's: anyone else's is not found, as
+        an unknown one (its id travels in URLs and logs; its bytes are private)."""
+        guard = self.tw.guard
+        identity: Identity = request.state.identity
         with storage_errors(_ALWAYS):
             upload = await self.tw.storage.upload(id)
+            if guard.on and not guard.owns(identity, upload.owner):
+                raise UploadNotFound(id)
+        await guard.require(identity, "files:write", upload.name)
         _check_live(upload)
         return upload
 
@@ -289,6 +297,7 @@ class TusServer:
         return Response(status_code=204, headers=headers)
 
     async def create(self, request: Request, _: str) -> Response:
+        identity: Identity = request.state.identity
         self.check_version(request)
         for unsupported in ("upload-defer-length", "upload-concat"):
             if unsupported in request.headers:
@@ -299,6 +308,7 @@ class TusServer:
             name, kind = file_name_and_type(parse_metadata(raw))
         except ValueError as exc:
             raise _bad(exc) from None
+        await self.tw.guard.require(identity, "files:write", name)
         limit = self.tw.settings.max_file_size
         if limit is not None and length > limit:
             raise _error(413, f"Upload-Length {length} is over the limit of {limit} bytes")
@@ -314,7 +324,12 @@ class TusServer:
         expires = time.time() + self.tw.settings.upload_expiry
         with storage_errors(_ALWAYS):
             upload = await self.tw.storage.create_upload(
-                length=length, name=name, type=kind, metadata=raw, expires=expires
+                length=length,
+                name=name,
+                type=kind,
+                metadata=raw,
+                expires=expires,
+                owner=identity.sub if self.tw.guard.on else None,
             )
         if with_body and upload.file is None:
             try:
@@ -334,7 +349,7 @@ class TusServer:
 
     async def head(self, request: Request, id: str) -> Response:
         self.check_version(request)
-        upload = await self.find(id)
+        upload = await self.find(request, id)
         headers = {**_state(upload), "Cache-Control": "no-store"}
         if upload.metadata:
             headers["Upload-Metadata"] = upload.metadata
@@ -350,7 +365,7 @@ class TusServer:
             raise _bad(exc) from None
         checksum = _checksum(request)
         # Refuse before reading the body, which may be gigabytes.
-        upload = await self.find(id)
+        upload = await self.find(request, id)
         if offset != upload.offset:
             raise _error(409, f"Upload-Offset is {offset} but the upload is at {upload.offset}")
         sent = content_length(request.headers)
@@ -370,6 +385,7 @@ class TusServer:
 
     async def delete(self, request: Request, id: str) -> Response:
         self.check_version(request)
+        await self.find(request, id)
         with storage_errors(_ALWAYS):
             await self.tw.storage.abort(id)
         return Response(status_code=204, headers=dict(_ALWAYS))
@@ -381,6 +397,10 @@ class TusServer:
         if handler is None:
             allowed = ", ".join(handlers)
             raise _error(405, f"{method[:20]!r} is not allowed here", {"Allow": allowed})
+        if handler != self.options:
+            # Who asks, before anything else is looked at; OPTIONS stays open
+            # (it says what the server supports, and browsers send it bare).
+            request.state.identity = await self.tw.guard.identify(request)
         return await handler(request, id)
 
     async def collection(self, request: Request) -> Response:

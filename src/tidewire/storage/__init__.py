@@ -133,6 +133,10 @@ class FileInfo:
     type: str
     sha256: str
     created: float  # seconds since the epoch
+    #: The `sub` of the identity that uploaded it (None: access control was
+    #: off). It decides `read:own` and `delete`; not in the public metadata,
+    #: so that listing files does not list who else uses the server.
+    owner: str | None = None
 
     @property
     def url(self) -> str:
@@ -144,7 +148,10 @@ class FileInfo:
         return f'"{self.sha256}"'
 
     def json(self) -> dict[str, Any]:
-        return {**asdict(self), "url": self.url}
+        """The public metadata: `{"id","name","size","type","sha256","created","url"}`."""
+        data = asdict(self)
+        del data["owner"]
+        return {**data, "url": self.url}
 
 
 @dataclass(frozen=True, slots=True)
@@ -171,6 +178,8 @@ class Upload:
     #: The file's id, once the last byte has arrived.
     file: str | None = None
     extra: dict[str, str] = field(default_factory=dict)
+    #: The `sub` of the identity that created it; the file it becomes is theirs.
+    owner: str | None = None
 
 
 class Storage(Protocol):
@@ -183,8 +192,9 @@ class Storage(Protocol):
         name: str,
         type: str,
         limit: int | None = None,
+        owner: str | None = None,
     ) -> FileInfo:
-        """Stream `chunks` into a new file; sha256 is computed on the way.
+        """Stream `chunks` into a new file, uploaded by `owner`; sha256 is computed on the way.
 
         More than `limit` bytes raise `TooLarge`; no space raises
         `StorageFull`. Either way, or if `chunks` raises (the client went
@@ -196,16 +206,20 @@ class Storage(Protocol):
         """A file's metadata; `FileNotFound` for unknown or malformed ids."""
         ...
 
-    async def find(self, name: str) -> FileInfo:
-        """The newest file named exactly `name`; `FileNotFound` if there is none.
+    async def find(self, name: str, *, owner: str | None = None) -> FileInfo:
+        """The newest file named exactly `name` (of those `owner` uploaded, if
+        given); `FileNotFound` if there is none.
 
         For clients that know files by name (the original service's
         `/downloadfile/`, `tidewire download NAME`); it must not scan every file.
         """
         ...
 
-    async def list(self, *, limit: int, cursor: str | None = None) -> Page:
-        """Files newest first, at most `limit`, after `cursor` (a `Page.next`).
+    async def list(
+        self, *, limit: int, cursor: str | None = None, owner: str | None = None
+    ) -> Page:
+        """Files newest first, at most `limit`, after `cursor` (a `Page.next`);
+        with `owner`, only the files that identity uploaded.
 
         A cursor that no page gave (not of an id's shape) raises `ValueError`.
         """
@@ -226,9 +240,16 @@ class Storage(Protocol):
     # -- resumable uploads -----------------------------------------------
 
     async def create_upload(
-        self, *, length: int, name: str, type: str, metadata: str, expires: float
+        self,
+        *,
+        length: int,
+        name: str,
+        type: str,
+        metadata: str,
+        expires: float,
+        owner: str | None = None,
     ) -> Upload:
-        """Begin a resumable upload of `length` bytes."""
+        """Begin a resumable upload of `length` bytes by `owner`; the file it becomes is theirs."""
         ...
 
     async def upload(self, id: str) -> Upload:

@@ -111,11 +111,19 @@ class Uploads(abc.ABC):
     # -- the algorithm ---------------------------------------------------
 
     async def create_upload(
-        self, *, length: int, name: str, type: str, metadata: str, expires: float
+        self,
+        *,
+        length: int,
+        name: str,
+        type: str,
+        metadata: str,
+        expires: float,
+        owner: str | None = None,
     ) -> Upload:
         if length < 0:
             raise ValueError("length must not be negative")
         state = new_state(length=length, name=name, type=type, metadata=metadata, expires=expires)
+        state["owner"] = owner
         await self.start_upload(state)
         if length == 0:
             # Nothing to wait for: it is a file already.
@@ -254,6 +262,8 @@ def upload_of(state: State, offset: int) -> Upload:
         expires=state["expires"],
         file=state["file"],
         extra=state["extra"],
+        # States written before uploads had owners have none.
+        owner=state.get("owner"),
     )
 
 

@@ -62,11 +62,17 @@ CREATE TABLE IF NOT EXISTS files (
     size INTEGER NOT NULL,
     type TEXT NOT NULL,
     sha256 TEXT NOT NULL,
-    created REAL NOT NULL
+    created REAL NOT NULL,
+    owner TEXT
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS files_by_name ON files (name, id);
 """
-_COLUMNS = "id, name, size, type, sha256, created"
+#: Run once the table exists: indexes on columns that older index files gain
+#: by migration (`_migrate`) must come after it.
+_INDEXES = """
+CREATE INDEX IF NOT EXISTS files_by_owner ON files (owner, id);
+"""
+_COLUMNS = "id, name, size, type, sha256, created, owner"
 
 
 def _write_all(fd: int, data: bytes) -> None:
@@ -160,6 +166,7 @@ class LocalStorage(Uploads):
         name: str,
         type: str,
         limit: int | None = None,
+        owner: str | None = None,
     ) -> FileInfo:
         with _space("nothing was stored"):
             await self._prepare()
@@ -182,6 +189,7 @@ class LocalStorage(Uploads):
                     type=type,
                     sha256=sha.hexdigest(),
                     created=time.time(),
+                    owner=owner,
                 )
                 await asyncio.to_thread(os.replace, tmp, self._files / info.id)
                 tmp = self._files / info.id
@@ -203,25 +211,29 @@ class LocalStorage(Uploads):
             raise FileNotFound(id)
         return FileInfo(*row)
 
-    async def find(self, name: str) -> FileInfo:
+    async def find(self, name: str, *, owner: str | None = None) -> FileInfo:
         # Ids sort newest first, so the smallest id with that name is the newest.
+        mine, args = ("AND owner = ?", (name, owner)) if owner is not None else ("", (name,))
         row = await self._db(
             lambda db: db.execute(
-                f"SELECT {_COLUMNS} FROM files WHERE name = ? ORDER BY id LIMIT 1", (name,)
+                f"SELECT {_COLUMNS} FROM files WHERE name = ? {mine} ORDER BY id LIMIT 1", args
             ).fetchone()
         )
         if row is None:
             raise FileNotFound(name)
         return FileInfo(*row)
 
-    async def list(self, *, limit: int, cursor: str | None = None) -> Page:
+    async def list(
+        self, *, limit: int, cursor: str | None = None, owner: str | None = None
+    ) -> Page:
         if cursor is not None and not valid_id(cursor):
             raise ValueError("not a cursor of this storage")
         limit = max(limit, 1)
+        mine, args = ("AND owner = ?", (owner,)) if owner is not None else ("", ())
         rows = await self._db(
             lambda db: db.execute(
-                f"SELECT {_COLUMNS} FROM files WHERE id > ? ORDER BY id LIMIT ?",
-                (cursor or "", limit + 1),
+                f"SELECT {_COLUMNS} FROM files WHERE id > ? {mine} ORDER BY id LIMIT ?",
+                (cursor or "", *args, limit + 1),
             ).fetchall()
         )
         files = [FileInfo(*row) for row in rows[:limit]]
@@ -341,6 +353,8 @@ class LocalStorage(Uploads):
                 conn.execute("PRAGMA journal_mode = WAL")
                 conn.execute("PRAGMA synchronous = NORMAL")
                 conn.executescript(_SCHEMA)
+                _migrate(conn)
+                conn.executescript(_INDEXES)
             except BaseException:
                 conn.close()  # a full disk, say: the next call tries again
                 raise
@@ -429,6 +443,7 @@ class LocalStorage(Uploads):
             type=state["type"],
             sha256=sha256,
             created=time.time(),
+            owner=state.get("owner"),
         )
         await asyncio.to_thread(os.replace, source, self._files / info.id)
         try:
@@ -531,10 +546,27 @@ class LocalStorage(Uploads):
                         os.unlink(entry.path)
 
 
+def _migrate(db: sqlite3.Connection) -> None:
+    """Bring an index file made by an older version up to `_SCHEMA`.
+
+    Files stored before uploads had owners keep none (NULL): with access
+    control on, only `read` and admin reach them.
+    """
+    columns = {row[1] for row in db.execute("PRAGMA table_info(files)")}
+    if "owner" not in columns:
+        # Several processes may open the same old index at once: the one that
+        # loses the race finds the column there already.
+        try:
+            db.execute("ALTER TABLE files ADD COLUMN owner TEXT")
+        except sqlite3.OperationalError as exc:
+            if "duplicate column" not in str(exc):
+                raise
+
+
 def _insert(db: sqlite3.Connection, info: FileInfo) -> None:
     db.execute(
-        f"INSERT INTO files ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?)",
-        (info.id, info.name, info.size, info.type, info.sha256, info.created),
+        f"INSERT INTO files ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)",
+        (info.id, info.name, info.size, info.type, info.sha256, info.created, info.owner),
     )
 
 

@@ -140,6 +140,7 @@ class S3Storage(Uploads):
         name: str,
         type: str,
         limit: int | None = None,
+        owner: str | None = None,
     ) -> FileInfo:
         s3 = await self._s3()
         id = new_id()
@@ -162,6 +163,7 @@ class S3Storage(Uploads):
                         type=type,
                         sha256=sha.hexdigest(),
                         created=time.time(),
+                        owner=owner,
                     )
                     published = info
                     await self._publish(info)
@@ -180,7 +182,7 @@ class S3Storage(Uploads):
             raise FileNotFound(id)
         return _file_info(meta)
 
-    async def find(self, name: str) -> FileInfo:
+    async def find(self, name: str, *, owner: str | None = None) -> FileInfo:
         s3 = await self._s3()
         folder = f"{self.prefix}names/{_name_hash(name)}/"
         token: str | None = None
@@ -195,28 +197,42 @@ class S3Storage(Uploads):
             for entry in listing.get("Contents", []):
                 id = entry["Key"].removeprefix(folder)
                 meta = await self._get_json(self._meta(id)) if valid_id(id) else None
-                if meta is not None and meta["name"] == name:
+                mine = meta is not None and (owner is None or meta.get("owner") == owner)
+                if meta is not None and mine and meta["name"] == name:
                     return _file_info(meta)
             token = listing.get("NextContinuationToken")
             if not listing.get("IsTruncated") or not token:
                 raise FileNotFound(name)
 
-    async def list(self, *, limit: int, cursor: str | None = None) -> Page:
+    async def list(
+        self, *, limit: int, cursor: str | None = None, owner: str | None = None
+    ) -> Page:
         if cursor is not None and not valid_id(cursor):
             raise ValueError("not a cursor of this storage")
         s3 = await self._s3()
         folder = f"{self.prefix}meta/"
-        listing = await s3.list_objects_v2(
-            Bucket=self.bucket,
-            Prefix=folder,
-            MaxKeys=min(max(limit, 1), 1000),
-            StartAfter=f"{folder}{cursor}.json" if cursor else "",
-        )
-        keys = [entry["Key"] for entry in listing.get("Contents", [])]
-        metas = await _gather_bounded((self._get_json(key) for key in keys), FETCHES)
-        files = [_file_info(meta) for meta in metas if meta is not None]
-        last = keys[-1].removeprefix(folder).removesuffix(".json") if keys else None
-        return Page(files, last if listing.get("IsTruncated") else None)
+        limit = min(max(limit, 1), 1000)
+        files: list[FileInfo] = []
+        # With `owner`, the metadata is filtered as it is read (S3 has no index
+        # by owner): pages of keys are read until `limit` files are found.
+        while True:
+            listing = await s3.list_objects_v2(
+                Bucket=self.bucket,
+                Prefix=folder,
+                MaxKeys=limit,
+                StartAfter=f"{folder}{cursor}.json" if cursor else "",
+            )
+            keys = [entry["Key"] for entry in listing.get("Contents", [])]
+            metas = await _gather_bounded((self._get_json(key) for key in keys), FETCHES)
+            more = bool(listing.get("IsTruncated"))
+            for key, meta in zip(keys, metas, strict=True):
+                cursor = key.removeprefix(folder).removesuffix(".json")
+                if meta is not None and (owner is None or meta.get("owner") == owner):
+                    files.append(_file_info(meta))
+                    if len(files) == limit:
+                        return Page(files, cursor if more or key != keys[-1] else None)
+            if not more or not keys:
+                return Page(files, None)
 
     async def delete(self, id: str) -> None:
         info = await self.info(id)
@@ -421,7 +437,7 @@ class S3Storage(Uploads):
         s3 = self._s3_now()
         await s3.put_object(Bucket=self.bucket, Key=self._name(info.name, info.id), Body=b"")
         # Last: from now on the file is listed.
-        await self._put_json(self._meta(info.id), info.json())
+        await self._put_json(self._meta(info.id), {**info.json(), "owner": info.owner})
 
     async def _unpublish(self, info: FileInfo) -> None:
         s3 = self._s3_now()
@@ -522,6 +538,7 @@ class S3Storage(Uploads):
                 type=state["type"],
                 sha256=sha256,
                 created=time.time(),
+                owner=state.get("owner"),
             )
             await self._publish(info)
         return info.id
@@ -728,6 +745,7 @@ def _file_info(meta: dict[str, Any]) -> FileInfo:
         type=meta["type"],
         sha256=meta["sha256"],
         created=meta["created"],
+        owner=meta.get("owner"),
     )
 
 
