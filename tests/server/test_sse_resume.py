@@ -75,7 +75,7 @@ def test_httpx_sse_live_subscription_starts_with_its_position(server: LiveServer
         client.post("/channels/news/events", json="old").raise_for_status()
         with connect_sse(client, "GET", "/channels/news/events") as source:
             first = next(source.iter_sse())
-    assert (first.data, first.retry) == ("", es.RETRY_MS)
+    assert (first.event, first.data, first.retry) == ("position", "", es.RETRY_MS)
     assert first.id == "1"  # after the one event already there: memory ids count from 1
 
 
