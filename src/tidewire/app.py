@@ -23,6 +23,7 @@ from .channels import Channels
 from .config import Settings
 from .heap import trim_forever
 from .runs import Runs, StreamFunction
+from .server.caching import NotStored, compressed
 from .server.channels import add_channel_routes
 from .server.files import add_file_routes
 from .server.guard import Guard
@@ -171,6 +172,9 @@ class Tidewire:
         # Several routes share a path (/files/{id}): Allow names all their methods.
         app.add_exception_handler(405, method_not_allowed(self.router))
         app.add_exception_handler(Exception, _internal_error)
+        # Outermost last: JSON answers are marked before gzip sees them.
+        app.add_middleware(NotStored)
+        app.add_middleware(compressed)
         return app
 
 

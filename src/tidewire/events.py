@@ -445,8 +445,10 @@ class SSEDecoder:
     def _dispatch(self) -> Envelope | None:
         if self._id is not None:
             self.last_id = self._id
-        if not self._data:
-            self._event = ""
+        # No data, or one empty `data:` (as a `position` block has): nothing to
+        # dispatch, as the WHATWG spec says; the id is kept all the same.
+        if not self._data or self._data == [""]:
+            self._event, self._data, self._id = "", [], None
             return None
         data = "\n".join(self._data)
         event = Envelope(self.last_id or "", 0, self._event or "message", data.encode())

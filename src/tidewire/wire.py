@@ -20,13 +20,16 @@ __all__ = [
     "NDJSON",
     "NEXT_CURSOR_HEADER",
     "OFFSET_STREAM",
+    "POSITION",
     "RESERVED_EVENTS",
     "RUN_HEADER",
+    "RUN_ID_SEPARATOR",
     "SSE",
     "TERMINAL_EVENTS",
     "TUS_EXTENSIONS",
     "TUS_VERSION",
     "UNAVAILABLE",
+    "WARNING_HEADER",
 ]
 
 # -- headers -----------------------------------------------------------------
@@ -41,6 +44,8 @@ NEXT_CURSOR_HEADER = "Tidewire-Next-Cursor"
 FILE_HEADER = "Tidewire-File"
 #: Where a reader resumes (what EventSource sends back); wins over `?after=`.
 LAST_EVENT_ID = "Last-Event-ID"
+#: Something the client asked for was taken otherwise (an id ahead of the log).
+WARNING_HEADER = "Tidewire-Warning"
 
 # -- media types ---------------------------------------------------------------
 
@@ -61,6 +66,14 @@ CANCELLED = "cancelled"
 GAP = "gap"
 #: Not an event of the log (no id): the broker is unreachable; resume later.
 UNAVAILABLE = "unavailable"
+#: SSE only, with empty data: the block that gives a response's starting
+#: position as its id before there is any event (browsers dispatch nothing).
+POSITION = "position"
+
+# -- ids -------------------------------------------------------------------------
+
+#: A run's event ids are `<run id>.<the log's id>`, so that one names its run.
+RUN_ID_SEPARATOR = "."
 
 #: The events that end a run's log.
 TERMINAL_EVENTS = frozenset({END, ERROR, CANCELLED})

@@ -652,15 +652,20 @@ def test_a_position_int_would_take_is_400_in_the_query_too(server: LiveServer, c
 
 def test_an_id_from_before_a_restart_reads_on_from_the_head(server: LiveServer, ch: str) -> None:
     """A client resuming with an id this (restarted, in-memory) server never gave out
-    must get what is published from now on, not hang."""
-    publish(server, ch, "old")
+    must get what is published from now on, not hang, and be told (a `gap`) that the
+    id was ahead of the log, with the id it reads on from."""
+    old = publish(server, ch, "old")
     subs = [
-        Subscriber(server, ch, t, headers={"last-event-id": "999"}, limit=2).begin()
+        Subscriber(server, ch, t, headers={"last-event-id": "999"}, limit=3).begin()
         for t in TRANSPORTS
     ]
     ids = [publish(server, ch, f"new-{i}") for i in range(2)]
     for events in collect(subs):  # not hanging is the point; a loaded machine may be slow
-        assert [(e["id"], e["data"]) for e in events] == [(ids[0], "new-0"), (ids[1], "new-1")]
+        assert [(e["id"], e["data"]) for e in events] == [
+            (old, {"missed": 0, "ahead": "999"}),
+            (ids[0], "new-0"),
+            (ids[1], "new-1"),
+        ]
 
 
 # ---------------------------------------------------------------- publishing from server code

@@ -7,6 +7,7 @@ import base64
 import dataclasses
 import gc
 import json
+import re
 import socket
 import threading
 import time
@@ -180,7 +181,8 @@ def test_the_three_transports_give_identical_events(serve: Any) -> None:
     seen = {t: read(server, t, f"/runs/{run}/events") for t in TRANSPORTS}
     assert seen["ndjson"] == seen["sse"] == seen["ws"]
     events = seen["ndjson"]
-    assert [e["id"] for e in events] == ["1", "2", "3", "4", "5"]
+    # A run's event ids name the run: `<run id>.<the log's id>`.
+    assert [e["id"] for e in events] == [f"{run}.{i}" for i in range(1, 6)]
     assert [e["event"] for e in events] == ["message", "message", "progress", "message", "end"]
     data = [decode_blobs(e["data"]) for e in events]
     assert data[0] == b"\x00\xffraw"
@@ -204,11 +206,12 @@ def test_starting_a_run_on_each_transport(serve: Any, transport: str) -> None:
         events = read_sse(f"{server.url}/streams/count?n=3")
     else:
         events = read_ndjson(f"{server.url}/streams/count?n=3")
+    run = events[0]["id"].partition(".")[0]
     assert events == [
-        {"id": "1", "event": "message", "data": {"i": 0}},
-        {"id": "2", "event": "message", "data": {"i": 1}},
-        {"id": "3", "event": "message", "data": {"i": 2}},
-        {"id": "4", "event": "end", "data": None},
+        {"id": f"{run}.1", "event": "message", "data": {"i": 0}},
+        {"id": f"{run}.2", "event": "message", "data": {"i": 1}},
+        {"id": f"{run}.3", "event": "message", "data": {"i": 2}},
+        {"id": f"{run}.4", "event": "end", "data": None},
     ]
 
 
@@ -292,7 +295,7 @@ def test_resume_from_the_middle(serve: Any, transport: str) -> None:
     run = detach(server, "count", n=20)
     finished(server, run)
     events = read(server, transport, f"/runs/{run}/events?after=10")
-    assert [e["id"] for e in events] == [str(i) for i in range(11, 22)]
+    assert [e["id"] for e in events] == [f"{run}.{i}" for i in range(11, 22)]
     assert events[0]["data"] == {"i": 10}
     assert events[-1]["event"] == "end"
 
@@ -304,10 +307,12 @@ def test_last_event_id_wins_over_after(serve: Any, transport: str) -> None:
     run = detach(server, "count", n=10)
     finished(server, run)
     events = read(server, transport, f"/runs/{run}/events?after=2", headers={"last-event-id": "8"})
-    assert [e["id"] for e in events] == ["9", "10", "11"]
-    # Alone, it resumes too (a WebSocket client reconnecting sends it as a header).
-    alone = read(server, transport, f"/runs/{run}/events", headers={"last-event-id": "9"})
-    assert [e["id"] for e in alone] == ["10", "11"]
+    assert [e["id"] for e in events] == [f"{run}.{i}" for i in (9, 10, 11)]
+    # Alone, it resumes too (a WebSocket client reconnecting sends it as a header),
+    # given as the event's id or as the log's id in it.
+    for last in (f"{run}.9", "9"):
+        alone = read(server, transport, f"/runs/{run}/events", headers={"last-event-id": last})
+        assert [e["id"] for e in alone] == [f"{run}.10", f"{run}.11"]
 
 
 def test_resume_while_running_loses_and_repeats_nothing(serve: Any) -> None:
@@ -379,8 +384,9 @@ def test_a_late_watcher_of_a_trimmed_run_gets_a_gap(
 
 
 def seq(id: str) -> int:
-    """The count of an event id, from either broker ("7" or "1700000000000-7")."""
-    return int(id.rpartition("-")[2])
+    """The count of a run's event id, from either broker ("<run>.7" or
+    "<run>.1700000000000-7")."""
+    return int(id.rpartition(".")[2].rpartition("-")[2])
 
 
 def test_a_finished_run_is_forgotten_after_run_ttl(serve: Any) -> None:
@@ -498,7 +504,8 @@ def test_a_failing_generator_ends_with_an_error_event(
     run = detach(server, stream)
     events = read(server, transport, f"/runs/{run}/events")
     assert [e["data"] for e in events[:2]] == [0, 1]
-    assert events[-1] == {"id": "3", "event": "error", "data": {"type": kind, "message": message}}
+    error = {"type": kind, "message": message}
+    assert events[-1] == {"id": f"{run}.3", "event": "error", "data": error}
     assert finished(server, run)["state"] == "failed"
 
 
@@ -530,9 +537,9 @@ def test_a_generator_yielding_data_nested_too_deep_ends_with_an_error_event(
     run = detach(server, stream)
     events = read(server, transport, f"/runs/{run}/events")
     assert events == [
-        {"id": "1", "event": "message", "data": "before"},
+        {"id": f"{run}.1", "event": "message", "data": "before"},
         {
-            "id": "2",
+            "id": f"{run}.2",
             "event": "error",
             "data": {
                 "type": "TooDeep",
@@ -612,7 +619,8 @@ def test_heartbeats_while_idle(serve: Any) -> None:
             text += chunk
             if ": ping" in text:
                 break
-        assert text.startswith("retry: 2000\n\n")
+        # Nothing to send yet: the first block is the position, with retry:.
+        assert re.match(r"retry: 2000\nevent: position\nid: [0-9a-f]{16}\.0\ndata:\n\n", text)
 
 
 def test_websocket_heartbeats_are_protocol_pings(serve: Any) -> None:

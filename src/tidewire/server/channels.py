@@ -20,7 +20,7 @@ from .routing import (
     negotiate,
     resume_position,
 )
-from .transport import LogCursor, LogResponse, stream_websocket
+from .transport import LogCursor, LogResponse, ahead_header, ahead_notice, stream_websocket
 
 if TYPE_CHECKING:
     from ..app import Tidewire
@@ -173,10 +173,12 @@ def add_channel_routes(router: APIRouter, tw: Tidewire) -> None:
         check_after(request)
         after = await start_position(log, resume_position(request, "") or None)
         cursor = LogCursor(tw.broker, log, after, tw.settings.heartbeat)
+        notice = await ahead_notice(cursor)
         # Where "live from now" began, so that a client whose connection drops
-        # before any event can resume from there and miss nothing.
-        headers = {AFTER_HEADER: after}
-        return LogResponse(cursor, negotiate(request), headers, tw.settings.sse_retry_ms)
+        # before any event can resume from there and miss nothing. (SSE
+        # clients, which cannot read headers, get it as the first block's id.)
+        headers = {AFTER_HEADER: cursor.after, **ahead_header(notice)}
+        return LogResponse(cursor, negotiate(request), headers, tw.settings.sse_retry_ms, notice)
 
     add_stream_route(
         router,
@@ -252,4 +254,10 @@ def add_channel_routes(router: APIRouter, tw: Tidewire) -> None:
             await channels.publish(name, Blob(raw))
 
         cursor = LogCursor(tw.broker, log, after, tw.settings.heartbeat)
-        await stream_websocket(websocket, cursor, {AFTER_HEADER: after}, on_text, on_bytes)
+        try:
+            notice = await ahead_notice(cursor)
+        except BrokerUnavailable as exc:
+            await deny_websocket(websocket, exc)
+            return
+        headers = {AFTER_HEADER: cursor.after, **ahead_header(notice)}
+        await stream_websocket(websocket, cursor, headers, on_text, on_bytes, notice)

@@ -134,6 +134,8 @@ def _file_headers(info: FileInfo, *, attachment: bool) -> dict[str, str]:
         "content-disposition": content_disposition(info.name, inline=safe and not attachment),
         "etag": info.etag,
         "last-modified": http_date(info.created),
+        # Caches may keep a file, and revalidate it (If-None-Match: a 304) each time.
+        "cache-control": "no-cache",
         "accept-ranges": "bytes",
         "x-content-type-options": "nosniff",
     }
@@ -169,7 +171,7 @@ async def send_file(
     headers = _file_headers(info, attachment=attachment)
     reading = request.method in ("GET", "HEAD")
     if reading and not_modified(request.headers, info.etag, info.created):
-        kept = ("etag", "last-modified", "x-content-type-options")
+        kept = ("etag", "last-modified", "cache-control", "x-content-type-options")
         return Response(status_code=304, headers={k: headers[k] for k in kept})
     try:
         ranges = _ranges(request, info)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import inspect
 import re
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, Literal
 
 import orjson
 from fastapi import APIRouter, HTTPException
@@ -24,11 +24,12 @@ from starlette.types import Receive, Scope, Send
 from starlette.websockets import WebSocket
 
 from ..broker import BadPosition, Broker, BrokerUnavailable
-from ..wire import LAST_EVENT_ID, NDJSON, SSE
+from ..wire import LAST_EVENT_ID, NDJSON, RUN_ID_SEPARATOR, SSE
 from .transport import Format
 
 __all__ = [
     "EVENTS_RESPONSE",
+    "RUN_ID_PATTERN",
     "LeanEndpoint",
     "add_stream_route",
     "broker_unavailable",
@@ -90,23 +91,36 @@ EVENTS_RESPONSE: dict[str, Any] = {
 }
 
 
-def position_pattern(broker: Broker) -> str:
+#: A run's id, as the start of its events' ids (`<run id>.<log id>`).
+RUN_ID_PATTERN = "[0-9a-f]{16}"
+
+RunPrefix = Literal["", "may", "must"]
+
+
+def position_pattern(broker: Broker, *, run: RunPrefix = "") -> str:
     """The event ids `broker` takes as a position, as a pattern for the spec.
 
     Redis Streams ids (`1700000000000-42`) or whole numbers (memory); asked
-    of the broker itself, so the spec says what `check_id` will accept.
+    of the broker itself, so the spec says what `check_id` will accept. A
+    run's event ids start with the run's id and a dot: a run's own routes
+    take them with or without (`may`), /streams/{name} only with (`must`).
     """
-    # Empty: as if not given.
     try:
         broker.check_id("1-0")
     except BadPosition:
-        return "^([0-9]{1,19})?$"
-    return "^(0|[0-9]{1,19}-[0-9]{1,19})?$"
+        ids = "[0-9]{1,19}"
+    else:
+        ids = "0|[0-9]{1,19}-[0-9]{1,19}"
+    if run:
+        separator = re.escape(RUN_ID_SEPARATOR)
+        ids = f"({RUN_ID_PATTERN}{separator}){'?' if run == 'may' else ''}({ids})"
+    # Empty: as if not given.
+    return f"^({ids})?$"
 
 
-def resume_parameters(broker: Broker) -> list[dict[str, Any]]:
+def resume_parameters(broker: Broker, *, run: RunPrefix = "") -> list[dict[str, Any]]:
     """OpenAPI parameters of every route that reads a log: where to resume."""
-    schema = {"type": "string", "pattern": position_pattern(broker)}
+    schema = {"type": "string", "pattern": position_pattern(broker, run=run)}
     return [
         {
             "name": "after",
@@ -135,6 +149,7 @@ def add_stream_route(
     responses: dict[int | str, dict[str, Any]],
     broker: Broker,
     path_schemas: dict[str, dict[str, Any]] | None = None,
+    run: RunPrefix = "",
 ) -> None:
     """Serve a long-lived GET stream through a `LeanEndpoint`, and document it.
 
@@ -161,7 +176,7 @@ def add_stream_route(
         summary=(inspect.getdoc(handler) or "").split("\n")[0],
         response_class=Response,
         responses={200: EVENTS_RESPONSE, **responses},
-        openapi_extra={"parameters": [*path_params, *resume_parameters(broker)]},
+        openapi_extra={"parameters": [*path_params, *resume_parameters(broker, run=run)]},
     )
 
 

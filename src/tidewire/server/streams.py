@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -12,18 +13,20 @@ from fastapi.responses import JSONResponse, Response
 
 from ..auth import Identity
 from ..broker import BadPosition, BrokerUnavailable
-from ..events import TooDeep, load_json
+from ..events import Envelope, TooDeep, load_json
 from ..runs import RESERVED_PARAMS, CancelNotConfirmed, Run, StreamFunction, TooManyRuns
-from ..wire import RUN_HEADER
+from ..wire import LAST_EVENT_ID, RUN_HEADER, RUN_ID_SEPARATOR
 from .errors import error_responses
 from .routing import (
     EVENTS_RESPONSE,
+    RUN_ID_PATTERN,
     add_stream_route,
     deny_websocket,
     negotiate,
+    resume_parameters,
     resume_position,
 )
-from .transport import LogCursor, LogResponse, stream_websocket
+from .transport import LogCursor, LogResponse, ahead_header, ahead_notice, stream_websocket
 
 if TYPE_CHECKING:
     from ..app import Tidewire
@@ -44,6 +47,12 @@ _PARAMS_BODY = {
 }
 _START_RESPONSES: dict[int | str, dict[str, Any]] = {
     200: {**EVENTS_RESPONSE, "headers": _RUN_HEADER},
+    204: {
+        "description": (
+            "A reconnect (`Last-Event-ID`) whose run is gone, or has finished and was "
+            "read to its end: nothing more will come (EventSource stops)"
+        )
+    },
     202: {
         "description": "Detached (`?detach=true`): where to watch the run",
         "headers": _RUN_HEADER,
@@ -61,7 +70,8 @@ _START_RESPONSES: dict[int | str, dict[str, Any]] = {
             }
         },
     },
-    # 400: a body that is not JSON; 503: too many runs, or no broker.
+    # 400: a body that is not JSON, or a Last-Event-ID that is not a run's event id;
+    # 503: too many runs, or no broker.
     **error_responses(400, 404, 415, 422, 503),
 }
 
@@ -152,10 +162,68 @@ def add_stream_routes(router: APIRouter, tw: Tidewire) -> None:
         # Watching a run that another process executes: check now and then
         # that the process is alive, or the watcher could wait forever.
         check = None if run.local else tw.settings.lease / 3
-        return LogCursor(tw.broker, run.log, after, tw.settings.heartbeat, watcher, check)
+        prefix = run.id + RUN_ID_SEPARATOR
+        return LogCursor(
+            tw.broker, run.log, after, tw.settings.heartbeat, watcher, check, prefix=prefix
+        )
 
-    def http_stream(request: Request, run: Run, cur: LogCursor) -> LogResponse:
-        return LogResponse(cur, negotiate(request), {RUN_HEADER: run.id}, tw.settings.sse_retry_ms)
+    def http_stream(
+        request: Request, run: Run, cur: LogCursor, notice: Envelope | None = None
+    ) -> LogResponse:
+        headers = {RUN_HEADER: run.id, **ahead_header(notice)}
+        return LogResponse(cur, negotiate(request), headers, tw.settings.sse_retry_ms, notice)
+
+    def log_position(run: Run, after: str) -> str:
+        """The log's own id in a run's event id (`<run id>.<log id>`; the log's id
+        alone is taken too): 400 for an id of another run or not an id at all."""
+        owner, dot, position = after.partition(RUN_ID_SEPARATOR)
+        if dot:
+            if owner != run.id:
+                raise HTTPException(400, f"event id {after!r} is of another run, not {run.id!r}")
+            after = position
+        check_position(after)
+        return after
+
+    async def finished_at(run: Run, after: str) -> bool:
+        """Whether a reader at `after` (the log's id) has had all of a finished run."""
+        batch = await tw.broker.read(run.log, after, limit=1, timeout=0)
+        return batch.ended and not batch.events and not batch.missed
+
+    async def watch_from(request: Request, run: Run, after: str) -> Response:
+        """Stream a run from a position (the log's id), or 204 if nothing more will come."""
+        if await finished_at(run, after):
+            # EventSource stops on 204; on a 200 that ends it would come back
+            # every `retry` until the run expires.
+            return Response(status_code=204, headers={RUN_HEADER: run.id})
+        cur = cursor(run, after)
+        try:
+            notice = await ahead_notice(cur)
+        except BrokerUnavailable:
+            cur.close()
+            raise
+        return http_stream(request, run, cur, notice)
+
+    async def resume(
+        request: Request, stream: StreamFunction, last_id: str, identity: Identity
+    ) -> Response:
+        """A reconnect to /streams/{name}: resume the run the id came from; never start one."""
+        run_id, dot, position = last_id.partition(RUN_ID_SEPARATOR)
+        if not dot or not re.fullmatch(RUN_ID_PATTERN, run_id):
+            raise HTTPException(
+                400,
+                f"Last-Event-ID {last_id!r} is not the id of a run's event "
+                "(send none to start a run)",
+            )
+        check_position(position)
+        run = await runs.get(run_id)
+        if run is None or not guard.owns(identity, run.sub):
+            # Gone, or another identity's (which is answered as gone): nothing will come.
+            return Response(status_code=204)
+        if run.stream != stream.name:
+            raise HTTPException(
+                400, f"Last-Event-ID {last_id!r} is of a run of stream {run.stream!r}"
+            )
+        return await watch_from(request, run, position)
 
     @router.get("/streams", tags=["streams"], summary="The registered streams and their parameters")
     async def list_streams(request: Request) -> list[dict[str, Any]]:
@@ -186,6 +254,9 @@ def add_stream_routes(router: APIRouter, tw: Tidewire) -> None:
     async def start(request: Request, name: str, detach: bool = False) -> Response:
         identity = await guard.check(request, "stream", name)
         stream = get_stream(name)
+        last_id = request.headers.get(LAST_EVENT_ID)
+        if last_id:
+            return await resume(request, stream, last_id, identity)
         params = validate(stream.validate, await read_params(request))
         run = await start_run(stream, params, identity, attached=not detach)
         if detach:
@@ -197,6 +268,13 @@ def add_stream_routes(router: APIRouter, tw: Tidewire) -> None:
             return JSONResponse(body, status_code=202, headers={RUN_HEADER: run.id})
         return http_stream(request, run, cursor(run, "0", new=True))
 
+    reconnect = {
+        **resume_parameters(tw.broker, run="must")[1],
+        "description": (
+            "an event id of a run of this stream (EventSource sends it when it "
+            "reconnects): resume that run rather than start one; 204 if it is gone"
+        ),
+    }
     # GET and POST as two routes, so that each has its own OpenAPI operation.
     for method, endpoint, responses in (
         ("GET", start_get, {k: v for k, v in _START_RESPONSES.items() if k != 202}),
@@ -211,7 +289,10 @@ def add_stream_routes(router: APIRouter, tw: Tidewire) -> None:
             response_model=None,
             response_class=Response,
             responses=responses,
-            openapi_extra=_PARAMS_BODY if method == "POST" else None,
+            openapi_extra={
+                **(_PARAMS_BODY if method == "POST" else {}),
+                "parameters": [reconnect],
+            },
         )
 
     @router.websocket("/streams/{name}/ws")
@@ -236,15 +317,14 @@ def add_stream_routes(router: APIRouter, tw: Tidewire) -> None:
     async def run_info(request: Request, run_id: str) -> dict[str, Any]:
         return (await get_run(run_id, await guard.identify(request))).info()
 
-    async def watch(request: Request) -> LogResponse:
+    async def watch(request: Request) -> Response:
         """Watch a run: history first, then live; resume with Last-Event-ID or ?after=."""
         identity = await guard.identify(request)
         run = await get_run(request.path_params["run_id"], identity)
-        after = resume_position(request, "0")
-        check_position(after)
+        after = log_position(run, resume_position(request, "0"))
         # Last-Event-ID wins over ?after=, but a malformed one is still an error.
-        check_position(request.query_params.get("after") or "0")
-        return http_stream(request, run, cursor(run, after))
+        log_position(run, request.query_params.get("after") or "0")
+        return await watch_from(request, run, after)
 
     add_stream_route(
         router,
@@ -253,9 +333,11 @@ def add_stream_routes(router: APIRouter, tw: Tidewire) -> None:
         name="watch_run",
         tag="streams",
         broker=tw.broker,
+        run="may",
         # 400: a position that is not an id of this broker.
         responses={
             200: {**EVENTS_RESPONSE, "headers": _RUN_HEADER},
+            204: {"description": "the run has finished and was read to its end"},
             **error_responses(400, 404, 503),
         },
     )
@@ -264,12 +346,21 @@ def add_stream_routes(router: APIRouter, tw: Tidewire) -> None:
     async def watch_ws(websocket: WebSocket, run_id: str) -> None:
         try:
             run = await get_run(run_id, await guard.identify(websocket))
-            after = resume_position(websocket, "0")
-            check_position(after)
+            after = log_position(run, resume_position(websocket, "0"))
         except (HTTPException, BrokerUnavailable) as exc:
             await deny_websocket(websocket, exc)
             return
-        await stream_websocket(websocket, cursor(run, after), {RUN_HEADER: run.id})
+        cur = cursor(run, after)
+        try:
+            notice = await ahead_notice(cur)
+        except BrokerUnavailable as exc:
+            cur.close()
+            await deny_websocket(websocket, exc)
+            return
+        headers = {RUN_HEADER: run.id, **ahead_header(notice)}
+        # At a finished run's end: no 204 here (a handshake is not a watch);
+        # the socket closes at once with 1000, as it does after `end`.
+        await stream_websocket(websocket, cur, headers, notice=notice)
 
     @router.delete(
         "/runs/{run_id}",

@@ -31,9 +31,18 @@ from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 from ..broker import Batch, Broker, BrokerUnavailable
 from ..events import NDJSON_HEARTBEAT, Envelope, dump_data
 from ..runs import Watcher
-from ..wire import GAP, NDJSON, SSE, UNAVAILABLE
+from ..wire import GAP, NDJSON, POSITION, SSE, UNAVAILABLE, WARNING_HEADER
 
-__all__ = ["Format", "LogCursor", "LogResponse", "stream_websocket", "until_disconnected"]
+__all__ = [
+    "Format",
+    "LogCursor",
+    "LogResponse",
+    "ahead_header",
+    "ahead_notice",
+    "position_block",
+    "stream_websocket",
+    "until_disconnected",
+]
 
 Format = Literal["ndjson", "sse"]
 
@@ -69,9 +78,22 @@ class LogCursor:
     check_every: float | None = None
     checked: float = 0.0  # when it last checked (loop time)
 
-    async def next(self) -> Batch:
-        """The next events; an empty batch after `heartbeat` seconds without any."""
-        if self.check_every is None:
+    #: Put before every id this reader hands out (`after` is the log's own):
+    #: a run's events are `<run id>.<log id>`, so that an id alone names the
+    #: run it came from (what lets a reconnect to /streams/{name} resume it).
+    prefix: str = ""
+
+    @property
+    def position(self) -> str:
+        """Where this reader is, as an id clients can resume from."""
+        return self.prefix + self.after
+
+    async def next(self, *, wait: bool = True) -> Batch:
+        """The next events; an empty batch after `heartbeat` seconds without any
+        (at once, without `wait`)."""
+        if not wait:
+            batch = await self.broker.read(self.log, self.after, limit=BATCH, timeout=0)
+        elif self.check_every is None:
             batch = await self.broker.read(
                 self.log, self.after, limit=BATCH, timeout=self.heartbeat
             )
@@ -81,7 +103,18 @@ class LogCursor:
             self.after = batch.events[-1].id
         elif batch.resume_id is not None:
             self.after = batch.resume_id
-        return batch
+        if not self.prefix:
+            return batch
+        # A new envelope per reader: its encodings are made for this reader,
+        # not shared. A run rarely has more than one watcher; channels, which
+        # fan out, keep the log's ids and share every encoding.
+        prefix = self.prefix
+        return Batch(
+            [Envelope(prefix + e.id, e.seq, e.event, e.data_json) for e in batch.events],
+            batch.missed,
+            None if batch.resume_id is None else prefix + batch.resume_id,
+            batch.ended,
+        )
 
     async def _next_checking(self, every: float) -> Batch:
         loop = asyncio.get_running_loop()
@@ -121,10 +154,58 @@ def gap_event(batch: Batch) -> Envelope:
     return Envelope(batch.resume_id or "0", 0, GAP, dump_data({"missed": batch.missed}))
 
 
+def _id_key(id: str) -> tuple[int, ...]:
+    # Both brokers' ids (`17`, `1700000000000-3`) order as tuples of numbers.
+    return tuple(int(part) for part in id.split("-"))
+
+
+async def ahead_notice(cursor: LogCursor) -> Envelope | None:
+    """A `gap` for a reader asking from past the newest event (an id from before
+    a restart, or made up), which is then moved to the newest event; else None.
+
+    Taken silently, such a reader would skip whatever comes before its id. The
+    notice has the id it reads on from, so an SSE client resumes from there.
+    """
+    if cursor.after == "0":
+        return None
+    head = await cursor.broker.last_id(cursor.log)
+    if _id_key(cursor.after) <= _id_key(head):
+        return None
+    asked, cursor.after = cursor.position, head
+    data = {"missed": 0, "ahead": asked}
+    return Envelope(cursor.position, 0, GAP, dump_data(data))
+
+
+def ahead_header(notice: Envelope | None) -> dict[str, str]:
+    """`Tidewire-Warning`, saying what `ahead_notice` says, for clients that read headers."""
+    if notice is None:
+        return {}
+    asked = notice.data["ahead"]
+    return {WARNING_HEADER: f"{asked} is ahead of the log; reading on from {notice.id}"}
+
+
+def position_block(id: str) -> bytes:
+    """An SSE block that only sets the client's last event id.
+
+    WHATWG EventSource keeps the `id:` of a block with no data and dispatches
+    nothing; so do browsers with an empty `data:`. Node's `eventsource`
+    (eventsource-parser) ignores ids of blocks without a `data:` line, but
+    takes this one, as an event of type `position` nobody listens to.
+    """
+    return f"event: {POSITION}\nid: {id}\ndata:\n\n".encode()
+
+
 class LogResponse(Response):
     """A chunked HTTP response that follows a log until it ends or the client leaves."""
 
-    def __init__(self, cursor: LogCursor, fmt: Format, headers: dict[str, str], retry_ms: int):
+    def __init__(
+        self,
+        cursor: LogCursor,
+        fmt: Format,
+        headers: dict[str, str],
+        retry_ms: int,
+        notice: Envelope | None = None,
+    ):
         # Not Response.__init__: it would add `content-length: 0`; this body is chunked.
         self.status_code = 200
         self.background = None
@@ -138,6 +219,7 @@ class LogResponse(Response):
         self.cursor = cursor
         self.fmt = fmt
         self.retry_ms = retry_ms
+        self.notice = notice  # a `gap` to send before anything else
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
@@ -149,18 +231,20 @@ class LogResponse(Response):
         await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
         sse = self.fmt == "sse"
         heartbeat = KEEPALIVE_COMMENT if sse else NDJSON_HEARTBEAT
-        # Tell EventSource how soon to come back if the connection drops.
-        first = f"retry: {self.retry_ms}\n\n".encode() if sse else b""
-        await send({"type": "http.response.body", "body": first, "more_body": True})
         cursor = self.cursor
+        first = True
         while True:
             try:
-                batch = await cursor.next()
+                # The first block goes out at once, whatever is there: it
+                # carries the starting position.
+                batch = await cursor.next(wait=not first)
             except BrokerUnavailable:
                 notice = UNAVAILABLE_SSE if sse else UNAVAILABLE_NDJSON
                 await send({"type": "http.response.body", "body": notice, "more_body": False})
                 return
             parts = []
+            if first and self.notice is not None:
+                parts.append(self.notice.sse() if sse else self.notice.ndjson())
             if batch.missed:
                 gap = gap_event(batch)
                 parts.append(gap.sse() if sse else gap.ndjson())
@@ -168,7 +252,19 @@ class LogResponse(Response):
                 parts.extend([event.sse() for event in batch.events])
             else:
                 parts.extend([event.ndjson() for event in batch.events])
-            body = b"".join(parts) if parts else b"" if batch.ended else heartbeat
+            if first and sse:
+                # How soon EventSource comes back after a drop, in the first
+                # block: a block of its own reaches some clients (httpx-sse)
+                # as an empty event. With no event yet, the block is the
+                # starting position, which EventSource keeps as its last id:
+                # a live subscription dropped now resumes without loss.
+                retry = f"retry: {self.retry_ms}\n".encode()
+                if not parts:
+                    parts.append(position_block(cursor.position))
+                parts[0] = retry + parts[0]
+            idle = b"" if batch.ended or first else heartbeat
+            body = b"".join(parts) if parts else idle
+            first = False
             await send({"type": "http.response.body", "body": body, "more_body": not batch.ended})
             cursor.delivered(batch)
             if batch.ended:
@@ -216,6 +312,7 @@ async def stream_websocket(
     headers: dict[str, str],
     on_text: Callable[[str], Awaitable[None]] | None = None,
     on_bytes: Callable[[bytes], Awaitable[None]] | None = None,
+    notice: Envelope | None = None,
 ) -> None:
     """Follow a log over an accepted-here WebSocket, one envelope per text frame.
 
@@ -243,6 +340,8 @@ async def stream_websocket(
     listener = asyncio.ensure_future(listen())
     listener.add_done_callback(on_gone)
     try:
+        if notice is not None:
+            await websocket.send_text(notice.ws())
         while True:
             batch = await cursor.next()
             if batch.missed:
