@@ -24,7 +24,11 @@ from .heap import trim_forever
 from .runs import Runs, StreamFunction
 from .server.channels import add_channel_routes
 from .server.files import add_file_routes
+from .server.guard import Guard
+from .server.links import add_link_routes
+from .server.logs import redact_server_logs
 from .server.methods import method_not_allowed
+from .server.origins import Cors, OriginCheck
 from .server.routing import broker_unavailable
 from .server.streams import add_stream_routes
 from .server.uploads import add_upload_routes, expire_uploads
@@ -60,7 +64,9 @@ class Tidewire:
         settings: Settings | None = None,
         title: str = "tidewire",
     ) -> None:
-        self.settings = settings or Settings()
+        # `tidewire serve` passes its flags (auth, origins) in the environment.
+        self.settings = settings or Settings.from_env()
+        self.guard = Guard(self.settings)
         # As for storage, the command line names the broker in the environment.
         self.broker: Broker = broker or broker_from_url(os.environ.get("TIDEWIRE_BROKER"))
         self._storage = storage
@@ -145,6 +151,7 @@ class Tidewire:
         add_stream_routes(router, self)
         add_channel_routes(router, self)
         add_file_routes(router, self)
+        add_link_routes(router, self)
         add_upload_routes(router, self)
         add_web_routes(router, self)
 
@@ -163,6 +170,12 @@ class Tidewire:
         # Several routes share a path (/files/{id}): Allow names all their methods.
         app.add_exception_handler(405, method_not_allowed(self.router))
         app.add_exception_handler(Exception, _internal_error)
+        # Origins are checked whether access control is on or off (origins.py
+        # says why); CORS outside it, so that preflights never reach a route.
+        app.add_middleware(OriginCheck, allow_origins=self.settings.allow_origins)
+        app.add_middleware(Cors, allow_origins=self.settings.allow_origins)
+        # `?access_token=` and `?sig=` stay out of uvicorn's request lines.
+        redact_server_logs()
         return app
 
 
