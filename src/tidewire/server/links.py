@@ -20,7 +20,7 @@ from urllib.parse import urlencode
 
 from fastapi import APIRouter, HTTPException, Request
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, BeforeValidator, Field
+from pydantic import BaseModel, Field, field_validator
 from starlette.requests import HTTPConnection
 
 from ..storage import FileNotFound, valid_id
@@ -43,21 +43,20 @@ def file_path(file_id: str) -> str:
     return f"/files/{file_id}"
 
 
-def _a_number(value: Any) -> Any:
-    # `true` or `"60"` are mistakes, not durations; `60.0` is JSON's 60.
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise ValueError("expires_in is a number of seconds")
-    return value
-
-
 class LinkRequest(BaseModel):
     """How long the link works."""
 
     expires_in: Annotated[
-        int,
-        BeforeValidator(_a_number),
-        Field(gt=0, le=MAX_LINK_SECONDS, description="seconds, at most a week"),
+        int, Field(gt=0, le=MAX_LINK_SECONDS, description="seconds, at most a week")
     ] = 3600
+
+    @field_validator("expires_in", mode="before")
+    @classmethod
+    def _a_number(cls, value: Any) -> Any:
+        # `true` or `"60"` are mistakes, not durations; `60.0` is JSON's 60.
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ValueError("expires_in is a number of seconds")
+        return value
 
 
 class Link(BaseModel):
