@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -10,6 +11,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -153,3 +155,186 @@ def test_an_unknown_broker_is_refused_clearly() -> None:
     result = run_cli("serve", "--broker", "kafka://x")
     assert result.returncode != 0
     assert "unknown broker 'kafka://x'" in result.stderr + result.stdout
+
+
+# -- access control --------------------------------------------------------
+
+SECRET = "c" * 32
+NO_FILE = "/files/" + "0" * 22  # a well-formed id that no file has
+
+
+def admin_token() -> str:
+    import jwt
+
+    claims = {"sub": "root", "exp": time.time() + 60, "tidewire": {"admin": True}}
+    return jwt.encode(claims, SECRET)
+
+
+@contextlib.contextmanager
+def serving(
+    *args: str, env: dict[str, str] | None = None, cwd: Path | None = None
+) -> Iterator[tuple[str, list[str]]]:
+    """`tidewire serve <args>` on a free port: yields its URL, and a list that
+    holds everything it printed once it has stopped."""
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tidewire", "serve", *args, "--port", str(port)],
+        cwd=cwd,
+        env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    output: list[str] = []
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                httpx.get(f"{url}/healthz", timeout=1)
+                break
+            except httpx.TransportError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    proc.kill()
+                    pytest.fail(f"server did not start: {proc.communicate()[0]}")
+                time.sleep(0.1)
+        yield url, output
+    finally:
+        proc.terminate()
+        output.append(proc.communicate(timeout=10)[0])
+
+
+@pytest.mark.parametrize(
+    ("host", "loopback"),
+    [
+        ("127.0.0.1", True),
+        ("127.8.9.10", True),
+        ("::1", True),
+        ("[::1]", True),
+        ("localhost", True),
+        ("LOCALHOST", True),
+        ("0.0.0.0", False),
+        ("::", False),
+        ("192.168.1.10", False),
+        ("example.com", False),
+        ("localhost.example.com", False),
+    ],
+)
+def test_loopback_is_127_8_ipv6_1_and_localhost(host: str, loopback: bool) -> None:
+    from tidewire.cli import is_loopback
+
+    assert is_loopback(host) is loopback
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "::", "192.0.2.1", "myhost.example"])
+def test_a_public_host_needs_auth_or_no_auth(host: str) -> None:
+    result = run_cli("serve", "--host", host)
+    assert result.returncode == 2, result.stderr
+    assert "--auth-secret" in result.stderr and "--no-auth" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--no-auth", "--auth-secret", SECRET], "contradict"),
+        (["--auth-secret", "short"], "at least 32 bytes"),
+        (["--auth-public-key", "/nonexistent/key.pem"], "/nonexistent/key.pem"),
+        (["--auth-secret", SECRET, "--auth-jwks", "https://x.example/jwks"], "exactly one"),
+    ],
+)
+def test_bad_access_control_flags_are_explained(args: list[str], message: str) -> None:
+    result = run_cli("serve", *args)
+    assert result.returncode == 2, result.stderr
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("server", [["--host", "0.0.0.0", "--no-auth"]], indirect=True)
+def test_no_auth_serves_a_public_host_open(server: str) -> None:
+    assert httpx.get(f"{server}{NO_FILE}").status_code == 404
+
+
+def test_auth_and_origin_flags_reach_the_app() -> None:
+    friend, evil = "https://app.example", "https://evil.example"
+    admin = {"authorization": f"Bearer {admin_token()}"}
+    with serving("--host", "0.0.0.0", "--auth-secret", SECRET, "--allow-origin", friend) as (
+        url,
+        _,
+    ):
+        assert httpx.get(url + NO_FILE).status_code == 401
+        assert httpx.get(url + NO_FILE, headers=admin).status_code == 404
+        publish = f"{url}/channels/room/events"
+        assert httpx.post(publish, json=1, headers={**admin, "origin": friend}).status_code == 201
+        assert httpx.post(publish, json=1, headers={**admin, "origin": evil}).status_code == 403
+
+
+def test_access_control_from_the_environment() -> None:
+    env = {
+        "TIDEWIRE_AUTH_SECRET": SECRET,
+        "TIDEWIRE_ALLOW_ORIGINS": "https://a.example, https://b.example",
+    }
+    admin = {"authorization": f"Bearer {admin_token()}"}
+    with serving("--host", "0.0.0.0", env=env) as (url, _):
+        assert httpx.get(url + NO_FILE).status_code == 401
+        for origin, status in (("https://a.example", 201), ("https://b.example", 201)):
+            response = httpx.post(
+                f"{url}/channels/room/events", json=1, headers={**admin, "origin": origin}
+            )
+            assert response.status_code == status, origin
+    # A flag wins over the variable.
+    with serving("--allow-origin", "https://c.example", env=env) as (url, _):
+        response = httpx.post(
+            f"{url}/channels/room/events", json=1, headers={**admin, "origin": "https://a.example"}
+        )
+        assert response.status_code == 403
+
+
+def test_workers_get_the_access_control_flags(redis_server: Any) -> None:
+    args = ["--workers", "2", "--broker", redis_server.url, "--auth-secret", SECRET]
+    with serving(*args) as (url, _):
+        # New connections, spread over both workers: none is open.
+        for _ in range(10):
+            with httpx.Client() as client:
+                assert client.get(url + NO_FILE).status_code == 401
+
+
+OWN_SETTINGS_APP = """
+from tidewire import Settings, Tidewire
+
+tw = Tidewire(settings=Settings(heartbeat=5))
+"""
+
+
+def test_an_app_with_its_own_settings_cannot_drop_the_flags(tmp_path: Path) -> None:
+    (tmp_path / "own.py").write_text(OWN_SETTINGS_APP)
+    result = run_cli("serve", "own:tw", "--auth-secret", SECRET, cwd=tmp_path)
+    assert result.returncode == 2
+    assert "--auth-secret" in result.stderr and "Settings.from_env" in result.stderr
+
+
+def test_tokens_and_link_signatures_stay_out_of_the_log() -> None:
+    from websockets.sync.client import connect
+
+    with serving("--auth-secret", SECRET, "--log-level", "info") as (url, output):
+        httpx.get(f"{url}{NO_FILE}?access_token=SECRETVALUE1")
+        httpx.get(f"{url}{NO_FILE}?download=1&exp=1&sig=SECRETVALUE2")
+        httpx.get(f"{url}{NO_FILE}?access%5Ftoken=SECRETVALUE3")
+        token = admin_token()
+        ws = url.replace("http:", "ws:")
+        with connect(f"{ws}/channels/room/ws?access_token={token}"):
+            pass
+    log = output[0]
+    assert f"GET {NO_FILE}?access_token=*** HTTP/1.1" in log  # the lines are there
+    assert "download=1&exp=1&sig=***" in log
+    assert "WebSocket /channels/room/ws?access_token=***" in log
+    for secret in ("SECRETVALUE1", "SECRETVALUE2", "SECRETVALUE3", token):
+        assert secret not in log
+
+
+def test_forwarded_headers_only_from_the_allowed_proxies() -> None:
+    proxied = {"host": "tw.example", "x-forwarded-proto": "https", "origin": "https://tw.example"}
+    for args, status in (([], 201), (["--forwarded-allow-ips", "192.0.2.1"], 403)):
+        with serving(*args) as (url, _):
+            response = httpx.post(f"{url}/channels/room/events", json=1, headers=proxied)
+            assert response.status_code == status, args

@@ -27,7 +27,10 @@ from .server.caching import NotStored, compressed
 from .server.channels import add_channel_routes
 from .server.files import add_file_routes
 from .server.guard import Guard
+from .server.links import add_link_routes
+from .server.logs import redact_server_logs
 from .server.methods import method_not_allowed
+from .server.origins import Cors, OriginCheck
 from .server.routing import broker_unavailable
 from .server.streams import add_stream_routes
 from .server.uploads import add_upload_routes, expire_uploads
@@ -65,7 +68,7 @@ class Tidewire:
         authorize: Authorize | None = None,
     ) -> None:
         # Without settings, from the environment: `tidewire serve` hands its
-        # worker processes their settings (the auth key among them) that way.
+        # worker processes their settings (auth, origins) that way.
         self.settings = settings or Settings.from_env()
         #: Who may call which route (see server/guard.py); `authorize(identity,
         #: action, resource)` is a rule of the application's own, after the token's.
@@ -154,6 +157,7 @@ class Tidewire:
         add_stream_routes(router, self)
         add_channel_routes(router, self)
         add_file_routes(router, self)
+        add_link_routes(router, self)
         add_upload_routes(router, self)
         add_web_routes(router, self)
 
@@ -175,6 +179,12 @@ class Tidewire:
         # Outermost last: JSON answers are marked before gzip sees them.
         app.add_middleware(NotStored)
         app.add_middleware(compressed)
+        # Origins are checked whether access control is on or off (origins.py
+        # says why); CORS outside it, so that preflights never reach a route.
+        app.add_middleware(OriginCheck, allow_origins=self.settings.allow_origins)
+        app.add_middleware(Cors, allow_origins=self.settings.allow_origins)
+        # `?access_token=` and `?sig=` stay out of uvicorn's request lines.
+        redact_server_logs()
         return app
 
 

@@ -39,6 +39,7 @@ from ..wire import NEXT_CURSOR_HEADER
 from .downloads import send_file
 from .errors import error_responses, show, storage_error, storage_errors
 from .headers import content_length, upload_type
+from .links import link_grants
 from .multipart import BadMultipart, MultipartStream
 from .names import MAX_NAME, NAME_SCHEMA, clean_name
 
@@ -226,14 +227,15 @@ _NAME = {
     "required": True,
     "description": (
         "the new file's name: only a label, the server makes its id. "
-        "`<id>/meta` is a file's metadata, not a name (405)."
+        "`<id>/meta` and `<id>/links` are a file's metadata and links, not names (405)."
     ),
     "schema": NAME_SCHEMA,
 }
 
 
 class UploadName(PathConvertor):
-    """The name in `PUT /files/<name>`: any path but a file's metadata, `<id>/meta`.
+    """The name in `PUT /files/<name>`: any path but a file's metadata, `<id>/meta`
+    (and its links, `<id>/links`, links.py's).
 
     A name may hold slashes (`../../etc/passwd` is a fine label), so the PUT
     route takes a whole path; without this, `PUT /files/<id>/meta` stored a
@@ -241,7 +243,7 @@ class UploadName(PathConvertor):
     only has GET. In the router's regex, so that Allow says the same.
     """
 
-    regex = r"(?![^/]+/meta$).*"
+    regex = r"(?![^/]+/(?:meta|links)$).*"
 
 
 register_url_convertor("upload_name", UploadName())
@@ -412,8 +414,14 @@ def add_file_routes(router: APIRouter, tw: Tidewire) -> None:
     router.add_api_route("/files/", list_files, methods=["GET"], include_in_schema=False)
 
     async def get_file(request: Request, file_id: str, download: bool = False) -> Response:
-        """The file's bytes; `?download=1` makes any file an attachment."""
-        info = await get_readable(request, file_id)
+        """The file's bytes; `?download=1` makes any file an attachment.
+
+        `?exp=&sig=` (a signed link, links.py) stand in for a token.
+        """
+        if link_grants(tw.guard, request, file_id):
+            info = await get_info(file_id)
+        else:
+            info = await get_readable(request, file_id)
         return await send_file(request, tw, info, attachment=download)
 
     for method, summary in (("GET", "Download a file"), ("HEAD", "A file's headers")):
