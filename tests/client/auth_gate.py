@@ -25,8 +25,9 @@ from tidewire.auth import ACCESS_TOKEN_PARAM, AuthError, Unauthenticated, Verifi
 from tidewire.server.routing import deny_websocket
 
 SECRET = "a test secret that is long enough for HS256"
-#: Paths open without a token, as in DESIGN.md.
-OPEN_PATHS = ("/healthz", "/readyz")
+#: Paths open without a token, as in DESIGN.md: health, the page and its scripts.
+OPEN_PATHS = ("/healthz", "/readyz", "/", "/favicon.ico")
+OPEN_PREFIXES = ("/web/",)
 
 
 def mint(sub: str = "alice", ttl: float = 3600, **claims: Any) -> str:
@@ -65,7 +66,12 @@ class TokenGate:
         self.seen: list[Seen] = []
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        if scope["type"] not in ("http", "websocket") or scope["path"] in OPEN_PATHS:
+        path = scope.get("path", "")
+        if (
+            scope["type"] not in ("http", "websocket")
+            or path in OPEN_PATHS
+            or path.startswith(OPEN_PREFIXES)
+        ):
             await self.app(scope, receive, send)
             return
         conn = HTTPConnection(scope)
