@@ -30,6 +30,7 @@ from tidewire.demo import demo
 from tidewire.storage.local import LocalStorage
 
 Serve = Callable[..., LiveServer]
+SECRET = "the development secret, 32 bytes or more"
 
 
 def make_app(tmp_path: Path, settings: Settings = QUICK) -> tuple[Tidewire, threading.Event]:
@@ -329,3 +330,150 @@ def test_download_continues_a_partial_file(server: LiveServer, tmp_path: Path) -
     fresh = tidewire(server, "download", meta["id"], "-o", str(out))
     assert fresh.returncode == 0, fresh.stderr
     assert sha256(out) == sha256(src)
+
+
+# --- access control --------------------------------------------------------------------------
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """`tidewire ARGS` with no --url added (for commands that take none)."""
+    base = {k: v for k, v in os.environ.items() if not k.startswith("TIDEWIRE_")}
+    base["COLUMNS"] = base["TERMINAL_WIDTH"] = "200"
+    return subprocess.run(
+        [sys.executable, "-m", "tidewire", *args],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env={**base, **(env or {})},
+    )
+
+
+def test_token_mints_a_jwt_that_the_server_verifies() -> None:
+    import jwt
+
+    from tidewire.auth import Verifier
+
+    result = run_cli(
+        "token",
+        "--sub",
+        "alice",
+        "--secret",
+        SECRET,
+        "--allow",
+        "streams=demo,reports.*",
+        "--allow",
+        "publish=room.*",
+        "--allow",
+        "subscribe=news",
+        "--allow",
+        "subscribe=room.*",
+        "--allow",
+        "files=read,write",
+        "--ttl",
+        "120",
+        "--audience",
+        "tidewire-dev",
+        "--issuer",
+        "me",
+    )
+    assert result.returncode == 0, result.stderr
+    [minted] = result.stdout.split()
+    claims = jwt.decode(minted, SECRET, algorithms=["HS256"], audience="tidewire-dev", issuer="me")
+    assert jwt.get_unverified_header(minted)["alg"] == "HS256"
+    assert claims["sub"] == "alice" and claims["exp"] - claims["iat"] == 120
+    assert claims["tidewire"] == {
+        "streams": ["demo", "reports.*"],
+        "publish": ["room.*"],
+        "subscribe": ["news", "room.*"],
+        "files": ["read", "write"],
+    }
+    verifier = Verifier(secret=SECRET, audience="tidewire-dev", issuer="me")
+    identity = asyncio.run(verifier.verify(minted))
+    assert identity.sub == "alice" and identity.streams == ("demo", "reports.*")
+    assert identity.files == {"read", "write"} and not identity.admin
+
+
+def test_token_takes_the_secret_from_the_environment_and_admin() -> None:
+    from tidewire.auth import Verifier
+
+    result = run_cli("token", "--sub", "root", "--admin", env={"TIDEWIRE_AUTH_SECRET": SECRET})
+    assert result.returncode == 0, result.stderr
+    identity = asyncio.run(Verifier(secret=SECRET).verify(result.stdout.strip()))
+    assert identity.sub == "root" and identity.admin
+
+
+@pytest.mark.parametrize(
+    ("args", "says"),
+    [
+        (["--allow", "channels=room"], "KEY one of streams, subscribe, publish, files"),
+        (["--allow", "streams"], "KEY=PATTERN"),
+        (["--allow", "streams="], "names nothing"),
+        (["--allow", "files=fly"], "unknown file rights ['fly']"),
+        (["--secret", "short"], "at least 32 bytes"),
+        (["--ttl", "0"], "--ttl"),
+    ],
+)
+def test_token_says_what_is_wrong_with_its_options(args: list[str], says: str) -> None:
+    result = run_cli("token", "--sub", "a", *args, env={"TIDEWIRE_AUTH_SECRET": SECRET})
+    assert result.returncode == 2
+    assert says in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.fixture
+def gated(serve: Serve, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[LiveServer, Any]:
+    from tests.client.auth_gate import TokenGate
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    gate = TokenGate(make_app(tmp_path)[0].app, secret=SECRET)
+    return serve(gate), gate
+
+
+def test_every_client_command_sends_the_token(
+    gated: tuple[LiveServer, Any], tmp_path: Path
+) -> None:
+    server, gate = gated
+    minted = run_cli("token", "--sub", "cli", "--admin", "--secret", SECRET).stdout.strip()
+    src = tmp_path / "a.txt"
+    src.write_text("hello")
+
+    def ok(*args: str, env: dict[str, str] | None = None) -> str:
+        result = run_cli(*args, "--url", server.url, env=env)
+        assert result.returncode == 0, (args, result.stderr)
+        return result.stdout
+
+    given = ["--token", minted]
+    ok("stream", "demo", "-p", "n=1", "-p", "interval=0", *given)
+    ok("stream", "demo", "-p", "n=1", "-p", "interval=0", "-t", "ws", *given)
+    ok("publish", "room", "1", *given)
+    ok("subscribe", "room", "--after", "0", "-n", "1", "-t", "sse", *given)
+    meta = json.loads(ok("upload", str(src), *given))
+    ok("download", meta["id"], "-o", str(tmp_path / "b.txt"), *given)
+    ok("files", "--json", *given)
+    ok("rm", meta["id"], env={"TIDEWIRE_TOKEN": minted})
+    started = httpx.post(
+        f"{server.url}/streams/demo?detach=true",
+        json={"n": 1, "interval": 0},
+        headers={"Authorization": f"Bearer {minted}"},
+    )
+    ok("watch", started.json()["run"], env={"TIDEWIRE_TOKEN": minted})
+    assert gate.seen and all(s.token == minted and s.status == 0 for s in gate.seen)
+    paths = {(s.method, s.path.split("/")[1]) for s in gate.seen}
+    assert paths >= {
+        ("POST", "streams"),
+        ("GET", "streams"),  # the WebSocket
+        ("POST", "channels"),
+        ("GET", "channels"),
+        ("POST", "files"),
+        ("GET", "files"),
+        ("DELETE", "files"),
+        ("GET", "runs"),
+    }
+
+
+def test_without_a_token_a_command_says_the_server_wants_one(
+    gated: tuple[LiveServer, Any],
+) -> None:
+    server, _ = gated
+    result = run_cli("files", "--url", server.url)
+    assert result.returncode == 4
+    assert "needs a token" in one_line_error(result) and "HTTP 401" in result.stderr

@@ -59,6 +59,16 @@ Url = Annotated[
     str,
     typer.Option("--url", envvar="TIDEWIRE_URL", help="The tidewire server.", show_default=True),
 ]
+TokenOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--token",
+        envvar="TIDEWIRE_TOKEN",
+        help="A token for a server with access control (sent as Authorization: Bearer); "
+        "`tidewire token` mints one for development.",
+        show_default=False,
+    ),
+]
 TransportOpt = Annotated[
     Transport,
     typer.Option("--transport", "-t", help="How events travel: ndjson, sse or ws."),
@@ -139,10 +149,10 @@ def exit_codes() -> Iterator[None]:
         die(f"{where}{exc.strerror or exc}", 1)
 
 
-def client(url: str) -> Client:
+def client(url: str, token: str | None = None) -> Client:
     from .client import Client
 
-    return Client(check_url(url))
+    return Client(check_url(url), token=token or None)
 
 
 # --- values from the command line -----------------------------------------------------------
@@ -319,6 +329,7 @@ def stream(
     transport: TransportOpt = Transport.ndjson,
     save_blobs: SaveBlobs = None,
     url: Url = DEFAULT_URL,
+    token: TokenOpt = None,
 ) -> None:
     """Start a run of a stream and print its events, one JSON object per line.
 
@@ -326,7 +337,11 @@ def stream(
     """
     params = parse_params(param or [])
     writer = EventWriter(save_blobs)
-    with exit_codes(), client(url) as c, c.stream(name, params, transport=transport.value) as s:
+    with (
+        exit_codes(),
+        client(url, token) as c,
+        c.stream(name, params, transport=transport.value) as s,
+    ):
         if sys.stderr.isatty():  # for a person who may want to `watch` it elsewhere
             typer.echo(f"tidewire: run {s.run_id}", err=True)
         write_events(s, writer, cancel=True)
@@ -338,6 +353,7 @@ def watch(
     transport: TransportOpt = Transport.ndjson,
     save_blobs: SaveBlobs = None,
     url: Url = DEFAULT_URL,
+    token: TokenOpt = None,
 ) -> None:
     """Watch a run: its events so far, then live ones, until it ends.
 
@@ -346,7 +362,7 @@ def watch(
     writer = EventWriter(save_blobs)
     with (
         exit_codes(),
-        client(url) as c,
+        client(url, token) as c,
         c.watch(run, after, transport=transport.value, on_gap="yield") as s,
     ):
         write_events(s, writer)
@@ -362,6 +378,7 @@ def subscribe(
     transport: TransportOpt = Transport.ndjson,
     save_blobs: SaveBlobs = None,
     url: Url = DEFAULT_URL,
+    token: TokenOpt = None,
 ) -> None:
     """Print a channel's events as they are published (Ctrl-C or --count to stop).
 
@@ -370,7 +387,7 @@ def subscribe(
     writer = EventWriter(save_blobs)
     with (
         exit_codes(),
-        client(url) as c,
+        client(url, token) as c,
         c.subscribe(channel, after, transport=transport.value, on_gap="yield") as s,
     ):
         write_events(s, writer, count)
@@ -399,6 +416,7 @@ def publish(
         ),
     ] = None,
     url: Url = DEFAULT_URL,
+    token: TokenOpt = None,
 ) -> None:
     """Publish one event to a channel and print its id.
 
@@ -417,7 +435,7 @@ def publish(
             "with --file, DATA must be a JSON object (its keys become form fields)",
             param_hint="DATA",
         )
-    with exit_codes(), client(url) as c:
+    with exit_codes(), client(url, token) as c:
         typer.echo(c.publish(channel, value, event=event, files=attached or None))
 
 
@@ -454,6 +472,7 @@ def upload(
     ] = None,
     progress: ProgressOpt = None,
     url: Url = DEFAULT_URL,
+    token: TokenOpt = None,
 ) -> None:
     """Upload files (large ones resumably) and print each one's metadata as a JSON line.
 
@@ -461,7 +480,7 @@ def upload(
     """
     if name is not None and len(paths) > 1:
         raise typer.BadParameter("--name names one file; upload the others separately")
-    with exit_codes(), client(url) as c, bars(progress_wanted(progress)) as shown:
+    with exit_codes(), client(url, token) as c, bars(progress_wanted(progress)) as shown:
         for path in paths:
             meta = c.upload(path, name=name, type=type, progress=bar(shown, path.name))
             print(json.dumps(meta, ensure_ascii=False), flush=True)
@@ -483,12 +502,13 @@ def download(
     ] = False,
     progress: ProgressOpt = None,
     url: Url = DEFAULT_URL,
+    token: TokenOpt = None,
 ) -> None:
     """Download a file (checked against its sha256) and print where it went.
 
     Example: tidewire download 0c9f4m2k1v8r3n5p7q6s4t -o out/ --continue
     """
-    with exit_codes(), client(url) as c, bars(progress_wanted(progress)) as shown:
+    with exit_codes(), client(url, token) as c, bars(progress_wanted(progress)) as shown:
         path = c.download(file, output, resume=resume, progress=bar(shown, file))
     typer.echo(str(path))
 
@@ -506,12 +526,13 @@ def files(
         ),
     ] = None,
     url: Url = DEFAULT_URL,
+    token: TokenOpt = None,
 ) -> None:
     """List stored files, newest first.
 
     Example: tidewire files --json | jq -r 'select(.size > 1e6) | .id'
     """
-    with exit_codes(), client(url) as c:
+    with exit_codes(), client(url, token) as c:
         listed = c.files(limit=limit)
         if as_json if as_json is not None else not sys.stdout.isatty():
             for meta in listed:
@@ -537,17 +558,94 @@ def print_table(listed: list[dict[str, Any]]) -> None:
 def rm(
     ids: Annotated[list[str], typer.Argument(help="Ids of the files to delete.", metavar="ID...")],
     url: Url = DEFAULT_URL,
+    token: TokenOpt = None,
 ) -> None:
     """Delete files.
 
     Example: tidewire rm 0c9f4m2k1v8r3n5p7q6s4t
     """
-    with exit_codes(), client(url) as c:
+    with exit_codes(), client(url, token) as c:
         for file_id in ids:
             c.delete(file_id)
+
+
+#: `--allow KEY=…`: the lists of the token's `tidewire` claim.
+GRANTS = ("streams", "subscribe", "publish", "files")
+
+
+def token(
+    sub: Annotated[str, typer.Option("--sub", help="Who the token is for (its identity).")],
+    secret: Annotated[
+        str,
+        typer.Option(
+            "--secret",
+            envvar="TIDEWIRE_AUTH_SECRET",
+            help="The server's --auth-secret (at least 32 bytes).",
+            show_default=False,
+        ),
+    ],
+    allow: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--allow",
+            help="A permission, KEY=PATTERN[,PATTERN…] with KEY one of streams, subscribe, "
+            "publish, files (files: read, read:own, write, delete); * matches any run of "
+            "characters; repeat for more.",
+            metavar="KEY=PATTERNS",
+        ),
+    ] = None,
+    admin: Annotated[bool, typer.Option("--admin", help="May do everything.")] = False,
+    ttl: Annotated[int, typer.Option("--ttl", min=1, help="Seconds until it expires.")] = 3600,
+    audience: Annotated[
+        str | None, typer.Option(help="Its `aud`, if the server checks one.")
+    ] = None,
+    issuer: Annotated[str | None, typer.Option(help="Its `iss`, if the server checks one.")] = None,
+) -> None:
+    """Mint a token (an HS256 JWT) for a server started with --auth-secret, and print it.
+
+    For development and tests: in production, tokens come from your identity provider.
+
+    Example: tidewire token --sub alice --allow streams=demo --allow 'publish=room.*'
+    --allow files=read,write
+    """
+    import jwt
+
+    from .auth import Identity
+
+    if len(secret.encode()) < 32:
+        raise typer.BadParameter(
+            "must be at least 32 bytes, as the server's", param_hint="--secret"
+        )
+    grant: dict[str, Any] = {}
+    for spec in allow or []:
+        key, sep, patterns = spec.partition("=")
+        key = key.strip()
+        if not sep or key not in GRANTS:
+            raise typer.BadParameter(
+                f"{spec!r}: give KEY=PATTERN[,PATTERN…], KEY one of {', '.join(GRANTS)}",
+                param_hint="--allow",
+            )
+        values = [p.strip() for p in patterns.split(",") if p.strip()]
+        if not values:
+            raise typer.BadParameter(f"{spec!r} names nothing after =", param_hint="--allow")
+        grant.setdefault(key, []).extend(v for v in values if v not in grant.get(key, []))
+    if admin:
+        grant["admin"] = True
+    now = int(time.time())
+    claims: dict[str, Any] = {"sub": sub, "iat": now, "exp": now + ttl, "tidewire": grant}
+    if audience:
+        claims["aud"] = audience
+    if issuer:
+        claims["iss"] = issuer
+    try:
+        Identity.from_claims(claims)  # what the server will read: refuse what it would not
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
+    typer.echo(jwt.encode(claims, secret, algorithm="HS256"))
 
 
 def add_commands(app: typer.Typer) -> None:
     """Add the client commands to the `tidewire` app."""
     for command in (stream, watch, publish, subscribe, upload, download, files, rm):
         app.command(epilog=EXIT_CODES_HELP)(command)
+    app.command()(token)

@@ -29,6 +29,7 @@ from websockets.sync.client import connect as connect_ws
 from ..events import dump_data
 from ..wire import NEXT_CURSOR_HEADER
 from . import _transfers
+from ._auth import BearerAuth, Token, TokenSource
 from ._files import Source
 from ._models import Event, decode
 from ._session import Session, Target, Transport, accept
@@ -68,13 +69,21 @@ class _BaseClient(Generic[H]):
         stream_timeout: float = 60.0,
         retries: int = 10,
         headers: Mapping[str, str] | None = None,
+        token: TokenSource | None = None,
     ) -> None:
         self.url = url.rstrip("/")
         self.retries = retries
         self.stream_timeout = stream_timeout
         self._headers = dict(headers or {})
+        if token is not None and any(k.lower() == "authorization" for k in self._headers):
+            raise ValueError("give the token as token=, not also as an Authorization header")
         self._stream_timeouts = httpx.Timeout(timeout, read=stream_timeout)
         self.http: H = self._http(base_url=self.url, timeout=timeout, headers=self._headers)
+        #: The token, if any: sent as `Authorization: Bearer` to this server only.
+        self.token: Token | None = None
+        if token is not None:
+            self.token = Token(token)
+            self.http.auth = BearerAuth(self.token, self.http.base_url)
 
     def _run_session(
         self, name: str, params: dict[str, Any], transport: Transport, on_gap: GapPolicy
@@ -146,6 +155,12 @@ class Client(_BaseClient[httpx.Client]):
     heartbeat (15 s by default; the default here is 60 s). A stream whose
     connection drops reconnects by itself, up to `retries` times in a row,
     resuming after the last event it delivered.
+
+    `token`: for a server with access control, a token (JWT) or a callable
+    returning the current one. It is sent as `Authorization: Bearer` on every
+    request and WebSocket handshake to this server (to no other). A callable
+    is called again when a stream reconnects and when the server answers 401
+    (the request is then sent once more), so a stream outlives its token.
     """
 
     _http = httpx.Client
@@ -284,19 +299,19 @@ class Client(_BaseClient[httpx.Client]):
 
     def _open(self, target: Target) -> tuple[Mapping[str, str], Generator[bytes | str]]:
         if target.method == "WS":
+            sent = self.token.get() if self.token is not None else None
             try:
-                # Entered by hand: the connection outlives this call, and is
-                # closed by the generator that reads it.
-                ws = connect_ws(
-                    _ws_url(self.url, target),
-                    additional_headers=self._headers,
-                    open_timeout=self.http.timeout.connect,
-                    **_WS_OPTIONS,
-                    ping_interval=self.stream_timeout / 2,
-                    ping_timeout=self.stream_timeout / 2,
-                ).__enter__()
+                ws = self._open_ws(target, sent)
+            except websockets.InvalidStatus as exc:
+                if not (_unauthorized(exc) and self.token is not None and self.token.refreshable):
+                    raise _ws_error(exc, target) from exc
+                try:  # once more, with a new token: as BearerAuth does for HTTP
+                    ws = self._open_ws(target, self.token.refresh(sent))
+                except Exception as again:
+                    raise _ws_error(again, target) from again
             except Exception as exc:
                 raise _ws_error(exc, target) from exc
+            assert ws.response is not None
             return ws.response.headers, _ws_frames(ws)
         request = self.http.build_request(
             target.method,
@@ -314,6 +329,23 @@ class Client(_BaseClient[httpx.Client]):
             response.close()
             raise status_error(response)
         return response.headers, _http_chunks(response)
+
+    def _open_ws(self, target: Target, token: str | None) -> WebSocket:
+        # Entered by hand: the connection outlives this call, and is closed
+        # by the generator that reads it.
+        ws: WebSocket = connect_ws(
+            _ws_url(self.url, target),
+            additional_headers=_with_token(self._headers, token),
+            open_timeout=self.http.timeout.connect,
+            **_WS_OPTIONS,
+            ping_interval=self.stream_timeout / 2,
+            ping_timeout=self.stream_timeout / 2,
+        ).__enter__()
+        return ws
+
+    def _refresh_token(self) -> None:
+        if self.token is not None:
+            self.token.refresh(self.token.current)
 
     def close(self) -> None:
         self.http.close()
@@ -478,15 +510,16 @@ class AsyncClient(_BaseClient[httpx.AsyncClient]):
         self, target: Target
     ) -> tuple[Mapping[str, str], AsyncIterator[bytes | str], httpx.Response | AsyncWebSocket]:
         if target.method == "WS":
+            sent = await self.token.aget() if self.token is not None else None
             try:
-                ws = await aconnect_ws(
-                    _ws_url(self.url, target),
-                    additional_headers=self._headers,
-                    open_timeout=self.http.timeout.connect,
-                    **_WS_OPTIONS,
-                    ping_interval=self.stream_timeout / 2,
-                    ping_timeout=self.stream_timeout / 2,
-                )
+                ws = await self._open_ws(target, sent)
+            except websockets.InvalidStatus as exc:
+                if not (_unauthorized(exc) and self.token is not None and self.token.refreshable):
+                    raise _ws_error(exc, target) from exc
+                try:  # once more, with a new token: as BearerAuth does for HTTP
+                    ws = await self._open_ws(target, await self.token.arefresh(sent))
+                except Exception as again:
+                    raise _ws_error(again, target) from again
             except Exception as exc:
                 raise _ws_error(exc, target) from exc
             assert ws.response is not None
@@ -507,6 +540,20 @@ class AsyncClient(_BaseClient[httpx.AsyncClient]):
             await response.aclose()
             raise status_error(response)
         return response.headers, _async_http_chunks(response), response
+
+    async def _open_ws(self, target: Target, token: str | None) -> AsyncWebSocket:
+        return await aconnect_ws(
+            _ws_url(self.url, target),
+            additional_headers=_with_token(self._headers, token),
+            open_timeout=self.http.timeout.connect,
+            **_WS_OPTIONS,
+            ping_interval=self.stream_timeout / 2,
+            ping_timeout=self.stream_timeout / 2,
+        )
+
+    async def _refresh_token(self) -> None:
+        if self.token is not None:
+            await self.token.arefresh(self.token.current)
 
     async def aclose(self) -> None:
         await self.http.aclose()
@@ -563,6 +610,10 @@ class Stream(_BaseStream):
                 time.sleep(session.dropped(error))
 
     def _connect(self) -> None:
+        if self._started:
+            # A reconnect: the token the stream began with may have expired
+            # while it ran (the server checks it when a connection starts).
+            self._client._refresh_token()
         headers, self._chunks = self._client._open(self._session.target())
         self._opened(headers)
 
@@ -623,6 +674,10 @@ class AsyncStream(_BaseStream):
                 await asyncio.sleep(session.dropped(error))
 
     async def _connect(self) -> None:
+        if self._started:
+            # A reconnect: the token the stream began with may have expired
+            # while it ran (the server checks it when a connection starts).
+            await self._client._refresh_token()
         headers, self._chunks, self._conn = await self._client._open(self._session.target())
         self._opened(headers)
 
@@ -729,6 +784,15 @@ def _text(value: Any) -> str:
 def _ws_url(base: str, target: Target) -> str:
     url = httpx.URL(base + target.path, params=target.params)
     return str(url.copy_with(scheme="wss" if url.scheme == "https" else "ws"))
+
+
+def _with_token(headers: Mapping[str, str], token: str | None) -> dict[str, str]:
+    """A handshake's headers: the header, not `?access_token=`, which servers may log."""
+    return {**headers, "Authorization": f"Bearer {token}"} if token else dict(headers)
+
+
+def _unauthorized(exc: websockets.InvalidStatus) -> bool:
+    return exc.response.status_code == 401
 
 
 def _ws_error(exc: Exception, target: Target) -> Exception:

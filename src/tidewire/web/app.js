@@ -11,6 +11,7 @@ import {
   listFiles,
   listStreams,
   publish,
+  setToken,
   streamNdjson,
   streamSse,
   streamWs,
@@ -82,9 +83,19 @@ function describeBlob(blob) {
   return `${blob.$blob.type}, ${formatBytes(blob.$blob.size)}`;
 }
 
+// blobUrl refuses a blob that points anywhere but this server's files.
+function safeBlobUrl(value) {
+  try {
+    return blobUrl(value, { base: BASE });
+  } catch {
+    return null;
+  }
+}
+
 function renderScalar(value, label) {
   if (isBlob(value)) {
-    const src = blobUrl(value, { base: BASE });
+    const src = safeBlobUrl(value);
+    if (src === null) return el('span', { class: 'refused', text: `‹refused: ${describeBlob(value)} not a file here›` });
     if (value.$blob.type.startsWith('image/') && value.$blob.type !== 'image/svg+xml') {
       return el('img', {
         src,
@@ -346,7 +357,7 @@ function setupStreams() {
     if (!image && text === undefined) return;
     now.box.hidden = false;
     if (image) {
-      now.img.src = blobUrl(image, { base: BASE });
+      now.img.src = safeBlobUrl(image) ?? '';
       now.img.alt = `latest image: ${describeBlob(image)}`;
     }
     now.img.hidden = !image;
@@ -797,6 +808,43 @@ function setupFiles() {
   showUnfinished().catch((err) => showError(errorBox, err));
 }
 
+// ---------------------------------------------------------------- token
+
+const TOKEN_KEY = 'tidewire.token';
+
+/**
+ * The access token: from `?token=` in the address (then removed from it, so
+ * that it is neither bookmarked nor shared), else what this tab was given
+ * before (sessionStorage, so it ends with the tab). Set before any request.
+ */
+function setupToken() {
+  const address = new URL(location.href);
+  const given = address.searchParams.get('token');
+  if (given !== null) {
+    address.searchParams.delete('token');
+    history.replaceState(null, '', address.href);
+    sessionStorage.setItem(TOKEN_KEY, given);
+  }
+  const input = $('#token-input');
+  const box = $('#access');
+  const use = (token) => {
+    setToken(token || null);
+    box.dataset.set = String(Boolean(token));
+    input.value = token || '';
+  };
+  use(sessionStorage.getItem(TOKEN_KEY));
+  $('#token-form').addEventListener('submit', (e) => {
+    e.preventDefault();
+    const token = input.value.trim();
+    if (token) sessionStorage.setItem(TOKEN_KEY, token);
+    else sessionStorage.removeItem(TOKEN_KEY);
+    // Every panel starts again with the new token: simplest is a reload.
+    location.reload();
+  });
+  use(sessionStorage.getItem(TOKEN_KEY));
+}
+
+setupToken();
 setupTabs();
 setupStreams();
 setupChannels();

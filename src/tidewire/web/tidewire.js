@@ -16,6 +16,12 @@
  * last id they delivered, so nothing is lost or repeated; `onStatus` tells
  * when they do. They are also async iterables: `for await (const e of run)`.
  *
+ * A server with access control wants a token: `setToken(t)` for every call,
+ * or a `token` option on one call (a string, or a function returning one or a
+ * promise of one, called again for each new connection). It travels as
+ * `Authorization: Bearer` where a header can be set (Axios, fetch, tus) and as
+ * `?access_token=` where none can (EventSource, WebSocket, <img>, <a>).
+ *
  * The full API is in docs/browser.md.
  */
 
@@ -37,6 +43,47 @@ const BACKOFF_MS = [250, 500, 1000, 2000, 4000];
 export const RESUMABLE_ABOVE = 16 * 1024 * 1024;
 
 // ---------------------------------------------------------------- helpers
+
+/** The query parameter a token travels in where no header can be set (RFC 6750). */
+export const ACCESS_TOKEN_PARAM = 'access_token';
+
+let defaultToken = null;
+
+/**
+ * The token every call sends unless given its own `token` option: a string,
+ * a function returning one (or a promise of one), or null for none.
+ */
+export function setToken(token) {
+  defaultToken = token || null;
+}
+
+function tokenSource(options) {
+  return options && options.token !== undefined ? options.token : defaultToken;
+}
+
+/** The token to send now (a function is called each time: a new connection gets a fresh one). */
+async function tokenOf(source) {
+  const value = typeof source === 'function' ? await source() : source;
+  return value || null;
+}
+
+/** The token, for what must be known at once (an <img> src); a promised one is left out. */
+function tokenNow(source) {
+  const value = typeof source === 'function' ? source() : source;
+  return typeof value === 'string' && value ? value : null;
+}
+
+const bearer = (token) => (token ? { Authorization: `Bearer ${token}` } : {});
+
+function withToken(u, token) {
+  if (token) u.searchParams.set(ACCESS_TOKEN_PARAM, token);
+  return u;
+}
+
+// A stored file: `/files/<id>`, the only URL a blob may point at. Anyone who
+// may publish could otherwise make every reader load a URL of their choosing,
+// with the reader's token.
+const FILE_PATH = /^\/files\/[0-9a-v]{22}$/;
 
 /** `base` is where tidewire is mounted ('' for the site's root, or '/tw'). */
 function url(base, path, query) {
@@ -102,21 +149,32 @@ export function isBlob(value) {
   return Boolean(value && typeof value === 'object' && value.$blob && value.$blob.type);
 }
 
-/** A URL an <img>, <a> or fetch can use for a blob: a data: URL, or the file's URL. */
-export function blobUrl(value, { base = '' } = {}) {
+/**
+ * A URL an <img>, <a> or fetch can use for a blob: a data: URL, or the file's
+ * URL (with the token, if any, as `?access_token=`: an <img> sends no header).
+ * A blob whose url is not a file of this server (`/files/<id>`) is refused.
+ */
+export function blobUrl(value, options = {}) {
   const blob = value.$blob;
-  if (blob.url) return url(base, blob.url).href;
+  if (blob.url) {
+    if (!FILE_PATH.test(blob.url)) {
+      throw new TidewireError(`a blob's url ${JSON.stringify(blob.url)} is not a file of this server`);
+    }
+    return withToken(url(options.base, blob.url), tokenNow(tokenSource(options))).href;
+  }
   return `data:${blob.type};base64,${blob.data}`;
 }
 
 // Runs this page started and has not seen end: cancelled when the page goes
 // away, since a detached run is not cancelled when its watchers leave.
-const ownRuns = new Map(); // run id -> base
+const ownRuns = new Map(); // run id -> {base, token}: the last token the run was watched with
 globalThis.addEventListener?.('pagehide', () => {
-  for (const [run, base] of ownRuns) {
-    fetch(url(base, `/runs/${encodeURIComponent(run)}`), { method: 'DELETE', keepalive: true }).catch(
-      () => {},
-    );
+  for (const [run, { base, token }] of ownRuns) {
+    fetch(url(base, `/runs/${encodeURIComponent(run)}`), {
+      method: 'DELETE',
+      keepalive: true,
+      headers: bearer(token),
+    }).catch(() => {});
   }
   ownRuns.clear();
 });
@@ -128,9 +186,11 @@ globalThis.addEventListener?.('pagehide', () => {
  * connections as it takes: each resumes after the last delivered id.
  */
 class Watch {
-  constructor({ transport, base, path, after, types, onEvent, onStatus, ends }) {
+  constructor({ transport, base, path, after, types, onEvent, onStatus, ends, token }) {
     this.transport = transport;
     this.base = base || '';
+    this.tokenSource = token;
+    this.token = null; // the one the current connection was made with
     this.path = path; // '/runs/<id>' or '/channels/<name>', once known
     this.lastId = after ?? null;
     this.types = [...new Set([...SSE_TYPES, ...(types || [])])];
@@ -232,16 +292,25 @@ class Watch {
   async keepConnected(connect = (first) => this.follow(first)) {
     let failures = 0;
     let first = true;
+    let refreshed = false;
     while (!this.finished) {
       const seen = this.received;
       let error = null;
       try {
+        // Each connection asks for the token anew: one given as a function
+        // may have been renewed while the last connection lasted.
+        this.token = await tokenOf(this.tokenSource);
         await connect(first);
       } catch (err) {
         error = err;
       }
       first = false;
       if (this.finished) return;
+      if (this.received > seen) refreshed = false;
+      if (error?.status === 401 && typeof this.tokenSource === 'function' && !refreshed) {
+        refreshed = true; // once: a new token, at once; a second 401 is the caller's to see
+        continue;
+      }
       if (
         error &&
         error.status >= 400 &&
@@ -263,7 +332,10 @@ class Watch {
   async checkExists() {
     if (this.finished || !this.path) return;
     try {
-      const response = await fetch(url(this.base, this.path), { signal: this.abort.signal });
+      const response = await fetch(url(this.base, this.path), {
+        signal: this.abort.signal,
+        headers: bearer(this.token),
+      });
       if (response.status === 404) {
         this.fail(new TidewireError('the run is gone (expired or never existed)', { status: 404 }));
       }
@@ -295,8 +367,8 @@ class Watch {
         adapter: 'fetch',
         responseType: 'stream',
         signal: this.abort.signal,
-        headers: { Accept: 'application/x-ndjson' },
         ...request,
+        headers: { Accept: 'application/x-ndjson', ...bearer(this.token), ...request.headers },
       });
     } catch (err) {
       if (this.finished) return;
@@ -342,7 +414,10 @@ class Watch {
   // -- SSE through EventSource, which reconnects by itself with Last-Event-ID.
   readSse(first) {
     return new Promise((resolve, reject) => {
-      const source = new EventSource(url(this.base, `${this.path}/events`, { after: this.lastId }));
+      // EventSource sends no headers: the token goes in the query. (Its own
+      // reconnects reuse this URL; when they fail, a new one gets a new token.)
+      const where = url(this.base, `${this.path}/events`, { after: this.lastId });
+      const source = new EventSource(withToken(where, this.token));
       let open = false;
       let firstOpen = first;
       const stop = () => {
@@ -387,7 +462,9 @@ class Watch {
   // -- WebSocket: one JSON envelope per text frame.
   readWs(first) {
     return new Promise((resolve, reject) => {
-      const socket = new WebSocket(wsUrl(this.base, `${this.path}/ws`, { after: this.lastId }));
+      // A browser's WebSocket sends no headers either.
+      const query = { after: this.lastId, [ACCESS_TOKEN_PARAM]: this.token };
+      const socket = new WebSocket(wsUrl(this.base, `${this.path}/ws`, query));
       const stop = () => {
         socket.close(1000);
         resolve();
@@ -430,7 +507,7 @@ class RunWatch extends Watch {
   started(runId) {
     this.runId = runId;
     this.path = `/runs/${encodeURIComponent(runId)}`;
-    if (this.cancelOnLeave) ownRuns.set(runId, this.base);
+    if (this.cancelOnLeave) ownRuns.set(runId, { base: this.base, token: this.token });
     this._runResolve(runId);
     this.status(this.state);
   }
@@ -462,7 +539,8 @@ class RunWatch extends Watch {
       return null;
     }
     try {
-      const response = await fetch(url(this.base, this.path), { method: 'DELETE' });
+      const token = await tokenOf(this.tokenSource);
+      const response = await fetch(url(this.base, this.path), { method: 'DELETE', headers: bearer(token) });
       // 409: it had already ended; its last event is on its way.
       if (!response.ok && response.status !== 409) {
         const body = await response.json().catch(() => ({}));
@@ -487,18 +565,18 @@ function startOptions(options) {
     onEvent: options.onEvent,
     onStatus: options.onStatus,
     types: options.types,
+    token: tokenSource(options),
   };
 }
 
 async function startDetached(watch, name, params) {
   let response;
   try {
+    watch.token = await tokenOf(watch.tokenSource);
     response = await axios.post(
       url(watch.base, `/streams/${encodeURIComponent(name)}`, { detach: 'true' }).href,
       params || {},
-      {
-        signal: watch.abort.signal,
-      },
+      { signal: watch.abort.signal, headers: bearer(watch.token) },
     );
   } catch (err) {
     throw await toError(err, `start ${name}`);
@@ -586,8 +664,12 @@ export function watchRun(runId, options = {}) {
 }
 
 /** Cancel a run: `DELETE /runs/{id}`. Resolves with the run's record; false if it had already ended. */
-export async function cancelRun(runId, { base = '' } = {}) {
-  const response = await fetch(url(base, `/runs/${encodeURIComponent(runId)}`), { method: 'DELETE' });
+export async function cancelRun(runId, options = {}) {
+  const token = await tokenOf(tokenSource(options));
+  const response = await fetch(url(options.base, `/runs/${encodeURIComponent(runId)}`), {
+    method: 'DELETE',
+    headers: bearer(token),
+  });
   if (response.status === 409) return false;
   if (!response.ok)
     throw new TidewireError(`cancel ${runId}: ${response.status}`, { status: response.status });
@@ -595,9 +677,10 @@ export async function cancelRun(runId, { base = '' } = {}) {
 }
 
 /** The registered streams: `[{name, description, params: <JSON Schema>}]`. */
-export async function listStreams({ base = '' } = {}) {
+export async function listStreams(options = {}) {
   try {
-    return (await axios.get(url(base, '/streams').href)).data;
+    const headers = bearer(await tokenOf(tokenSource(options)));
+    return (await axios.get(url(options.base, '/streams').href, { headers })).data;
   } catch (err) {
     throw await toError(err, 'list streams');
   }
@@ -629,13 +712,15 @@ export function subscribe(channel, options = {}) {
  * Publish to a channel. `data` is any JSON value (sent as the event's data),
  * or a FormData (its fields become data, its files blobs). Resolves with the event's id.
  */
-export async function publish(channel, data, { event, base = '' } = {}) {
+export async function publish(channel, data, options = {}) {
+  const { event, base = '' } = options;
   const form = typeof FormData !== 'undefined' && data instanceof FormData;
   try {
+    const headers = bearer(await tokenOf(tokenSource(options)));
     const response = await axios.post(
       url(base, `/channels/${encodeURIComponent(channel)}/events`, { event }).href,
       form ? data : JSON.stringify(data === undefined ? null : data),
-      form ? {} : { headers: { 'Content-Type': 'application/json' } },
+      { headers: form ? headers : { 'Content-Type': 'application/json', ...headers } },
     );
     return response.data.id;
   } catch (err) {
@@ -675,6 +760,7 @@ export function loadTus() {
  */
 export function upload(file, options = {}) {
   const { base = '', onProgress, onResume } = options;
+  const token = tokenSource(options);
   const resumable = options.resumable ?? 'auto';
   const tusMode =
     resumable === true || (resumable === 'auto' && file.size > (options.resumableAbove ?? RESUMABLE_ABOVE));
@@ -685,13 +771,16 @@ export function upload(file, options = {}) {
     const controller = new AbortController();
     const form = new FormData();
     form.append('file', file, file.name);
-    const done = axios
-      .post(url(base, '/files').href, form, {
-        signal: controller.signal,
+    const done = tokenOf(token)
+      .then((current) =>
+        axios.post(url(base, '/files').href, form, {
+          signal: controller.signal,
+          headers: bearer(current),
         // The body is the file plus a few hundred bytes of multipart framing.
-        onUploadProgress: (e) =>
-          progress(e.progress === undefined ? e.loaded : e.progress * file.size, file.size),
-      })
+          onUploadProgress: (e) =>
+            progress(e.progress === undefined ? e.loaded : e.progress * file.size, file.size),
+        }),
+      )
       .then((response) => {
         progress(file.size, file.size);
         return response.data[0];
@@ -716,6 +805,12 @@ export function upload(file, options = {}) {
           // A finished upload is a file: nothing to resume any more.
           removeFingerprintOnSuccess: true,
           onProgress: (sent, total) => progress(sent, total),
+          // Every request of the upload (POST, HEAD, PATCH) asks for the token:
+          // a long upload outlives a short-lived one.
+          onBeforeRequest: async (req) => {
+            const current = await tokenOf(token);
+            if (current) req.setHeader('Authorization', `Bearer ${current}`);
+          },
           onAfterResponse: (req, res) => {
             fileId = res.getHeader('Tidewire-File') || fileId;
             if (req.getMethod() === 'HEAD') {
@@ -730,7 +825,8 @@ export function upload(file, options = {}) {
             ),
           onSuccess: async () => {
             try {
-              const response = await axios.get(url(base, `/files/${fileId}/meta`).href);
+              const headers = bearer(await tokenOf(token));
+              const response = await axios.get(url(base, `/files/${fileId}/meta`).href, { headers });
               resolve(response.data);
             } catch (err) {
               reject(await toError(err, `upload ${file.name}`));
@@ -761,12 +857,12 @@ export function upload(file, options = {}) {
  * deleted: choosing the file again starts over); `offset` is null when the
  * server could not be asked.
  */
-async function uploadOffset(uploadUrl) {
+async function uploadOffset(uploadUrl, token) {
   if (!uploadUrl) return { offset: null, gone: false };
   try {
     const response = await fetch(uploadUrl, {
       method: 'HEAD',
-      headers: { 'Tus-Resumable': '1.0.0' },
+      headers: { 'Tus-Resumable': '1.0.0', ...bearer(token) },
       cache: 'no-store', // tus requires it; a cached offset would be a wrong one
     });
     if (response.status === 404 || response.status === 410) return { offset: 0, gone: true };
@@ -783,16 +879,17 @@ async function uploadOffset(uploadUrl) {
  * of the `size` bytes the server has (null if it could not be asked), `gone`
  * says it has none any more.
  */
-export async function unfinishedUploads() {
+export async function unfinishedUploads(options = {}) {
   // tus-js-client keeps them in localStorage under 'tus::…': with none, it need not be loaded.
   if (!Object.keys(localStorage).some((k) => k.startsWith('tus::'))) return [];
   const tus = await loadTus();
   const found = await tus.defaultOptions.urlStorage.findAllUploads();
+  const token = await tokenOf(tokenSource(options));
   return Promise.all(
     found.map(async (u) => ({
       name: u.metadata?.filename || '(unnamed)',
       size: u.size,
-      ...(await uploadOffset(u.uploadUrl)),
+      ...(await uploadOffset(u.uploadUrl, token)),
       uploadUrl: u.uploadUrl,
       created: u.creationTime,
       key: u.urlStorageKey,
@@ -801,20 +898,21 @@ export async function unfinishedUploads() {
 }
 
 /** Forget an unfinished upload here and delete its bytes on the server. */
-export async function discardUpload(unfinished) {
+export async function discardUpload(unfinished, options = {}) {
   const tus = await loadTus();
   await tus.defaultOptions.urlStorage.removeUpload(unfinished.key);
   if (unfinished.uploadUrl) {
-    await fetch(unfinished.uploadUrl, { method: 'DELETE', headers: { 'Tus-Resumable': '1.0.0' } }).catch(
-      () => {},
-    );
+    const headers = { 'Tus-Resumable': '1.0.0', ...bearer(await tokenOf(tokenSource(options))) };
+    await fetch(unfinished.uploadUrl, { method: 'DELETE', headers }).catch(() => {});
   }
 }
 
 /** A page of files, newest first: {files, next} (next: the cursor for the following page, or null). */
-export async function listFiles({ base = '', limit = 50, cursor } = {}) {
+export async function listFiles(options = {}) {
+  const { base = '', limit = 50, cursor } = options;
   try {
-    const response = await axios.get(url(base, '/files', { limit, cursor }).href);
+    const headers = bearer(await tokenOf(tokenSource(options)));
+    const response = await axios.get(url(base, '/files', { limit, cursor }).href, { headers });
     return { files: response.data, next: response.headers['tidewire-next-cursor'] || null };
   } catch (err) {
     throw await toError(err, 'list files');
@@ -822,15 +920,22 @@ export async function listFiles({ base = '', limit = 50, cursor } = {}) {
 }
 
 /** Delete a stored file. */
-export async function deleteFile(id, { base = '' } = {}) {
+export async function deleteFile(id, options = {}) {
   try {
-    await axios.delete(url(base, `/files/${encodeURIComponent(id)}`).href);
+    const headers = bearer(await tokenOf(tokenSource(options)));
+    await axios.delete(url(options.base, `/files/${encodeURIComponent(id)}`).href, { headers });
   } catch (err) {
     throw await toError(err, `delete ${id}`);
   }
 }
 
-/** The URL of a file's bytes; `download: true` makes the browser save it. */
-export function fileUrl(id, { base = '', download = false } = {}) {
-  return url(base, `/files/${encodeURIComponent(id)}`, download ? { download: 1 } : {}).href;
+/**
+ * The URL of a file's bytes; `download: true` makes the browser save it. With
+ * a token it carries `?access_token=` (a link sends no header): to share a
+ * file, make a signed link on the server instead (`POST /files/{id}/links`).
+ */
+export function fileUrl(id, options = {}) {
+  const { base = '', download = false } = options;
+  const u = url(base, `/files/${encodeURIComponent(id)}`, download ? { download: 1 } : {});
+  return withToken(u, tokenNow(tokenSource(options))).href;
 }
