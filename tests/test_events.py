@@ -605,3 +605,14 @@ def test_decoded_events_are_right_sized() -> None:
     assert parsed is not None
     each = _kept_bytes_each(lambda i: parse_ndjson_line(line))
     assert each < len(line) + 300
+
+
+def test_a_named_event_is_made_once_and_shares_its_encodings() -> None:
+    # Every watcher of a run reads its events as `<run id>.<log id>`: the named
+    # twin is kept with the event, so its encodings are made once, not per watcher.
+    event = Envelope("7", 7, "message", b'{"a":1}')
+    first = event.named("r1.")
+    assert first.id == "r1.7" and first.data_json is event.data_json
+    assert event.named("r1.") is first
+    assert first.sse() is event.named("r1.").sse()
+    assert b"id: r1.7" in first.sse()

@@ -293,7 +293,7 @@ class Envelope:
     a reader tell how many events it missed when a log was trimmed.
     """
 
-    __slots__ = ("_ndjson", "_sse", "_ws", "data_json", "event", "id", "seq")
+    __slots__ = ("_named", "_ndjson", "_sse", "_ws", "data_json", "event", "id", "seq")
 
     def __init__(self, id: str, seq: int, event: str, data_json: bytes) -> None:
         self.id = id
@@ -303,6 +303,19 @@ class Envelope:
         self._ndjson: bytes | None = None
         self._sse: bytes | None = None
         self._ws: str | None = None
+        self._named: Envelope | None = None
+
+    def named(self, prefix: str) -> Envelope:
+        """This event with `prefix` before its id: a run's event as clients see it.
+
+        Made once and kept, so its encodings are shared by every reader, as
+        the log's own are: an event belongs to one log, and every reader of a
+        log uses the same prefix.
+        """
+        named = self._named
+        if named is None or not named.id.startswith(prefix):
+            named = self._named = Envelope(prefix + self.id, self.seq, self.event, self.data_json)
+        return named
 
     @property
     def data(self) -> Any:

@@ -105,12 +105,11 @@ class LogCursor:
             self.after = batch.resume_id
         if not self.prefix:
             return batch
-        # A new envelope per reader: its encodings are made for this reader,
-        # not shared. A run rarely has more than one watcher; channels, which
-        # fan out, keep the log's ids and share every encoding.
+        # Each event's named twin is made once and kept with it, so every
+        # watcher of a run writes the same encoded bytes (events.Envelope.named).
         prefix = self.prefix
         return Batch(
-            [Envelope(prefix + e.id, e.seq, e.event, e.data_json) for e in batch.events],
+            [e.named(prefix) for e in batch.events],
             batch.missed,
             None if batch.resume_id is None else prefix + batch.resume_id,
             batch.ended,
