@@ -63,9 +63,12 @@ def bearer(jwt_: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {jwt_}"}
 
 
-ADMIN = bearer(token("root", admin=True))
-ALL = bearer(token(**EVERYTHING))
-NOTHING = bearer(token())
+# Made when this module is collected, which may be many minutes before its
+# tests run in the full suite: they must outlive it.
+LONG = 24 * 3600
+ADMIN = bearer(token("root", admin=True, ttl=LONG))
+ALL = bearer(token(**EVERYTHING, ttl=LONG))
+NOTHING = bearer(token(ttl=LONG))
 
 
 def app(tmp_path: Path, authorize: Authorize | None = None, **settings: Any) -> Tidewire:

@@ -5,10 +5,12 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import httpx
 import jwt
+import pytest
 from websockets.exceptions import InvalidStatus
 from websockets.sync.client import connect
 
@@ -19,6 +21,13 @@ from tidewire.server.origins import EXPOSED_HEADERS
 EVIL = "https://evil.example"
 FRIEND = "https://app.example.com"
 SECRET = "s" * 32
+
+
+@pytest.fixture(autouse=True)
+def _own_data_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The apps here keep files in ./data, as `tidewire serve` does: a folder
+    # of this test's own, not one other tests have written to.
+    monkeypatch.chdir(tmp_path)
 
 
 def make(serve: Callable[..., LiveServer], **settings: Any) -> tuple[Tidewire, LiveServer]:

@@ -163,7 +163,10 @@ def test_the_docs_snippets_work_as_written(
     page.set_content(axios_alone)
     until(page, lambda: len(logs) >= 7)
     assert logs[0].startswith("run ")
-    assert logs[1:] == [f"{i} message {i - 1}" for i in range(1, 6)] + ["6 end undefined"]
+    run = logs[0].split()[1]
+    # A run's event ids name the run: `<run id>.<log id>` (docs/http.md).
+    expected = [f"{run}.{i} message {i - 1}" for i in range(1, 6)] + [f"{run}.6 end undefined"]
+    assert logs[1:] == expected
 
 
 def test_the_readme_snippet_works_as_written(page: Page, server: LiveServer) -> None:
