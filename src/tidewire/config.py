@@ -78,6 +78,49 @@ class Settings:
     #: public keys, set it (the same in every process) for links to work.
     link_secret: str | None = None
 
+    # -- limits (docs/http.md "Limits"): what one client may take ---------------
+    #: A published event (any body type, multipart included) or WebSocket
+    #: frame larger than this: 413 / close 1009. A yielded event that large
+    #: becomes a `$blob` file.
+    max_event_bytes: int = 1 << 20
+    #: Any other non-file request body (stream parameters, tus metadata): 413.
+    max_body_bytes: int = 1 << 20
+    #: The history of all runs and channels of one process together, in bytes
+    #: as encoded on the wire: the oldest events of the biggest logs are
+    #: trimmed (their readers get `gap`), never what a connected run watcher
+    #: has not read.
+    max_retained_bytes: int = 256 << 20
+    #: Per channel and per run, beside the counts above.
+    channel_max_bytes: int = 16 << 20
+    run_history_bytes: int = 16 << 20
+    #: Channels that may exist at once (a channel counts once published to):
+    #: publishing to one more is 429 with Retry-After. Channels idle this
+    #: many seconds are dropped.
+    max_channels: int = 10_000
+    channel_idle_ttl: float = 3600.0
+    #: A channel subscriber further behind than this gets `gap` and skips
+    #: ahead; also the most one write carries.
+    subscriber_buffer_bytes: int = 4 << 20
+    #: A run watcher that reads nothing this many seconds while the run waits
+    #: on it is disconnected (it may resume).
+    stall_timeout: float = 60.0
+    #: Per client (the token's `sub`, else the address): runs at once
+    #: (detached ones count; a slot frees when the run ends) and open
+    #: connections; 429 with Retry-After past them.
+    max_runs_per_client: int = 20
+    max_connections_per_client: int = 200
+    #: Publishes per second per client, and the burst allowed above it: 429.
+    publish_rate: float = 100.0
+    publish_burst: int = 200
+    #: Unfinished resumable uploads per client (429), and bytes stored per
+    #: client (507; None: no quota).
+    max_open_uploads: int = 20
+    storage_quota: int | None = None
+    #: Request headers: at most this many bytes (431), sent within this many
+    #: seconds (else the connection is closed).
+    max_header_bytes: int = 64 << 10
+    header_timeout: float = 10.0
+
     @property
     def auth(self) -> bool:
         """Whether access control is on: any of the three kinds of key is set."""
