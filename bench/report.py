@@ -100,6 +100,7 @@ COLUMNS: dict[str, list[tuple[str, Callable[[Row], str]]]] = {
         ("MB/s", lambda r: _n(r["mb_per_s"], 1)),
         ("B/event", lambda r: _n(r["bytes_per_event"])),
         ("server CPU", lambda r: _n(r["server_cpu_pct"]) + "%"),
+        ("server us/event", lambda r: _n(r.get("server_us_per_event"), 2)),
         ("client CPU", lambda r: _n(r["client_cpu_pct"]) + "%"),
         ("rounds (events/s)", lambda r: ", ".join(f"{x:,}" for x in r["rounds"])),
         ("format", _ok),
@@ -306,15 +307,19 @@ def merged_note(w: dict[str, Any], now: dict[str, Any] | None) -> str:
     m = w.get("machine")
     if not m:
         return "From an earlier run (--merge), whose machine and versions were not recorded."
-    said = [f"From an earlier run (--merge): `{w.get('command') or 'python -m bench'}`"]
+    said = ["From an earlier run (--merge)"]
+    if w.get("command"):
+        said[0] += f": `{w['command']}`"
     said.append(f"load average at start {m.get('loadavg_at_start')}")
     if now is not None:
         vers = m.get("versions", {})
         differ = [f"{k} {v}" for k, v in vers.items() if now.get("versions", {}).get(k) != v]
         differ += [
-            f"{k} {m.get(k)}" for k in ("python", "kernel", "nginx") if m.get(k) != now.get(k)
+            f"{k} {m.get(k)}"
+            for k in ("nproc", "cpu", "python", "kernel", "nginx")
+            if m.get(k) != now.get(k)
         ]
-        said.append("versions then: " + ", ".join(differ) if differ else "same versions")
+        said.append("machine and versions then: " + ", ".join(differ) if differ else "same")
     if w.get("tidewire_src"):
         said.append(f"tidewire from `{w['tidewire_src']}`")
     return "; ".join(said) + "."
