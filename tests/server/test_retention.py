@@ -69,17 +69,19 @@ def test_a_slow_run_watcher_loses_nothing_to_byte_budgets(serve: Serve) -> None:
 
     server = serve(tw)
     seen: list[dict[str, Any]] = []
-    with httpx.Client(base_url=server.url, timeout=30) as http:
-        with http.stream("GET", "/streams/burst", headers=NDJSON) as response:
-            for n, line in enumerate(response.iter_lines()):
-                if not line:
-                    continue
-                seen.append(json.loads(line))
-                if n % 10 == 0:
-                    # Meanwhile others fill the process's budget many times over.
-                    for c in range(10):
-                        http.post(f"/channels/flood{c}/events", json="c" * 4000)
-                    time.sleep(0.01)
+    with (
+        httpx.Client(base_url=server.url, timeout=30) as http,
+        http.stream("GET", "/streams/burst", headers=NDJSON) as response,
+    ):
+        for n, line in enumerate(response.iter_lines()):
+            if not line:
+                continue
+            seen.append(json.loads(line))
+            if n % 10 == 0:
+                # Meanwhile others fill the process's budget many times over.
+                for c in range(10):
+                    http.post(f"/channels/flood{c}/events", json="c" * 4000)
+                time.sleep(0.01)
     events = [e for e in seen if e["event"] == "message"]
     assert [e["data"]["i"] for e in events] == list(range(100))
     assert [e["event"] for e in seen if e["event"] != "message"] == ["end"]
@@ -125,9 +127,12 @@ def test_an_adversary_cannot_grow_memory_past_the_budget(serve: Serve) -> None:
     done = threading.Event()
 
     def follow() -> None:
-        with httpx.Client(timeout=30) as client, client.stream(
-            "GET", f"{server.url}/channels/c7/events?after=0", headers=NDJSON
-        ) as response:
+        with (
+            httpx.Client(timeout=30) as client,
+            client.stream(
+                "GET", f"{server.url}/channels/c7/events?after=0", headers=NDJSON
+            ) as response,
+        ):
             for line in response.iter_lines():
                 if line:
                     event = json.loads(line)
