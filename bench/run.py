@@ -26,6 +26,7 @@ from .client import w7
 from .clients import Watchers, run_load
 from .fanout import w3
 from .harness import QUICK, Ctx, Servers, Sizes, busy_cpu, median
+from .adversary import w8
 from .memory import w9
 from .servers import (
     Server,
@@ -348,6 +349,7 @@ WORKLOADS: dict[str, Callable[[Ctx], dict[str, Any]]] = {
     "w5b": files.w5b,
     "w6": files.w6,
     "w7": w7,
+    "w8": w8,
     "w9": w9,
 }
 
