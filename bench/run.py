@@ -21,12 +21,12 @@ from pathlib import Path
 from typing import Any
 
 from . import files, report
+from .adversary import w8
 from .apps.image import PNG, ensure_png
 from .client import w7
 from .clients import Watchers, run_load
 from .fanout import w3
 from .harness import QUICK, Ctx, Servers, Sizes, busy_cpu, median
-from .adversary import w8
 from .memory import w9
 from .servers import (
     Server,
