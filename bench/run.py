@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from . import files, report
+from .adversary import w8
 from .apps.image import PNG, ensure_png
 from .client import w7
 from .clients import Watchers, run_load
@@ -473,6 +474,7 @@ WORKLOADS: dict[str, Callable[[Ctx], dict[str, Any]]] = {
     "w5b": files.w5b,
     "w6": files.w6,
     "w7": w7,
+    "w8": w8,
     "w9": w9,
 }
 

@@ -15,13 +15,14 @@ import itertools
 import logging
 import secrets
 import time
+from collections import deque
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 from .. import wire
 from ..blobs import Blobs, Pending
-from ..broker import Broker, BrokerUnavailable
+from ..broker import Broker, BrokerUnavailable, wire_size
 from ..config import Settings
 from ..events import dump_data
 from ..heap import trim
@@ -86,6 +87,20 @@ class Run:
     closing: bool = False
     # A run elsewhere: the position this process last reported to the others.
     reported: int = -1
+    # A local run: bytes (wire_size) appended so far, and that count after
+    # each of the newest events (enough of them to measure what a watcher
+    # within the count window has not read).
+    bytes: int = 0
+    offsets: deque[int] = field(default_factory=deque)
+
+    def unread_bytes(self, position: int) -> int | None:
+        """Bytes appended after `position`; None if that is beyond what is measured."""
+        if position <= 0:
+            return self.bytes
+        index = position - (self.events - len(self.offsets)) - 1
+        if not 0 <= index < len(self.offsets):
+            return None
+        return self.bytes - self.offsets[index]
 
     @classmethod
     def elsewhere(cls, run_id: str, record: dict[str, str]) -> Run:
@@ -325,11 +340,21 @@ class Runs:
 
     # -- running -----------------------------------------------------------
 
+    def _behind(self, run: Run, low: int) -> bool:
+        """Whether the slowest watcher is a full window behind: `run_window`
+        events, or `run_history_bytes` bytes."""
+        if run.events - low >= self.settings.run_window:
+            return True
+        unread = run.unread_bytes(low)
+        return unread is None or unread >= self.settings.run_history_bytes
+
     async def _wait_for_watchers(self, run: Run) -> None:
         # Backpressure: wait while the slowest connected watcher, here or
-        # elsewhere, is a full window behind. With nobody connected the run
-        # goes on; its log keeps the newest `run_history` events for whoever
-        # comes later.
+        # elsewhere, is a full window behind, in events or bytes. With nobody
+        # connected the run goes on; its log keeps the newest `run_history`
+        # events (`run_history_bytes`) for whoever comes later. What a
+        # watcher has not read is never trimmed by bytes (`keep_after`), and
+        # the byte window keeps it within about `run_history_bytes`.
         window = self.settings.run_window
         while True:
             if (
@@ -339,7 +364,7 @@ class Runs:
                 with contextlib.suppress(BrokerUnavailable):
                     await self.cluster.read_remote_positions(run)
             low = run.slowest_position()
-            if low is None or run.events - low < window:
+            if low is None or not self._behind(run, low):
                 return
             run.progress.clear()
             if run.cursors and min(run.cursors.values()) == low:
@@ -354,9 +379,12 @@ class Runs:
     async def _append(self, run: Run, items: list[Item]) -> None:
         delay = 0.05
         deadline = time.monotonic() + self.settings.lease
+        # Events a connected watcher has not read are kept whatever the byte
+        # budgets (watchers only move on, so this position is safe until the next append).
+        retention = replace(self.retention, keep_after=run.slowest_position())
         while True:
             try:
-                await self.broker.append(run.log, items, self.retention)
+                appended = await self.broker.append(run.log, items, retention)
                 break
             except BrokerUnavailable:
                 # The broker is down for a moment (Redis restarting): the
@@ -366,6 +394,11 @@ class Runs:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 1.0)
         run.events += len(items)
+        for event in appended:
+            run.bytes += wire_size(event)
+            run.offsets.append(run.bytes)
+        while len(run.offsets) > self.settings.run_window:
+            run.offsets.popleft()
 
     async def _execute(self, run: Run, source: Source) -> None:
         final: Item

@@ -8,7 +8,7 @@ import orjson
 from fastapi import APIRouter, HTTPException, Path, Query, Request, WebSocket
 from starlette.datastructures import UploadFile
 
-from ..broker import BrokerUnavailable
+from ..broker import BrokerUnavailable, TooManyLogs
 from ..channels import CHANNEL_NAME
 from ..events import RESERVED, Blob, ForgedBlob, TooDeep, check_no_file_refs, load_json
 from ..wire import AFTER_HEADER
@@ -165,6 +165,9 @@ def add_channel_routes(router: APIRouter, tw: Tidewire) -> None:
             return {"id": await channels.publish(name, data, event)}
         except ValueError as exc:
             raise HTTPException(422, str(exc)) from None
+        except TooManyLogs as exc:  # a new channel past max_channels
+            retry = {"Retry-After": str(int(exc.retry_after))}
+            raise HTTPException(429, str(exc), headers=retry) from None
 
     async def subscribe(request: Request) -> LogResponse:
         """Subscribe: live from now, or from Last-Event-ID / ?after= (0: all retained)."""
@@ -243,7 +246,14 @@ def add_channel_routes(router: APIRouter, tw: Tidewire) -> None:
             except ForgedBlob as exc:
                 await websocket.close(1008, str(exc)[:123])
                 return
-            await channels.publish(name, data)
+            await publish_frame(data)
+
+        async def publish_frame(data: Any) -> None:
+            try:
+                await channels.publish(name, data)
+            except TooManyLogs as exc:
+                # 1013 "try again later" (RFC 6455, 7.4.1): a new channel past max_channels.
+                await websocket.close(1013, str(exc)[:123])
 
         async def on_bytes(raw: bytes) -> None:
             if not await may_publish():
@@ -251,7 +261,7 @@ def add_channel_routes(router: APIRouter, tw: Tidewire) -> None:
             if len(raw) > MAX_PUBLISH_BYTES:
                 await websocket.close(1009, f"frames may be at most {MAX_PUBLISH_BYTES} bytes")
                 return
-            await channels.publish(name, Blob(raw))
+            await publish_frame(Blob(raw))
 
         cursor = LogCursor(tw.broker, log, after, tw.settings.heartbeat)
         try:
