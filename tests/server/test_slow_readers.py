@@ -18,6 +18,7 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
+import h11
 import httpx
 import psutil
 import pytest
@@ -205,3 +206,61 @@ def test_readers_that_never_read_pin_their_buffer_not_the_history(serve: Any) ->
 
 
 # -- runs: a watcher that stalls the run is cut after stall_timeout ---------------
+
+
+def read_until_closed(sock: socket.socket) -> list[dict[str, Any]]:
+    """What a never-reading client got before the server closed on it: its whole NDJSON lines."""
+    conn = h11.Connection(h11.CLIENT)
+    conn.send(h11.Request(method="GET", target="/", headers=[("host", "test")]))
+    body = bytearray()
+    sock.settimeout(10)
+    while True:
+        data = sock.recv(1 << 16)
+        conn.receive_data(data)
+        try:
+            while (event := conn.next_event()) not in (h11.NEED_DATA, h11.PAUSED):
+                if isinstance(event, h11.Data):
+                    body += event.data
+        except h11.RemoteProtocolError:
+            break  # closed in the middle of the body: cut
+        if not data:
+            break
+    lines = bytes(body).split(b"\n")[:-1]  # the last may be cut short
+    return [json.loads(line) for line in lines if line]
+
+
+def test_a_watcher_that_stalls_a_run_is_cut_and_may_resume(serve: Any) -> None:
+    settings = dataclasses.replace(QUICK, stall_timeout=1.0, run_window=8, disconnect_grace=5.0)
+    tw = Tidewire(settings=settings)
+    n = 3000
+
+    @tw.stream
+    async def fast() -> Any:
+        for i in range(n):  # 4 KiB each: 12 MiB, more than any socket buffers
+            yield {"i": i, "pad": "f" * 4096}
+
+    server = serve(tw)
+    with (
+        httpx.Client(base_url=server.url, timeout=30) as client,
+        client.stream("GET", "/streams/fast") as fair,
+    ):
+        run = fair.headers["tidewire-run"]
+        slow = never_reading(server, f"/runs/{run}/events?after=0")
+        try:
+            # The fair watcher gets every event, the run ends: the slow one,
+            # which stopped reading, no longer holds the generator.
+            got = [e for e in ndjson(fair)]
+            assert [e["data"]["i"] for e in got[:-1]] == list(range(n))
+            assert got[-1]["event"] == "end"
+            # It was cut (the server closed its connection, mid-body)...
+            before = read_until_closed(slow)
+        finally:
+            slow.close()
+    assert len(before) < n
+    # ... and it may resume from its last id, missing nothing.
+    last = before[-1]["id"] if before else "0"
+    with httpx.Client(base_url=server.url, timeout=30) as client:
+        response = client.get(f"/runs/{run}/events", headers={"last-event-id": last})
+        rest = [json.loads(line) for line in response.text.splitlines() if line]
+    ids = [e["data"]["i"] for e in before + rest[:-1]]
+    assert ids == list(range(n)) and rest[-1]["event"] == "end"

@@ -207,6 +207,8 @@ UNAVAILABLE_NDJSON = b'{"event":"%s","data":%s}\n' % (UNAVAILABLE.encode(), dump
 UNAVAILABLE_SSE = b"event: %s\ndata: %s\n\n" % (UNAVAILABLE.encode(), dump_data(_UNAVAILABLE))
 #: WebSocket close code for the same: 1013, "try again later".
 UNAVAILABLE_CLOSE = 1013
+#: WebSocket close code for a run watcher cut for stalling the run (`stall_timeout`).
+STALLED_CLOSE = 1008
 
 
 def gap_event(batch: Batch) -> Envelope:
@@ -282,8 +284,16 @@ class LogResponse(Response):
         self.notice = notice  # a `gap` to send before anything else
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        watcher = self.cursor.watcher
+        if watcher is not None:
+            # A run watcher that stalls the run for `stall_timeout` is cut:
+            # this response then ends unfinished, and the server closes the
+            # connection (a write to a client that reads nothing never ends).
+            watcher.on_stall = _canceller()
         try:
-            await until_disconnected(receive, self._write(send))
+            await until_disconnected(
+                receive, self._write(send), cut=None if watcher is None else _stalled(watcher)
+            )
         finally:
             self.cursor.close()
 
@@ -363,8 +373,21 @@ def _chunks(parts: list[bytes], budget: int) -> Iterator[bytes]:
         yield b"".join(held)
 
 
-async def until_disconnected(receive: Receive, work: Awaitable[None]) -> None:
-    """Run `work` until it finishes or the HTTP client goes away.
+def _canceller() -> Callable[[], object]:
+    task = asyncio.current_task()
+    assert task is not None
+    return task.cancel
+
+
+def _stalled(watcher: Watcher) -> Callable[[], bool]:
+    return lambda: watcher.stalled
+
+
+async def until_disconnected(
+    receive: Receive, work: Awaitable[None], cut: Callable[[], bool] | None = None
+) -> None:
+    """Run `work` until it finishes, the HTTP client goes away, or `cut()` is
+    true when the work is cancelled (a stalled run watcher, see `Runs.cut`).
 
     Servers report a gone client only through `receive`, so one small task
     waits there and cancels the work when it happens. The work runs in this
@@ -388,7 +411,7 @@ async def until_disconnected(receive: Receive, work: Awaitable[None]) -> None:
     try:
         await work
     except asyncio.CancelledError:
-        if not gone:
+        if not gone and not (cut is not None and cut()):
             raise
         task.uncancel()
     except OSError:
@@ -431,6 +454,9 @@ async def stream_websocket(
 
     listener = asyncio.ensure_future(listen())
     listener.add_done_callback(on_gone)
+    watcher = cursor.watcher
+    if watcher is not None:
+        watcher.on_stall = task.cancel
     try:
         if notice is not None:
             await websocket.send_text(notice.ws())
@@ -447,9 +473,16 @@ async def stream_websocket(
     except BrokerUnavailable:
         await websocket.close(UNAVAILABLE_CLOSE, "the broker is unreachable; resume later")
     except asyncio.CancelledError:
-        if not listener.done():
+        stalled = watcher is not None and watcher.stalled
+        if not listener.done() and not stalled:
             raise
         task.uncancel()
+        if stalled:
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(1.0):  # it reads nothing: it may not take this either
+                    await websocket.close(
+                        STALLED_CLOSE, "stalled the run; resume from your last id"
+                    )
     except (WebSocketDisconnect, OSError, RuntimeError):
         pass  # the client left while we wrote
     finally:
