@@ -22,13 +22,16 @@ import h11
 import httpx
 import psutil
 import pytest
+from websockets.client import ClientProtocol
+from websockets.frames import Close, Frame, Opcode
+from websockets.uri import parse_uri
 
 from tests.conftest import QUICK, LiveServer
 from tidewire import Tidewire
 from tidewire.broker import Retention
 from tidewire.broker.memory import MemoryBroker
 from tidewire.heap import trim
-from tidewire.server.transport import BATCH, LogCursor, LogResponse
+from tidewire.server.transport import BATCH, STALLED_CLOSE, LogCursor, LogResponse
 
 MiB = 1 << 20
 
@@ -264,3 +267,46 @@ def test_a_watcher_that_stalls_a_run_is_cut_and_may_resume(serve: Any) -> None:
         rest = [json.loads(line) for line in response.text.splitlines() if line]
     ids = [e["data"]["i"] for e in before + rest[:-1]]
     assert ids == list(range(n)) and rest[-1]["event"] == "end"
+
+
+def test_a_websocket_watcher_that_stalls_a_run_is_closed(serve: Any) -> None:
+    settings = dataclasses.replace(QUICK, stall_timeout=1.0, run_window=8)
+    tw = Tidewire(settings=settings)
+    n = 3000
+
+    @tw.stream
+    async def fast() -> Any:
+        for i in range(n):
+            yield {"i": i, "pad": "w" * 4096}
+
+    server = serve(tw)
+    with (
+        httpx.Client(base_url=server.url, timeout=30) as client,
+        client.stream("GET", "/streams/fast") as fair,
+    ):
+        run = fair.headers["tidewire-run"]
+        # A WebSocket client that says hello and then reads nothing, ever
+        # (a sans-I/O protocol writes its handshake; nothing reads meanwhile).
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.connect(("127.0.0.1", server.port))
+        protocol = ClientProtocol(parse_uri(f"{server.ws_url}/runs/{run}/ws?after=0"))
+        protocol.send_request(protocol.connect())
+        sock.sendall(b"".join(protocol.data_to_send()))
+        try:
+            got = list(ndjson(fair))
+            assert len(got) == n + 1 and got[-1]["event"] == "end"
+            # Now it reads what it was sent: some events, then the close.
+            sock.settimeout(10)
+            frames: list[Frame] = []
+            while not frames or frames[-1].opcode is not Opcode.CLOSE:
+                data = sock.recv(1 << 16)
+                assert data, "closed without a close frame"
+                protocol.receive_data(data)
+                frames += [e for e in protocol.events_received() if isinstance(e, Frame)]
+        finally:
+            sock.close()
+    texts = [f for f in frames if f.opcode is Opcode.TEXT]
+    assert 0 < len(texts) < n
+    assert frames[-1].opcode is Opcode.CLOSE
+    assert Close.parse(frames[-1].data).code == STALLED_CLOSE
