@@ -16,7 +16,7 @@ import logging
 import secrets
 import time
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
@@ -72,6 +72,8 @@ class Run:
     # ahead of the lowest here or in any other process.
     cursors: dict[int, int] = field(default_factory=dict)
     progress: asyncio.Event = field(default_factory=asyncio.Event)
+    # The watchers connected here now, by number: the ones a stalled run may cut.
+    watchers: dict[int, Watcher] = field(default_factory=dict)
     task: asyncio.Task[None] | None = None
     # The last watcher's place, held for a while after it left, and the timer
     # that gives it up.
@@ -162,9 +164,16 @@ class Watcher:
         self._runs = runs
         self.run = run
         self.key = key
+        #: When it last delivered anything (monotonic): what `stall_timeout` is counted from.
+        self.moved = time.monotonic()
+        #: Cut for stalling the run (see `Runs.cut`); the transport closes its connection.
+        self.stalled = False
+        #: Called when it is cut: the transport's way to end its connection.
+        self.on_stall: Callable[[], object] | None = None
 
     def advance(self, seq: int) -> None:
         run = self.run
+        self.moved = time.monotonic()
         if seq > run.cursors.get(self.key, 0):
             run.cursors[self.key] = seq
             if run.local:
@@ -263,10 +272,12 @@ class Runs:
         run.cursors[key] = oldest if after_seq is None else max(after_seq, oldest)
         if not run.local:
             self.cluster.start_watching(run)
-        return Watcher(self, run, key)
+        watcher = run.watchers[key] = Watcher(self, run, key)
+        return watcher
 
     def release(self, run: Run, key: int) -> None:
         """A watcher left: give up its place, or hold it a while for the last one."""
+        run.watchers.pop(key, None)
         if key not in run.cursors:
             return
         if run.state != "running" or len(run.cursors) > 1 or not run.attached:
@@ -278,6 +289,33 @@ class Runs:
         loop = asyncio.get_running_loop()
         timer = loop.call_later(self.settings.disconnect_grace, self._give_up_place, run, key)
         run.held_place = (key, timer)
+
+    def cut(self, watcher: Watcher) -> None:
+        """Disconnect a watcher that stalled the run for `stall_timeout`.
+
+        Its place is given up at once, not held: the run goes on without it.
+        The log keeps the history, so it may come back and resume from its
+        last id (and hold the run again while it reads).
+        """
+        run = watcher.run
+        logger.info(
+            "run %s: a watcher read nothing for %ss while the run waited on it; disconnecting it",
+            run.id,
+            self.settings.stall_timeout,
+        )
+        watcher.stalled = True
+        run.watchers.pop(watcher.key, None)
+        run.cursors.pop(watcher.key, None)
+        self._positions_changed(run)
+        if watcher.on_stall is not None:
+            watcher.on_stall()
+        if run.attached and not run.cursors and run.held_place is None:
+            # As for a last watcher that left: it has `disconnect_grace` to come back.
+            loop = asyncio.get_running_loop()
+            timer = loop.call_later(
+                self.settings.disconnect_grace, self._give_up_place, run, watcher.key
+            )
+            run.held_place = (watcher.key, timer)
 
     def _give_up_place(self, run: Run, key: int) -> None:
         run.held_place = None
@@ -356,6 +394,8 @@ class Runs:
         # watcher has not read is never trimmed by bytes (`keep_after`), and
         # the byte window keeps it within about `run_history_bytes`.
         window = self.settings.run_window
+        stall = self.settings.stall_timeout
+        blocked_since: float | None = None
         while True:
             if (
                 time.monotonic() - run.remote_checked > REMOTE_REFRESH
@@ -368,7 +408,30 @@ class Runs:
                 return
             run.progress.clear()
             if run.cursors and min(run.cursors.values()) == low:
-                await run.progress.wait()
+                # Held back by watchers here. One that delivers nothing for
+                # `stall_timeout` while the run waits on it is cut: a client
+                # that stopped reading must not hold a generator forever.
+                now = time.monotonic()
+                if blocked_since is None:
+                    blocked_since = now
+                due = None
+                for watcher in list(run.watchers.values()):
+                    position = run.cursors.get(watcher.key)
+                    if position is None or not self._behind(run, position):
+                        continue  # the run does not wait on this one
+                    since = max(watcher.moved, blocked_since)
+                    if now - since >= stall:
+                        self.cut(watcher)
+                    elif due is None or since + stall < due:
+                        due = since + stall
+                if run.progress.is_set():
+                    continue
+                if due is None:
+                    await run.progress.wait()  # a held place: its own timer ends it
+                else:
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(due - now):
+                            await run.progress.wait()
             else:
                 # Held back by a watcher in another process: look again soon.
                 with contextlib.suppress(TimeoutError):

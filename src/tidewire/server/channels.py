@@ -175,7 +175,14 @@ def add_channel_routes(router: APIRouter, tw: Tidewire) -> None:
         log = log_of(request.path_params["name"])
         check_after(request)
         after = await start_position(log, resume_position(request, "") or None)
-        cursor = LogCursor(tw.broker, log, after, tw.settings.heartbeat)
+        cursor = LogCursor(
+            tw.broker,
+            log,
+            after,
+            tw.settings.heartbeat,
+            budget=tw.settings.subscriber_buffer_bytes,
+            skip_ahead=True,
+        )
         notice = await ahead_notice(cursor)
         # Where "live from now" began, so that a client whose connection drops
         # before any event can resume from there and miss nothing. (SSE
@@ -263,7 +270,14 @@ def add_channel_routes(router: APIRouter, tw: Tidewire) -> None:
                 return
             await publish_frame(Blob(raw))
 
-        cursor = LogCursor(tw.broker, log, after, tw.settings.heartbeat)
+        cursor = LogCursor(
+            tw.broker,
+            log,
+            after,
+            tw.settings.heartbeat,
+            budget=tw.settings.subscriber_buffer_bytes,
+            skip_ahead=True,
+        )
         try:
             notice = await ahead_notice(cursor)
         except BrokerUnavailable as exc:

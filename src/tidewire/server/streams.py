@@ -164,7 +164,14 @@ def add_stream_routes(router: APIRouter, tw: Tidewire) -> None:
         check = None if run.local else tw.settings.lease / 3
         prefix = run.id + RUN_ID_SEPARATOR
         return LogCursor(
-            tw.broker, run.log, after, tw.settings.heartbeat, watcher, check, prefix=prefix
+            tw.broker,
+            run.log,
+            after,
+            tw.settings.heartbeat,
+            watcher,
+            check,
+            prefix=prefix,
+            budget=tw.settings.subscriber_buffer_bytes,
         )
 
     def http_stream(
