@@ -12,7 +12,7 @@ from ..broker import BrokerUnavailable, TooManyLogs
 from ..channels import CHANNEL_NAME
 from ..events import RESERVED, Blob, ForgedBlob, TooDeep, check_no_file_refs, load_json
 from ..wire import AFTER_HEADER
-from .errors import error_responses
+from .errors import ACCESS, error_responses
 from .routing import (
     EVENTS_RESPONSE,
     add_stream_route,
@@ -140,7 +140,7 @@ def add_channel_routes(router: APIRouter, tw: Tidewire) -> None:
         status_code=201,
         summary="Publish an event",
         # 422: a bad channel name, or a reserved event type.
-        responses=error_responses(400, 413, 415, 422, 503),
+        responses=error_responses(*ACCESS, 400, 413, 415, 422, 503),
         openapi_extra=_PUBLISH_BODY,
     )
     async def publish(
@@ -200,7 +200,7 @@ def add_channel_routes(router: APIRouter, tw: Tidewire) -> None:
         path_schemas={"name": _NAME},
         responses={
             200: {**EVENTS_RESPONSE, "headers": _AFTER_HEADER},
-            **error_responses(400, 422, 503),
+            **error_responses(*ACCESS, 400, 422, 503),
         },
     )
 
