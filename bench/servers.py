@@ -45,7 +45,25 @@ def env() -> dict[str, str]:
     # An auth key in the harness's own environment would turn access control on in every
     # tidewire server, auth-off rows included: only `tidewire_auth` sets one.
     inherited = {k: v for k, v in os.environ.items() if not k.startswith("TIDEWIRE_AUTH_")}
-    return {**inherited, "PYTHONPATH": path.rstrip(os.pathsep), "PYTHONUNBUFFERED": "1"}
+    return {
+        **inherited,
+        **ONE_ADDRESS_LIMITS,
+        "PYTHONPATH": path.rstrip(os.pathsep),
+        "PYTHONUNBUFFERED": "1",
+    }
+
+
+#: Every load generator here is one client at one address (127.0.0.1), standing in for
+#: thousands: the per-client limits (DESIGN.md "Limits": 200 connections, 20 runs, 100
+#: publishes/s a client) are raised so that W3's 10,000 subscribers and W4's 5,000 idle
+#: connections are served, as they would be from as many addresses. Every other limit
+#: stays at its default.
+ONE_ADDRESS_LIMITS = {
+    "TIDEWIRE_MAX_CONNECTIONS_PER_CLIENT": "100000",
+    "TIDEWIRE_MAX_RUNS_PER_CLIENT": "100000",
+    "TIDEWIRE_PUBLISH_RATE": "100000",
+    "TIDEWIRE_PUBLISH_BURST": "100000",
+}
 
 
 @dataclass
