@@ -14,6 +14,7 @@ from fastapi.responses import JSONResponse, Response
 from ..auth import Identity
 from ..broker import BadPosition, BrokerUnavailable
 from ..events import Envelope, TooDeep, load_json
+from ..quotas import client_key
 from ..runs import RESERVED_PARAMS, CancelNotConfirmed, Run, StreamFunction, TooManyRuns
 from ..wire import LAST_EVENT_ID, RUN_HEADER, RUN_ID_SEPARATOR
 from .errors import error_responses
@@ -140,10 +141,18 @@ def add_stream_routes(router: APIRouter, tw: Tidewire) -> None:
         return stream
 
     async def start_run(
-        stream: StreamFunction, params: dict[str, Any], identity: Identity, *, attached: bool
+        conn: Request | WebSocket,
+        stream: StreamFunction,
+        params: dict[str, Any],
+        identity: Identity,
+        *,
+        attached: bool,
     ) -> Run:
+        client = client_key(identity, conn)
         try:
-            return await runs.start(stream, params, attached=attached, sub=identity.sub)
+            return await runs.start(
+                stream, params, attached=attached, sub=identity.sub, client=client
+            )
         except TooManyRuns as exc:
             raise HTTPException(503, f"{exc}; try again later", {"retry-after": "1"}) from None
 
@@ -258,7 +267,7 @@ def add_stream_routes(router: APIRouter, tw: Tidewire) -> None:
         if last_id:
             return await resume(request, stream, last_id, identity)
         params = validate(stream.validate, await read_params(request))
-        run = await start_run(stream, params, identity, attached=not detach)
+        run = await start_run(request, stream, params, identity, attached=not detach)
         if detach:
             body = {
                 "run": run.id,
@@ -301,7 +310,7 @@ def add_stream_routes(router: APIRouter, tw: Tidewire) -> None:
             identity = await guard.check(websocket, "stream", name)
             stream = get_stream(name)
             params = validate(stream.validate, await read_params(websocket))
-            run = await start_run(stream, params, identity, attached=True)
+            run = await start_run(websocket, stream, params, identity, attached=True)
         except (HTTPException, BrokerUnavailable) as exc:
             await deny_websocket(websocket, exc)
             return
