@@ -24,7 +24,7 @@ from pydantic import BaseModel, Field, field_validator
 from starlette.requests import HTTPConnection
 
 from ..storage import FileNotFound, valid_id
-from .errors import Problem, error_responses, storage_error, storage_errors
+from .errors import ACCESS, error_responses, storage_error, storage_errors
 from .guard import Guard
 
 if TYPE_CHECKING:
@@ -94,11 +94,7 @@ def add_link_routes(router: APIRouter, tw: Tidewire) -> None:
         status_code=201,
         summary="A link that downloads the file without a token until it expires",
         response_model=Link,
-        responses={
-            401: {"description": "No token, or a bad one", "model": Problem},
-            403: {"description": "The token may not read files", "model": Problem},
-            **error_responses(400, 404, 422),
-        },
+        responses=error_responses(*ACCESS, 400, 404, 422),
     )
     async def create_link(
         request: Request, file_id: str, body: LinkRequest | None = None
