@@ -246,7 +246,7 @@ def add_stream_routes(router: APIRouter, tw: Tidewire) -> None:
         tags=["streams"],
         summary="The registered streams and their parameters",
         # Never 403: the list shows what the token may start.
-        responses=error_responses(401),
+        responses=error_responses(401, 429),
     )
     async def list_streams(request: Request) -> list[dict[str, Any]]:
         """With access control on: only the streams this token may start."""
@@ -335,7 +335,7 @@ def add_stream_routes(router: APIRouter, tw: Tidewire) -> None:
         tags=["streams"],
         summary="A run's state",
         # Another identity's run is a 404, as one that does not exist: never 403.
-        responses=error_responses(401, 404, 503),
+        responses=error_responses(401, 404, 429, 503),
     )
     async def run_info(request: Request, run_id: str) -> dict[str, Any]:
         return (await get_run(run_id, await guard.identify(request))).info()
