@@ -22,6 +22,7 @@ from .broker import from_url as broker_from_url
 from .channels import Channels
 from .config import Settings
 from .heap import trim_forever
+from .quotas import ConnectionQuota, Quotas
 from .runs import Runs, StreamFunction
 from .server.caching import NotStored, compressed
 from .server.channels import add_channel_routes
@@ -84,6 +85,9 @@ class Tidewire:
         blobs = Blobs(lambda: self.storage, self.settings.inline_blob_limit)
         self.runs = Runs(self.broker, self.settings, blobs)
         self.channels = Channels(self.broker, self.settings, blobs)
+        #: What one client may hold and how fast it may publish (see quotas.py).
+        self.quotas = Quotas(self.broker, self.settings, self.runs.instance)
+        self.runs.quotas = self.quotas
 
     @cached_property
     def storage(self) -> Storage:
@@ -131,6 +135,7 @@ class Tidewire:
     async def aclose(self) -> None:
         """Cancel the running runs and close the broker."""
         await self.runs.aclose()
+        await self.quotas.aclose()
         await self.broker.aclose()
         if "storage" in self.__dict__:
             await self.storage.aclose()
@@ -184,6 +189,9 @@ class Tidewire:
         # Outermost last: JSON answers are marked before gzip sees them.
         app.add_middleware(NotStored)
         app.add_middleware(compressed)
+        # A client over its connections is refused before any route runs;
+        # inside CORS, so that a page can read the 429.
+        app.add_middleware(ConnectionQuota, quotas=self.quotas, guard=self.guard)
         # Origins are checked whether access control is on or off (origins.py
         # says why); CORS outside it, so that preflights never reach a route.
         app.add_middleware(OriginCheck, allow_origins=self.settings.allow_origins)

@@ -774,7 +774,7 @@ def test_subscription_headers(server: LiveServer, ch: str) -> None:
 
 
 def test_publishing_never_waits_for_a_slow_subscriber(serve: Serve) -> None:
-    _, server = start(serve, Settings(heartbeat=0.3, channel_max_len=100))
+    _, server = start(serve, Settings(heartbeat=0.3, channel_max_len=100, publish_rate=1e6))
     # 5,000 events of 4 KB: 20 MB, far more than the socket buffers between the
     # server and a subscriber that does not read, so its writes stall.
     total, padding = 5_000, "x" * 4_000
@@ -822,7 +822,7 @@ def test_a_retained_event_costs_about_its_size_not_4_kb(serve: Serve) -> None:
     # orjson's results hold a buffer of >= 4 KB whatever their length; kept
     # as they came, events of ~100 bytes held ~4.6 KB each here.
     n, channels = 20_000, 4
-    tw = Tidewire(settings=Settings(channel_max_len=n))
+    tw = Tidewire(settings=Settings(channel_max_len=n, publish_rate=1e6, publish_burst=n))
     server = serve(tw)
     frames = [json.dumps({"seq": i, "text": "x" * 80}) for i in range(n // channels)]
     gc.collect()

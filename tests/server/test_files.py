@@ -521,7 +521,8 @@ def test_client_that_leaves_mid_upload_leaves_nothing(
         # The save is under way (a file in tmp/) when the client goes.
         wait_for(lambda: tmp.exists() and any(tmp.iterdir()), message="the save never began")
     wait_for(lambda: not any(tmp.iterdir()), message="the partial file was left behind")
-    assert client.get("/files").json() == []
+    # The files saved before it go once the request has wound up, a moment later.
+    wait_for(lambda: client.get("/files").json() == [], message="a saved file was left behind")
     assert list((tmp_path / "data" / "files").iterdir()) == []
 
 

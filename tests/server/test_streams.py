@@ -597,9 +597,9 @@ def test_concurrent_watchers_all_see_the_same_sequence(serve: Any) -> None:
 
 
 def test_sync_generators_do_not_queue_for_a_thread_pool(serve: Any) -> None:
-    tw, _ = make()
-    server = serve(tw)
     parties = 100  # more than Starlette's 40 threads and asyncio's default executor
+    tw, _ = make(Settings(max_runs_per_client=parties))  # one client starts them all
+    server = serve(tw)
     runs = [detach(server, "rendezvous", parties=parties) for _ in range(parties)]
     states = [finished(server, run)["state"] for run in runs]
     assert states == ["finished"] * parties

@@ -21,7 +21,9 @@ each other about runs: small records with a time to live (a run's state,
 its watchers' positions), leases (which process runs a generator, and is
 it alive), and messages on topics (cancel this run). In memory these are
 trivial; on Redis they are how a run started on one machine is watched and
-cancelled from another.
+cancelled from another. Coordination also counts for `quotas`: sets of
+expiring members with a limit (slots), rate buckets and counters, each
+checked and changed atomically so that every process sees one count.
 """
 
 from __future__ import annotations
@@ -192,6 +194,31 @@ class Coordination(Protocol):
 
     def listen(self, topic: str) -> AsyncIterator[str]:
         """The messages sent to `topic` from now on, for as long as it is iterated."""
+        ...
+
+    async def hold(self, key: str, member: str, limit: int, ttl: float) -> float | None:
+        """Put `member` in the set `key` for `ttl` seconds, unless the set holds
+        `limit` members already (expired ones do not count; one already there
+        is renewed whatever the count). None when held; else the seconds until
+        the soonest member expires."""
+        ...
+
+    async def renew(self, key: str, members: Sequence[str], ttl: float) -> None:
+        """Push the expiry of those `members` still in the set `key` to `ttl` seconds from now."""
+        ...
+
+    async def drop(self, key: str, member: str) -> None:
+        """Take `member` out of the set `key` (nothing if it is not there)."""
+        ...
+
+    async def take(self, key: str, rate: float, burst: int) -> float:
+        """Take one from the bucket `key` (refilled at `rate` per second, holding
+        at most `burst`): 0 if taken, else the seconds until one is there."""
+        ...
+
+    async def add(self, key: str, amount: int, limit: int | None = None) -> int | None:
+        """Add `amount` to the counter `key` and return its new value, unless that
+        would pass `limit`: then leave it and return None. (`amount` 0 reads it.)"""
         ...
 
 

@@ -192,6 +192,11 @@ class _State:
         self._leases: dict[str, tuple[str, float]] = {}
         self._lease_mark = 64
         self._topics: dict[str, set[asyncio.Queue[str]]] = {}
+        # Quotas' counting (see `Coordination.hold`, `take`, `add`).
+        self._slots: dict[str, dict[str, float]] = {}  # key -> member -> expiry
+        self._buckets: dict[str, float] = {}  # key -> theoretical arrival time (GCRA)
+        self._bucket_mark = 64
+        self._counters: dict[str, int] = {}
 
     def _record(self, key: str) -> tuple[dict[str, str], float | None] | None:
         record = self._records.get(key)
@@ -235,6 +240,60 @@ class _State:
             self._leases = {k: v for k, v in self._leases.items() if v[1] > now}
             self._lease_mark = max(64, len(self._leases))
         return True
+
+    def _live(self, key: str, now: float) -> dict[str, float]:
+        members = self._slots.get(key, {})
+        for member in [m for m, expiry in members.items() if expiry <= now]:
+            del members[member]
+        return members
+
+    async def hold(self, key: str, member: str, limit: int, ttl: float) -> float | None:
+        now = time.monotonic()
+        members = self._live(key, now)
+        if member not in members and len(members) >= limit:
+            return min(members.values()) - now if members else 0.0
+        self._slots.setdefault(key, members)[member] = now + ttl
+        return None
+
+    async def renew(self, key: str, members: Sequence[str], ttl: float) -> None:
+        held = self._slots.get(key, {})
+        expiry = time.monotonic() + ttl
+        for member in members:
+            if member in held:
+                held[member] = expiry
+
+    async def drop(self, key: str, member: str) -> None:
+        members = self._slots.get(key)
+        if members is not None:
+            members.pop(member, None)
+            if not members:
+                del self._slots[key]
+
+    async def take(self, key: str, rate: float, burst: int) -> float:
+        # GCRA, as the Redis broker's script (it says why).
+        now = time.monotonic()
+        interval = 1.0 / rate
+        tat = max(self._buckets.get(key, now), now) + interval
+        wait = tat - burst * interval - now
+        if wait > 0:
+            return wait
+        self._buckets[key] = tat
+        if len(self._buckets) > 2 * self._bucket_mark:
+            # A bucket whose time has passed is full: the same as no entry.
+            self._buckets = {k: t for k, t in self._buckets.items() if t > now}
+            self._bucket_mark = max(64, len(self._buckets))
+        return 0.0
+
+    async def add(self, key: str, amount: int, limit: int | None = None) -> int | None:
+        # Never below 0: a file stored before the quota was counted may be deleted.
+        value = max(0, self._counters.get(key, 0) + amount)
+        if limit is not None and amount > 0 and value > limit:
+            return None
+        if value:
+            self._counters[key] = value
+        else:
+            self._counters.pop(key, None)
+        return value
 
     async def send(self, topic: str, message: str) -> None:
         for queue in self._topics.get(topic, ()):

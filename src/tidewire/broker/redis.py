@@ -177,6 +177,62 @@ redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
 return 1
 """
 
+# Quotas' counting. A slot set is a sorted set of members scored by their
+# expiry (Redis's clock, ms): the counting semaphore of "Redis in Action"
+# 6.3, with expiry so that a process that dies frees its slots.
+_HOLD = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+if not redis.call('ZSCORE', KEYS[1], ARGV[1])
+        and redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[2]) then
+    local first = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
+    return math.max(0, tonumber(first[2]) - now)
+end
+redis.call('ZADD', KEYS[1], now + tonumber(ARGV[3]), ARGV[1])
+local last = redis.call('ZRANGE', KEYS[1], -1, -1, 'WITHSCORES')
+redis.call('PEXPIREAT', KEYS[1], tonumber(last[2]))
+return -1
+"""
+
+_RENEW = """
+local t = redis.call('TIME')
+local until_ = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) + tonumber(ARGV[1])
+for i = 2, #ARGV do
+    redis.call('ZADD', KEYS[1], 'XX', until_, ARGV[i])
+end
+if redis.call('EXISTS', KEYS[1]) == 1 then
+    local last = redis.call('ZRANGE', KEYS[1], -1, -1, 'WITHSCORES')
+    redis.call('PEXPIREAT', KEYS[1], tonumber(last[2]))
+end
+return 0
+"""
+
+# The generic cell rate algorithm (GCRA), as redis-cell implements it: a
+# token bucket kept as one number per client (the theoretical arrival time,
+# TAT), so a check is one GET and one SET, with no refill timer, and with
+# Redis's clock every process agrees. Returns 0, or the ms to wait.
+_TAKE = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
+local interval = tonumber(ARGV[1])
+local tat = tonumber(redis.call('GET', KEYS[1]) or now)
+if tat < now then tat = now end
+tat = tat + interval
+local wait = tat - tonumber(ARGV[2]) * interval - now
+if wait > 0 then return tostring(wait) end
+redis.call('SET', KEYS[1], tostring(tat), 'PX', math.max(1, math.ceil(tat - now)))
+return '0'
+"""
+
+_ADD = """
+local value = tonumber(redis.call('GET', KEYS[1]) or '0') + tonumber(ARGV[1])
+if value < 0 then value = 0 end
+if ARGV[2] ~= '' and tonumber(ARGV[1]) > 0 and value > tonumber(ARGV[2]) then return -1 end
+if value == 0 then redis.call('DEL', KEYS[1]) else redis.call('SET', KEYS[1], value) end
+return value
+"""
+
 
 def _optional(value: int | None) -> str | int:
     return "" if value is None else value
@@ -388,6 +444,10 @@ class RedisBroker:
         self._read = self._redis.register_script(_READ)
         self._end = self._redis.register_script(_END)
         self._claim = self._redis.register_script(_CLAIM)
+        self._hold = self._redis.register_script(_HOLD)
+        self._renew = self._redis.register_script(_RENEW)
+        self._take = self._redis.register_script(_TAKE)
+        self._add = self._redis.register_script(_ADD)
 
         self._mirrors: dict[str, _Mirror] = {}
         self._held = _Held()
@@ -828,6 +888,43 @@ class RedisBroker:
                 keys=[self.prefix + "lease:" + key], args=[holder, max(1, round(ttl * 1000))]
             )
         return bool(taken)
+
+    async def hold(self, key: str, member: str, limit: int, ttl: float) -> float | None:
+        async with self._command():
+            wait = await self._hold(
+                keys=[self.prefix + "slots:" + key],
+                args=[member, limit, max(1, round(ttl * 1000))],
+            )
+        return None if int(wait) < 0 else int(wait) / 1000
+
+    async def renew(self, key: str, members: Sequence[str], ttl: float) -> None:
+        if not members:
+            return
+        async with self._command():
+            await self._renew(
+                keys=[self.prefix + "slots:" + key], args=[max(1, round(ttl * 1000)), *members]
+            )
+
+    async def drop(self, key: str, member: str) -> None:
+        async with self._command():
+            await self._redis.zrem(self.prefix + "slots:" + key, member)
+
+    async def take(self, key: str, rate: float, burst: int) -> float:
+        async with self._command():
+            wait = await self._take(
+                keys=[self.prefix + "bucket:" + key], args=[repr(1000.0 / rate), burst]
+            )
+        return float(wait) / 1000
+
+    async def add(self, key: str, amount: int, limit: int | None = None) -> int | None:
+        async with self._command():
+            value = int(
+                await self._add(
+                    keys=[self.prefix + "count:" + key],
+                    args=[amount, "" if limit is None else limit],
+                )
+            )
+        return None if value < 0 else value
 
     async def send(self, topic: str, message: str) -> None:
         async with self._command():

@@ -18,7 +18,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from .. import wire
 from ..blobs import Blobs, Pending
@@ -29,6 +29,9 @@ from ..heap import trim
 from .cluster import Cluster, log_name
 from .sources import Source, close
 from .stream import Item, StreamFunction
+
+if TYPE_CHECKING:
+    from ..quotas import Quotas
 
 __all__ = ["Run", "Runs", "TooManyRuns", "Watcher"]
 
@@ -59,6 +62,8 @@ class Run:
     attached: bool
     owner: str  # the instance (process) that runs the generator
     local: bool = True
+    #: Whose quota it counts against (`quotas.client_key`; "": nobody's).
+    client: str = ""
     #: The `sub` of the identity that started it ("" with access control off):
     #: only it (or an admin) may see, watch or cancel the run. In the shared
     #: record too, so that every process refuses the others alike.
@@ -207,6 +212,8 @@ class Runs:
         self._cancelling_unwatched: list[asyncio.Task[None]] = []
         self._trim: asyncio.TimerHandle | None = None
         self.running = 0
+        #: Per-client run quotas, when the app counts them (see `quotas`).
+        self.quotas: Quotas | None = None
 
     # -- looking up --------------------------------------------------------
 
@@ -236,10 +243,17 @@ class Runs:
     # -- starting ----------------------------------------------------------
 
     async def start(
-        self, stream: StreamFunction, params: dict[str, Any], *, attached: bool, sub: str = ""
+        self,
+        stream: StreamFunction,
+        params: dict[str, Any],
+        *,
+        attached: bool,
+        sub: str = "",
+        client: str = "",
     ) -> Run:
-        """Start a run for the identity `sub`. An attached run gets its first
-        watcher at once, before any event."""
+        """Start a run for the identity `sub`, counted against `client`'s quota
+        (`OverQuota` past it). An attached run gets its first watcher at once,
+        before any event."""
         if self.running >= self.settings.max_runs:
             raise TooManyRuns(f"{self.running} runs are running, the most this server allows")
         run = Run(
@@ -248,8 +262,15 @@ class Runs:
             attached=attached,
             owner=self.instance,
             sub=sub,
+            client=client,
         )
-        await self.cluster.register(run)
+        if client and self.quotas is not None:
+            await self.quotas.start_run(client, run.id)
+        try:
+            await self.cluster.register(run)
+        except BaseException:
+            await self._free_slot(run)
+            raise
         self._runs[run.id] = run
         source = stream.open(params, self.settings)
         run.task = asyncio.get_running_loop().create_task(self._execute(run, source))
@@ -491,6 +512,7 @@ class Runs:
             run.state, final = "finished", (wire.END, b"null")
         run.ended = time.time()
         self.running -= 1
+        await self._free_slot(run)
         loop = asyncio.get_running_loop()
         loop.call_later(self.settings.run_ttl, self._expire, run.id)
         if run.lost:
@@ -501,6 +523,10 @@ class Runs:
             await self.broker.end(run.log)
         except BrokerUnavailable:
             logger.error("run %s ended (%s) but the broker is unreachable", run.id, run.state)
+
+    async def _free_slot(self, run: Run) -> None:
+        if run.client and self.quotas is not None:
+            await self.quotas.end_run(run.client, run.id)
 
     def _expire(self, run_id: str) -> None:
         run = self._runs.pop(run_id, None)

@@ -11,6 +11,7 @@ from starlette.datastructures import UploadFile
 from ..broker import BrokerUnavailable, TooManyLogs
 from ..channels import CHANNEL_NAME
 from ..events import RESERVED, Blob, ForgedBlob, TooDeep, check_no_file_refs, load_json
+from ..quotas import client_key
 from ..wire import AFTER_HEADER
 from .errors import ACCESS, error_responses
 from .routing import (
@@ -158,8 +159,9 @@ def add_channel_routes(router: APIRouter, tw: Tidewire) -> None:
             ),
         ] = "message",
     ) -> dict[str, str]:
-        await guard.check(request, "publish", name)
+        identity = await guard.check(request, "publish", name)
         log_of(name)
+        await tw.quotas.publish(client_key(identity, request))
         data = await read_message(request)
         try:
             return {"id": await channels.publish(name, data, event)}
@@ -230,7 +232,7 @@ def add_channel_routes(router: APIRouter, tw: Tidewire) -> None:
                 # at most 123 bytes.
                 await websocket.close(1008, refused.encode()[:123].decode(errors="ignore"))
                 return False
-            return True
+            return await tw.quotas.publish_frame(websocket, identity)
 
         async def on_text(text: str) -> None:
             if not await may_publish():

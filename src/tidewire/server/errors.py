@@ -136,16 +136,21 @@ ERROR_STATUSES: dict[int, str] = {
     415: "Unsupported Content-Type",
     416: "The range is outside the file",
     422: "Invalid value; `detail` names it",
+    429: (
+        "Over a per-client limit (connections, runs, publish rate, open uploads); "
+        "`Retry-After` says when to try again"
+    ),
     460: "Checksum mismatch (tus)",
     503: "Unavailable for now (the broker is unreachable, or too many runs); see Retry-After",
     507: "The storage is full",
 }
 
 
-#: What every route behind access control may answer: `error_responses(*ACCESS, ...)`.
+#: What every route behind access control may answer: `error_responses(*ACCESS, ...)`,
+#: 429 included: each request counts against its client's connections.
 #: (A route whose only refusal is 401, as one that lists or shows only what
-#: the caller owns, declares 401 alone.)
-ACCESS = (401, 403)
+#: the caller owns, declares 401 and 429.)
+ACCESS = (401, 403, 429)
 
 
 def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:

@@ -22,6 +22,7 @@ errors.py (what a storage error tells the client).
 from __future__ import annotations
 
 from contextlib import suppress
+from functools import partial
 from typing import TYPE_CHECKING, Annotated, Any
 from urllib.parse import urlencode
 
@@ -34,7 +35,7 @@ from starlette.convertors import PathConvertor, register_url_convertor
 from starlette.requests import ClientDisconnect
 
 from ..auth import Identity
-from ..storage import FileInfo, FileNotFound, Storage, TooLarge, valid_id
+from ..storage import FileInfo, FileNotFound, TooLarge, valid_id
 from ..wire import NEXT_CURSOR_HEADER
 from .downloads import send_file
 from .errors import ACCESS, error_responses, show, storage_error, storage_errors
@@ -129,12 +130,13 @@ def looked_up(name: str, where: str) -> str:
         raise HTTPException(422, f"{exc}: {where} names the file") from None
 
 
-async def _discard(storage: Storage, files: list[FileInfo]) -> None:
+async def _discard(tw: Tidewire, files: list[FileInfo]) -> None:
     # Shielded: a cancelled request must still take back what it stored.
     with anyio.CancelScope(shield=True):
         for info in files:
             with suppress(FileNotFound):
-                await storage.delete(info.id)
+                await tw.storage.delete(info.id)
+                await tw.quotas.deleted(info)
 
 
 async def receive_files(
@@ -161,16 +163,21 @@ async def receive_files(
             except ValueError as exc:
                 raise HTTPException(422, f"{exc}: {show(part.filename)}") from None
             with storage_errors():
-                info = await storage.save(
+                info = await tw.quotas.save(
+                    owner,
                     reader.body(),
-                    name=name,
-                    type=upload_type(part.type, name),
-                    limit=tw.settings.max_file_size,
-                    owner=owner,
+                    partial(
+                        storage.save,
+                        name=name,
+                        type=upload_type(part.type, name),
+                        limit=tw.settings.max_file_size,
+                        owner=owner,
+                    ),
+                    storage.delete,
                 )
             saved.append(info)
     except BaseException as exc:
-        await _discard(storage, saved)
+        await _discard(tw, saved)
         if isinstance(exc, BadMultipart):
             raise HTTPException(400, f"malformed multipart body: {exc}") from None
         raise
@@ -341,12 +348,18 @@ def add_file_routes(router: APIRouter, tw: Tidewire) -> None:
         kind = upload_type(request.headers.get("content-type"), name)
         try:
             with storage_errors():
-                info = await tw.storage.save(
+                owner = owner_of_new(tw, identity)
+                info = await tw.quotas.save(
+                    owner,
                     request.stream(),
-                    name=name,
-                    type=kind,
-                    limit=tw.settings.max_file_size,
-                    owner=owner_of_new(tw, identity),
+                    partial(
+                        tw.storage.save,
+                        name=name,
+                        type=kind,
+                        limit=tw.settings.max_file_size,
+                        owner=owner,
+                    ),
+                    tw.storage.delete,
                 )
         except ClientDisconnect:
             return Response(status_code=400)
@@ -477,4 +490,5 @@ def add_file_routes(router: APIRouter, tw: Tidewire) -> None:
         await guard.require(identity, "files:delete", file_id, owner=info.owner or "")
         with storage_errors():
             await tw.storage.delete(info.id)
+        await tw.quotas.deleted(info)
         return Response(status_code=204)

@@ -14,6 +14,7 @@ from fastapi.responses import JSONResponse, Response
 from ..auth import Identity
 from ..broker import BadPosition, BrokerUnavailable
 from ..events import Envelope, TooDeep, load_json
+from ..quotas import client_key
 from ..runs import RESERVED_PARAMS, CancelNotConfirmed, Run, StreamFunction, TooManyRuns
 from ..wire import LAST_EVENT_ID, RUN_HEADER, RUN_ID_SEPARATOR
 from .errors import ACCESS, error_responses
@@ -140,10 +141,18 @@ def add_stream_routes(router: APIRouter, tw: Tidewire) -> None:
         return stream
 
     async def start_run(
-        stream: StreamFunction, params: dict[str, Any], identity: Identity, *, attached: bool
+        conn: Request | WebSocket,
+        stream: StreamFunction,
+        params: dict[str, Any],
+        identity: Identity,
+        *,
+        attached: bool,
     ) -> Run:
+        client = client_key(identity, conn)
         try:
-            return await runs.start(stream, params, attached=attached, sub=identity.sub)
+            return await runs.start(
+                stream, params, attached=attached, sub=identity.sub, client=client
+            )
         except TooManyRuns as exc:
             raise HTTPException(503, f"{exc}; try again later", {"retry-after": "1"}) from None
 
@@ -237,7 +246,7 @@ def add_stream_routes(router: APIRouter, tw: Tidewire) -> None:
         tags=["streams"],
         summary="The registered streams and their parameters",
         # Never 403: the list shows what the token may start.
-        responses=error_responses(401),
+        responses=error_responses(401, 429),
     )
     async def list_streams(request: Request) -> list[dict[str, Any]]:
         """With access control on: only the streams this token may start."""
@@ -271,7 +280,7 @@ def add_stream_routes(router: APIRouter, tw: Tidewire) -> None:
         if last_id:
             return await resume(request, stream, last_id, identity)
         params = validate(stream.validate, await read_params(request))
-        run = await start_run(stream, params, identity, attached=not detach)
+        run = await start_run(request, stream, params, identity, attached=not detach)
         if detach:
             body = {
                 "run": run.id,
@@ -314,7 +323,7 @@ def add_stream_routes(router: APIRouter, tw: Tidewire) -> None:
             identity = await guard.check(websocket, "stream", name)
             stream = get_stream(name)
             params = validate(stream.validate, await read_params(websocket))
-            run = await start_run(stream, params, identity, attached=True)
+            run = await start_run(websocket, stream, params, identity, attached=True)
         except (HTTPException, BrokerUnavailable) as exc:
             await deny_websocket(websocket, exc)
             return
@@ -326,7 +335,7 @@ def add_stream_routes(router: APIRouter, tw: Tidewire) -> None:
         tags=["streams"],
         summary="A run's state",
         # Another identity's run is a 404, as one that does not exist: never 403.
-        responses=error_responses(401, 404, 503),
+        responses=error_responses(401, 404, 429, 503),
     )
     async def run_info(request: Request, run_id: str) -> dict[str, Any]:
         return (await get_run(run_id, await guard.identify(request))).info()

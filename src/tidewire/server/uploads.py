@@ -28,6 +28,7 @@ import hashlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from fastapi import APIRouter, HTTPException, Request
@@ -35,6 +36,7 @@ from fastapi.responses import Response
 from starlette.requests import ClientDisconnect
 
 from ..auth import Identity
+from ..quotas import client_key
 from ..storage import StorageError, Upload, UploadNotFound
 from ..wire import FILE_HEADER, OFFSET_STREAM, TUS_EXTENSIONS, TUS_VERSION
 from .errors import ACCESS, Problem, error_responses, show, storage_error, storage_errors
@@ -322,14 +324,23 @@ class TusServer:
             raise _error(413, f"the body has {sent} bytes but Upload-Length is {length}")
 
         expires = time.time() + self.tw.settings.upload_expiry
+        owner = identity.sub if self.tw.guard.on else None
         with storage_errors(_ALWAYS):
-            upload = await self.tw.storage.create_upload(
-                length=length,
-                name=name,
-                type=kind,
-                metadata=raw,
-                expires=expires,
-                owner=identity.sub if self.tw.guard.on else None,
+            # Within the client's open uploads and its owner's storage quota.
+            upload = await self.tw.quotas.create_upload(
+                client_key(identity, request),
+                owner,
+                length,
+                partial(
+                    self.tw.storage.create_upload,
+                    length=length,
+                    name=name,
+                    type=kind,
+                    metadata=raw,
+                    expires=expires,
+                    owner=owner,
+                ),
+                self.tw.storage.abort,
             )
         if with_body and upload.file is None:
             try:
@@ -343,7 +354,9 @@ class TusServer:
                 # The client never learns this upload's URL: nothing should stay behind.
                 with contextlib.suppress(UploadNotFound):
                     await self.tw.storage.abort(upload.id)
+                await self.tw.quotas.upload_aborted(request, upload)
                 raise storage_error(exc, _ALWAYS) from None
+        await self.tw.quotas.upload_finished(request, upload, self.tw.storage)
         location = request.url_for("upload", id=upload.id).path
         return Response(status_code=201, headers={**_state(upload), "Location": location})
 
@@ -381,13 +394,15 @@ class TusServer:
         except ClientDisconnect:
             # The storage kept what arrived: the client resumes from there.
             return Response(status_code=400)
+        await self.tw.quotas.upload_finished(request, upload, self.tw.storage)
         return Response(status_code=204, headers=_state(upload))
 
     async def delete(self, request: Request, id: str) -> Response:
         self.check_version(request)
-        await self.find(request, id)
+        upload = await self.find(request, id)
         with storage_errors(_ALWAYS):
             await self.tw.storage.abort(id)
+        await self.tw.quotas.upload_aborted(request, upload)
         return Response(status_code=204, headers=dict(_ALWAYS))
 
     async def dispatch(self, handlers: dict[str, Handler], request: Request, id: str) -> Response:
