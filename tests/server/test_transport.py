@@ -21,7 +21,7 @@ from websockets.sync.client import ClientConnection, connect
 
 from tests.conftest import QUICK, LiveServer
 from tests.redis_server import RedisServer
-from tidewire import Tidewire
+from tidewire import Settings, Tidewire
 from tidewire.broker.redis import RedisBroker
 
 UNAVAILABLE = "the broker is unreachable; reconnect and resume from your last id"
@@ -124,3 +124,31 @@ def test_redis_going_away_is_told_on_every_transport(
     assert http.get("/channels/c/events").status_code == 503
     with pytest.raises(Exception, match="503"):
         connect(server.ws_url + "/channels/c/ws", open_timeout=10)
+
+
+def test_frames_sent_just_before_a_close_are_all_published(
+    serve: Callable[..., LiveServer],
+) -> None:
+    # A publisher that sends and closes at once: writing its echo fails, and
+    # the frames still queued behind it must be published all the same
+    # (33 to 190 of 200 were, before).
+    server = serve(Tidewire(settings=Settings()))
+    for channel in ("drain-a", "drain-b", "drain-c"):
+        with connect(f"{server.ws_url}/channels/{channel}/ws", close_timeout=1) as ws:
+            for i in range(200):
+                ws.send(json.dumps({"i": i}))
+    for channel in ("drain-a", "drain-b", "drain-c"):
+        seen: list[int] = []
+        timeout = httpx.Timeout(10.0, read=2.0)
+        url = f"{server.url}/channels/{channel}/events"
+        with (
+            contextlib.suppress(httpx.ReadTimeout),
+            httpx.stream("GET", url, params={"after": "0"}, timeout=timeout) as response,
+        ):
+            for line in response.iter_lines():
+                event = json.loads(line) if line.strip() else None
+                if event is not None and event["event"] == "message":
+                    seen.append(event["data"]["i"])
+                if seen and seen[-1] == 199:
+                    break
+        assert seen == list(range(200)), f"{channel}: {len(seen)} of 200 published"

@@ -421,6 +421,11 @@ async def until_disconnected(
         listener.cancel()
 
 
+#: Seconds a WebSocket whose client has gone is given to publish the frames
+#: it sent before it closed.
+DRAIN_TIMEOUT = 5.0
+
+
 async def stream_websocket(
     websocket: WebSocket,
     cursor: LogCursor,
@@ -484,7 +489,13 @@ async def stream_websocket(
                         STALLED_CLOSE, "stalled the run; resume from your last id"
                     )
     except (WebSocketDisconnect, OSError, RuntimeError):
-        pass  # the client left while we wrote
+        # The client left while we wrote. What it sent before its close frame
+        # is still queued: publish it (a client that sends and closes at once
+        # must not lose its last frames), for as long as that takes, within reason.
+        if on_text is not None or on_bytes is not None:
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(DRAIN_TIMEOUT):
+                    await asyncio.shield(listener)
     finally:
         listener.remove_done_callback(on_gone)
         listener.cancel()
