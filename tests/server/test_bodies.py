@@ -294,3 +294,19 @@ def test_a_link_body_is_bounded_by_max_body_bytes(http: httpx.Client) -> None:
     bad = http.post(url, json={"expires_in": "soon"})
     assert bad.status_code == 422
     assert bad.json()["detail"][0]["loc"] == ["body", "expires_in"]
+
+
+def test_a_file_part_with_oversized_headers_is_400(http: httpx.Client, tmp_path: Path) -> None:
+    """python-multipart (>= 0.0.27) bounds a part's header lines; nothing is stored."""
+    boundary = "b0undary"
+    body = (
+        f"--{boundary}\r\n"
+        f'Content-Disposition: form-data; name="f"; filename="a.bin"\r\n'
+        f"X-Pad: {'a' * 8000}\r\n\r\n"
+        f"abc\r\n--{boundary}--\r\n"
+    ).encode()
+    kind = f"multipart/form-data; boundary={boundary}"
+    response = http.post("/files", content=body, headers={"content-type": kind})
+    assert response.status_code == 400, response.text
+    assert "multipart" in response.json()["detail"]
+    assert on_disk(tmp_path, "files") == []
