@@ -18,6 +18,7 @@ import time
 from typing import TYPE_CHECKING, Annotated, Any
 from urllib.parse import urlencode
 
+import orjson
 from fastapi import APIRouter, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -120,7 +121,11 @@ def add_link_routes(router: APIRouter, tw: Tidewire) -> None:
             await readable(tw, identity, await tw.storage.info(file_id))
         body = await read_limited(request, tw.settings.max_body_bytes)
         try:
-            asked = LinkRequest.model_validate_json(body) if body.strip() else LinkRequest()
+            asked = (
+                LinkRequest.model_validate(orjson.loads(body)) if body.strip() else LinkRequest()
+            )
+        except orjson.JSONDecodeError as exc:
+            raise HTTPException(400, f"the body is not valid JSON: {exc}") from None
         except ValidationError as exc:
             # As FastAPI reports a body it validates itself: a 422 naming the field.
             errors = exc.errors(include_url=False, include_context=False)
