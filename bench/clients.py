@@ -46,6 +46,7 @@ class Watchers:
         deadline_s: float,
         messages: int = 0,
         latency_dir: Path | None = None,
+        headers: dict[str, str] | None = None,
     ) -> None:
         self.procs: list[subprocess.Popen[bytes]] = []
         self.latency_files: list[Path] = []
@@ -57,6 +58,7 @@ class Watchers:
                 "conns": share,
                 "deadline_s": deadline_s,
                 "messages": messages,
+                "headers": headers or {},  # sent by every watcher (W4 auth on: its token)
             }
             if latency_dir is not None:
                 self.latency_files.append(latency_dir / f"latencies-{port}-{conns}-{i}.json")

@@ -96,10 +96,12 @@ class Conn(asyncio.Protocol):
             self.transport.close()
 
 
-def get(path: str, port: int, accept: str) -> bytes:
+def get(path: str, port: int, accept: str, headers: dict[str, str] | None = None) -> bytes:
+    """A GET; `headers` adds lines, e.g. `Authorization: Bearer <jwt>` for an auth-on server."""
+    extra = "".join(f"{k}: {v}\r\n" for k, v in (headers or {}).items())
     return (
         f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nAccept: {accept}\r\n"
-        "Cache-Control: no-cache\r\n\r\n"
+        f"Cache-Control: no-cache\r\n{extra}\r\n"
     ).encode()
 
 
@@ -182,7 +184,9 @@ def parse_events(buf: bytes, framing: str, drop_first: bool) -> list[tuple[str, 
                 event = value
             elif field == "data":
                 data.append(value)
-        if data:
+        # A block whose data is empty is not an event: EventSource dispatches nothing for it
+        # (tidewire's first block, `event: position` with an `id:`, only sets the last id).
+        if data and "\n".join(data):
             out.append((event, json.loads("\n".join(data))))
     return out
 
@@ -324,7 +328,8 @@ async def mode_stream(cfg: dict[str, Any]) -> dict[str, Any]:
     conn = await connect(cfg["port"], count.feed)
     try:
         await asyncio.wait_for(
-            conn.request(get(cfg["path"], cfg["port"], cfg["accept"])), cfg["deadline_s"]
+            conn.request(get(cfg["path"], cfg["port"], cfg["accept"], cfg.get("headers"))),
+            cfg["deadline_s"],
         )
         error = None if conn.status == 200 else f"HTTP {conn.status}"
     except (TimeoutError, ConnectionError) as e:
@@ -404,7 +409,7 @@ async def mode_watch(cfg: dict[str, Any]) -> dict[str, Any]:
             try:
                 conn = await asyncio.wait_for(connect(port, sink), 10)
                 conns.append(conn)
-                conn.request(get(cfg["path"], port, "text/event-stream"))
+                conn.request(get(cfg["path"], port, "text/event-stream", cfg.get("headers")))
                 status = await asyncio.wait_for(conn.headers_done, 10)
                 if status != 200:
                     failures.append(f"HTTP {status}")

@@ -93,9 +93,14 @@ COLUMNS: dict[str, list[tuple[str, Callable[[Row], str]]]] = {
         _vs("original"),
         _vs("fastapi.sse"),
         _vs("sse-starlette"),
+        (
+            "vs auth off",
+            lambda r: "" if r.get("vs_auth_off") is None else f"{r['vs_auth_off']:.3f}x",
+        ),
         ("MB/s", lambda r: _n(r["mb_per_s"], 1)),
         ("B/event", lambda r: _n(r["bytes_per_event"])),
         ("server CPU", lambda r: _n(r["server_cpu_pct"]) + "%"),
+        ("server us/event", lambda r: _n(r.get("server_us_per_event"), 2)),
         ("client CPU", lambda r: _n(r["client_cpu_pct"]) + "%"),
         ("rounds (events/s)", lambda r: ", ".join(f"{x:,}" for x in r["rounds"])),
         ("format", _ok),
@@ -153,6 +158,18 @@ COLUMNS: dict[str, list[tuple[str, Callable[[Row], str]]]] = {
         ("KB/conn", lambda r: _n(r["kb_per_conn"], 1)),
         _vs("fastapi.sse"),
         _vs("nchan"),
+        (
+            "vs auth off",
+            lambda r: "" if r.get("vs_auth_off") is None else f"{r['vs_auth_off']:+.2f} KB",
+        ),
+        (
+            "rounds (KB/conn)",
+            lambda r: (
+                ", ".join(f"{x:.1f}" for x in r["rounds_kb"])
+                if len(r.get("rounds_kb", [])) > 1
+                else ""
+            ),
+        ),
         ("connect s", lambda r: _n(r["connect_s"], 2)),
         ("idle server CPU", lambda r: _n(r["idle_server_cpu_pct"], 1) + "%"),
         ("check", _ok),
@@ -200,7 +217,10 @@ TITLES = {
 }
 EXPLAIN = {
     "w1": "`vs X` = events/s ÷ X's events/s (higher is better). Median of the rounds, "
-    "interleaved. CPU is % of one core over the client's wall time.",
+    "interleaved. CPU is % of one core over the client's wall time. `(auth on)`: the same "
+    "server with access control on (a second process, `TIDEWIRE_AUTH_SECRET`), the client "
+    "sending `Authorization: Bearer <jwt>`; `vs auth off` = its events/s ÷ the auth-off "
+    "row's of the same framing (goal >= 0.95x).",
     "w2": "Wall time until the last client has its last event. `vs X` = X's wall ÷ this wall "
     "(higher is better).",
     "w3": "Latency = receive time.time() - the send time.time() the message carries, in "
@@ -214,7 +234,10 @@ EXPLAIN = {
     "w4": "KB/conn = (RSS after all connected - RSS before) ÷ connections, server process tree. "
     "`vs X` = X's KB/conn ÷ this (higher is better). The two `floor` rows are references, "
     "not contenders: an app that only holds the connection open, bare on uvicorn and behind "
-    "a FastAPI route; the first is uvicorn's own cost per connection.",
+    "a FastAPI route; the first is uvicorn's own cost per connection. The tidewire rows "
+    "(auth off, and on: `TIDEWIRE_AUTH_SECRET`, every watcher sending `Authorization: Bearer "
+    "<jwt>`) are run `tidewire_rounds` times, alternating, each in a fresh server; the median "
+    "round is shown. `vs auth off` = this KB/conn - the auth-off row's (goal <= +1 KB).",
     "w5": "MB/s = bytes ÷ curl's time_total (`curl -o /dev/null`), median of the rounds, "
     "interleaved, after one warm-up each. `vs X` = MB/s ÷ X's (higher is better). "
     "FileResponse = a bare Starlette `FileResponse` app (reference); the server is in "
@@ -231,7 +254,7 @@ EXPLAIN = {
 }
 
 
-def workload_md(name: str, w: dict[str, Any]) -> str:
+def workload_md(name: str, w: dict[str, Any], machine: dict[str, Any] | None = None) -> str:
     out = [f"## {TITLES[name]}", ""]
     if w.get("error"):
         return "\n".join([*out, f"**Did not run:** {w['error']}", ""])
@@ -270,8 +293,36 @@ def workload_md(name: str, w: dict[str, Any]) -> str:
     other = w.get("other_load_pct")
     busy = f"; other load on the machine meanwhile: {other}% of one core" if other else ""
     when = f", run {w['date']}" if w.get("date") else ""
+    if w.get("loadavg_at_start"):
+        when += f", load average at its start {w['loadavg_at_start']}"
     out.append(f"\n_{w.get('seconds', '?')} s for this workload{when}{busy}._\n")
+    if w.get("merged"):
+        out.append(f"_{merged_note(w, machine)}_\n")
     return "\n".join(out)
+
+
+def merged_note(w: dict[str, Any], now: dict[str, Any] | None) -> str:
+    """What an earlier run's workload (kept by --merge) ran on, where it differs from the
+    header (this run's machine and versions)."""
+    m = w.get("machine")
+    if not m:
+        return "From an earlier run (--merge), whose machine and versions were not recorded."
+    said = ["From an earlier run (--merge)"]
+    if w.get("command"):
+        said[0] += f": `{w['command']}`"
+    said.append(f"load average at start {m.get('loadavg_at_start')}")
+    if now is not None:
+        vers = m.get("versions", {})
+        differ = [f"{k} {v}" for k, v in vers.items() if now.get("versions", {}).get(k) != v]
+        differ += [
+            f"{k} {m.get(k)}"
+            for k in ("nproc", "cpu", "python", "kernel", "nginx")
+            if m.get(k) != now.get(k)
+        ]
+        said.append("machine and versions then: " + ", ".join(differ) if differ else "same")
+    if w.get("tidewire_src"):
+        said.append(f"tidewire from `{w['tidewire_src']}`")
+    return "; ".join(said) + "."
 
 
 def markdown(results: dict[str, Any]) -> str:
@@ -280,7 +331,8 @@ def markdown(results: dict[str, Any]) -> str:
     head = [
         "# tidewire benchmarks" + (" (--quick smoke run: small sizes)" if results["quick"] else ""),
         "",
-        f"Run {results['date']} with `.venv/bin/python -m bench`. Machine: {m['nproc']} cores "
+        f"Run {results['date']} with `{results.get('command') or 'python -m bench'}`. "
+        f"Machine: {m['nproc']} cores "
         f"({m['cpu']}), load average at start {m['loadavg_at_start']}, Linux {m['kernel']}, "
         f"Python {m['python']}; {vers}; nginx {m['nginx']}, nchan {m['nchan']}, "
         f"curl {m.get('curl', '?')}.",
@@ -299,6 +351,15 @@ def markdown(results: dict[str, Any]) -> str:
         "`curl`.",
         "",
     ]
+    merged = [k for k, w in results["workloads"].items() if w.get("merged")]
+    if merged:
+        fresh = [k for k in results["workloads"] if k not in merged]
+        head += [
+            f"**Merged (`--merge`)**: the date, machine and versions above are those of the run "
+            f"of {', '.join(fresh) or 'nothing'}; {', '.join(merged)} come from earlier runs, "
+            "each table saying when, and what its run differed in where that was recorded.",
+            "",
+        ]
     if results.get("tidewire_src"):
         head += [f"**tidewire was run from `{results['tidewire_src']}`, not src/.**", ""]
     if results.get("profiles"):
@@ -307,5 +368,5 @@ def markdown(results: dict[str, Any]) -> str:
             + ", ".join(f"`{p}`" for p in results["profiles"]),
             "",
         ]
-    body = [workload_md(k, w) for k, w in results["workloads"].items()]
+    body = [workload_md(k, w, m) for k, w in results["workloads"].items()]
     return "\n".join(head + body)

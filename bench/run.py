@@ -12,15 +12,19 @@ import argparse
 import base64
 import json
 import os
+import secrets
+import sys
 import tempfile
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from . import files, report
+from .adversary import w8
 from .apps.image import PNG, ensure_png
 from .client import w7
 from .clients import Watchers, run_load
@@ -29,16 +33,19 @@ from .harness import QUICK, Ctx, Servers, Sizes, busy_cpu, median
 from .memory import w9
 from .servers import (
     Server,
+    mint_token,
     nchan,
     nchan_available,
     raise_nofile,
     redis_available,
     tidewire,
+    tidewire_auth,
     tidewire_available,
     uvicorn,
 )
 
 SSE, NDJSON = "text/event-stream", "application/x-ndjson"
+AUTH_ON = " (auth on)"  # suffix of a row whose server has access control on
 
 
 @dataclass
@@ -50,6 +57,7 @@ class Target:
     path: str
     accept: str
     framing: str  # "ndjson" or "sse": how the load generator counts events
+    headers: dict[str, str] = field(default_factory=dict)  # e.g. the token, auth on
 
 
 # --- W1 -------------------------------------------------------------------------------------
@@ -80,13 +88,21 @@ def baselines(ctx: Ctx, srv: Servers) -> tuple[Server, Server, Server]:
 def interleaved(
     ctx: Ctx, targets: list[Target], mode: str, extra: dict[str, Any], timeout: float
 ) -> dict[str, list[dict[str, Any]]]:
-    """Run the load `mode` against every target, rounds interleaved (A B C A B C ...) so that
+    """Run the load `mode` against every target, rounds interleaved (A B C C B A ...) so that
     drift in the machine's other load hits every server alike; results by target name."""
     runs: dict[str, list[dict[str, Any]]] = {t.name: [] for t in targets}
-    for _ in range(ctx.sizes.rounds):
-        for t in targets:
+    for i in range(ctx.sizes.rounds):
+        # A B C, then C B A: a server's place in the round (after which neighbour, how long
+        # into the round) is not the same every time, so a pair of rows compares fairly.
+        for t in targets if i % 2 == 0 else targets[::-1]:
             cpu0 = t.server.cpu()
-            cfg = {"port": t.server.port, "path": t.path, "accept": t.accept, "framing": t.framing}
+            cfg = {
+                "port": t.server.port,
+                "path": t.path,
+                "accept": t.accept,
+                "framing": t.framing,
+                "headers": t.headers,
+            }
             res = run_load(mode, {**cfg, **extra}, timeout=timeout)
             res["server_cpu"] = t.server.cpu() - cpu0
             runs[t.name].append(res)
@@ -102,10 +118,18 @@ def w1(ctx: Ctx) -> dict[str, Any]:
         if ctx.tidewire is None:
             tw = srv.start(tidewire("tidewire", None, ctx.work))
             png = demo_png(tw.port)
+            # The same server with access control on, side by side: the token is verified
+            # once per request (a stream's connection), so the cost should be ~nothing.
+            secret = secrets.token_hex(32)
+            twa = srv.start(tidewire_auth("tidewire" + AUTH_ON, None, ctx.work, secret))
+            bearer = {"Authorization": f"Bearer {mint_token(secret, 'streams=*')}"}
             path = f"/streams/demo?n={n}&interval=0"
+            notes.append(auth_note(twa, "/streams/demo?n=1&interval=0", bearer, NDJSON))
             targets += [
                 Target("tidewire NDJSON", tw, path, NDJSON, "ndjson"),
+                Target("tidewire NDJSON" + AUTH_ON, twa, path, NDJSON, "ndjson", bearer),
                 Target("tidewire SSE", tw, path, SSE, "sse"),
+                Target("tidewire SSE" + AUTH_ON, twa, path, SSE, "sse", bearer),
             ]
         if png is None:
             notes.append("image: bench's generated PNG (tidewire's demo image was not available)")
@@ -126,7 +150,7 @@ def w1(ctx: Ctx) -> dict[str, Any]:
     rows = [w1_row(t.name, runs[t.name], n) for t in targets]
     report.ratios(rows, "events_per_s", ["original", "fastapi.sse", "sse-starlette"])
     goal = next((r for r in rows if r["server"] == "sse-starlette"), None)
-    checks = []
+    checks = auth_checks(rows, "events_per_s", runs)
     for r in rows:
         if r["server"].startswith("tidewire") and goal and goal["events_per_s"]:
             x = r["events_per_s"] / goal["events_per_s"]
@@ -156,6 +180,8 @@ def w1_row(name: str, runs: list[dict[str, Any]], n: int) -> dict[str, Any]:
         "mb_per_s": median([r["bytes"] / r["wall"] / 1e6 for r in good]),
         "bytes_per_event": median([r["bytes"] / max(1, r["events"]) for r in good]),
         "server_cpu_pct": median([100 * r["server_cpu"] / r["wall"] for r in good]),
+        # CPU per event: less moved than events/s by what else the machine runs meanwhile.
+        "server_us_per_event": median([1e6 * r["server_cpu"] / n for r in good]),
         "client_cpu_pct": median([100 * r["client_cpu"] / r["wall"] for r in good]),
         "first_event": good[0]["first"] if good else None,
         "last_event": good[0]["last_event"] if good else None,
@@ -167,11 +193,78 @@ def w1_row(name: str, runs: list[dict[str, Any]], n: int) -> dict[str, Any]:
 def w1_problem(r: dict[str, Any], n: int) -> str | None:
     if r.get("error"):
         return str(r["error"])
-    if r["events"] not in (n, n + 1):  # n messages, plus an `end` event where there is one
-        return f"counted {r['events']} events, expected {n} (+1 end)"
+    # n messages, plus an `end` event where there is one, plus, in tidewire's SSE, the
+    # leading `event: position` block (an id and an empty `data:`, counted as a `data:` line).
+    if not n <= r["events"] <= n + 2:
+        return f"counted {r['events']} events, expected {n} (+1 end, +1 SSE position block)"
     if "ok" not in r["first"]:
         return f"first event: {r['first']}"
     return None
+
+
+# --- access control on vs off (W1, W4) ---------------------------------------------------
+
+#: The issue's goal for verifying the token once per connection, against auth off, same run.
+AUTH_MAX_SLOWDOWN = 0.05  # of events/s
+AUTH_MAX_KB = 1.0  # per idle connection
+
+
+def auth_note(server: Server, path: str, headers: dict[str, str], accept: str) -> str:
+    """Proof that the auth-on server really checks: without the token it refuses, with it not."""
+
+    def status(h: dict[str, str]) -> int | str:
+        req = urllib.request.Request(
+            f"http://127.0.0.1:{server.port}{path}", headers={"Accept": accept, **h}
+        )
+        try:
+            # The status only: a channel's events never end, so the body is not read.
+            with urllib.request.urlopen(req, timeout=10) as r:
+                return int(r.status)
+        except urllib.error.HTTPError as e:
+            return e.code
+        except OSError as e:
+            return f"{type(e).__name__}: {e}"
+
+    return (
+        f"{server.name}: `tidewire serve` with TIDEWIRE_AUTH_SECRET (HS256), token from "
+        f"`tidewire token`, sent as `Authorization: Bearer`; {path} without it: "
+        f"HTTP {status({})}, with it: HTTP {status(headers)}"
+    )
+
+
+def auth_checks(
+    rows: list[dict[str, Any]], key: str, runs: dict[str, list[dict[str, Any]]] | None = None
+) -> list[str]:
+    """Each auth-on row against its auth-off twin of the same run: `vs_auth_off` is the
+    ratio (W1, events/s) or the difference (W4, KB/conn), and the issue's goal is checked.
+    W1 also gives the median of the per-round ratios (a round's two rows ran back to back)
+    and server CPU per event, steadier on a shared machine than events/s."""
+    by_name = {r["server"]: r for r in rows}
+    checks = []
+    for r in rows:
+        off = by_name.get(r["server"].removesuffix(AUTH_ON))
+        if not r["server"].endswith(AUTH_ON) or off is None or not off[key]:
+            continue
+        bad = r["problems"] or off["problems"]
+        if key == "events_per_s":
+            x = r["vs_auth_off"] = r[key] / off[key]
+            ok = x >= 1 - AUTH_MAX_SLOWDOWN and not bad
+            what = f"{x:.3f}x auth off ({r[key]:,.0f} vs {off[key]:,.0f} events/s; goal >= "
+            what += f"{1 - AUTH_MAX_SLOWDOWN:.2f}x)"
+            if runs is not None:
+                pairs = zip(runs[r["server"]], runs[off["server"]], strict=True)
+                each = [b["wall"] / a["wall"] for a, b in pairs if not (a["error"] or b["error"])]
+                r["vs_auth_off_paired"] = median(each)
+                what += f"; per round {', '.join(f'{y:.2f}' for y in each)}, median "
+                what += f"{median(each):.3f}x; server CPU {r['server_us_per_event']:.2f} vs "
+                what += f"{off['server_us_per_event']:.2f} us/event"
+        else:
+            d = r["vs_auth_off"] = r[key] - off[key]
+            ok = d <= AUTH_MAX_KB and not bad
+            what = f"{d:+.2f} KB/conn vs auth off ({r[key]:.2f} vs {off[key]:.2f}; goal <= "
+            what += f"+{AUTH_MAX_KB:.0f} KB)"
+        checks.append(f"{r['server']}: {what}: " + ("PASS" if ok else "FAIL"))
+    return checks
 
 
 # --- W2 -------------------------------------------------------------------------------------
@@ -223,7 +316,7 @@ def w2_row(name: str, runs: list[dict[str, Any]], n: int, ideal: float) -> dict[
     for r in runs:
         if r.get("error") or r.get("error_count") or r.get("timed_out"):
             problems.add(str(r.get("error") or r.get("errors") or f"{r['timed_out']} timed out"))
-        elif not (n <= r["events_min"] <= r["events_max"] <= n + 1):
+        elif not (n <= r["events_min"] <= r["events_max"] <= n + 2):  # as w1_problem
             problems.add(f"events per client {r['events_min']}..{r['events_max']}, expected {n}")
     good = [r for r in runs if "wall" in r]
     walls = [r["wall"] for r in good]
@@ -249,11 +342,25 @@ def nchan_server(ctx: Ctx) -> Callable[[], Server]:
 
 def w4(ctx: Ctx) -> dict[str, Any]:
     rows, checks, notes = [], [], []
-    setups: list[tuple[str, Callable[[], Server], str]] = []
+    # (row, server, path, headers); the tidewire pair (auth off, on) is run `rounds` times,
+    # alternating, each time in a fresh server: a KB or two per connection is 5-10 MB of RSS
+    # at 5,000 connections, near what RSS moves by between two runs of the same server.
+    Setup = tuple[str, Callable[[], Server], str, dict[str, str]]
+    pair: list[Setup] = []
+    setups: list[Setup] = []
     if ctx.tidewire is None:
-        setups.append(
-            ("tidewire SSE", lambda: tidewire("tidewire", None, ctx.work), "/channels/idle/events")
-        )
+        secret = secrets.token_hex(32)
+        bearer = {"Authorization": f"Bearer {mint_token(secret, 'subscribe=*')}"}
+        path = "/channels/idle/events"
+        pair = [
+            ("tidewire channel", lambda: tidewire("tidewire", None, ctx.work), path, {}),
+            (
+                "tidewire channel" + AUTH_ON,
+                lambda: tidewire_auth("tidewire" + AUTH_ON, None, ctx.work, secret),
+                path,
+                bearer,
+            ),
+        ]
     else:
         checks.append(f"tidewire not run: {ctx.tidewire}")
 
@@ -261,21 +368,38 @@ def w4(ctx: Ctx) -> dict[str, Any]:
         return lambda: uvicorn(name, app, ctx.work)
 
     setups += [
-        ("fastapi.sse", asgi("fastapi.sse", "bench.apps.fastapi_sse:app"), "/idle"),
-        ("sse-starlette", asgi("sse-starlette", "bench.apps.starlette_sse:app"), "/idle"),
+        ("fastapi.sse", asgi("fastapi.sse", "bench.apps.fastapi_sse:app"), "/idle", {}),
+        ("sse-starlette", asgi("sse-starlette", "bench.apps.starlette_sse:app"), "/idle", {}),
     ]
     if ctx.nchan is None:
-        setups.append(("nchan", nchan_server(ctx), "/sub?id=idle"))
+        setups.append(("nchan", nchan_server(ctx), "/sub?id=idle", {}))
     else:
         notes.append(f"nchan not run: {ctx.nchan}")
-    setups += [
-        ("floor: uvicorn, raw ASGI", asgi("floor-asgi", "bench.apps.floor:raw"), "/idle"),
-        ("floor: FastAPI route", asgi("floor-fastapi", "bench.apps.floor:fastapi_app"), "/idle"),
+    floors: list[Setup] = [
+        ("floor: uvicorn, raw ASGI", asgi("floor-asgi", "bench.apps.floor:raw"), "/idle", {}),
+        (
+            "floor: FastAPI route",
+            asgi("floor-fastapi", "bench.apps.floor:fastapi_app"),
+            "/idle",
+            {},
+        ),
     ]
-    for name, make, path in setups:
+    rounds: dict[str, list[dict[str, Any]]] = {}
+    for name, make, path, headers in pair * ctx.sizes.rounds + setups + floors:
         with Servers(ctx, "w4") as srv:
-            rows.append(idle(ctx, name, srv.start(make()), path))
+            server = srv.start(make())
+            if headers and name not in rounds:
+                notes.append(auth_note(server, path, headers, SSE))
+            rounds.setdefault(name, []).append(idle(ctx, name, server, path, headers))
+    for runs in rounds.values():
+        # The median round as the row (its fields belong together; the lower middle of an
+        # even count), every round listed in run order.
+        row = sorted(runs, key=lambda r: r["kb_per_conn"])[(len(runs) - 1) // 2]
+        row["rounds_kb"] = [round(r["kb_per_conn"], 2) for r in runs]
+        row["problems"] = sorted({p for r in runs for p in r["problems"]})
+        rows.append(row)
     report.ratios(rows, "kb_per_conn", ["fastapi.sse", "nchan"], lower_is_better=True)
+    checks += auth_checks(rows, "kb_per_conn")
     for r in rows:
         if r["server"].startswith("tidewire"):
             ok = r["kb_per_conn"] <= 25 and not r["problems"]
@@ -284,22 +408,24 @@ def w4(ctx: Ctx) -> dict[str, Any]:
                 + ("PASS" if ok else "FAIL")
             )
     return {
-        "params": {"connections": ctx.sizes.w4_conns},
+        "params": {"connections": ctx.sizes.w4_conns, "tidewire_rounds": ctx.sizes.rounds},
         "rows": rows,
         "checks": checks,
         "notes": notes,
     }
 
 
-def idle(ctx: Ctx, name: str, server: Server, path: str) -> dict[str, Any]:
+def idle(
+    ctx: Ctx, name: str, server: Server, path: str, headers: dict[str, str] | None = None
+) -> dict[str, Any]:
     n = ctx.sizes.w4_conns
     # Warm up first, so lazy imports and first-request caches aren't billed to connections.
-    warm = Watchers(server.port, path, 20, 1, deadline_s=60)
+    warm = Watchers(server.port, path, 20, 1, deadline_s=60, headers=headers)
     warm.ready(timeout=60)
     warm.stop(0, timeout=30)
     time.sleep(1.0)
     before = server.rss()
-    w = Watchers(server.port, path, n, 1, deadline_s=600)
+    w = Watchers(server.port, path, n, 1, deadline_s=600, headers=headers)
     ready = w.ready(timeout=300)
     time.sleep(2.0)  # let per-connection tasks and buffers settle before reading RSS
     after = server.rss()
@@ -348,6 +474,7 @@ WORKLOADS: dict[str, Callable[[Ctx], dict[str, Any]]] = {
     "w5b": files.w5b,
     "w6": files.w6,
     "w7": w7,
+    "w8": w8,
     "w9": w9,
 }
 
@@ -387,6 +514,7 @@ def main(argv: list[str] | None = None) -> None:
             ctx.profile.mkdir(parents=True, exist_ok=True)
         results: dict[str, Any] = {
             "date": time.strftime("%Y-%m-%d %H:%M:%S %z"),
+            "command": " ".join(["python -m bench", *(sys.argv[1:] if argv is None else argv)]),
             "machine": report.machine(),
             "quick": args.quick,
             "tidewire_src": os.environ.get("BENCH_TIDEWIRE_SRC"),
@@ -395,6 +523,7 @@ def main(argv: list[str] | None = None) -> None:
         }
         for name in only:
             print(f"== {name} ...", flush=True)
+            load = [round(x, 2) for x in os.getloadavg()]
             t0, busy0, ours0 = time.monotonic(), busy_cpu(), our_cpu()
             try:
                 results["workloads"][name] = WORKLOADS[name](ctx)
@@ -403,6 +532,7 @@ def main(argv: list[str] | None = None) -> None:
             wall = time.monotonic() - t0
             other = (busy_cpu() - busy0 - (our_cpu() - ours0)) / wall
             results["workloads"][name]["date"] = results["date"]
+            results["workloads"][name]["loadavg_at_start"] = load
             results["workloads"][name]["seconds"] = round(wall, 1)
             results["workloads"][name]["other_load_pct"] = round(max(0.0, 100 * other))
             print(report.workload_md(name, results["workloads"][name]), flush=True)
@@ -427,7 +557,14 @@ def merge(results: dict[str, Any], old_json: Path) -> None:
         return
     ours = results["workloads"]
     for name, w in old.get("workloads", {}).items():
-        if name in WORKLOADS:
+        if name in WORKLOADS and name not in ours:
             w.setdefault("date", old.get("date"))
-            ours.setdefault(name, w)
+            # The header describes this run; an earlier workload keeps the description of
+            # the run it came from, when it is known (that run's date), not ours.
+            if "machine" not in w and w["date"] == old.get("date"):
+                w["machine"] = old.get("machine")
+                w.setdefault("command", old.get("command"))
+                w.setdefault("tidewire_src", old.get("tidewire_src"))
+            w["merged"] = True
+            ours[name] = w
     results["workloads"] = {k: ours[k] for k in sorted(ours, key=list(WORKLOADS).index)}

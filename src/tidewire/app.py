@@ -17,7 +17,7 @@ from fastapi.responses import JSONResponse
 
 from .auth import Authorize
 from .blobs import Blobs
-from .broker import Broker, BrokerUnavailable
+from .broker import Broker, BrokerUnavailable, sweep_forever
 from .broker import from_url as broker_from_url
 from .channels import Channels
 from .config import Settings
@@ -75,6 +75,8 @@ class Tidewire:
         self.guard = Guard(self.settings, authorize)
         # As for storage, the command line names the broker in the environment.
         self.broker: Broker = broker or broker_from_url(os.environ.get("TIDEWIRE_BROKER"))
+        if self.broker.max_retained_bytes is None:
+            self.broker.max_retained_bytes = self.settings.max_retained_bytes
         self._storage = storage
         self.title = title
         self.streams: dict[str, StreamFunction] = {}
@@ -139,10 +141,13 @@ class Tidewire:
         sweeper = asyncio.get_running_loop().create_task(expire_uploads(self))
         # Memory freed by trimmed histories goes back to the system (see heap).
         trimmer = asyncio.get_running_loop().create_task(trim_forever())
+        # Idle channels are dropped (max_channels counts the others).
+        idle = min(60.0, self.settings.channel_idle_ttl / 4)
+        logs = asyncio.get_running_loop().create_task(sweep_forever(self.broker, idle))
         try:
             yield
         finally:
-            for task in (sweeper, trimmer):
+            for task in (sweeper, trimmer, logs):
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task

@@ -24,7 +24,16 @@ class Channels:
     def __init__(self, broker: Broker, settings: Settings, blobs: Blobs) -> None:
         self.broker = broker
         self.blobs = blobs
-        self.retention = Retention(settings.channel_max_len, settings.channel_max_age)
+        # A channel counts against `max_channels` from its first event until
+        # it is idle `channel_idle_ttl` seconds; one more is `TooManyLogs`.
+        self.retention = Retention(
+            settings.channel_max_len,
+            settings.channel_max_age,
+            max_bytes=settings.channel_max_bytes,
+            kind="channel",
+            max_logs=settings.max_channels,
+            idle_ttl=settings.channel_idle_ttl,
+        )
 
     @staticmethod
     def log(name: str) -> str:
@@ -35,7 +44,8 @@ class Channels:
         return f"channel:{name}"
 
     async def publish(self, name: str, data: Any, event: str = "message") -> str:
-        """Append one event; returns its id. Raises ValueError for a bad name or type."""
+        """Append one event; returns its id. Raises ValueError for a bad name or type,
+        `TooManyLogs` for a new channel past `max_channels`."""
         message = Message(data, event)
         [published] = await self.broker.append(
             self.log(name), [(message.event, await self.blobs.dump(message.data))], self.retention

@@ -1,21 +1,26 @@
 """The client's token: sent on every transport, refreshed on reconnects and 401s,
 sent to its own server only; blobs are fetched from the client's server only.
 
-The server here is a real Tidewire behind `TokenGate` (auth_gate.py), a
-stand-in for the server's own checks until every route enforces them.
+The server is a real Tidewire with access control on (`auth_secret`): it
+verifies every token and checks every permission. A `Witness` in front of it
+(witness.py) only records where each request carried its token and what the
+server answered. A token the server no longer takes is one that has expired
+(a real, short `exp`) or one signed with another key (as a revoked one would be).
 """
 
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
 import httpx
+import jwt
 import pytest
 
-from tests.client.auth_gate import TokenGate, mint
+from tests.client.witness import SECRET, Witness, forged, mint
 from tests.conftest import QUICK, LiveServer
 from tests.proxy import Proxy
 from tidewire import Blob, Settings, Tidewire
@@ -30,38 +35,45 @@ FILE_ID = "0c9f4m2k1v8r3n5p7q6s4t"  # the shape of a storage id
 
 
 @pytest.fixture
-def gate(tmp_path: Path, serve: Callable[..., LiveServer]) -> tuple[LiveServer, TokenGate]:
+def gate(tmp_path: Path, serve: Callable[..., LiveServer]) -> tuple[LiveServer, Witness]:
     settings = Settings(
         heartbeat=QUICK.heartbeat,
         disconnect_grace=10,  # a cut watcher comes back to its run
         close_timeout=QUICK.close_timeout,
         sse_retry_ms=100,
         inline_blob_limit=64,
+        auth_secret=SECRET,
     )
     tw = Tidewire(settings=settings, storage=LocalStorage(tmp_path / "data"))
 
     @tw.stream
-    async def paced(n: int = N) -> AsyncIterator[dict[str, int]]:
+    async def paced(n: int = N, interval: float = 0.01) -> AsyncIterator[dict[str, int]]:
         for i in range(n):
             yield {"i": i}
-            await asyncio.sleep(0.01)
+            await asyncio.sleep(interval)
 
     @tw.stream
     async def big() -> AsyncIterator[Any]:
         yield {"blob": Blob(bytes(range(256)) * 4, "application/x-test")}
 
-    g = TokenGate(tw.app)
-    return serve(g, ws_ping=1.0), g
+    witness = Witness(tw.app)
+    return serve(witness, ws_ping=1.0), witness
 
 
 class Minter:
     """A token callable: a new token at each call, the calls counted."""
 
-    def __init__(self) -> None:
+    def __init__(self, ttl: float = 3600, first: str | None = None) -> None:
+        self.ttl = ttl
         self.issued: list[str] = []
+        self._first = first
 
     def __call__(self) -> str:
-        self.issued.append(mint(jti=str(len(self.issued))))
+        if self._first is not None:
+            self.issued.append(self._first)
+            self._first = None
+        else:
+            self.issued.append(mint(ttl=self.ttl, jti=str(len(self.issued))))
         return self.issued[-1]
 
     async def acall(self) -> str:
@@ -77,15 +89,16 @@ def check_complete(events: list[Event], n: int = N) -> None:
 # -- the token goes everywhere --------------------------------------------------------
 
 
-def test_without_a_token_the_stand_in_refuses(gate: tuple[LiveServer, TokenGate]) -> None:
+def test_without_a_token_the_server_refuses(gate: tuple[LiveServer, Witness]) -> None:
     server, _ = gate
     with Client(server.url) as tw, pytest.raises(HTTPStatusError) as info:
         tw.streams()
     assert info.value.status_code == 401
+    assert "needs a token" in str(info.value.detail)
 
 
 def test_the_token_is_sent_on_every_request_and_handshake(
-    gate: tuple[LiveServer, TokenGate], tmp_path: Path
+    gate: tuple[LiveServer, Witness], tmp_path: Path
 ) -> None:
     server, g = gate
     token = mint()
@@ -112,7 +125,7 @@ def test_the_token_is_sent_on_every_request_and_handshake(
             next(iter(s))
             tw.cancel(str(s.run_id))
         tw.delete(meta["id"])
-    assert all(seen.status == 0 for seen in g.seen), [s for s in g.seen if s.status]
+    assert g.seen and not g.refused(), g.refused()
     assert {seen.header for seen in g.seen} == {f"Bearer {token}"}
     assert not any(seen.query for seen in g.seen)  # the header, never the URL
     kinds = {(seen.kind, seen.method, seen.path.split("/")[1]) for seen in g.seen}
@@ -135,7 +148,7 @@ def test_the_token_is_sent_on_every_request_and_handshake(
 
 
 def test_the_async_client_sends_an_async_callables_token(
-    gate: tuple[LiveServer, TokenGate], tmp_path: Path
+    gate: tuple[LiveServer, Witness], tmp_path: Path
 ) -> None:
     server, g = gate
     minter = Minter()
@@ -147,7 +160,11 @@ def test_the_async_client_sends_an_async_callables_token(
             for transport in TRANSPORTS:
                 async with tw.stream("paced", n=2, transport=transport) as s:
                     assert [e.event async for e in s][-1] == "end"
-            await tw.publish("room", 1)
+                async with tw.subscribe("room", transport=transport, after="0") as sub:
+                    await tw.publish("room", {"via": transport})
+                    async for event in sub:
+                        if event.data == {"via": transport}:
+                            break
             meta = await aupload(tw.http, large, tus_threshold=1, chunk_size=100_000)
             await tw.download(meta["id"], tmp_path / "out.bin")
             async with tw.stream("big") as s:
@@ -157,99 +174,172 @@ def test_the_async_client_sends_an_async_callables_token(
     asyncio.run(main())
     assert minter.issued and len(minter.issued) == 1  # fetched once, then reused
     assert {seen.token for seen in g.seen} == {minter.issued[0]}
-    assert all(seen.status == 0 for seen in g.seen)
-    assert any(seen.kind == "websocket" for seen in g.seen)
+    assert not g.refused(), g.refused()
+    assert {s.path.split("/")[1] for s in g.seen if s.kind == "websocket"} == {
+        "streams",
+        "channels",
+    }
 
 
 # -- refresh ---------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("asynchronous", [False, True])
 @pytest.mark.parametrize("transport", TRANSPORTS)
 def test_a_stream_that_outlives_its_token_resumes_with_a_new_one(
-    gate: tuple[LiveServer, TokenGate], proxy: type[Proxy], transport: Any
+    gate: tuple[LiveServer, Witness], proxy: type[Proxy], transport: Any, asynchronous: bool
 ) -> None:
+    """A token with a real 2 s `exp`; the stream runs longer, and its connection
+    is cut after the token has expired: the reconnect must carry a new token,
+    and no event is lost."""
     server, g = gate
     p = proxy(server.port)
-    minter = Minter()
+    minter = Minter(ttl=2)
+    n = 80  # 80 x 0.04 s: about 3 s, longer than the token lives
+
+    def expired() -> bool:
+        exp = jwt.decode(minter.issued[0], options={"verify_signature": False})["exp"]
+        return time.time() > exp + 0.2
+
     events: list[Event] = []
-    with Client(p.url, token=minter) as tw, tw.stream("paced", transport=transport) as s:
-        for event in s:
-            events.append(event)
-            if len(events) == 10:
-                # The token is no longer good (expired, revoked), and the
-                # connection drops: the reconnect needs a new one.
-                g.revoked.add(minter.issued[0])
-                p.cut()
-    check_complete(events)
-    assert s.reconnects == 1
-    assert len(minter.issued) == 2
-    resumed = [seen for seen in g.seen if seen.path.startswith(f"/runs/{s.run_id}")]
-    assert resumed and all(seen.token == minter.issued[1] for seen in resumed)
-    assert all(seen.status == 0 for seen in g.seen)
+    if asynchronous:
+
+        async def main() -> tuple[int, str]:
+            async with (
+                AsyncClient(p.url, token=minter.acall) as tw,
+                tw.stream("paced", n=n, interval=0.04, transport=transport) as s,
+            ):
+                async for event in s:
+                    events.append(event)
+                    if p.cuts == 0 and expired():
+                        p.cut()
+                return s.reconnects, str(s.run_id)
+
+        reconnects, run_id = asyncio.run(main())
+    else:
+        with (
+            Client(p.url, token=minter) as tw,
+            tw.stream("paced", n=n, interval=0.04, transport=transport) as s,
+        ):
+            for event in s:
+                events.append(event)
+                if p.cuts == 0 and expired():
+                    p.cut()
+        reconnects, run_id = s.reconnects, str(s.run_id)
+    check_complete(events, n)
+    assert p.cuts == 1 and reconnects == 1
+    assert not g.refused(), g.refused()
+    assert len(minter.issued) >= 2
+    resumed = [seen for seen in g.seen if seen.path.startswith(f"/runs/{run_id}")]
+    assert resumed and all(seen.token in minter.issued[1:] for seen in resumed)
+    # The first token is really no good any more: the server says so.
+    stale = httpx.get(
+        f"{server.url}/streams", headers={"Authorization": f"Bearer {minter.issued[0]}"}
+    )
+    assert stale.status_code == 401 and 'error="invalid_token"' in stale.headers["www-authenticate"]
 
 
-def test_a_401_gets_a_new_token_once_then_surfaces(gate: tuple[LiveServer, TokenGate]) -> None:
+def test_a_401_gets_a_new_token_once_then_surfaces(gate: tuple[LiveServer, Witness]) -> None:
     server, g = gate
-    current = [mint(jti="a")]
+    # The first token the server does not take (revoked, or a rotated key); the next it does.
+    first, good = forged(), mint(jti="b")
+    tokens = iter([first, good])
     calls = []
 
     def token() -> str:
-        calls.append(current[0])
-        return current[0]
+        calls.append(next(tokens))
+        return calls[-1]
 
     with Client(server.url, token=token) as tw:
-        tw.streams()
-        g.revoked.add(current[0])
-        current[0] = mint(jti="b")
-        tw.streams()  # 401 with the old token; the new one is fetched and sent
-        assert calls == [g.seen[0].token, current[0]]
-        assert [seen.status for seen in g.seen] == [0, 401, 0]
+        tw.streams()  # 401 with the first token; the new one is fetched and sent
+        assert calls == [first, good]
+        assert [(s.status, s.token) for s in g.seen] == [(401, first), (200, good)]
+        tw.streams()  # the good one is kept
+        assert len(calls) == 2
 
-        g.revoked.add(current[0])  # and the callable has nothing better
+    g.seen.clear()
+    tokens = iter([forged("a"), forged("b"), forged("c")])  # and nothing better to be had
+    with Client(server.url, token=token) as tw:
         with pytest.raises(HTTPStatusError) as info:
             tw.streams()
         assert info.value.status_code == 401
-        assert len(calls) == 3  # once more, not in a loop
-        assert [seen.status for seen in g.seen[3:]] == [401, 401]
+        assert len(calls) == 4  # once more, not in a loop
+        assert [seen.status for seen in g.seen] == [401, 401]
 
 
 @pytest.mark.parametrize("asynchronous", [False, True])
 def test_a_websocket_handshake_refused_401_is_tried_again_with_a_new_token(
-    gate: tuple[LiveServer, TokenGate], asynchronous: bool
+    gate: tuple[LiveServer, Witness], asynchronous: bool
 ) -> None:
     server, g = gate
-    minter = Minter()
+    minter = Minter(first=forged())
     if asynchronous:
 
         async def main() -> list[str]:
-            async with AsyncClient(server.url, token=minter.acall) as tw:
-                await tw.streams()
-                g.revoked.add(minter.issued[0])
-                async with tw.stream("paced", n=2, transport="ws") as s:
-                    return [e.event async for e in s]
+            async with (
+                AsyncClient(server.url, token=minter.acall) as tw,
+                tw.stream("paced", n=2, transport="ws") as s,
+            ):
+                return [e.event async for e in s]
 
         got = asyncio.run(main())
     else:
-        with Client(server.url, token=minter) as tw:
-            tw.streams()
-            g.revoked.add(minter.issued[0])
-            with tw.stream("paced", n=2, transport="ws") as s:
-                got = [e.event for e in s]
+        with Client(server.url, token=minter) as tw, tw.stream("paced", n=2, transport="ws") as s:
+            got = [e.event for e in s]
     assert got == ["message", "message", "end"]
     handshakes = [seen for seen in g.seen if seen.kind == "websocket"]
     assert [(h.status, h.token) for h in handshakes] == [
         (401, minter.issued[0]),
-        (0, minter.issued[1]),
+        (101, minter.issued[1]),
     ]
 
 
-def test_a_string_token_is_not_retried(gate: tuple[LiveServer, TokenGate]) -> None:
+def test_a_string_token_is_not_retried(gate: tuple[LiveServer, Witness]) -> None:
     server, g = gate
-    token = mint()
-    g.revoked.add(token)
-    with Client(server.url, token=token) as tw, pytest.raises(HTTPStatusError):
+    with Client(server.url, token=forged()) as tw, pytest.raises(HTTPStatusError) as info:
         tw.streams()
+    assert info.value.status_code == 401
     assert len(g.seen) == 1  # nothing new to send: no second request
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+@pytest.mark.parametrize("asynchronous", [False, True])
+def test_a_403_reaches_the_caller_at_once(
+    gate: tuple[LiveServer, Witness], transport: Any, asynchronous: bool
+) -> None:
+    """A good token without the permission: the server's 403, naming what is
+    missing, is the caller's error; no new token is fetched, nothing is retried."""
+    server, g = gate
+    calls: list[str] = []
+
+    def token() -> str:
+        calls.append(mint(tidewire={"streams": ["big"]}))
+        return calls[-1]
+
+    async def atoken() -> str:
+        return token()
+
+    with pytest.raises(HTTPStatusError) as info:
+        if asynchronous:
+
+            async def main() -> None:
+                async with (
+                    AsyncClient(server.url, token=atoken, retries=5) as tw,
+                    tw.stream("paced", n=2, transport=transport) as s,
+                ):
+                    [e async for e in s]
+
+            asyncio.run(main())
+        else:
+            with (
+                Client(server.url, token=token, retries=5) as tw,
+                tw.stream("paced", n=2, transport=transport) as s,
+            ):
+                list(s)
+    assert info.value.status_code == 403
+    assert "'paced' in tidewire.streams" in str(info.value.detail)
+    assert len(calls) == 1
+    assert [seen.status for seen in g.seen] == [403]
 
 
 def test_an_expired_jwt_is_replaced_before_it_is_sent() -> None:

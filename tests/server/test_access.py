@@ -557,3 +557,48 @@ def test_with_auth_off_files_have_no_owner(
     server = serve(tw)
     file_id = upload(server, {})
     assert httpx.delete(f"{server.url}/files/{file_id}").status_code == 204
+
+
+def test_a_blob_with_a_url_is_refused_on_every_publish_path(server: LiveServer) -> None:
+    """JSON under any JSON type or none, the Python client (sync and async), a
+    WebSocket text frame: 422 (or 1008), nothing published. Form fields and
+    text are strings, never blobs: what looks like one arrives as text."""
+    from tidewire.client import AsyncClient, Client, HTTPStatusError
+
+    url = f"{server.url}/channels/room.p/events"
+    raw = json.dumps(FORGED).encode()
+    for content_type in ("application/json", "application/vnd.example+json", None):
+        headers = {**ALL, **({"Content-Type": content_type} if content_type else {})}
+        refused = httpx.post(url, content=raw, headers=headers)
+        assert refused.status_code == 422, (content_type, refused.text)
+        assert '"url"' in refused.json()["detail"]
+    jwt_ = token(**EVERYTHING)
+    with Client(server.url, token=jwt_) as tw, pytest.raises(HTTPStatusError) as sync:
+        tw.publish("room.p", FORGED)
+    assert sync.value.status_code == 422
+
+    async def publish_async() -> int:
+        async with AsyncClient(server.url, token=jwt_) as tw:
+            try:
+                await tw.publish("room.p", [FORGED])
+            except HTTPStatusError as exc:
+                return exc.status_code
+        return 0
+
+    assert asyncio.run(publish_async()) == 422
+    with connect(f"{server.ws_url}/channels/room.p/ws", additional_headers=ALL) as ws:
+        ws.send(raw.decode())
+        with pytest.raises(ConnectionClosed) as closed:
+            ws.recv(10)
+    assert closed.value.rcvd is not None and closed.value.rcvd.code == 1008
+
+    as_form = httpx.post(url, data={"picture": raw.decode()}, headers=ALL)
+    as_text = httpx.post(url, content=raw, headers={**ALL, "Content-Type": "text/plain"})
+    assert as_form.status_code == as_text.status_code == 201
+    with (
+        httpx.Client(timeout=10) as client,
+        client.stream("GET", f"{url}?after=0", headers=ALL) as live,
+    ):
+        lines = live.iter_lines()
+        got = [json.loads(next(lines)) for _ in range(2)]
+    assert [e["data"] for e in got] == [{"picture": raw.decode()}, raw.decode()]

@@ -87,6 +87,39 @@ def test_errors_and_content_types_are_declared(server: LiveServer) -> None:
         assert types(path, "get", "200") == {"application/x-ndjson", "text/event-stream"}, path
 
 
+#: Open without a token (DESIGN.md, "Access control").
+OPEN = {"/healthz", "/readyz", "/metrics"}
+#: Routes that answer 401 but never 403: they show only what the token may
+#: start or owns (another's run is a 404, as one that does not exist).
+NEVER_403 = {("get", "/streams"), ("get", "/runs/{run_id}"), ("get", "/runs/{run_id}/events")}
+
+
+def test_access_control_answers_are_declared(server: LiveServer) -> None:
+    with httpx.Client(base_url=server.url) as client:
+        document = spec(client)
+    checked = 0
+    for path, operations in document["paths"].items():
+        for method, operation in operations.items():
+            responses = operation["responses"]
+            if path in OPEN or method == "options":
+                assert not {"401", "403"} & set(responses), (method, path)
+                continue
+            checked += 1
+            assert "401" in responses, (method, path)
+            assert "WWW-Authenticate" in responses["401"]["description"]
+            assert ("403" in responses) != ((method, path) in NEVER_403), (method, path)
+            for status in {"401", "403"} & set(responses):
+                schema = responses[status]["content"]["application/json"]["schema"]
+                assert schema["$ref"].endswith("/Problem"), (method, path, status)
+    assert checked >= 20
+    # A signed link's query stands in for a token on the download.
+    for method in ("get", "head"):
+        params = {p["name"]: p for p in document["paths"]["/files/{file_id}"][method]["parameters"]}
+        assert {"exp", "sig"} <= set(params), method
+        assert params["exp"]["in"] == params["sig"]["in"] == "query"
+        assert not params["exp"]["required"] and "links" in params["exp"]["description"]
+
+
 def test_a_422_may_say_it_in_a_sentence(server: LiveServer) -> None:
     with httpx.Client(base_url=server.url) as client:
         document = spec(client)
@@ -143,6 +176,21 @@ CONFIG: dict[str, Any] = {
         },
     },
     "operations": [
+        # Before "/files", which matches this path too. `?exp=&sig=` are a
+        # signed link, judged as one: a schema-valid pair that the server did
+        # not sign is refused (403), as it must be.
+        *(
+            {
+                "include-path": "/files/{file_id}",
+                "include-method": method,
+                "checks": {
+                    "positive_data_acceptance": {
+                        "expected-statuses": ["2xx", "3xx", "400", "403", "404", "409", "429"]
+                    }
+                },
+            }
+            for method in ("GET", "HEAD")
+        ),
         {
             "include-path": "/files",
             "include-method": "GET",

@@ -6,6 +6,16 @@ strings, a reader asks for what follows a position and may block until it
 comes, logs are trimmed by count and age, and a writer can mark a log ended.
 Nothing outside a broker knows which broker it has.
 
+Logs are bounded in bytes too. An event's size is the length of its NDJSON
+line as the log's own id names it (`wire_size`): data JSON, type and id plus
+the envelope's 29 bytes. Each log has its own budget (`Retention.max_bytes`),
+and all the logs one process holds share `max_retained_bytes`: past it, the
+oldest events of the biggest logs go first, down to 1/32 under the budget (so
+that the search for the biggest is paid once per so many bytes, not per event).
+Neither budget trims events after `Retention.keep_after`, which a run sets to
+its slowest connected watcher's position: a run that is watched never loses an
+unread event to trimming (its generator waits instead, see runs/local.py).
+
 Beside logs, a broker carries (`Coordination`) what the processes of one deployment tell
 each other about runs: small records with a time to live (a run's state,
 its watchers' positions), leases (which process runs a generator, and is
@@ -16,11 +26,15 @@ cancelled from another.
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
 from ..events import Envelope
+
+logger = logging.getLogger("tidewire")
 
 __all__ = [
     "BadPosition",
@@ -30,8 +44,19 @@ __all__ = [
     "Coordination",
     "Logs",
     "Retention",
+    "TooManyLogs",
     "from_url",
+    "sweep_forever",
+    "wire_size",
 ]
+
+#: Bytes of the NDJSON envelope around id, type and data: `{"id":"","event":"","data":}\n`.
+ENVELOPE_BYTES = 29
+
+
+def wire_size(event: Envelope) -> int:
+    """What an event counts against byte budgets: the length of its NDJSON line."""
+    return len(event.id) + len(event.event) + len(event.data_json) + ENVELOPE_BYTES
 
 
 class BadPosition(ValueError):
@@ -42,12 +67,38 @@ class BrokerUnavailable(ConnectionError):
     """The broker cannot be reached (Redis is down): requests that need it get 503."""
 
 
+class TooManyLogs(Exception):
+    """An append would begin one log more of a kind than `Retention.max_logs` allows
+    (channels: `max_channels`). `retry_after`: seconds until the oldest idle one goes."""
+
+    def __init__(self, message: str, retry_after: float) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
 @dataclass(frozen=True, slots=True)
 class Retention:
-    """How much of a log is kept: at most `max_len` events, none older than `max_age` seconds."""
+    """How much of a log is kept: at most `max_len` events, none older than `max_age`
+    seconds, at most `max_bytes` bytes (`wire_size`), oldest first.
+
+    `keep_after`: events with a greater seq are not trimmed by bytes, neither
+    this log's budget nor the process's (a connected run watcher has not read
+    them). Count and age trimming ignore it: a run's count window is smaller
+    than its history (see Settings), and runs have no age limit.
+
+    `kind`, `max_logs`, `idle_ttl`: logs of one kind (channels) are at most
+    `max_logs` at once; a log counts from its first append until `idle_ttl`
+    seconds pass without one, when it is dropped (Redis: its keys expire).
+    Beginning one more raises `TooManyLogs`.
+    """
 
     max_len: int
     max_age: float | None = None
+    max_bytes: int | None = None
+    keep_after: int | None = None
+    kind: str = ""
+    max_logs: int | None = None
+    idle_ttl: float | None = None
 
 
 @dataclass(slots=True)
@@ -66,7 +117,14 @@ class Batch:
 
 
 class Logs(Protocol):
-    """Logs: append, read (waiting for more), trim, end, delete."""
+    """Logs: append, read (waiting for more), trim, end, delete.
+
+    `max_retained_bytes` bounds the events this process holds, all logs
+    together (None: no bound); the application sets it from its Settings
+    unless the broker was given one.
+    """
+
+    max_retained_bytes: int | None
 
     async def append(
         self, log: str, items: Sequence[tuple[str, bytes]], retention: Retention
@@ -96,6 +154,11 @@ class Logs(Protocol):
 
     async def delete(self, log: str) -> None:
         """Forget a log and its events."""
+        ...
+
+    async def sweep(self) -> None:
+        """Drop logs idle past their `idle_ttl` and events past their `max_age`, on logs
+        nobody writes to or reads (which nothing else would trim)."""
         ...
 
 
@@ -138,6 +201,18 @@ class Broker(Logs, Coordination, Protocol):
     async def aclose(self) -> None:
         """Release the broker's resources."""
         ...
+
+
+async def sweep_forever(broker: Logs, every: float) -> None:
+    """`broker.sweep()` every `every` seconds, for as long as the application serves."""
+    while True:
+        await asyncio.sleep(every)
+        try:
+            await broker.sweep()
+        except BrokerUnavailable:
+            pass  # it will be back; the next sweep catches up
+        except Exception:
+            logger.exception("sweeping idle logs failed")
 
 
 def from_url(url: str | None) -> Broker:

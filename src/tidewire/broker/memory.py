@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import heapq
+import math
 import re
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import AsyncIterator, Mapping, Sequence
 
 from ..events import Envelope
-from . import BadPosition, Batch, Retention
+from . import BadPosition, Batch, Retention, TooManyLogs, wire_size
 
 __all__ = ["MemoryBroker"]
 
@@ -97,24 +99,50 @@ class Waiters:
 
 
 class _Log(Waiters):
-    __slots__ = ("ended", "events", "next_seq", "times")
+    __slots__ = ("bytes", "ended", "events", "next_seq", "sizes", "times", "written")
 
     def __init__(self) -> None:
         super().__init__()
         self.events: deque[Envelope] = deque()
         self.times: deque[float] = deque()  # monotonic time each event was appended
+        self.sizes: deque[int] = deque()  # each event's wire_size
+        self.bytes = 0  # their sum
         self.next_seq = 1
         self.ended = False
+        self.written = 0.0  # monotonic time of the last append
 
-    def trim(self, retention: Retention, now: float) -> None:
+    def add(self, event: Envelope, now: float) -> None:
+        size = wire_size(event)
+        self.events.append(event)
+        self.times.append(now)
+        self.sizes.append(size)
+        self.bytes += size
+
+    def drop(self) -> int:
+        """Forget the oldest event; the bytes freed."""
+        self.events.popleft()
+        self.times.popleft()
+        size = self.sizes.popleft()
+        self.bytes -= size
+        return size
+
+    def trimmable(self, keep_after: int | None) -> bool:
+        """Whether its oldest event may be trimmed by bytes."""
+        return bool(self.events) and (keep_after is None or self.events[0].seq <= keep_after)
+
+    def trim(self, retention: Retention, now: float) -> int:
+        """Trim by count, age and bytes; the bytes freed."""
+        freed = 0
         while len(self.events) > retention.max_len:
-            self.events.popleft()
-            self.times.popleft()
+            freed += self.drop()
         if retention.max_age is not None:
             cutoff = now - retention.max_age
             while self.times and self.times[0] < cutoff:
-                self.events.popleft()
-                self.times.popleft()
+                freed += self.drop()
+        if retention.max_bytes is not None:
+            while self.bytes > retention.max_bytes and self.trimmable(retention.keep_after):
+                freed += self.drop()
+        return freed
 
     def take(self, after: int, limit: int) -> Batch:
         first = self.next_seq - len(self.events)  # seq of events[0]
@@ -130,11 +158,12 @@ class _Log(Waiters):
             ended=self.ended and stop >= len(self.events),
         )
 
+    def waiting_readers(self) -> bool:
+        return any(not w.done() for waiters in self.waiters.values() for w in waiters)
+
     def idle(self) -> bool:
         """Nobody ever wrote here and nobody waits."""
-        return self.next_seq == 1 and not any(
-            not w.done() for waiters in self.waiters.values() for w in waiters
-        )
+        return self.next_seq == 1 and not self.waiting_readers()
 
 
 #: An id from outside: ASCII digits only. int() alone would also take "+7", " 7",
@@ -225,12 +254,26 @@ class _State:
 
 
 class MemoryBroker(_State):
-    """Logs in this process's memory. Ids are `"1"`, `"2"`, … within each log."""
+    """Logs in this process's memory. Ids are `"1"`, `"2"`, … within each log.
 
-    def __init__(self) -> None:
+    `max_retained_bytes` bounds all its logs together (see `broker`).
+    """
+
+    def __init__(self, *, max_retained_bytes: int | None = None) -> None:
         super().__init__()
+        self.max_retained_bytes = max_retained_bytes
         self._logs: dict[str, _Log] = {}
         self._retention: dict[str, Retention] = {}
+        self._bytes = 0  # wire_size of every event held, all logs together
+        # Logs of each capped kind, least recently appended to first, and
+        # how long each kind may stay idle.
+        self._kinds: dict[str, OrderedDict[str, float]] = {}
+        self._idle_ttl: dict[str, float | None] = {}
+
+    @property
+    def retained_bytes(self) -> int:
+        """Bytes of the events held now, all logs together."""
+        return self._bytes
 
     def _log(self, name: str) -> _Log:
         log = self._logs.get(name)
@@ -238,23 +281,99 @@ class MemoryBroker(_State):
             log = self._logs[name] = _Log()
         return log
 
+    def _admit(self, log: str, retention: Retention, now: float) -> None:
+        """Count `log` among the logs of its kind, or raise `TooManyLogs`."""
+        members = self._kinds.setdefault(retention.kind, OrderedDict())
+        self._idle_ttl[retention.kind] = retention.idle_ttl
+        if log in members:
+            members.move_to_end(log)
+            members[log] = now
+            return
+        assert retention.max_logs is not None
+        if len(members) >= retention.max_logs:
+            self._drop_idle(members, retention.idle_ttl, now)
+        if len(members) >= retention.max_logs:
+            oldest = next(iter(members.values()))
+            wait = 60.0 if retention.idle_ttl is None else oldest + retention.idle_ttl - now
+            raise TooManyLogs(
+                f"{len(members)} {retention.kind or 'log'}s exist, the most this server allows",
+                retry_after=max(1.0, math.ceil(wait)),
+            )
+        members[log] = now
+
+    def _drop_idle(self, members: OrderedDict[str, float], ttl: float | None, now: float) -> None:
+        if ttl is None:
+            return
+        while members:
+            name, written = next(iter(members.items()))
+            if now - written < ttl:
+                return
+            del members[name]
+            target = self._logs.get(name)
+            if target is None:
+                continue
+            self._bytes -= target.bytes
+            self._retention.pop(name, None)
+            if target.waiting_readers():
+                # Its subscribers stay; the log begins again, empty, when next written.
+                target.events.clear()
+                target.times.clear()
+                target.sizes.clear()
+                target.bytes = 0
+            else:
+                del self._logs[name]
+
     async def append(
         self, log: str, items: Sequence[tuple[str, bytes]], retention: Retention
     ) -> list[Envelope]:
+        now = time.monotonic()
+        if retention.max_logs is not None:
+            self._admit(log, retention, now)
         target = self._log(log)
         self._retention[log] = retention
-        now = time.monotonic()
+        target.written = now
         events = []
+        before = target.bytes
         for event_type, data_json in items:
             seq = target.next_seq
             target.next_seq += 1
             event = Envelope(str(seq), seq, event_type, data_json)
-            target.events.append(event)
-            target.times.append(now)
+            target.add(event, now)
             events.append(event)
         target.trim(retention, now)
+        self._bytes += target.bytes - before
+        self._keep_budget()
         target.notify()
         return events
+
+    def _keep_budget(self) -> None:
+        """Past `max_retained_bytes`, trim the oldest events of the biggest logs.
+
+        Down to 1/32 under the budget, so that finding the biggest logs (a
+        heap of all of them) is paid once per that many bytes appended.
+        Events a connected run watcher has not read (`keep_after`) stay.
+        """
+        budget = self.max_retained_bytes
+        if budget is None or self._bytes <= budget:
+            return
+        goal = budget - budget // 32
+        heap: list[tuple[int, str]] = []
+        for name, log in self._logs.items():
+            retention = self._retention.get(name)
+            if log.trimmable(None if retention is None else retention.keep_after):
+                heap.append((-log.bytes, name))
+        heapq.heapify(heap)
+        while self._bytes > goal and heap:
+            _, name = heapq.heappop(heap)
+            log = self._logs[name]
+            retention = self._retention.get(name)
+            keep_after = None if retention is None else retention.keep_after
+            runner_up = -heap[0][0] if heap else 0
+            # Down to the next biggest (then that one takes a turn), or the goal.
+            while self._bytes > goal and log.bytes >= runner_up and log.trimmable(keep_after):
+                self._bytes -= log.drop()
+            if log.trimmable(keep_after):
+                heapq.heappush(heap, (-log.bytes, name))
 
     def check_id(self, id: str) -> None:
         _position(id)
@@ -266,7 +385,8 @@ class MemoryBroker(_State):
         position = min(_position(after), target.next_seq - 1)
         retention = self._retention.get(log)
         if retention is not None and retention.max_age is not None:
-            target.trim(retention, time.monotonic())  # age trimming happens on quiet logs too
+            # Age trimming happens on quiet logs too.
+            self._bytes -= target.trim(retention, time.monotonic())
         batch = target.take(position, limit)
         if batch.events or batch.missed or batch.ended or timeout == 0:
             return batch
@@ -289,10 +409,22 @@ class MemoryBroker(_State):
 
     async def delete(self, log: str) -> None:
         target = self._logs.pop(log, None)
-        self._retention.pop(log, None)
+        retention = self._retention.pop(log, None)
+        if retention is not None and retention.kind in self._kinds:
+            self._kinds[retention.kind].pop(log, None)
         if target is not None:
+            self._bytes -= target.bytes
             target.ended = True
             target.wake()
+
+    async def sweep(self) -> None:
+        now = time.monotonic()
+        for name, retention in list(self._retention.items()):
+            target = self._logs.get(name)
+            if target is not None and retention.max_age is not None:
+                self._bytes -= target.trim(retention, now)
+        for kind, members in self._kinds.items():
+            self._drop_idle(members, self._idle_ttl.get(kind), now)
 
     async def aclose(self) -> None:
         for name in list(self._logs):

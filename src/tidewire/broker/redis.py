@@ -26,7 +26,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import heapq
 import logging
+import math
 import re
 import time
 from collections import deque
@@ -40,7 +42,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
 from ..events import Envelope
-from . import BadPosition, Batch, BrokerUnavailable, Retention
+from . import BadPosition, Batch, BrokerUnavailable, Retention, TooManyLogs, wire_size
 from .memory import Waiters
 
 __all__ = ["RedisBroker"]
@@ -62,28 +64,80 @@ _U64 = 1 << 64
 # `<ms>-0`, after every event and never an event's id (their seq starts at 1).
 # The hash holds `seq` (events so far), `last` (the newest event's id), `ms`
 # (the ms of the newest entry, marker included), `age` (max age in ms, or ""),
-# and `end` once the log is ended.
+# `bytes` (the wire_size of the events in the stream: Redis cannot trim by
+# bytes, so the script counts them and trims oldest-first itself), and `end`
+# once the log is ended.
+#
+# KEYS: the stream, its hash, and the sorted set of the logs of its kind (by
+# last append, in ms) when their number is capped. ARGV: max_len, max age
+# (ms), max bytes, keep_after, max logs, idle ttl (ms) ("" for none), the
+# log's name, then (type, data) pairs. A capped kind that is full returns
+# {"full", <ms until its oldest log is idle long enough to go>}.
 
 _APPEND = """
 local t = redis.call('TIME')
 local ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local meta = redis.call('HMGET', KEYS[2], 'seq', 'ms')
+local max_logs = tonumber(ARGV[5])
+local idle = tonumber(ARGV[6])
+if max_logs then
+    if idle then redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', ms - idle) end
+    if not redis.call('ZSCORE', KEYS[3], ARGV[7]) and redis.call('ZCARD', KEYS[3]) >= max_logs then
+        local oldest = redis.call('ZRANGE', KEYS[3], 0, 0, 'WITHSCORES')
+        local wait = 60000
+        if idle and oldest[2] then wait = tonumber(oldest[2]) + idle - ms end
+        return {'full', string.format('%d', wait)}
+    end
+    redis.call('ZADD', KEYS[3], ms, ARGV[7])
+end
+local meta = redis.call('HMGET', KEYS[2], 'seq', 'ms', 'bytes')
 local seq = tonumber(meta[1]) or 0
 local top = tonumber(meta[2]) or 0
+local bytes = tonumber(meta[3]) or 0
 if top > ms then ms = top end
 local ids = {}
-for i = 3, #ARGV, 2 do
+for i = 8, #ARGV, 2 do
     seq = seq + 1
     local id = string.format('%d-%d', ms, seq)
     redis.call('XADD', KEYS[1], id, 't', ARGV[i], 'd', ARGV[i + 1])
+    bytes = bytes + #id + #ARGV[i] + #ARGV[i + 1] + 29
     ids[#ids + 1] = id
 end
-redis.call('XTRIM', KEYS[1], 'MAXLEN', '=', ARGV[1])
-if ARGV[2] ~= '' then
-    redis.call('XTRIM', KEYS[1], 'MINID', '=', string.format('%d', ms - tonumber(ARGV[2])))
+-- Trim oldest-first by count, age and bytes, counting the bytes of what goes.
+local len = redis.call('XLEN', KEYS[1])
+local max_len = tonumber(ARGV[1])
+local cutoff = tonumber(ARGV[2])
+if cutoff then cutoff = ms - cutoff end
+local max_bytes = tonumber(ARGV[3])
+local keep_after = tonumber(ARGV[4])
+local start = '-'
+local cut = nil
+while true do
+    local batch = redis.call('XRANGE', KEYS[1], start, '+', 'COUNT', 64)
+    local stop = #batch == 0
+    for _, entry in ipairs(batch) do
+        local id, fields = entry[1], entry[2]
+        local id_ms, id_seq = string.match(id, '^(%d+)-(%d+)$')
+        local by_bytes = max_bytes and bytes > max_bytes
+            and (not keep_after or tonumber(id_seq) <= keep_after)
+        if not (len > max_len or (cutoff and tonumber(id_ms) < cutoff) or by_bytes) then
+            stop = true
+            break
+        end
+        len = len - 1
+        if fields[1] == 't' then bytes = bytes - (#id + #fields[2] + #fields[4] + 29) end
+        cut = string.format('%s-%d', id_ms, tonumber(id_seq) + 1)
+    end
+    if stop then break end
+    start = '(' .. batch[#batch][1]
 end
+if cut then redis.call('XTRIM', KEYS[1], 'MINID', '=', cut) end
 redis.call('HSET', KEYS[2], 'seq', seq, 'ms', string.format('%d', ms), 'last', ids[#ids],
-           'age', ARGV[2])
+           'age', ARGV[2], 'bytes', bytes)
+if idle then
+    -- An idle log goes, as it goes from the sorted set: nothing keeps it.
+    redis.call('PEXPIRE', KEYS[1], idle)
+    redis.call('PEXPIRE', KEYS[2], idle)
+end
 return ids
 """
 
@@ -124,6 +178,10 @@ return 1
 """
 
 
+def _optional(value: int | None) -> str | int:
+    return "" if value is None else value
+
+
 def _position(id: str) -> Position:
     """Parse an id from outside (a client's `Last-Event-ID`, `?after=`)."""
     if id == "0":
@@ -154,6 +212,15 @@ def _event(id: str, event_type: bytes, data_json: bytes) -> Envelope:
     return Envelope(id, int(id.partition("-")[2]), event_type.decode(), data_json)
 
 
+class _Held:
+    """Bytes (`wire_size`) of the events in every mirror of one broker together."""
+
+    __slots__ = ("bytes",)
+
+    def __init__(self) -> None:
+        self.bytes = 0
+
+
 class _Mirror(Waiters):
     """This process's copy of the newest events of one log, and the readers here waiting on it.
 
@@ -163,11 +230,18 @@ class _Mirror(Waiters):
     reader reads the stream.
     """
 
-    __slots__ = ("age", "age_known", "ended", "events", "head", "position", "used")
+    __slots__ = (
+        "age", "age_known", "bytes", "ended", "events", "head", "held", "position", "sizes", "used"
+    )  # fmt: skip
 
-    def __init__(self, head: Position, age: int | None, age_known: bool, ended: bool) -> None:
+    def __init__(
+        self, head: Position, age: int | None, age_known: bool, ended: bool, held: _Held
+    ) -> None:
         super().__init__()
         self.events: deque[Envelope] = deque()
+        self.sizes: deque[int] = deque()  # each event's wire_size
+        self.bytes = 0  # their sum, also counted in `held`
+        self.held = held
         self.head = head  # the newest event known here
         # The stream id the following task reads after: the newest entry it
         # has seen (the end marker included), or the newest event when it starts.
@@ -185,12 +259,29 @@ class _Mirror(Waiters):
         if self.events and event.seq != self.events[-1].seq + 1:
             # Not the next one: trimmed before it was read, or the log was
             # deleted and begun again. What is here no longer leads up to it.
-            self.events.clear()
+            self.clear()
+        size = wire_size(event)
         self.events.append(event)
+        self.sizes.append(size)
+        self.bytes += size
+        self.held.bytes += size
         if len(self.events) > window:
-            self.events.popleft()
+            self.drop()
         self.head = position
         return True
+
+    def drop(self) -> None:
+        """Forget the oldest event here (its readers read it from Redis)."""
+        self.events.popleft()
+        size = self.sizes.popleft()
+        self.bytes -= size
+        self.held.bytes -= size
+
+    def clear(self) -> None:
+        self.events.clear()
+        self.sizes.clear()
+        self.held.bytes -= self.bytes
+        self.bytes = 0
 
     def take(self, position: Position, limit: int, now_ms: float) -> Batch | None:
         """The events after `position`; None if they are not all here."""
@@ -198,7 +289,7 @@ class _Mirror(Waiters):
         if self.age is not None:
             cutoff = now_ms - self.age
             while events and _parse(events[0].id)[0] < cutoff:
-                events.popleft()
+                self.drop()
         if position >= self.head:
             return Batch(ended=self.ended)  # nothing new (a position beyond the head: none yet)
         if not events:
@@ -246,7 +337,9 @@ class RedisBroker:
     how many of a log's newest events each process keeps for its readers.
     At most `max_connections` commands are under way at once (more wait for
     a connection, up to `timeout` seconds, the limit on any command too);
-    waiting readers need none of them.
+    waiting readers need none of them. `max_retained_bytes` bounds the
+    copies this process keeps, all together: past it, the oldest events of
+    the biggest go (their readers read them from Redis).
     """
 
     #: How long one `XREAD` blocks, in milliseconds: how often the following
@@ -264,6 +357,7 @@ class RedisBroker:
         window: int = 2_048,
         max_connections: int = 16,
         timeout: float = 3.0,
+        max_retained_bytes: int | None = None,
     ) -> None:
         self.url = url
         self.prefix = prefix
@@ -296,6 +390,8 @@ class RedisBroker:
         self._claim = self._redis.register_script(_CLAIM)
 
         self._mirrors: dict[str, _Mirror] = {}
+        self._held = _Held()
+        self.max_retained_bytes = max_retained_bytes
         self._tail: asyncio.Task[None] | None = None
         self._changed = asyncio.Event()  # a log to follow was added
         self._retry = asyncio.Event()  # a reader wants the following task to retry now
@@ -348,12 +444,26 @@ class RedisBroker:
         if not items:
             return []
         age = "" if retention.max_age is None else str(max(1, round(retention.max_age * 1000)))
-        args: list[str | bytes | int] = [retention.max_len, age]
+        args: list[str | bytes | int] = [
+            retention.max_len,
+            age,
+            _optional(retention.max_bytes),
+            _optional(retention.keep_after),
+            _optional(retention.max_logs),
+            "" if retention.idle_ttl is None else max(1, round(retention.idle_ttl * 1000)),
+            log,
+        ]
         for event_type, data_json in items:
             args += (event_type, data_json)
         self._writes += 1
+        keys = [*self._keys(log), f"{self.prefix}kind:{retention.kind}"]
         async with self._command():
-            ids = await self._append(keys=self._keys(log), args=args)
+            ids = await self._append(keys=keys, args=args)
+        if ids and ids[0] == b"full":
+            raise TooManyLogs(
+                f"the most {retention.kind or 'log'}s this server allows exist",
+                retry_after=max(1.0, math.ceil(int(ids[1]) / 1000)),
+            )
         events = [
             Envelope(raw.decode(), int(raw.partition(b"-")[2]), event_type, data_json)
             for raw, (event_type, data_json) in zip(ids, items, strict=True)
@@ -367,8 +477,32 @@ class RedisBroker:
             if events[0].seq == mirror.head[1] + 1 and _parse(events[0].id) > mirror.head:
                 for event in events:
                     mirror.add(event, self.window)
+                self._keep_budget()
                 mirror.notify()
         return events
+
+    @property
+    def retained_bytes(self) -> int:
+        """Bytes of the events this process keeps in its copies of logs."""
+        return self._held.bytes
+
+    def _keep_budget(self) -> None:
+        """Past `max_retained_bytes`, drop the oldest events of the biggest copies here,
+        down to 1/32 under it (see `broker`). Nothing is lost: Redis has them."""
+        budget = self.max_retained_bytes
+        if budget is None or self._held.bytes <= budget:
+            return
+        goal = budget - budget // 32
+        heap = [(-m.bytes, name) for name, m in self._mirrors.items() if m.events]
+        heapq.heapify(heap)
+        while self._held.bytes > goal and heap:
+            _, name = heapq.heappop(heap)
+            mirror = self._mirrors[name]
+            runner_up = -heap[0][0] if heap else 0
+            while self._held.bytes > goal and mirror.events and mirror.bytes >= runner_up:
+                mirror.drop()
+            if mirror.events:
+                heapq.heappush(heap, (-mirror.bytes, name))
 
     def check_id(self, id: str) -> None:
         _position(id)
@@ -434,7 +568,7 @@ class RedisBroker:
         mirror = self._mirrors.get(log)
         if mirror is None:
             age, exists = meta
-            mirror = _Mirror(head, int(age) if age else None, exists, ended=False)
+            mirror = _Mirror(head, int(age) if age else None, exists, False, self._held)
             self._mirrors[log] = mirror
             self._generation += 1
             self._changed.set()
@@ -523,8 +657,14 @@ class RedisBroker:
             await self._redis.delete(*self._keys(log))
         mirror = self._mirrors.pop(log, None)
         if mirror is not None:
+            mirror.clear()
             mirror.ended = True
             mirror.wake()
+
+    async def sweep(self) -> None:
+        """Nothing to do: Redis expires idle logs itself (`idle_ttl`), each append
+        trims its kind's set of idle names, and copies here nobody reads are
+        dropped by the following task."""
 
     # -- following logs -----------------------------------------------------
 
@@ -635,6 +775,7 @@ class RedisBroker:
                 unknown_age.append((name, mirror))
             if new:
                 mirror.notify()
+        self._keep_budget()
         for name, mirror in unknown_age:
             # A log that did not exist when it was first read here.
             age = await self._tail_redis.hget(self._keys(name)[1], "age")
@@ -650,6 +791,7 @@ class RedisBroker:
         for name, mirror in list(self._mirrors.items()):
             if now - mirror.used > self.idle and not mirror.waiting():
                 del self._mirrors[name]
+                mirror.clear()
 
     # -- coordination (the `Coordination` protocol) ---------------------------
 
@@ -718,6 +860,7 @@ class RedisBroker:
             await asyncio.wait(tasks, timeout=5)
         mirrors, self._mirrors = self._mirrors, {}
         for mirror in mirrors.values():
+            mirror.clear()
             mirror.ended = True
             mirror.wake()
         await self._tail_redis.aclose()

@@ -98,7 +98,7 @@ class Cluster:
         self.broker = broker
         self.settings = settings
         self.host = host
-        self.retention = Retention(settings.run_history)
+        self.retention = Retention(settings.run_history, max_bytes=settings.run_history_bytes)
         self.instance = secrets.token_hex(6)
         #: Positions are reported when a watcher has moved this far since the last report.
         self.report_step = max(1, settings.run_window // 4)

@@ -15,13 +15,14 @@ import itertools
 import logging
 import secrets
 import time
-from collections.abc import Iterable
-from dataclasses import dataclass, field
+from collections import deque
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 from .. import wire
 from ..blobs import Blobs, Pending
-from ..broker import Broker, BrokerUnavailable
+from ..broker import Broker, BrokerUnavailable, wire_size
 from ..config import Settings
 from ..events import dump_data
 from ..heap import trim
@@ -71,6 +72,8 @@ class Run:
     # ahead of the lowest here or in any other process.
     cursors: dict[int, int] = field(default_factory=dict)
     progress: asyncio.Event = field(default_factory=asyncio.Event)
+    # The watchers connected here now, by number: the ones a stalled run may cut.
+    watchers: dict[int, Watcher] = field(default_factory=dict)
     task: asyncio.Task[None] | None = None
     # The last watcher's place, held for a while after it left, and the timer
     # that gives it up.
@@ -86,6 +89,20 @@ class Run:
     closing: bool = False
     # A run elsewhere: the position this process last reported to the others.
     reported: int = -1
+    # A local run: bytes (wire_size) appended so far, and that count after
+    # each of the newest events (enough of them to measure what a watcher
+    # within the count window has not read).
+    bytes: int = 0
+    offsets: deque[int] = field(default_factory=deque)
+
+    def unread_bytes(self, position: int) -> int | None:
+        """Bytes appended after `position`; None if that is beyond what is measured."""
+        if position <= 0:
+            return self.bytes
+        index = position - (self.events - len(self.offsets)) - 1
+        if not 0 <= index < len(self.offsets):
+            return None
+        return self.bytes - self.offsets[index]
 
     @classmethod
     def elsewhere(cls, run_id: str, record: dict[str, str]) -> Run:
@@ -147,9 +164,16 @@ class Watcher:
         self._runs = runs
         self.run = run
         self.key = key
+        #: When it last delivered anything (monotonic): what `stall_timeout` is counted from.
+        self.moved = time.monotonic()
+        #: Cut for stalling the run (see `Runs.cut`); the transport closes its connection.
+        self.stalled = False
+        #: Called when it is cut: the transport's way to end its connection.
+        self.on_stall: Callable[[], object] | None = None
 
     def advance(self, seq: int) -> None:
         run = self.run
+        self.moved = time.monotonic()
         if seq > run.cursors.get(self.key, 0):
             run.cursors[self.key] = seq
             if run.local:
@@ -248,10 +272,12 @@ class Runs:
         run.cursors[key] = oldest if after_seq is None else max(after_seq, oldest)
         if not run.local:
             self.cluster.start_watching(run)
-        return Watcher(self, run, key)
+        watcher = run.watchers[key] = Watcher(self, run, key)
+        return watcher
 
     def release(self, run: Run, key: int) -> None:
         """A watcher left: give up its place, or hold it a while for the last one."""
+        run.watchers.pop(key, None)
         if key not in run.cursors:
             return
         if run.state != "running" or len(run.cursors) > 1 or not run.attached:
@@ -263,6 +289,33 @@ class Runs:
         loop = asyncio.get_running_loop()
         timer = loop.call_later(self.settings.disconnect_grace, self._give_up_place, run, key)
         run.held_place = (key, timer)
+
+    def cut(self, watcher: Watcher) -> None:
+        """Disconnect a watcher that stalled the run for `stall_timeout`.
+
+        Its place is given up at once, not held: the run goes on without it.
+        The log keeps the history, so it may come back and resume from its
+        last id (and hold the run again while it reads).
+        """
+        run = watcher.run
+        logger.info(
+            "run %s: a watcher read nothing for %ss while the run waited on it; disconnecting it",
+            run.id,
+            self.settings.stall_timeout,
+        )
+        watcher.stalled = True
+        run.watchers.pop(watcher.key, None)
+        run.cursors.pop(watcher.key, None)
+        self._positions_changed(run)
+        if watcher.on_stall is not None:
+            watcher.on_stall()
+        if run.attached and not run.cursors and run.held_place is None:
+            # As for a last watcher that left: it has `disconnect_grace` to come back.
+            loop = asyncio.get_running_loop()
+            timer = loop.call_later(
+                self.settings.disconnect_grace, self._give_up_place, run, watcher.key
+            )
+            run.held_place = (watcher.key, timer)
 
     def _give_up_place(self, run: Run, key: int) -> None:
         run.held_place = None
@@ -325,12 +378,24 @@ class Runs:
 
     # -- running -----------------------------------------------------------
 
+    def _behind(self, run: Run, low: int) -> bool:
+        """Whether the slowest watcher is a full window behind: `run_window`
+        events, or `run_history_bytes` bytes."""
+        if run.events - low >= self.settings.run_window:
+            return True
+        unread = run.unread_bytes(low)
+        return unread is None or unread >= self.settings.run_history_bytes
+
     async def _wait_for_watchers(self, run: Run) -> None:
         # Backpressure: wait while the slowest connected watcher, here or
-        # elsewhere, is a full window behind. With nobody connected the run
-        # goes on; its log keeps the newest `run_history` events for whoever
-        # comes later.
+        # elsewhere, is a full window behind, in events or bytes. With nobody
+        # connected the run goes on; its log keeps the newest `run_history`
+        # events (`run_history_bytes`) for whoever comes later. What a
+        # watcher has not read is never trimmed by bytes (`keep_after`), and
+        # the byte window keeps it within about `run_history_bytes`.
         window = self.settings.run_window
+        stall = self.settings.stall_timeout
+        blocked_since: float | None = None
         while True:
             if (
                 time.monotonic() - run.remote_checked > REMOTE_REFRESH
@@ -339,11 +404,34 @@ class Runs:
                 with contextlib.suppress(BrokerUnavailable):
                     await self.cluster.read_remote_positions(run)
             low = run.slowest_position()
-            if low is None or run.events - low < window:
+            if low is None or not self._behind(run, low):
                 return
             run.progress.clear()
             if run.cursors and min(run.cursors.values()) == low:
-                await run.progress.wait()
+                # Held back by watchers here. One that delivers nothing for
+                # `stall_timeout` while the run waits on it is cut: a client
+                # that stopped reading must not hold a generator forever.
+                now = time.monotonic()
+                if blocked_since is None:
+                    blocked_since = now
+                due = None
+                for watcher in list(run.watchers.values()):
+                    position = run.cursors.get(watcher.key)
+                    if position is None or not self._behind(run, position):
+                        continue  # the run does not wait on this one
+                    since = max(watcher.moved, blocked_since)
+                    if now - since >= stall:
+                        self.cut(watcher)
+                    elif due is None or since + stall < due:
+                        due = since + stall
+                if run.progress.is_set():
+                    continue
+                if due is None:
+                    await run.progress.wait()  # a held place: its own timer ends it
+                else:
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(due - now):
+                            await run.progress.wait()
             else:
                 # Held back by a watcher in another process: look again soon.
                 with contextlib.suppress(TimeoutError):
@@ -354,9 +442,12 @@ class Runs:
     async def _append(self, run: Run, items: list[Item]) -> None:
         delay = 0.05
         deadline = time.monotonic() + self.settings.lease
+        # Events a connected watcher has not read are kept whatever the byte
+        # budgets (watchers only move on, so this position is safe until the next append).
+        retention = replace(self.retention, keep_after=run.slowest_position())
         while True:
             try:
-                await self.broker.append(run.log, items, self.retention)
+                appended = await self.broker.append(run.log, items, retention)
                 break
             except BrokerUnavailable:
                 # The broker is down for a moment (Redis restarting): the
@@ -366,6 +457,11 @@ class Runs:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 1.0)
         run.events += len(items)
+        for event in appended:
+            run.bytes += wire_size(event)
+            run.offsets.append(run.bytes)
+        while len(run.offsets) > self.settings.run_window:
+            run.offsets.popleft()
 
     async def _execute(self, run: Run, source: Source) -> None:
         final: Item

@@ -8,12 +8,12 @@ import orjson
 from fastapi import APIRouter, HTTPException, Path, Query, Request, WebSocket
 from starlette.datastructures import UploadFile
 
-from ..broker import BrokerUnavailable
+from ..broker import BrokerUnavailable, TooManyLogs
 from ..channels import CHANNEL_NAME
 from ..events import RESERVED, Blob, ForgedBlob, TooDeep, check_no_file_refs, load_json
 from ..wire import AFTER_HEADER
 from .bodies import read_limited
-from .errors import error_responses
+from .errors import ACCESS, error_responses
 from .routing import (
     EVENTS_RESPONSE,
     add_stream_route,
@@ -122,7 +122,7 @@ def add_channel_routes(router: APIRouter, tw: Tidewire) -> None:
         status_code=201,
         summary="Publish an event",
         # 422: a bad channel name, or a reserved event type.
-        responses=error_responses(400, 413, 415, 422, 503),
+        responses=error_responses(*ACCESS, 400, 413, 415, 422, 503),
         openapi_extra=_PUBLISH_BODY,
     )
     async def publish(
@@ -147,6 +147,9 @@ def add_channel_routes(router: APIRouter, tw: Tidewire) -> None:
             return {"id": await channels.publish(name, data, event)}
         except ValueError as exc:
             raise HTTPException(422, str(exc)) from None
+        except TooManyLogs as exc:  # a new channel past max_channels
+            retry = {"Retry-After": str(int(exc.retry_after))}
+            raise HTTPException(429, str(exc), headers=retry) from None
 
     async def subscribe(request: Request) -> LogResponse:
         """Subscribe: live from now, or from Last-Event-ID / ?after= (0: all retained)."""
@@ -154,7 +157,14 @@ def add_channel_routes(router: APIRouter, tw: Tidewire) -> None:
         log = log_of(request.path_params["name"])
         check_after(request)
         after = await start_position(log, resume_position(request, "") or None)
-        cursor = LogCursor(tw.broker, log, after, tw.settings.heartbeat)
+        cursor = LogCursor(
+            tw.broker,
+            log,
+            after,
+            tw.settings.heartbeat,
+            budget=tw.settings.subscriber_buffer_bytes,
+            skip_ahead=True,
+        )
         notice = await ahead_notice(cursor)
         # Where "live from now" began, so that a client whose connection drops
         # before any event can resume from there and miss nothing. (SSE
@@ -172,7 +182,7 @@ def add_channel_routes(router: APIRouter, tw: Tidewire) -> None:
         path_schemas={"name": _NAME},
         responses={
             200: {**EVENTS_RESPONSE, "headers": _AFTER_HEADER},
-            **error_responses(400, 422, 503),
+            **error_responses(*ACCESS, 400, 422, 503),
         },
     )
 
@@ -225,7 +235,14 @@ def add_channel_routes(router: APIRouter, tw: Tidewire) -> None:
             except ForgedBlob as exc:
                 await websocket.close(1008, str(exc)[:123])
                 return
-            await channels.publish(name, data)
+            await publish_frame(data)
+
+        async def publish_frame(data: Any) -> None:
+            try:
+                await channels.publish(name, data)
+            except TooManyLogs as exc:
+                # 1013 "try again later" (RFC 6455, 7.4.1): a new channel past max_channels.
+                await websocket.close(1013, str(exc)[:123])
 
         async def on_bytes(raw: bytes) -> None:
             if not await may_publish():
@@ -233,9 +250,16 @@ def add_channel_routes(router: APIRouter, tw: Tidewire) -> None:
             if len(raw) > max_event:
                 await websocket.close(1009, frame_too_large)
                 return
-            await channels.publish(name, Blob(raw))
+            await publish_frame(Blob(raw))
 
-        cursor = LogCursor(tw.broker, log, after, tw.settings.heartbeat)
+        cursor = LogCursor(
+            tw.broker,
+            log,
+            after,
+            tw.settings.heartbeat,
+            budget=tw.settings.subscriber_buffer_bytes,
+            skip_ahead=True,
+        )
         try:
             notice = await ahead_notice(cursor)
         except BrokerUnavailable as exc:

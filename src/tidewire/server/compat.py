@@ -31,7 +31,7 @@ from starlette.requests import ClientDisconnect
 from ..storage import FileInfo, FileNotFound, valid_id
 from .bodies import read_limited
 from .downloads import send_file
-from .errors import error_responses, show
+from .errors import ACCESS, error_responses, show
 from .files import (
     BINARY,
     FILE_CONTENT,
@@ -116,7 +116,12 @@ def add_original_stream_routes(
 
         return StreamingResponse(lines(), media_type="text/plain")
 
-    @router.get("/stream", tags=["compatibility"], summary="The original service's stream")
+    @router.get(
+        "/stream",
+        tags=["compatibility"],
+        summary="The original service's stream",
+        responses=error_responses(*ACCESS),
+    )
     async def original_stream(
         request: Request, n: Count = 10_000, interval: Pause = 0.05
     ) -> StreamingResponse:
@@ -135,7 +140,7 @@ def add_original_stream_routes(
         response_class=StreamingResponse,
         responses={
             200: {"content": {"text/plain": {}}},
-            **error_responses(400, 413, 415, 422),
+            **error_responses(*ACCESS, 400, 413, 415, 422),
         },
         openapi_extra=_stream_params_body(),
     )
@@ -263,14 +268,14 @@ def add_original_file_routes(router: APIRouter, tw: Tidewire) -> None:
             "/uploadfile",
             upload,
             "The original service's upload (multipart `file`)",
-            {200: {"model": OriginalUpload}, **error_responses(415, *STORING)},
+            {200: {"model": OriginalUpload}, **error_responses(*ACCESS, 415, *STORING)},
             _ONE_FILE_BODY,
         ),
         (
             "/downloadfile",
             download,
             "The original service's download, by file name or id (or `?filename=`)",
-            {**FILE_CONTENT, **error_responses(400, 413, 415)},
+            {**FILE_CONTENT, **error_responses(*ACCESS, 400, 413, 415)},
             _FILENAME_BODY,
         ),
     ]

@@ -31,6 +31,7 @@ from ..storage import (
 )
 
 __all__ = [
+    "ACCESS",
     "FieldError",
     "Invalid",
     "Problem",
@@ -116,6 +117,16 @@ class Invalid(BaseModel):
 #: What each error status means, for the OpenAPI page.
 ERROR_STATUSES: dict[int, str] = {
     400: "Malformed request (body, header or position); `detail` says what to fix",
+    401: (
+        "Access control is on and the request has no token, or one that does not verify "
+        "(bad signature, expired, wrong audience or issuer); "
+        '`WWW-Authenticate: Bearer realm="tidewire"` '
+        '(with `error="invalid_token"` when one was sent)'
+    ),
+    403: (
+        "The token does not grant this (`detail` names the permission missing), the request's "
+        "`Origin` is not allowed, or a signed link is not valid or has expired"
+    ),
     404: "Not found",
     405: "Method not allowed; `Allow` lists the methods that are",
     409: "Conflict with the resource's state",
@@ -129,6 +140,12 @@ ERROR_STATUSES: dict[int, str] = {
     503: "Unavailable for now (the broker is unreachable, or too many runs); see Retry-After",
     507: "The storage is full",
 }
+
+
+#: What every route behind access control may answer: `error_responses(*ACCESS, ...)`.
+#: (A route whose only refusal is 401, as one that lists or shows only what
+#: the caller owns, declares 401 alone.)
+ACCESS = (401, 403)
 
 
 def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:

@@ -37,7 +37,7 @@ from ..auth import Identity
 from ..storage import FileInfo, FileNotFound, Storage, TooLarge, valid_id
 from ..wire import NEXT_CURSOR_HEADER
 from .downloads import send_file
-from .errors import error_responses, show, storage_error, storage_errors
+from .errors import ACCESS, error_responses, show, storage_error, storage_errors
 from .headers import content_length, upload_type
 from .links import link_grants
 from .multipart import BadMultipart, MultipartStream
@@ -217,8 +217,13 @@ FILE_CONTENT: dict[int | str, dict[str, Any]] = {
         "content": {**_ANY, "multipart/byteranges": {"schema": BINARY}},
     },
     304: {"description": "Not modified (If-None-Match / If-Modified-Since)"},
-    **error_responses(404, 416, 422),
+    **error_responses(*ACCESS, 404, 416, 422),
 }
+_LINK_EXP = (
+    "A signed link's expiry (unix time), with `sig`: together they stand in for a token "
+    "(`POST /files/{file_id}/links` makes them); 403 once past, or if either was changed"
+)
+_LINK_SIG = "A signed link's signature, with `exp`"
 #: Where the storage may refuse an upload (errors.py's table).
 STORING = (400, 413, 422, 507)
 _NAME = {
@@ -294,7 +299,7 @@ def add_file_routes(router: APIRouter, tw: Tidewire) -> None:
         status_code=201,
         summary="Upload files (multipart, one or more `file` fields)",
         response_model=None,
-        responses={201: {"model": list[FileMetadata]}, **error_responses(415, *STORING)},
+        responses={201: {"model": list[FileMetadata]}, **error_responses(*ACCESS, 415, *STORING)},
         openapi_extra=_MULTIPART_BODY,
     )
     async def upload_files(request: Request) -> Response:
@@ -319,7 +324,7 @@ def add_file_routes(router: APIRouter, tw: Tidewire) -> None:
                 "model": FileMetadata,
                 "headers": {"Location": {"schema": {"type": "string"}}},
             },
-            **error_responses(*STORING),
+            **error_responses(*ACCESS, *STORING),
         },
         openapi_extra={**_RAW_BODY, "parameters": [_NAME]},
     )
@@ -352,7 +357,7 @@ def add_file_routes(router: APIRouter, tw: Tidewire) -> None:
         tags=["files"],
         summary="List files, newest first",
         response_model=None,
-        responses={200: {"model": list[FileMetadata]}, **error_responses(400, 422)},
+        responses={200: {"model": list[FileMetadata]}, **error_responses(*ACCESS, 400, 422)},
     )
     async def list_files(
         request: Request,
@@ -413,7 +418,15 @@ def add_file_routes(router: APIRouter, tw: Tidewire) -> None:
     # redirect would not happen: GET /files/ would be a 405 instead of the list.
     router.add_api_route("/files/", list_files, methods=["GET"], include_in_schema=False)
 
-    async def get_file(request: Request, file_id: str, download: bool = False) -> Response:
+    async def get_file(
+        request: Request,
+        file_id: str,
+        download: bool = False,
+        # Declared for the OpenAPI page; `link_grants` reads them from the
+        # query itself, as it was signed (strings: `0<exp>` is another link).
+        exp: Annotated[str | None, Query(description=_LINK_EXP)] = None,
+        sig: Annotated[str | None, Query(description=_LINK_SIG)] = None,
+    ) -> Response:
         """The file's bytes; `?download=1` makes any file an attachment.
 
         `?exp=&sig=` (a signed link, links.py) stand in for a token.
@@ -442,7 +455,7 @@ def add_file_routes(router: APIRouter, tw: Tidewire) -> None:
         tags=["files"],
         summary="A file's metadata",
         response_model=None,
-        responses={200: {"model": FileMetadata}, **error_responses(404)},
+        responses={200: {"model": FileMetadata}, **error_responses(*ACCESS, 404)},
     )
     async def file_meta(request: Request, file_id: str) -> Response:
         return JSONResponse((await get_readable(request, file_id)).json())
@@ -452,7 +465,7 @@ def add_file_routes(router: APIRouter, tw: Tidewire) -> None:
         tags=["files"],
         status_code=204,
         summary="Delete a file",
-        responses=error_responses(404),
+        responses=error_responses(*ACCESS, 404),
     )
     async def delete_file(request: Request, file_id: str) -> Response:
         identity = await guard.identify(request)

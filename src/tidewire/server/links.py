@@ -27,7 +27,7 @@ from starlette.requests import HTTPConnection
 
 from ..storage import FileNotFound, valid_id
 from .bodies import read_limited
-from .errors import Problem, error_responses, storage_error, storage_errors
+from .errors import ACCESS, error_responses, storage_error, storage_errors
 from .guard import Guard
 
 if TYPE_CHECKING:
@@ -97,11 +97,7 @@ def add_link_routes(router: APIRouter, tw: Tidewire) -> None:
         status_code=201,
         summary="A link that downloads the file without a token until it expires",
         response_model=Link,
-        responses={
-            401: {"description": "No token, or a bad one", "model": Problem},
-            403: {"description": "The token may not read files", "model": Problem},
-            **error_responses(400, 404, 413, 422),
-        },
+        responses=error_responses(*ACCESS, 400, 404, 413, 422),
         # The route reads its body itself, with a bound (FastAPI would read any size).
         openapi_extra={
             "requestBody": {

@@ -17,7 +17,7 @@ from ..events import Envelope, TooDeep, load_json
 from ..runs import RESERVED_PARAMS, CancelNotConfirmed, Run, StreamFunction, TooManyRuns
 from ..wire import LAST_EVENT_ID, RUN_HEADER, RUN_ID_SEPARATOR
 from .bodies import read_limited
-from .errors import error_responses
+from .errors import ACCESS, error_responses
 from .routing import (
     EVENTS_RESPONSE,
     RUN_ID_PATTERN,
@@ -73,7 +73,7 @@ _START_RESPONSES: dict[int | str, dict[str, Any]] = {
     },
     # 400: a body that is not JSON, or a Last-Event-ID that is not a run's event id;
     # 503: too many runs, or no broker.
-    **error_responses(400, 404, 413, 415, 422, 503),
+    **error_responses(*ACCESS, 400, 404, 413, 415, 422, 503),
 }
 
 
@@ -168,7 +168,14 @@ def add_stream_routes(router: APIRouter, tw: Tidewire) -> None:
         check = None if run.local else tw.settings.lease / 3
         prefix = run.id + RUN_ID_SEPARATOR
         return LogCursor(
-            tw.broker, run.log, after, tw.settings.heartbeat, watcher, check, prefix=prefix
+            tw.broker,
+            run.log,
+            after,
+            tw.settings.heartbeat,
+            watcher,
+            check,
+            prefix=prefix,
+            budget=tw.settings.subscriber_buffer_bytes,
         )
 
     def http_stream(
@@ -229,7 +236,13 @@ def add_stream_routes(router: APIRouter, tw: Tidewire) -> None:
             )
         return await watch_from(request, run, position)
 
-    @router.get("/streams", tags=["streams"], summary="The registered streams and their parameters")
+    @router.get(
+        "/streams",
+        tags=["streams"],
+        summary="The registered streams and their parameters",
+        # Never 403: the list shows what the token may start.
+        responses=error_responses(401),
+    )
     async def list_streams(request: Request) -> list[dict[str, Any]]:
         """With access control on: only the streams this token may start."""
         identity = await guard.identify(request)
@@ -318,7 +331,8 @@ def add_stream_routes(router: APIRouter, tw: Tidewire) -> None:
         "/runs/{run_id}",
         tags=["streams"],
         summary="A run's state",
-        responses=error_responses(404, 503),
+        # Another identity's run is a 404, as one that does not exist: never 403.
+        responses=error_responses(401, 404, 503),
     )
     async def run_info(request: Request, run_id: str) -> dict[str, Any]:
         return (await get_run(run_id, await guard.identify(request))).info()
@@ -344,7 +358,7 @@ def add_stream_routes(router: APIRouter, tw: Tidewire) -> None:
         responses={
             200: {**EVENTS_RESPONSE, "headers": _RUN_HEADER},
             204: {"description": "the run has finished and was read to its end"},
-            **error_responses(400, 404, 503),
+            **error_responses(400, 401, 404, 503),
         },
     )
 
@@ -372,7 +386,7 @@ def add_stream_routes(router: APIRouter, tw: Tidewire) -> None:
         "/runs/{run_id}",
         tags=["streams"],
         summary="Cancel a run: its generator is closed",
-        responses=error_responses(404, 409, 503),
+        responses=error_responses(*ACCESS, 404, 409, 503),
     )
     async def cancel(request: Request, run_id: str) -> dict[str, Any]:
         run = await get_run(run_id, await guard.identify(request))

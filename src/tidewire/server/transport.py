@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import Literal
 
@@ -46,8 +46,13 @@ __all__ = [
 
 Format = Literal["ndjson", "sse"]
 
-#: At most this many events go into one write.
+#: At most this many events are read at once (and go into one write).
 BATCH = 512
+
+#: The most bytes one write carries, and how far behind a channel subscriber
+#: may fall before it skips ahead, unless a route says otherwise
+#: (`Settings.subscriber_buffer_bytes`).
+BUDGET = 4 << 20
 
 MEDIA_TYPES = {"ndjson": NDJSON, "sse": f"{SSE}; charset=utf-8"}
 
@@ -83,6 +88,13 @@ class LogCursor:
     #: run it came from (what lets a reconnect to /streams/{name} resume it).
     prefix: str = ""
 
+    #: The most bytes one write carries (`Settings.subscriber_buffer_bytes`).
+    budget: int = BUDGET
+    #: A channel's reader: when further behind the log's head than `budget`,
+    #: it skips ahead to about `budget` before the head and is told with a
+    #: `gap`. Never for a run: a connected watcher loses nothing (backpressure).
+    skip_ahead: bool = False
+
     @property
     def position(self) -> str:
         """Where this reader is, as an id clients can resume from."""
@@ -99,6 +111,8 @@ class LogCursor:
             )
         else:
             batch = await self._next_checking(self.check_every)
+        if self.skip_ahead and batch.events:
+            batch = await self._skip_if_behind(batch)
         if batch.events:
             self.after = batch.events[-1].id
         elif batch.resume_id is not None:
@@ -114,6 +128,53 @@ class LogCursor:
             None if batch.resume_id is None else prefix + batch.resume_id,
             batch.ended,
         )
+
+    async def _skip_if_behind(self, batch: Batch) -> Batch:
+        """`batch`, or, when this reader is further behind the head than `budget`
+        bytes, what follows a skip to about `budget` bytes before the head.
+
+        Only a batch that came full (`BATCH` events, or more than `budget`
+        bytes) may mean that: a reader that keeps up gets short ones, and
+        pays one sum of lengths per batch. The distance to the head is
+        estimated from the count of events after this batch (the last
+        component of both brokers' ids is the event's seq) times this batch's
+        mean event size: the brokers do not keep byte offsets.
+        """
+        events = batch.events
+        size = sum([len(e.data_json) for e in events])
+        if len(events) < BATCH and size <= self.budget:
+            return batch
+        head = _id_key(await self.broker.last_id(self.log))[-1]
+        mean = size / len(events)
+        behind = size + (head - events[-1].seq) * mean
+        if behind <= self.budget:
+            return batch
+        # Keep the newest `budget` bytes' worth of events, at least one.
+        target = head - max(1, int(self.budget / max(mean, 1.0)))  # skip up to this seq
+        missed = batch.missed
+        if target < events[-1].seq:
+            kept = [e for e in events if e.seq > target]
+            skipped = events[: len(events) - len(kept)]
+            missed += len(skipped)
+            resume = skipped[-1].id if skipped else batch.resume_id
+            return Batch(kept, missed, resume, batch.ended)
+        # The whole batch and more: read on without sending, a batch at a
+        # time (no more than one held at once), up to the target.
+        missed += len(events)
+        after = events[-1].id
+        seq = events[-1].seq
+        while seq < target:
+            skipped_batch = await self.broker.read(
+                self.log, after, limit=min(BATCH, target - seq), timeout=0
+            )
+            if not skipped_batch.events:
+                break
+            missed += skipped_batch.missed + len(skipped_batch.events)
+            after = skipped_batch.events[-1].id
+            seq = skipped_batch.events[-1].seq
+        rest = await self.broker.read(self.log, after, limit=BATCH, timeout=0)
+        resume = rest.resume_id if rest.missed else after
+        return Batch(rest.events, missed + rest.missed, resume, rest.ended)
 
     async def _next_checking(self, every: float) -> Batch:
         loop = asyncio.get_running_loop()
@@ -146,6 +207,8 @@ UNAVAILABLE_NDJSON = b'{"event":"%s","data":%s}\n' % (UNAVAILABLE.encode(), dump
 UNAVAILABLE_SSE = b"event: %s\ndata: %s\n\n" % (UNAVAILABLE.encode(), dump_data(_UNAVAILABLE))
 #: WebSocket close code for the same: 1013, "try again later".
 UNAVAILABLE_CLOSE = 1013
+#: WebSocket close code for a run watcher cut for stalling the run (`stall_timeout`).
+STALLED_CLOSE = 1008
 
 
 def gap_event(batch: Batch) -> Envelope:
@@ -221,8 +284,16 @@ class LogResponse(Response):
         self.notice = notice  # a `gap` to send before anything else
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        watcher = self.cursor.watcher
+        if watcher is not None:
+            # A run watcher that stalls the run for `stall_timeout` is cut:
+            # this response then ends unfinished, and the server closes the
+            # connection (a write to a client that reads nothing never ends).
+            watcher.on_stall = _canceller()
         try:
-            await until_disconnected(receive, self._write(send))
+            await until_disconnected(
+                receive, self._write(send), cut=None if watcher is None else _stalled(watcher)
+            )
         finally:
             self.cursor.close()
 
@@ -262,16 +333,61 @@ class LogResponse(Response):
                     parts.append(position_block(cursor.position))
                 parts[0] = retry + parts[0]
             idle = b"" if batch.ended or first else heartbeat
-            body = b"".join(parts) if parts else idle
             first = False
-            await send({"type": "http.response.body", "body": body, "more_body": not batch.ended})
+            # One length per part: a reader that is behind must not make one
+            # write of all it is behind by (512 events of up to 1 MiB each),
+            # nor may a reader that never reads pin more than one write: the
+            # server's `send` waits for the client (flow control) before the next.
+            if parts and sum(map(len, parts)) > cursor.budget:
+                for chunk in _chunks(parts, cursor.budget):
+                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                if batch.ended:
+                    await send({"type": "http.response.body", "body": b"", "more_body": False})
+            else:
+                body = b"".join(parts) if parts else idle
+                await send(
+                    {"type": "http.response.body", "body": body, "more_body": not batch.ended}
+                )
             cursor.delivered(batch)
             if batch.ended:
                 return
 
 
-async def until_disconnected(receive: Receive, work: Awaitable[None]) -> None:
-    """Run `work` until it finishes or the HTTP client goes away.
+def _chunks(parts: list[bytes], budget: int) -> Iterator[bytes]:
+    """`parts` joined into writes of at most `budget` bytes (a part larger
+    than that is cut: an HTTP body is a byte stream, events may span writes)."""
+    held: list[bytes] = []
+    size = 0
+    for part in parts:
+        if size + len(part) > budget and held:
+            yield b"".join(held)
+            held, size = [], 0
+        if len(part) > budget:
+            view = memoryview(part)
+            for start in range(0, len(part), budget):
+                yield bytes(view[start : start + budget])
+            continue
+        held.append(part)
+        size += len(part)
+    if held:
+        yield b"".join(held)
+
+
+def _canceller() -> Callable[[], object]:
+    task = asyncio.current_task()
+    assert task is not None
+    return task.cancel
+
+
+def _stalled(watcher: Watcher) -> Callable[[], bool]:
+    return lambda: watcher.stalled
+
+
+async def until_disconnected(
+    receive: Receive, work: Awaitable[None], cut: Callable[[], bool] | None = None
+) -> None:
+    """Run `work` until it finishes, the HTTP client goes away, or `cut()` is
+    true when the work is cancelled (a stalled run watcher, see `Runs.cut`).
 
     Servers report a gone client only through `receive`, so one small task
     waits there and cancels the work when it happens. The work runs in this
@@ -295,7 +411,7 @@ async def until_disconnected(receive: Receive, work: Awaitable[None]) -> None:
     try:
         await work
     except asyncio.CancelledError:
-        if not gone:
+        if not gone and not (cut is not None and cut()):
             raise
         task.uncancel()
     except OSError:
@@ -338,6 +454,9 @@ async def stream_websocket(
 
     listener = asyncio.ensure_future(listen())
     listener.add_done_callback(on_gone)
+    watcher = cursor.watcher
+    if watcher is not None:
+        watcher.on_stall = task.cancel
     try:
         if notice is not None:
             await websocket.send_text(notice.ws())
@@ -354,9 +473,16 @@ async def stream_websocket(
     except BrokerUnavailable:
         await websocket.close(UNAVAILABLE_CLOSE, "the broker is unreachable; resume later")
     except asyncio.CancelledError:
-        if not listener.done():
+        stalled = watcher is not None and watcher.stalled
+        if not listener.done() and not stalled:
             raise
         task.uncancel()
+        if stalled:
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(1.0):  # it reads nothing: it may not take this either
+                    await websocket.close(
+                        STALLED_CLOSE, "stalled the run; resume from your last id"
+                    )
     except (WebSocketDisconnect, OSError, RuntimeError):
         pass  # the client left while we wrote
     finally:

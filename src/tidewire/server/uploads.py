@@ -37,7 +37,7 @@ from starlette.requests import ClientDisconnect
 from ..auth import Identity
 from ..storage import StorageError, Upload, UploadNotFound
 from ..wire import FILE_HEADER, OFFSET_STREAM, TUS_EXTENSIONS, TUS_VERSION
-from .errors import Problem, error_responses, show, storage_error, storage_errors
+from .errors import ACCESS, Problem, error_responses, show, storage_error, storage_errors
 from .headers import clean_type, content_length, essence, http_date, parse_size, upload_type
 from .names import CONTROL, clean_name
 
@@ -454,7 +454,7 @@ def add_upload_routes(router: APIRouter, tw: Tidewire) -> None:
     # are more than a schema says, and a declared parameter would be filled
     # with values that the spec calls valid and the server refuses.
     found: dict[int | str, dict[str, Any]] = {
-        **error_responses(404, 410, 412),
+        **error_responses(*ACCESS, 404, 410, 412),
         404: {
             "description": "No such upload, or it expired or was terminated",
             "model": Problem,
@@ -468,7 +468,7 @@ def add_upload_routes(router: APIRouter, tw: Tidewire) -> None:
     )
     created: dict[int | str, dict[str, Any]] = {
         201: {"description": "Created", "headers": {"Location": {"schema": {"type": "string"}}}},
-        **error_responses(400, 412, 413, 415, 460, 507),
+        **error_responses(*ACCESS, 400, 412, 413, 415, 460, 507),
     }
     for path, include in (("/uploads/", True), ("/uploads", False)):
         add(
@@ -500,7 +500,7 @@ def add_upload_routes(router: APIRouter, tw: Tidewire) -> None:
     patched: dict[int | str, dict[str, Any]] = {
         **found,
         204: {"description": "Stored", "headers": _STATE_HEADERS},
-        **error_responses(400, 409, 413, 415, 460, 507),
+        **error_responses(*ACCESS, 400, 409, 413, 415, 460, 507),
     }
     bytes_body = {"required": True, "content": {OFFSET_STREAM: {"schema": {"type": "string"}}}}
     patch_doc = {"parameters": [_VERSION, _OFFSET], "requestBody": bytes_body}
