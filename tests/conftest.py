@@ -22,7 +22,7 @@ pytest_plugins = ["tests.redis_server", "tests.s3_server", "tests.proxy"]
 class LiveServer:
     """uvicorn serving an app in a thread; `url` is its base URL."""
 
-    def __init__(self, app: Any, ws_ping: float | None = None) -> None:
+    def __init__(self, app: Any, ws_ping: float | None = None, **config: Any) -> None:
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.sock.bind(("127.0.0.1", 0))
@@ -30,7 +30,11 @@ class LiveServer:
         self.url = f"http://127.0.0.1:{self.port}"
         self.ws_url = f"ws://127.0.0.1:{self.port}"
         config = uvicorn.Config(
-            app, log_level="warning", ws_ping_interval=ws_ping, ws_ping_timeout=ws_ping
+            app,
+            log_level="warning",
+            ws_ping_interval=ws_ping,
+            ws_ping_timeout=ws_ping,
+            **config,  # other uvicorn settings (ws, ws_max_size)
         )
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(
@@ -57,9 +61,9 @@ def serve() -> Iterator[Callable[..., LiveServer]]:
     """Start a server for an app (a Tidewire or any ASGI app); stopped after the test."""
     servers: list[LiveServer] = []
 
-    def start(app: Any, ws_ping: float | None = None) -> LiveServer:
+    def start(app: Any, ws_ping: float | None = None, **config: Any) -> LiveServer:
         asgi = app.app if isinstance(app, Tidewire) else app
-        server = LiveServer(asgi, ws_ping).start()
+        server = LiveServer(asgi, ws_ping, **config).start()
         servers.append(server)
         return server
 

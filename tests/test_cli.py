@@ -338,3 +338,106 @@ def test_forwarded_headers_only_from_the_allowed_proxies() -> None:
         with serving(*args) as (url, _):
             response = httpx.post(f"{url}/channels/room/events", json=1, headers=proxied)
             assert response.status_code == status, args
+
+
+def exact_request(size: int) -> bytes:
+    """A GET /healthz whose request line and headers are exactly `size` bytes."""
+    head = b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Pad: "
+    return head + b"a" * (size - len(head) - 4) + b"\r\n\r\n"
+
+
+def answer(port: int, request: bytes) -> bytes:
+    """What the server answers `request` with (its status line onwards), or b"" if it hung up."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        # Refused before all of it was sent: the answer may still be there.
+        with contextlib.suppress(ConnectionResetError):
+            sock.sendall(request)
+        received = b""
+        try:
+            while b"\r\n\r\n" not in received:
+                chunk = sock.recv(65536)
+                if not chunk:
+                    break
+                received += chunk
+        except ConnectionResetError:
+            pass
+        return received
+
+
+@pytest.fixture
+def limited_server(tmp_path: Path) -> Iterator[int]:
+    """`tidewire serve` with a 1 s header timeout and 1000-byte events; yields its port."""
+    port = free_port()
+    env = {**os.environ, "TIDEWIRE_HEADER_TIMEOUT": "1", "TIDEWIRE_MAX_EVENT_BYTES": "1000"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tidewire", "serve", "--port", str(port)],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 20
+    while True:
+        try:
+            httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1)
+            break
+        except httpx.TransportError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                pytest.fail("server did not start")
+            time.sleep(0.1)
+    yield port
+    proc.terminate()
+    proc.wait(10)
+
+
+def test_serve_refuses_headers_over_max_header_bytes_with_431(limited_server: int) -> None:
+    limit = 64 << 10
+    for size in (limit - 1, limit):
+        assert answer(limited_server, exact_request(size)).startswith(b"HTTP/1.1 200"), size
+    for size in (limit + 1, 1 << 20, 16 << 20):
+        reply = answer(limited_server, exact_request(size))
+        assert reply.startswith(b"HTTP/1.1 431"), (size, reply[:100])
+    # And the server is none the worse for them.
+    assert httpx.get(f"http://127.0.0.1:{limited_server}/healthz", timeout=5).status_code == 200
+
+
+def test_serve_closes_a_connection_whose_headers_dribble(limited_server: int) -> None:
+    """Headers at a few bytes a second are cut off after header_timeout (1 s here)."""
+    request = exact_request(1000)
+    with socket.create_connection(("127.0.0.1", limited_server), timeout=10) as sock:
+        sock.settimeout(0.2)
+        began = time.monotonic()
+        closed_after = None
+        for i in range(50):  # 10 s of dribbling, ten times the timeout
+            try:
+                sock.send(request[i : i + 1])
+                if sock.recv(100) == b"":
+                    closed_after = time.monotonic() - began
+                    break
+            except TimeoutError:
+                continue
+            except (BrokenPipeError, ConnectionResetError):
+                closed_after = time.monotonic() - began
+                break
+        assert closed_after is not None, "a dribbling client was kept"
+    # A prompt client on a fresh connection is served as usual.
+    assert answer(limited_server, exact_request(1000)).startswith(b"HTTP/1.1 200")
+
+
+def test_serve_refuses_a_websocket_frame_over_max_event_bytes_in_the_server(
+    limited_server: int,
+) -> None:
+    from websockets.exceptions import ConnectionClosed
+    from websockets.sync.client import connect
+
+    url = f"ws://127.0.0.1:{limited_server}/channels/big/ws"
+    with connect(url, max_size=None) as ws:
+        ws.send(b"z" * 1000)
+        ws.recv(timeout=5)  # published, and back to its subscriber
+        ws.send(b"z" * 1001)
+        with pytest.raises(ConnectionClosed):
+            ws.recv(timeout=5)
+        assert ws.close_code == 1009
+        # uvicorn's reason, not the app's: the frame was refused before it was buffered.
+        assert "frames may be at most" not in (ws.close_reason or "")

@@ -277,6 +277,12 @@ def serve(
         # Worker processes import the app by name; this process only supervises.
         os.environ["TIDEWIRE_APP"] = target
         asgi = "tidewire.cli:worker_app"
+    # The limits the server enforces before the app sees a request: headers
+    # (server/protocol.py reads them from the environment, in every worker)
+    # and WebSocket frames, refused (1009) before they are buffered.
+    limits = settings if settings is not None else Settings.from_env()
+    os.environ["TIDEWIRE_MAX_HEADER_BYTES"] = str(limits.max_header_bytes)
+    os.environ["TIDEWIRE_HEADER_TIMEOUT"] = str(limits.header_timeout)
     tune_gc()
     uvicorn.run(
         asgi,
@@ -288,6 +294,8 @@ def serve(
         # WebSocket heartbeats are protocol pings, sent by the server.
         ws_ping_interval=heartbeat or 15.0,
         ws_ping_timeout=heartbeat or 15.0,
+        ws_max_size=limits.max_event_bytes,
+        http="tidewire.server.protocol:HeaderLimitedProtocol",
         backlog=4096,
         timeout_graceful_shutdown=5,
         # None: uvicorn's default ($FORWARDED_ALLOW_IPS, else 127.0.0.1).

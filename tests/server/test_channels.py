@@ -23,9 +23,10 @@ from tests.conftest import QUICK, LiveServer
 from tests.wire import Envelope, parse_sse
 from tidewire import Settings, Tidewire
 from tidewire.broker import Broker
-from tidewire.server.channels import MAX_PUBLISH_BYTES
 
 Serve = Callable[..., LiveServer]
+#: The default limit of a publish, which most tests here run with.
+MAX_PUBLISH_BYTES = Settings().max_event_bytes
 Transport = Literal["ndjson", "sse", "ws"]
 TRANSPORTS: list[Transport] = ["ndjson", "sse", "ws"]
 

@@ -13,6 +13,7 @@ from ..channels import CHANNEL_NAME
 from ..events import RESERVED, Blob, ForgedBlob, TooDeep, check_no_file_refs, load_json
 from ..quotas import client_key
 from ..wire import AFTER_HEADER
+from .bodies import read_limited
 from .errors import ACCESS, error_responses
 from .routing import (
     EVENTS_RESPONSE,
@@ -27,9 +28,6 @@ if TYPE_CHECKING:
     from ..app import Tidewire
 
 __all__ = ["add_channel_routes"]
-
-#: Largest body a publish may carry; larger data belongs in a file.
-MAX_PUBLISH_BYTES = 1 << 20
 
 # OpenAPI: read_message reads the body itself, so FastAPI cannot see it.
 _FORM = {"schema": {"type": "object", "description": "fields become data, files blobs"}}
@@ -53,38 +51,17 @@ _AFTER_HEADER = {
 }
 
 
-def too_large() -> HTTPException:
-    return HTTPException(413, f"a published event may be at most {MAX_PUBLISH_BYTES} bytes")
+async def read_message(request: Request, limit: int) -> Any:
+    """A published event's data: a JSON body, form fields and files, or plain text.
 
-
-async def read_body(request: Request) -> bytes:
-    """The whole body, refused (413) as soon as it is over the limit, whatever its type.
-
-    A declared length over it is refused before anything is read. The limit
-    counts the body as sent: a multipart file is as much a part of the event
-    as a JSON value (form parsing alone would take files of any size).
+    The body is read whole, up to `limit` bytes (413 past it), whatever its
+    type: a multipart file is as much a part of the event as a JSON value
+    (form parsing alone would take files of any size).
     """
-    declared = request.headers.get("content-length", "")
-    if declared.isascii() and declared.isdigit() and int(declared) > MAX_PUBLISH_BYTES:
-        raise too_large()
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > MAX_PUBLISH_BYTES:
-            raise too_large()
-        chunks.append(chunk)
-    body = b"".join(chunks)
-    # Where Request.body() keeps what it read: form parsing reads it from there.
-    request._body = body
-    return body
-
-
-async def read_message(request: Request) -> Any:
-    """A published event's data: a JSON body, form fields and files, or plain text."""
     kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    body = await read_body(request)
+    body = await read_limited(request, limit, "a published event")
     if kind in ("multipart/form-data", "application/x-www-form-urlencoded"):
-        form = await request.form(max_part_size=MAX_PUBLISH_BYTES)
+        form = await request.form(max_part_size=limit)
         data: dict[str, Any] = {}
         for key, value in form.multi_items():
             if isinstance(value, UploadFile):
@@ -110,6 +87,11 @@ async def read_message(request: Request) -> Any:
 def add_channel_routes(router: APIRouter, tw: Tidewire) -> None:
     channels = tw.channels
     guard = tw.guard
+    # The server refuses larger WebSocket frames itself when `tidewire serve`
+    # runs it (ws_max_size, close 1009 before the frame is buffered); this is
+    # the second line, for servers configured otherwise.
+    max_event = tw.settings.max_event_bytes
+    frame_too_large = f"frames may be at most {max_event} bytes"
 
     def log_of(name: str) -> str:
         try:
@@ -162,7 +144,7 @@ def add_channel_routes(router: APIRouter, tw: Tidewire) -> None:
         identity = await guard.check(request, "publish", name)
         log_of(name)
         await tw.quotas.publish(client_key(identity, request))
-        data = await read_message(request)
+        data = await read_message(request, tw.settings.max_event_bytes)
         try:
             return {"id": await channels.publish(name, data, event)}
         except ValueError as exc:
@@ -239,8 +221,8 @@ def add_channel_routes(router: APIRouter, tw: Tidewire) -> None:
                 return
             # The limit is in bytes, as sent: a character may be up to four of
             # them, so only a text that could be over it is encoded to count.
-            if len(text) > MAX_PUBLISH_BYTES // 4 and len(text.encode()) > MAX_PUBLISH_BYTES:
-                await websocket.close(1009, f"frames may be at most {MAX_PUBLISH_BYTES} bytes")
+            if len(text) > max_event // 4 and len(text.encode()) > max_event:
+                await websocket.close(1009, frame_too_large)
                 return
             try:
                 data = load_json(text)
@@ -267,8 +249,8 @@ def add_channel_routes(router: APIRouter, tw: Tidewire) -> None:
         async def on_bytes(raw: bytes) -> None:
             if not await may_publish():
                 return
-            if len(raw) > MAX_PUBLISH_BYTES:
-                await websocket.close(1009, f"frames may be at most {MAX_PUBLISH_BYTES} bytes")
+            if len(raw) > max_event:
+                await websocket.close(1009, frame_too_large)
                 return
             await publish_frame(Blob(raw))
 

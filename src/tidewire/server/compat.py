@@ -29,6 +29,7 @@ from python_multipart.multipart import parse_options_header
 from starlette.requests import ClientDisconnect
 
 from ..storage import FileInfo, FileNotFound, valid_id
+from .bodies import read_limited
 from .downloads import send_file
 from .errors import ACCESS, error_responses, show
 from .files import (
@@ -46,7 +47,6 @@ from .files import (
     request_body,
 )
 from .guard import Guard
-from .headers import content_length
 from .multipart import BadMultipart, MultipartStream, decode
 from .names import NAME_SCHEMA
 from .streams import read_params, validate
@@ -55,16 +55,12 @@ if TYPE_CHECKING:
     from ..app import Tidewire
 
 __all__ = [
-    "MAX_SMALL_BODY",
     "OriginalStreamParams",
     "OriginalUpload",
     "add_compat_routes",
     "add_original_file_routes",
     "add_original_stream_routes",
 ]
-
-#: Largest JSON or form body `/downloadfile/` reads to find a file name.
-MAX_SMALL_BODY = 64 << 10
 
 # -- /stream -----------------------------------------------------------------
 
@@ -97,12 +93,16 @@ ORIGINAL_STREAM = "demo"
 
 
 def add_original_stream_routes(
-    router: APIRouter, frames: Sequence[bytes], guard: Guard | None = None
+    router: APIRouter,
+    frames: Sequence[bytes],
+    guard: Guard | None = None,
+    max_body: int = 1 << 20,
 ) -> None:
     """`GET` and `POST /stream`: the original's counter, one line per event, cycling `frames`.
 
     With a `guard`, it needs what starting the stream `demo` needs (it is the
-    same counter, in the original's format).
+    same counter, in the original's format). A parameters body over
+    `max_body` bytes is refused (413).
     """
     images = [base64.b64encode(frame).decode() for frame in frames]
 
@@ -140,7 +140,7 @@ def add_original_stream_routes(
         response_class=StreamingResponse,
         responses={
             200: {"content": {"text/plain": {}}},
-            **error_responses(*ACCESS, 400, 415, 422),
+            **error_responses(*ACCESS, 400, 413, 415, 422),
         },
         openapi_extra=_stream_params_body(),
     )
@@ -148,7 +148,7 @@ def add_original_stream_routes(
         """As `GET /stream`; `n` and `interval` may come in a JSON or form body too."""
         if guard is not None:
             await guard.check(request, "stream", ORIGINAL_STREAM)
-        params = validate(check, await read_params(request))
+        params = validate(check, await read_params(request, max_body))
         return respond(params["n"], params["interval"])
 
 
@@ -173,22 +173,9 @@ _FILENAME_BODY = request_body(
 )
 
 
-async def _small_body(request: Request) -> bytes:
-    too_large = HTTPException(413, f"send at most {MAX_SMALL_BODY} bytes: just the filename")
-    declared = content_length(request.headers)
-    if declared is not None and declared > MAX_SMALL_BODY:
-        raise too_large
-    body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > MAX_SMALL_BODY:
-            raise too_large
-    return bytes(body)
-
-
-async def _form_field(request: Request, field: str) -> str | None:
+async def _form_field(request: Request, field: str, limit: int) -> str | None:
     """A plain field of a small form body (urlencoded or multipart), read with a bound."""
-    body = await _small_body(request)
+    body = await read_limited(request, limit, _NAME_BODY)
     kind, _ = parse_options_header(request.headers.get("content-type"))
     if kind == b"application/x-www-form-urlencoded":
         values = parse_qs(body.decode("utf-8", "replace"), keep_blank_values=True)
@@ -209,7 +196,11 @@ async def _form_field(request: Request, field: str) -> str | None:
     return value
 
 
-async def _requested_name(request: Request) -> str:
+#: What `/downloadfile/`'s body is for, in its 413.
+_NAME_BODY = "the body (just the filename)"
+
+
+async def _requested_name(request: Request, limit: int) -> str:
     """`filename` from the query string, else a JSON or form body."""
     name = request.query_params.get("filename")
     if name is not None:
@@ -218,14 +209,14 @@ async def _requested_name(request: Request) -> str:
     value: Any = None
     if kind == b"application/json" or kind.endswith(b"+json"):
         try:
-            body = orjson.loads(await _small_body(request) or b"{}")
+            body = orjson.loads(await read_limited(request, limit, _NAME_BODY) or b"{}")
         except orjson.JSONDecodeError as exc:
             raise HTTPException(400, f"the body is not valid JSON: {exc}") from None
         if not isinstance(body, dict):
             raise HTTPException(422, 'send a JSON object: {"filename": "..."}')
         value = body.get("filename")
     elif kind in (b"application/x-www-form-urlencoded", b"multipart/form-data"):
-        value = await _form_field(request, "filename")
+        value = await _form_field(request, "filename", limit)
     if value is None:
         raise HTTPException(
             422, 'name the file: ?filename=NAME, a form field, or JSON {"filename": NAME}'
@@ -254,7 +245,7 @@ def add_original_file_routes(router: APIRouter, tw: Tidewire) -> None:
 
     async def download(request: Request) -> Response:
         identity = await tw.guard.check(request, "files:read", "")
-        name = looked_up(await _requested_name(request), "filename")
+        name = looked_up(await _requested_name(request, tw.settings.max_body_bytes), "filename")
         info: FileInfo | None = None
         if valid_id(name):
             with suppress(FileNotFound):
@@ -309,5 +300,5 @@ def add_original_file_routes(router: APIRouter, tw: Tidewire) -> None:
 
 def add_compat_routes(router: APIRouter, tw: Tidewire, frames: Sequence[bytes]) -> None:
     """All of the original service's routes; `/stream` cycles `frames` as its images."""
-    add_original_stream_routes(router, frames, tw.guard)
+    add_original_stream_routes(router, frames, tw.guard, tw.settings.max_body_bytes)
     add_original_file_routes(router, tw)

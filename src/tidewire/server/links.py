@@ -18,12 +18,15 @@ import time
 from typing import TYPE_CHECKING, Annotated, Any
 from urllib.parse import urlencode
 
+import orjson
 from fastapi import APIRouter, HTTPException, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator
 from starlette.requests import HTTPConnection
 
 from ..storage import FileNotFound, valid_id
+from .bodies import read_limited
 from .errors import ACCESS, error_responses, storage_error, storage_errors
 from .guard import Guard
 
@@ -94,11 +97,16 @@ def add_link_routes(router: APIRouter, tw: Tidewire) -> None:
         status_code=201,
         summary="A link that downloads the file without a token until it expires",
         response_model=Link,
-        responses=error_responses(*ACCESS, 400, 404, 422),
+        responses=error_responses(*ACCESS, 400, 404, 413, 422),
+        # The route reads its body itself, with a bound (FastAPI would read any size).
+        openapi_extra={
+            "requestBody": {
+                "required": False,
+                "content": {"application/json": {"schema": LinkRequest.model_json_schema()}},
+            }
+        },
     )
-    async def create_link(
-        request: Request, file_id: str, body: LinkRequest | None = None
-    ) -> JSONResponse:
+    async def create_link(request: Request, file_id: str) -> JSONResponse:
         # `read`, or `read:own` for one's own file: whoever may download it may share it.
         from .files import readable  # files.py imports this module (link_grants)
 
@@ -107,7 +115,20 @@ def add_link_routes(router: APIRouter, tw: Tidewire) -> None:
             raise storage_error(FileNotFound(file_id))
         with storage_errors():
             await readable(tw, identity, await tw.storage.info(file_id))
-        expires = int(time.time()) + (body or LinkRequest()).expires_in
+        body = await read_limited(request, tw.settings.max_body_bytes)
+        try:
+            asked = (
+                LinkRequest.model_validate(orjson.loads(body)) if body.strip() else LinkRequest()
+            )
+        except orjson.JSONDecodeError as exc:
+            raise HTTPException(400, f"the body is not valid JSON: {exc}") from None
+        except ValidationError as exc:
+            # As FastAPI reports a body it validates itself: a 422 naming the field.
+            errors = exc.errors(include_url=False, include_context=False)
+            raise RequestValidationError(
+                [{**error, "loc": ("body", *error["loc"])} for error in errors]
+            ) from None
+        expires = int(time.time()) + asked.expires_in
         query = urlencode({"exp": expires, "sig": tw.guard.sign(file_path(file_id), expires)})
         link = {"url": f"{file_path(file_id)}?{query}", "expires": expires}
         return JSONResponse(link, status_code=201)

@@ -17,6 +17,7 @@ from ..events import Envelope, TooDeep, load_json
 from ..quotas import client_key
 from ..runs import RESERVED_PARAMS, CancelNotConfirmed, Run, StreamFunction, TooManyRuns
 from ..wire import LAST_EVENT_ID, RUN_HEADER, RUN_ID_SEPARATOR
+from .bodies import read_limited
 from .errors import ACCESS, error_responses
 from .routing import (
     EVENTS_RESPONSE,
@@ -73,14 +74,16 @@ _START_RESPONSES: dict[int | str, dict[str, Any]] = {
     },
     # 400: a body that is not JSON, or a Last-Event-ID that is not a run's event id;
     # 503: too many runs, or no broker.
-    **error_responses(*ACCESS, 400, 404, 415, 422, 503),
+    **error_responses(*ACCESS, 400, 404, 413, 415, 422, 503),
 }
 
 
-async def read_params(request: Request | WebSocket) -> dict[str, tuple[Any, str]]:
+async def read_params(request: Request | WebSocket, limit: int) -> dict[str, tuple[Any, str]]:
     """A stream's parameters from the query string and, for POST, a JSON or form body.
 
-    Returns `{name: (value, where)}`; `where` is "query" or "body", for error messages.
+    The body is read whole, up to `limit` bytes (413 past it: the whole body,
+    files of a multipart form included). Returns `{name: (value, where)}`;
+    `where` is "query" or "body", for error messages.
     """
     values: dict[str, tuple[Any, str]] = {}
     for key in request.query_params:
@@ -90,10 +93,11 @@ async def read_params(request: Request | WebSocket) -> dict[str, tuple[Any, str]
     if not isinstance(request, Request) or request.method != "POST":
         return values
     kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    raw = await read_limited(request, limit, "a stream's parameters")
     body: Any
     if kind == "application/json" or kind.endswith("+json"):
         try:
-            body = load_json(await request.body() or b"{}")
+            body = load_json(raw or b"{}")
         except TooDeep as exc:
             raise HTTPException(422, str(exc)) from None
         except orjson.JSONDecodeError as exc:
@@ -101,9 +105,9 @@ async def read_params(request: Request | WebSocket) -> dict[str, tuple[Any, str]
         if not isinstance(body, dict):
             raise HTTPException(422, "a JSON body must be an object of parameters")
     elif kind in ("application/x-www-form-urlencoded", "multipart/form-data"):
-        form = await request.form()
+        form = await request.form(max_part_size=limit)
         body = {key: form.getlist(key)[-1] for key in form}
-    elif kind == "" and not await request.body():
+    elif kind == "" and not raw:
         body = {}
     else:
         raise HTTPException(
@@ -279,7 +283,7 @@ def add_stream_routes(router: APIRouter, tw: Tidewire) -> None:
         last_id = request.headers.get(LAST_EVENT_ID)
         if last_id:
             return await resume(request, stream, last_id, identity)
-        params = validate(stream.validate, await read_params(request))
+        params = validate(stream.validate, await read_params(request, tw.settings.max_body_bytes))
         run = await start_run(request, stream, params, identity, attached=not detach)
         if detach:
             body = {
@@ -322,7 +326,9 @@ def add_stream_routes(router: APIRouter, tw: Tidewire) -> None:
         try:
             identity = await guard.check(websocket, "stream", name)
             stream = get_stream(name)
-            params = validate(stream.validate, await read_params(websocket))
+            params = validate(
+                stream.validate, await read_params(websocket, tw.settings.max_body_bytes)
+            )
             run = await start_run(websocket, stream, params, identity, attached=True)
         except (HTTPException, BrokerUnavailable) as exc:
             await deny_websocket(websocket, exc)

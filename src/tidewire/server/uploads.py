@@ -307,6 +307,11 @@ class TusServer:
         try:
             length = parse_size(request.headers.get("upload-length"), "Upload-Length")
             raw = request.headers.get("upload-metadata", "")
+            # Kept with the upload and sent back on every HEAD: bounded as a
+            # body that is not a file is (the header limit alone may be higher).
+            metadata_limit = self.tw.settings.max_body_bytes
+            if len(raw) > metadata_limit:
+                raise _error(413, f"Upload-Metadata may be at most {metadata_limit} bytes")
             name, kind = file_name_and_type(parse_metadata(raw))
         except ValueError as exc:
             raise _bad(exc) from None
