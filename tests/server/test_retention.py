@@ -111,7 +111,12 @@ def stalled_subscribers(port: int, channel: str, n: int) -> Iterator[socket.sock
 
 def test_an_adversary_cannot_grow_memory_past_the_budget(serve: Serve) -> None:
     settings = Settings(
-        max_retained_bytes=BUDGET, channel_max_bytes=4 << 20, subscriber_buffer_bytes=1 << 20
+        max_retained_bytes=BUDGET,
+        channel_max_bytes=4 << 20,
+        subscriber_buffer_bytes=1 << 20,
+        # The adversary is measured for memory, not its publish rate (test_quotas.py).
+        publish_rate=1e6,
+        publish_burst=10**6,
     )
     tw = Tidewire(settings=settings)
     assert isinstance(tw.broker, MemoryBroker)

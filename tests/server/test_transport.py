@@ -132,7 +132,8 @@ def test_frames_sent_just_before_a_close_are_all_published(
     # A publisher that sends and closes at once: writing its echo fails, and
     # the frames still queued behind it must be published all the same
     # (33 to 190 of 200 were, before).
-    server = serve(Tidewire(settings=Settings()))
+    # 600 frames from one client: over the default publish rate, not this test's subject.
+    server = serve(Tidewire(settings=Settings(publish_rate=1e6, publish_burst=10**6)))
     for channel in ("drain-a", "drain-b", "drain-c"):
         with connect(f"{server.ws_url}/channels/{channel}/ws", close_timeout=1) as ws:
             for i in range(200):

@@ -493,9 +493,17 @@ async def stream_websocket(
         # is still queued: publish it (a client that sends and closes at once
         # must not lose its last frames), for as long as that takes, within reason.
         if on_text is not None or on_bytes is not None:
-            with contextlib.suppress(Exception):
+            # The listener's end must not cancel this wait (it is what we wait for).
+            listener.remove_done_callback(on_gone)
+            try:
                 async with asyncio.timeout(DRAIN_TIMEOUT):
                     await asyncio.shield(listener)
+            except asyncio.CancelledError:
+                if not listener.done():
+                    raise
+                task.uncancel()  # asked for by the listener's end, before the callback went
+            except Exception:
+                pass  # out of time, or a frame that failed: the rest is given up
     finally:
         listener.remove_done_callback(on_gone)
         listener.cancel()
