@@ -350,7 +350,7 @@ def answer(port: int, request: bytes) -> bytes:
     """What the server answers `request` with (its status line onwards), or b"" if it hung up."""
     with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
         # Refused before all of it was sent: the answer may still be there.
-        with contextlib.suppress(ConnectionResetError):
+        with contextlib.suppress(ConnectionResetError, BrokenPipeError):
             sock.sendall(request)
         received = b""
         try:
