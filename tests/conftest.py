@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import socket
+import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import httpx
 import pytest
 import uvicorn
 
@@ -82,6 +84,21 @@ def broker(request: pytest.FixtureRequest) -> Broker:
 
     server = request.getfixturevalue("redis_server")
     return RedisBroker(server.url, prefix=f"{request.node.name}-{time.time_ns()}:")
+
+
+def wait_until_serving(proc: subprocess.Popen[Any], url: str, what: str = "server") -> None:
+    """Wait until a server process started by a test answers `/healthz`; fail with its output."""
+    deadline = time.monotonic() + 20
+    while True:
+        try:
+            httpx.get(f"{url}/healthz", timeout=1)
+            return
+        except httpx.TransportError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                output = proc.communicate()[0] if proc.stdout is not None else ""
+                pytest.fail(f"{what} did not start: {output}")
+            time.sleep(0.1)
 
 
 def wait_for(predicate: Callable[[], Any], timeout: float = 5.0, message: str = "") -> None:

@@ -16,6 +16,8 @@ from typing import Any
 import httpx
 import pytest
 
+from tests.conftest import wait_until_serving
+
 
 def free_port() -> int:
     with socket.socket() as sock:
@@ -48,16 +50,7 @@ def server(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
         text=True,
     )
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 20
-    while True:
-        try:
-            httpx.get(f"{url}/healthz", timeout=1)
-            break
-        except httpx.TransportError:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                proc.kill()
-                pytest.fail(f"server did not start: {proc.communicate()[0]}")
-            time.sleep(0.1)
+    wait_until_serving(proc, url)
     yield url
     proc.terminate()
     output = proc.communicate(timeout=10)[0]
@@ -188,16 +181,7 @@ def serving(
     url = f"http://127.0.0.1:{port}"
     output: list[str] = []
     try:
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                httpx.get(f"{url}/healthz", timeout=1)
-                break
-            except httpx.TransportError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    proc.kill()
-                    pytest.fail(f"server did not start: {proc.communicate()[0]}")
-                time.sleep(0.1)
+        wait_until_serving(proc, url)
         yield url, output
     finally:
         proc.terminate()
@@ -376,16 +360,7 @@ def limited_server(tmp_path: Path) -> Iterator[int]:
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    deadline = time.monotonic() + 20
-    while True:
-        try:
-            httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1)
-            break
-        except httpx.TransportError:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                proc.kill()
-                pytest.fail("server did not start")
-            time.sleep(0.1)
+    wait_until_serving(proc, f"http://127.0.0.1:{port}")
     yield port
     proc.terminate()
     proc.wait(10)

@@ -27,7 +27,7 @@ import psutil
 import pytest
 from fastapi import FastAPI
 
-from tests.conftest import LiveServer, wait_for
+from tests.conftest import LiveServer, wait_for, wait_until_serving
 from tests.redis_server import RedisServer
 from tests.s3_server import S3Server
 from tests.test_cli import free_port
@@ -237,16 +237,7 @@ class Node:
             stderr=subprocess.STDOUT,
             text=True,
         )
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                httpx.get(f"{self.url}/healthz", timeout=1)
-                return
-            except httpx.TransportError:
-                if self.proc.poll() is not None or time.monotonic() > deadline:
-                    self.proc.kill()
-                    pytest.fail(f"node did not start: {self.proc.communicate()[0]}")
-                time.sleep(0.1)
+        wait_until_serving(self.proc, self.url, "node")
 
     def stop(self) -> None:
         if self.proc.poll() is None:
