@@ -235,3 +235,22 @@ def run_dropped_before_first_event(
         assert started == ["slow"], f"runs started: {started}"
     finally:
         source.close()
+
+
+# The fixtures both test modules use (Node's eventsource, Chromium's): a
+# counting app, the runs it started, and a server for it.
+
+
+@pytest.fixture
+def started() -> list[str]:
+    return []
+
+
+@pytest.fixture
+def app(started: list[str]) -> Counting:
+    return make_app(started)
+
+
+@pytest.fixture
+def server(serve: Callable[..., LiveServer], app: Counting) -> LiveServer:
+    return serve(app)

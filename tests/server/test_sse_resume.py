@@ -6,30 +6,15 @@ The same scenarios run in Chromium in tests/web/test_eventsource.py.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import httpx
-import pytest
 from httpx_sse import connect_sse
 
 from tests import eventsource as es
 from tests.conftest import LiveServer
 from tests.proxy import Proxy
 
-
-@pytest.fixture
-def started() -> list[str]:
-    return []
-
-
-@pytest.fixture
-def app(started: list[str]) -> es.Counting:
-    return es.make_app(started)
-
-
-@pytest.fixture
-def server(serve: Callable[..., LiveServer], app: es.Counting) -> LiveServer:
-    return serve(app)
+# The shared fixtures (tests/eventsource.py), by name, as pytest finds them.
+started, app, server = es.started, es.app, es.server
 
 
 def test_live_channel_dropped_before_its_first_event_misses_nothing(

@@ -33,6 +33,9 @@ RECORD = """([url, types]) => {
   });
 }"""
 
+# The shared fixtures (tests/eventsource.py), by name, as pytest finds them.
+started, app, server = es.started, es.app, es.server
+
 
 class ChromiumEventSource:
     """`new EventSource(url)` in a page of the URL's own origin (no CORS involved)."""
@@ -48,21 +51,6 @@ class ChromiumEventSource:
 
     def close(self) -> None:
         self.page.evaluate("window.__source.close()")
-
-
-@pytest.fixture
-def started() -> list[str]:
-    return []
-
-
-@pytest.fixture
-def app(started: list[str]) -> es.Counting:
-    return es.make_app(started)
-
-
-@pytest.fixture
-def server(serve: Callable[..., LiveServer], app: es.Counting) -> LiveServer:
-    return serve(app)
 
 
 @pytest.fixture
