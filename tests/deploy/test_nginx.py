@@ -306,6 +306,24 @@ def test_sse_events_pass_one_by_one(site: Deployment, via: str) -> None:
         curl.close()
 
 
+def test_both_processes_serve(site: Deployment) -> None:
+    # Two streams at once go to the two processes (least_conn): each names its pid.
+    gate = site.gates / "both"
+    curls = [
+        Curl("-H", "Accept: text/event-stream", f"{site.http}/streams/gated?gate={gate}")
+        for _ in range(2)
+    ]
+    try:
+        for curl in curls:
+            wait_for(lambda c=curl: len(c.events()) >= 1, 10, f"no event: {curl.lines}")
+        pids = {curl.events()[0]["data"]["pid"] for curl in curls}
+        assert pids == {p.pid for p in site.processes[:2]}
+    finally:
+        gate.touch()
+        for curl in curls:
+            curl.close()
+
+
 def test_websockets_pass(site: Deployment) -> None:
     ws_base = site.http.replace("http://", "ws://")
     events = read_ws(f"{ws_base}/streams/ticks/ws?n=3")
@@ -382,6 +400,10 @@ def test_downloads_are_sent_by_nginx(site: Deployment) -> None:
         assert part.headers["content-range"] == f"bytes 10-19/{len(data)}"
         tail = client.get(url, headers={"range": "bytes=-5"})
         assert tail.status_code == 206 and tail.content == data[-5:]
+        several = client.get(url, headers={"range": "bytes=0-1,100-101"})
+        assert several.status_code == 206
+        assert several.headers["content-type"].startswith("multipart/byteranges")
+        assert data[:2] in several.content and data[100:102] in several.content
         # If-Range: the ETag that is sent is the one compared.
         same = client.get(url, headers={"range": "bytes=0-0", "if-range": etag})
         assert same.status_code == 206 and same.content == data[:1]
