@@ -276,16 +276,8 @@ def add_file_routes(router: APIRouter, tw: Tidewire) -> None:
     /_tidewire_files/<id>`, and nginx sends the bytes from an internal
     location aliased to the storage's `files/` folder. nginx keeps only some
     of our headers (Content-Type, Content-Disposition...), so the location
-    puts back the others::
-
-        location /_tidewire_files/ {
-            internal;
-            alias /srv/tidewire/data/files/;
-            etag off;
-            add_header ETag $upstream_http_etag;
-            add_header X-Content-Type-Options nosniff always;
-            add_header Content-Security-Policy $upstream_http_content_security_policy;
-        }
+    puts back the others: see `location /_tidewire_files/` in
+    docs/deploy/nginx.conf, which tests/deploy/test_nginx.py runs.
     """
 
     guard = tw.guard
