@@ -320,7 +320,8 @@ def _validated(values: dict[str, Any], name: Callable[[str], str]) -> dict[str, 
             if error["type"] == "extra_forbidden":
                 message = "no such setting (see tidewire serve --help)"
             problems.append(f"{name(field)}: {message}")
-        raise SettingsError("\n".join(problems)) from None
+        # One line per field and message (a list's items would repeat them).
+        raise SettingsError("\n".join(dict.fromkeys(problems))) from None
     return {field: getattr(checked, field) for field in checked.model_fields_set}
 
 
