@@ -22,13 +22,14 @@ import typing
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import pydantic
-from pydantic_settings import BaseSettings, EnvSettingsSource, NoDecode, TomlConfigSettingsSource
-from pydantic_settings.sources.utils import parse_env_vars
 
 from .masking import mask_setting
+
+if TYPE_CHECKING:
+    from pydantic_settings import BaseSettings
 
 __all__ = ["ENV_PREFIX", "Settings", "SettingsError", "field_docs"]
 
@@ -265,6 +266,10 @@ def _split(value: Any) -> Any:
 
 
 def _field_type(name: str) -> Any:
+    # pydantic-settings is imported when settings are first loaded, not with
+    # tidewire: it costs a tenth of a second that the client commands need not pay.
+    from pydantic_settings import NoDecode
+
     hint = _HINTS[name]
     if name in _LISTS:
         # NoDecode: pydantic-settings would take the variable for JSON.
@@ -292,20 +297,22 @@ def _fields_model() -> type[pydantic.BaseModel]:
 @functools.cache
 def _sources_model() -> type[BaseSettings]:
     """What pydantic-settings reads the environment and TOML files for."""
-    return pydantic.create_model(
-        "SettingsSources", __base__=BaseSettings, **_model_fields()
-    )
+    from pydantic_settings import BaseSettings
+
+    return pydantic.create_model("SettingsSources", __base__=BaseSettings, **_model_fields())
 
 
-class _Environment(EnvSettingsSource):
-    """`TIDEWIRE_*` variables of a given mapping (os.environ, or a test's)."""
+def _variables(environ: Mapping[str, str]) -> dict[str, Any]:
+    """The fields' `TIDEWIRE_*` variables in `environ` (os.environ, or a test's)."""
+    from pydantic_settings import EnvSettingsSource
+    from pydantic_settings.sources.utils import parse_env_vars
 
-    def __init__(self, environ: Mapping[str, str]) -> None:
-        self._environ = environ
-        super().__init__(_sources_model(), case_sensitive=False, env_prefix=ENV_PREFIX)
+    class Variables(EnvSettingsSource):
+        def _load_env_vars(self) -> Mapping[str, str | None]:
+            # pydantic-settings reads os.environ; the mapping given instead.
+            return parse_env_vars(environ, False, False, None)
 
-    def _load_env_vars(self) -> Mapping[str, str | None]:
-        return parse_env_vars(self._environ, False, False, None)
+    return Variables(_sources_model(), case_sensitive=False, env_prefix=ENV_PREFIX)()
 
 
 def _validated(values: dict[str, Any], name: Callable[[str], str]) -> dict[str, Any]:
@@ -326,6 +333,8 @@ def _validated(values: dict[str, Any], name: Callable[[str], str]) -> dict[str, 
 
 
 def _read_file(path: Path) -> dict[str, Any]:
+    from pydantic_settings import TomlConfigSettingsSource
+
     if not path.is_file():
         raise SettingsError(f"{path}: no such file (the settings file)")
     try:
@@ -336,8 +345,7 @@ def _read_file(path: Path) -> dict[str, Any]:
 
 
 def _read_env(environ: Mapping[str, str]) -> dict[str, Any]:
-    values = _Environment(environ)()
-    return _validated(values, lambda field: ENV_PREFIX + field.upper())
+    return _validated(_variables(environ), lambda field: ENV_PREFIX + field.upper())
 
 
 def _text(value: Any) -> str:
