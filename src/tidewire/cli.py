@@ -248,27 +248,15 @@ def serve(
     and a key of the --config file; flags win over variables, variables over
     the file.
     """
+    # The fields given as flags: those declared above by hand (serve's own
+    # parameters, by name) and the generated ones.
+    given = flag_values(locals(), settings_flags)
     import uvicorn
 
     from .config import CONFIG_VARIABLE, Settings
     from .masking import mask
     from .server.logs import redact_server_logs
 
-    given = flag_values(
-        {
-            "broker": broker,
-            "storage": storage,
-            "data_dir": data_dir,
-            "auth_secret": auth_secret,
-            "auth_public_key": auth_public_key,
-            "auth_jwks": auth_jwks,
-            "auth_audience": auth_audience,
-            "auth_issuer": auth_issuer,
-            "allow_origin": allow_origin,
-            "link_secret": link_secret,
-        },
-        settings_flags,
-    )
     try:
         wanted = Settings.load(config, os.environ, given, given_as=flag_name)
     except ValueError as exc:
