@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import socket
+import ssl
 import subprocess
 import sys
 import time
+import tomllib
+import typing
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -297,6 +301,19 @@ def test_an_app_with_its_own_settings_cannot_drop_the_flags(tmp_path: Path) -> N
     assert "--auth-secret" in result.stderr and "Settings.from_env" in result.stderr
 
 
+def test_an_app_with_its_own_settings_cannot_drop_any_setting(tmp_path: Path) -> None:
+    (tmp_path / "own.py").write_text(OWN_SETTINGS_APP)
+    (tmp_path / "c.toml").write_text("max_event_bytes = 5000\n")
+    result = run_cli("serve", "own:tw", "--lease", "3", "--config", "c.toml", cwd=tmp_path)
+    assert result.returncode == 2
+    assert "leave out --lease, --max-event-bytes:" in result.stderr
+    # Its own value, given again, is not left out.
+    assert (
+        "--heartbeat"
+        not in run_cli("serve", "own:tw", "--heartbeat", "5", "--lease", "3", cwd=tmp_path).stderr
+    )
+
+
 def test_tokens_and_link_signatures_stay_out_of_the_log() -> None:
     from websockets.sync.client import connect
 
@@ -416,3 +433,257 @@ def test_serve_refuses_a_websocket_frame_over_max_event_bytes_in_the_server(
         assert ws.close_code == 1009
         # uvicorn's reason, not the app's: the frame was refused before it was buffered.
         assert "frames may be at most" not in (ws.close_reason or "")
+
+
+# -- configuration: --config, TIDEWIRE_*, flags; --print-config --------------------
+
+
+def serve_options() -> dict[str, Any]:
+    """`tidewire serve`'s options (click's), by each of their names."""
+    import typer.main
+
+    from tidewire.cli import cli
+
+    command = typer.main.get_command(cli).commands["serve"]  # type: ignore[attr-defined]
+    return {name: p for p in command.params for name in (*p.opts, *p.secondary_opts)}
+
+
+def test_every_setting_has_a_flag_with_its_doc() -> None:
+    from tidewire.cli_settings import flag_name
+    from tidewire.config import Settings, field_docs
+
+    options = serve_options()
+    hints = typing.get_type_hints(Settings)
+    for field in dataclasses.fields(Settings):
+        assert flag_name(field.name) in options, field.name
+        if hints[field.name] is bool:
+            assert "--no-" + flag_name(field.name)[2:] in options, field.name
+    # Flags made from the fields say what the field's comment says.
+    docs = field_docs()
+    assert (options["--max-event-bytes"].help or "").startswith(docs["max_event_bytes"])
+    assert (options["--cancel-on-disconnect"].help or "").startswith(docs["cancel_on_disconnect"])
+    # The flags declared by hand keep their names.
+    for name in ("--broker", "--storage", "--data-dir", "--auth-secret", "--allow-origin"):
+        assert name in options
+
+
+def print_config(
+    *args: str, env: dict[str, str] | None = None, cwd: Path | None = None
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "tidewire", "serve", "--print-config", *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env={**os.environ, **(env or {})},
+        timeout=30,
+    )
+
+
+def test_settings_come_from_the_file_then_the_variables_then_the_flags(tmp_path: Path) -> None:
+    (tmp_path / "tidewire.toml").write_text(
+        "heartbeat = 3\n"
+        "max_event_bytes = 5000\n"
+        "lease = 2.5\n"
+        "cancel_on_disconnect = false\n"
+        'allow_origins = ["https://file.example"]\n'
+        'broker = "redis://file:6379/0"\n'
+        'data_dir = "files"\n'
+    )
+    env = {
+        "TIDEWIRE_MAX_EVENT_BYTES": "6000",
+        "TIDEWIRE_LEASE": "4",
+        "TIDEWIRE_BROKER": "redis://env:6379/0",
+        "TIDEWIRE_ALLOW_ORIGINS": "https://a.example,https://b.example",
+    }
+    flags = ["--lease", "8", "--cancel-on-disconnect", "--broker", "redis://flag:6379/0"]
+    result = print_config(
+        "--config", "tidewire.toml", *flags, "--max-file-size", "none", env=env, cwd=tmp_path
+    )
+    assert result.returncode == 0, result.stderr
+    printed = tomllib.loads(result.stdout)
+    assert printed["heartbeat"] == 3.0 and printed["data_dir"] == "files"  # the file
+    assert printed["max_event_bytes"] == 6000  # a variable over the file
+    assert printed["allow_origins"] == ["https://a.example", "https://b.example"]
+    assert printed["lease"] == 8.0  # a flag over both
+    assert printed["cancel_on_disconnect"] is True
+    assert printed["broker"] == "redis://flag:6379/0"
+    assert printed["max_file_size"] == "none"
+    assert printed["run_window"] == 256  # the default
+    # TIDEWIRE_CONFIG names the file too.
+    again = print_config(env={"TIDEWIRE_CONFIG": str(tmp_path / "tidewire.toml")})
+    assert tomllib.loads(again.stdout)["heartbeat"] == 3.0
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "file", "message"),
+    [
+        (
+            ["--max-event-bytes", "big"],
+            {},
+            "",
+            "--max-event-bytes: Input should be a valid integer",
+        ),
+        (["--lease", "soon"], {}, "", "--lease: Input should be a valid number"),
+        (
+            [],
+            {"TIDEWIRE_HEARTBEAT": "soon"},
+            "",
+            "TIDEWIRE_HEARTBEAT: Input should be a valid number",
+        ),
+        (
+            [],
+            {},
+            'max_event_bytes = "x"',
+            "config.toml: max_event_bytes: Input should be a valid integer",
+        ),
+        ([], {}, "hearbeat = 1", "config.toml: hearbeat: no such setting"),
+        ([], {}, "heartbeat = 0", "heartbeat must be positive"),
+        (["--config", "missing.toml"], {}, "", "missing.toml: no such file"),
+    ],
+)
+def test_a_bad_setting_is_named_with_its_source(
+    tmp_path: Path, args: list[str], env: dict[str, str], file: str, message: str
+) -> None:
+    if file:
+        (tmp_path / "config.toml").write_text(file + "\n")
+        args = ["--config", "config.toml", *args]
+    for command in (["serve"], ["serve", "--print-config"]):
+        result = subprocess.run(
+            [sys.executable, "-m", "tidewire", *command, *args],
+            capture_output=True,
+            text=True,
+            cwd=tmp_path,
+            env={**os.environ, **env},
+            timeout=30,
+        )
+        assert result.returncode == 2, result.stdout + result.stderr
+        assert f"Error: {message}" in result.stderr
+        assert "Traceback" not in result.stderr
+
+
+def test_print_config_masks_the_secrets(tmp_path: Path) -> None:
+    env = {"TIDEWIRE_AUTH_SECRET": SECRET, "TIDEWIRE_LINK_SECRET": "LINKVALUE"}
+    broker = "redis://tw:hunter2@redis.internal:6379/0"
+    storage = "s3://bucket/p?endpoint=http://minio:9000&secret_key=KEYVALUE"
+    result = print_config("--broker", broker, "--storage", storage, env=env, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    for secret in (SECRET, "LINKVALUE", "hunter2", "KEYVALUE"):
+        assert secret not in result.stdout
+    printed = tomllib.loads(result.stdout)
+    assert printed["broker"] == "redis://tw:***@redis.internal:6379/0"
+    assert printed["storage"] == "s3://bucket/p?endpoint=http://minio:9000&secret_key=***"
+    assert printed["auth_secret"] == printed["link_secret"] == "***"
+
+
+def test_workers_run_with_the_settings_of_the_file_the_variables_and_the_flags(
+    redis_server: Any, tmp_path: Path
+) -> None:
+    # A Redis user with a password: the broker URL carries a secret.
+    redis_server.client().acl_setuser(
+        "tw-config",
+        enabled=True,
+        passwords=["+hunter2"],
+        keys=["*"],
+        channels=["*"],
+        commands=["+@all"],
+    )
+    broker = f"redis://tw-config:hunter2@127.0.0.1:{redis_server.port}/0"
+    (tmp_path / "config.toml").write_text(
+        f'broker = "{broker}"\nsse_retry_ms = 1234\nmax_event_bytes = 99999\n'
+    )
+    env = {"TIDEWIRE_MAX_EVENT_BYTES": "500"}  # over the file's
+    args = ["--workers", "2", "--config", "config.toml", "--max-body-bytes", "300"]
+    channel = f"/channels/config-{os.getpid()}/events"
+    with serving(*args, env=env, cwd=tmp_path) as (url, output):
+        # New connections, spread over both workers: each has every setting.
+        for _ in range(10):
+            with httpx.Client(base_url=url, timeout=10) as http:
+                sse = http.get("/streams/demo?n=1", headers={"accept": "text/event-stream"})
+                assert "retry: 1234" in sse.text  # the file
+                assert http.post(channel, json="x" * 400).status_code == 201
+                assert http.post(channel, json="x" * 600).status_code == 413  # the variable
+                assert (
+                    http.post("/streams/demo", json={"n": 1, "pad": "x" * 400}).status_code == 413
+                )
+    log = output[0]
+    assert f"2 workers on redis://tw-config:***@127.0.0.1:{redis_server.port}/0" in log
+    assert "hunter2" not in log
+
+
+def self_signed_certificate(folder: Path) -> tuple[Path, Path]:
+    """A key and a certificate for 127.0.0.1, signed by itself: (key file, certificate file)."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.datetime.now(datetime.UTC)
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(days=1))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False,
+        )
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    key_file, cert_file = folder / "key.pem", folder / "cert.pem"
+    key_file.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    cert_file.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+    return key_file, cert_file
+
+
+def test_serve_https_with_a_key_and_a_certificate(tmp_path: Path) -> None:
+    key, cert = self_signed_certificate(tmp_path)
+    trust = ssl.create_default_context(cafile=str(cert))
+    port = free_port()
+    args = ["--ssl-keyfile", str(key), "--ssl-certfile", str(cert), "--port", str(port)]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tidewire", "serve", *args],
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    url = f"https://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                response = httpx.get(f"{url}/streams/demo?n=2", verify=trust, timeout=5)
+                break
+            except httpx.TransportError:
+                assert proc.poll() is None and time.monotonic() < deadline, "no HTTPS server"
+                time.sleep(0.1)
+        assert response.status_code == 200 and len(response.text.splitlines()) == 3
+        with pytest.raises(httpx.TransportError):  # plain HTTP is not served
+            httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=5)
+    finally:
+        proc.terminate()
+        output = proc.communicate(timeout=10)[0]
+    assert f"serving the demo on {url}" in output
+
+
+def test_a_key_without_a_certificate_is_refused() -> None:
+    result = run_cli("serve", "--ssl-keyfile", "key.pem")
+    assert result.returncode == 2
+    assert "--ssl-keyfile and --ssl-certfile together" in result.stderr

@@ -74,8 +74,12 @@ class Tidewire:
         #: Who may call which route (see server/guard.py); `authorize(identity,
         #: action, resource)` is a rule of the application's own, after the token's.
         self.guard = Guard(self.settings, authorize)
-        # As for storage, the command line names the broker in the environment.
-        self.broker: Broker = broker or broker_from_url(os.environ.get("TIDEWIRE_BROKER"))
+        # The broker the settings name; an app built with `Settings(...)` of
+        # its own still takes it from the environment, where `tidewire serve`
+        # puts it for every worker (as it does the storage).
+        self.broker: Broker = broker or broker_from_url(
+            self.settings.broker or os.environ.get("TIDEWIRE_BROKER")
+        )
         if self.broker.max_retained_bytes is None:
             self.broker.max_retained_bytes = self.settings.max_retained_bytes
         self._storage = storage
@@ -95,7 +99,8 @@ class Tidewire:
         # The command line names the storage in the environment, so that
         # every worker process it starts builds the same one.
         return self._storage or from_url(
-            os.environ.get("TIDEWIRE_STORAGE"), data_dir=os.environ.get("TIDEWIRE_DATA_DIR")
+            self.settings.storage or os.environ.get("TIDEWIRE_STORAGE"),
+            data_dir=self.settings.data_dir or os.environ.get("TIDEWIRE_DATA_DIR"),
         )
 
     @overload

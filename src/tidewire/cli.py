@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import importlib
 import ipaddress
@@ -13,6 +14,7 @@ import typer
 
 from . import __version__
 from .cli_client import EXIT_CODES_HELP, add_commands
+from .cli_settings import flag_name, flag_values, with_setting_flags
 from .client._client import DEFAULT_URL
 
 if TYPE_CHECKING:
@@ -88,11 +90,17 @@ def fail(message: str) -> NoReturn:
     raise typer.Exit(2)
 
 
+SETTINGS_EPILOG = (
+    "Every setting is also TIDEWIRE_<NAME> in the environment and <name> in the --config "
+    "file; the fields that may be None take none."
+)
+
 #: The help section of the access-control options.
 _ACCESS = "Access control"
 
 
-@cli.command()
+@cli.command(epilog=SETTINGS_EPILOG)
+@with_setting_flags
 def serve(
     app: Annotated[
         str | None,
@@ -106,7 +114,6 @@ def serve(
     broker: Annotated[
         str | None,
         typer.Option(
-            envvar="TIDEWIRE_BROKER",
             help="redis://host:port/db to share runs and channels between processes and "
             "machines; default: this process's memory.",
         ),
@@ -114,22 +121,18 @@ def serve(
     storage: Annotated[
         str | None,
         typer.Option(
-            envvar="TIDEWIRE_STORAGE",
             help="s3://bucket/prefix?endpoint=URL for S3-compatible storage (credentials "
             "from the AWS_* variables); default: a local folder.",
         ),
     ] = None,
     data_dir: Annotated[
         str | None,
-        typer.Option(
-            envvar="TIDEWIRE_DATA_DIR", help="The local folder for files (default: ./data)."
-        ),
+        typer.Option(help="The local folder for files (default: ./data)."),
     ] = None,
     log_level: Annotated[str, typer.Option(help="debug, info, warning or error.")] = "info",
     auth_secret: Annotated[
         str | None,
         typer.Option(
-            envvar="TIDEWIRE_AUTH_SECRET",
             help="HMAC key (32+ bytes) of HS256/384/512 tokens; turns access control on. "
             "Prefer the variable: a flag shows in the process list.",
             rich_help_panel=_ACCESS,
@@ -139,7 +142,6 @@ def serve(
         str | None,
         typer.Option(
             metavar="FILE",
-            envvar="TIDEWIRE_AUTH_PUBLIC_KEY",
             help="PEM public key of RS*, PS*, ES* or EdDSA tokens; turns access control on.",
             rich_help_panel=_ACCESS,
         ),
@@ -148,7 +150,6 @@ def serve(
         str | None,
         typer.Option(
             metavar="URL",
-            envvar="TIDEWIRE_AUTH_JWKS",
             help="JWKS URL of the token keys (rotated by kid); turns access control on.",
             rich_help_panel=_ACCESS,
         ),
@@ -156,7 +157,6 @@ def serve(
     auth_audience: Annotated[
         str | None,
         typer.Option(
-            envvar="TIDEWIRE_AUTH_AUDIENCE",
             help="Tokens must carry this aud.",
             rich_help_panel=_ACCESS,
         ),
@@ -164,7 +164,6 @@ def serve(
     auth_issuer: Annotated[
         str | None,
         typer.Option(
-            envvar="TIDEWIRE_AUTH_ISSUER",
             help="Tokens must carry this iss.",
             rich_help_panel=_ACCESS,
         ),
@@ -181,7 +180,6 @@ def serve(
     link_secret: Annotated[
         str | None,
         typer.Option(
-            envvar="TIDEWIRE_LINK_SECRET",
             help="Key of signed file links (default: derived from --auth-secret); the same in "
             "every process.",
             rich_help_panel=_ACCESS,
@@ -203,44 +201,97 @@ def serve(
             "believed; default: $FORWARDED_ALLOW_IPS, else 127.0.0.1.",
         ),
     ] = None,
+    config: Annotated[
+        str | None,
+        typer.Option(
+            metavar="FILE.toml",
+            envvar="TIDEWIRE_CONFIG",
+            help="A TOML file of settings (field = value, as --print-config shows them); "
+            "TIDEWIRE_* variables and flags win over it.",
+        ),
+    ] = None,
+    print_config: Annotated[
+        bool,
+        typer.Option(
+            "--print-config",
+            help="Print the settings the server would run with (secrets masked), as TOML, "
+            "and exit.",
+        ),
+    ] = False,
+    ssl_keyfile: Annotated[
+        str | None,
+        typer.Option(
+            metavar="FILE", help="Serve HTTPS: the private key (PEM).", rich_help_panel="TLS"
+        ),
+    ] = None,
+    ssl_certfile: Annotated[
+        str | None,
+        typer.Option(
+            metavar="FILE",
+            help="Serve HTTPS: the certificate chain (PEM).",
+            rich_help_panel="TLS",
+        ),
+    ] = None,
+    ssl_keyfile_password: Annotated[
+        str | None,
+        typer.Option(
+            envvar="TIDEWIRE_SSL_KEYFILE_PASSWORD",
+            help="The password of an encrypted --ssl-keyfile.",
+            rich_help_panel="TLS",
+        ),
+    ] = None,
+    **settings_flags: Any,
 ) -> None:
-    """Run a server: your app, or the demo stream and open channels."""
+    """Run a server: your app, or the demo stream and open channels.
+
+    Every setting (see --print-config) is a flag, a TIDEWIRE_<NAME> variable
+    and a key of the --config file; flags win over variables, variables over
+    the file.
+    """
+    # The fields given as flags: those declared above by hand (serve's own
+    # parameters, by name) and the generated ones.
+    given = flag_values(locals(), settings_flags)
     import uvicorn
 
-    from .config import Settings
+    from .config import CONFIG_VARIABLE, Settings
+    from .masking import mask
     from .server.logs import redact_server_logs
 
-    if storage and data_dir:
+    try:
+        wanted = Settings.load(config, os.environ, given, given_as=flag_name)
+    except ValueError as exc:
+        fail(str(exc))
+    if print_config:
+        typer.echo(wanted.to_toml(), nl=False)
+        raise typer.Exit(0)
+    broker, storage = wanted.broker, wanted.storage
+    if storage and wanted.data_dir:
         fail("give --storage or --data-dir, not both")
     if broker and not broker.startswith(("memory://", *SHARED_BROKERS)):
-        fail(f"unknown broker {broker!r}: use redis://host:port/db, or memory://")
+        fail(f"unknown broker {mask(broker)!r}: use redis://host:port/db, or memory://")
     if storage and not storage.startswith(("s3://", "file://")):
-        fail(f"unknown storage {storage!r}: use s3://bucket?endpoint=URL, or --data-dir")
+        fail(f"unknown storage {mask(storage)!r}: use s3://bucket?endpoint=URL, or --data-dir")
     if workers > 1 and not (broker or "").startswith(SHARED_BROKERS):
         fail(
             f"--workers {workers} needs a broker that the workers share: add "
             "--broker redis://host:port/0 (with one process, memory is enough)"
         )
-    if auth_public_key and not auth_public_key.lstrip().startswith("-----BEGIN"):
+    if (ssl_keyfile is None) != (ssl_certfile is None):
+        fail("give --ssl-keyfile and --ssl-certfile together")
+    key = wanted.auth_public_key
+    if key and not key.lstrip().startswith("-----BEGIN"):
         # A path: absolute, so that every worker reads the same file.
-        auth_public_key = os.path.abspath(auth_public_key)
-    # The app reads these when it is built (Settings.from_env), in this
-    # process and in each worker.
-    for name, value in (
-        ("TIDEWIRE_BROKER", broker),
-        ("TIDEWIRE_STORAGE", storage),
-        ("TIDEWIRE_DATA_DIR", data_dir),
-        ("TIDEWIRE_AUTH_SECRET", auth_secret),
-        ("TIDEWIRE_AUTH_PUBLIC_KEY", auth_public_key),
-        ("TIDEWIRE_AUTH_JWKS", auth_jwks),
-        ("TIDEWIRE_AUTH_AUDIENCE", auth_audience),
-        ("TIDEWIRE_AUTH_ISSUER", auth_issuer),
-        ("TIDEWIRE_ALLOW_ORIGINS", ",".join(allow_origin or ())),
-        ("TIDEWIRE_LINK_SECRET", link_secret),
-    ):
-        if value:
+        wanted = dataclasses.replace(wanted, auth_public_key=os.path.abspath(key))
+    check_access(wanted)
+    # The app builds its settings (Settings.from_env) from these variables,
+    # in this process and in each worker: all of them, so that every process
+    # runs with the same settings whatever the file said.
+    for name, value in wanted.environ().items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
             os.environ[name] = value
-    wanted = access_settings(Settings)
+    os.environ.pop(CONFIG_VARIABLE, None)
     if no_auth and wanted.auth:
         fail(
             "--no-auth and an auth key (--auth-secret, --auth-public-key, --auth-jwks or "
@@ -253,7 +304,7 @@ def serve(
     except AppNotFound as exc:
         fail(str(exc))
     if settings is not None:
-        ignored = ignored_access_settings(wanted, settings)
+        ignored = ignored_settings(wanted, settings)
         if ignored:
             fail(
                 f"{target} was built with Settings of its own, which leave out {ignored}: "
@@ -267,9 +318,10 @@ def serve(
             "it open to anyone who reaches it"
         )
     heartbeat = settings.heartbeat if settings is not None else None
-    base = f"http://{'[' + host + ']' if ':' in host else host}:{port}"
+    scheme = "https" if ssl_certfile else "http"
+    base = f"{scheme}://{'[' + host + ']' if ':' in host else host}:{port}"
     what = app or "the demo"
-    shared = f", {workers} workers on {broker}" if workers > 1 else ""
+    shared = f", {workers} workers on {mask(broker or '')}" if workers > 1 else ""
     typer.echo(f"tidewire {__version__}: serving {what} on {base}{shared}  (API docs: {base}/docs)")
     if app is None:
         typer.echo(f"  try: curl -N '{base}/streams/demo?n=5'")
@@ -300,6 +352,9 @@ def serve(
         timeout_graceful_shutdown=5,
         # None: uvicorn's default ($FORWARDED_ALLOW_IPS, else 127.0.0.1).
         forwarded_allow_ips=forwarded_allow_ips,
+        ssl_keyfile=ssl_keyfile,
+        ssl_certfile=ssl_certfile,
+        ssl_keyfile_password=ssl_keyfile_password,
     )
 
 
@@ -313,19 +368,13 @@ def is_loopback(host: str) -> bool:
         return False  # a name other than localhost: it may resolve to anything
 
 
-_ACCESS_FIELDS = {
-    "auth_secret": "--auth-secret",
-    "auth_public_key": "--auth-public-key",
-    "auth_jwks": "--auth-jwks",
-    "auth_audience": "--auth-audience",
-    "auth_issuer": "--auth-issuer",
-    "allow_origins": "--allow-origin",
-    "link_secret": "--link-secret",
-}
+#: Fields an app built with `Settings(...)` of its own still takes from the
+#: environment (app.py): where its runs and files live.
+_FROM_ENVIRONMENT = ("broker", "storage", "data_dir")
 
 
-def access_settings(settings_type: type[Settings]) -> Settings:
-    """The access-control settings the command line and environment ask for, checked.
+def check_access(wanted: Settings) -> None:
+    """Load the access-control keys `wanted` names, or exit saying why not.
 
     Checked here, so that a short secret or an unreadable key file is an
     exit with a message rather than a traceback from inside the app.
@@ -333,20 +382,28 @@ def access_settings(settings_type: type[Settings]) -> Settings:
     from .server.guard import Guard
 
     try:
-        wanted = settings_type.from_env()
         Guard(wanted)  # loads the keys
     except (ValueError, OSError) as exc:
         fail(str(exc))
-    return wanted
 
 
-def ignored_access_settings(wanted: Settings, built: Settings) -> str:
-    """The flags an app built with its own `Settings` would silently leave out ('' if none)."""
-    left_out = [
-        flag
-        for field, flag in _ACCESS_FIELDS.items()
-        if getattr(wanted, field) and getattr(wanted, field) != getattr(built, field)
-    ]
+def ignored_settings(wanted: Settings, built: Settings) -> str:
+    """The flags an app built with its own `Settings` would silently leave out ('' if none).
+
+    Those the command line, the environment or the file set (other than the
+    default) that the app's settings do not have.
+    """
+    from .config import Settings
+
+    defaults = Settings()
+    left_out = []
+    for f in dataclasses.fields(Settings):
+        value = getattr(wanted, f.name)
+        if value == getattr(defaults, f.name) or value == getattr(built, f.name):
+            continue
+        if f.name in _FROM_ENVIRONMENT and getattr(built, f.name) is None:
+            continue
+        left_out.append(flag_name(f.name))
     return ", ".join(left_out)
 
 

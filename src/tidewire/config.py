@@ -1,17 +1,46 @@
-"""Settings: the knobs a deployment may turn, with defaults that suit one process."""
+"""Settings: the knobs a deployment may turn, with defaults that suit one process.
+
+Where they come from, lowest first: the defaults here < a TOML file
+(`--config FILE.toml`, or `$TIDEWIRE_CONFIG`) < `TIDEWIRE_<FIELD>` variables <
+values given in code or as `tidewire serve` flags. pydantic-settings reads
+the file and the environment, and pydantic checks each source on its own, so
+that a bad value names the place to fix it (`config.toml: lease: Input
+should be a valid number`). `masked` is what may be shown of them.
+"""
 
 from __future__ import annotations
 
+import ast
 import dataclasses
+import functools
+import inspect
+import json
 import os
+import textwrap
+import tomllib
 import typing
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any
 
 import pydantic
 
-__all__ = ["Settings"]
+from .masking import mask_setting
+
+if TYPE_CHECKING:
+    from pydantic_settings import BaseSettings
+
+__all__ = ["ENV_PREFIX", "Settings", "SettingsError", "field_docs"]
+
+#: Every field's variable is this and its name in capitals.
+ENV_PREFIX = "TIDEWIRE_"
+#: The variable naming a TOML file of settings.
+CONFIG_VARIABLE = "TIDEWIRE_CONFIG"
+
+
+class SettingsError(ValueError):
+    """A value that does not fit its field; the message names the field and its source."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,6 +89,14 @@ class Settings:
     #: Behind nginx: send downloads of local files as `X-Accel-Redirect:
     #: <prefix><id>` and let nginx send the bytes (None: send them ourselves).
     accel_redirect: str | None = None
+    #: Where runs and channels live: `redis://[:password@]host:port/db` to
+    #: share them between processes and machines (None: this process's memory).
+    broker: str | None = None
+    #: Where files go: `s3://bucket/prefix?endpoint=URL` (credentials from the
+    #: AWS_* variables) or `file://FOLDER` (None: the folder `data_dir`).
+    storage: str | None = None
+    #: The local folder for files when `storage` is not set (None: ./data).
+    data_dir: str | None = None
 
     # -- access control (docs/security.md); any of the three keys turns it on --
     #: HMAC secret for HS256/384/512 tokens (at least 32 bytes).
@@ -128,27 +165,66 @@ class Settings:
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **given: Any) -> Settings:
-        """Settings from `TIDEWIRE_<FIELD>` variables (lists comma-separated), then `given`.
+        """Settings from `$TIDEWIRE_CONFIG` (a TOML file), then `TIDEWIRE_<FIELD>`, then `given`.
 
-        Values are converted and checked by pydantic, so a bad one names its
-        variable: `TIDEWIRE_HEARTBEAT: Input should be a valid number`.
+        Lists in variables are comma-separated; `none` (or empty) is None for
+        the fields that may be None. A bad value is a `SettingsError` naming
+        its variable: `TIDEWIRE_HEARTBEAT: Input should be a valid number`.
         """
         environ = os.environ if environ is None else environ
-        values: dict[str, Any] = {}
-        for f in dataclasses.fields(cls):
-            raw = environ.get(f"TIDEWIRE_{f.name.upper()}")
-            if raw is None or f.name in given:
-                continue
-            kind = _HINTS[f.name]
-            text: Any = (
-                [v.strip() for v in raw.split(",") if v.strip()] if f.name in _LISTS else raw
+        return cls.load(environ.get(CONFIG_VARIABLE) or None, environ, given)
+
+    @classmethod
+    def load(
+        cls,
+        config: str | os.PathLike[str] | None = None,
+        environ: Mapping[str, str] | None = None,
+        given: Mapping[str, Any] | None = None,
+        *,
+        given_as: Callable[[str], str] = str,
+    ) -> Settings:
+        """Settings from the defaults < the TOML file `config` < `environ` < `given`.
+
+        `given_as(field)` is how an error names a given value (`--lease` for a
+        flag). An unknown key in the file is an error: a typo must not pass.
+        """
+        merged: dict[str, Any] = {}
+        if config is not None:
+            merged |= _read_file(Path(config))
+        merged |= _read_env(os.environ if environ is None else environ)
+        merged |= _validated(dict(given or {}), given_as)
+        return cls(**merged)
+
+    def environ(self) -> dict[str, str | None]:
+        """Every field as its `TIDEWIRE_<FIELD>` variable: read back, the same settings.
+
+        How `tidewire serve` hands its settings to the worker processes,
+        which build the app (and its settings) by import. None: no variable
+        (the field is None, as by default), so that code reading one (the
+        broker's, in app.py) never sees "none".
+        """
+        return {
+            ENV_PREFIX + f.name.upper(): (
+                None if value is None and f.default is None else _text(value)
             )
-            try:
-                values[f.name] = pydantic.TypeAdapter(kind).validate_python(text, strict=False)
-            except pydantic.ValidationError as exc:
-                message = exc.errors()[0]["msg"]
-                raise ValueError(f"TIDEWIRE_{f.name.upper()}: {message}") from None
-        return cls(**values, **given)
+            for f in dataclasses.fields(self)
+            for value in (getattr(self, f.name),)
+        }
+
+    def masked(self) -> dict[str, Any]:
+        """Every field, secrets replaced by `***`: what may be printed or logged."""
+        return {
+            f.name: mask_setting(f.name, getattr(self, f.name)) for f in dataclasses.fields(self)
+        }
+
+    def to_toml(self) -> str:
+        """The settings, masked, as a TOML file `--config` reads (None written as "none")."""
+        docs = field_docs()
+        lines: list[str] = []
+        for name, value in self.masked().items():
+            lines += [f"# {line}" for line in textwrap.wrap(docs.get(name, ""), 76)]
+            lines += [f"{name} = {_toml_value(value)}", ""]
+        return "\n".join(lines)
 
     def __post_init__(self) -> None:
         if self.run_window < 1 or self.run_history < self.run_window:
@@ -171,4 +247,148 @@ class Settings:
 
 
 _HINTS = typing.get_type_hints(Settings)
-_LISTS = frozenset({"allow_origins"})
+_LISTS = frozenset(name for name, hint in _HINTS.items() if typing.get_origin(hint) is tuple)
+_NONE = "none"
+
+
+def _none(value: Any) -> Any:
+    # Neither TOML nor a variable nor a flag can say None: "none" (or empty) does.
+    if isinstance(value, str) and value.strip().lower() in ("", _NONE):
+        return None
+    return value
+
+
+def _split(value: Any) -> Any:
+    # A list in a variable or a TOML string: comma-separated.
+    if isinstance(value, str):
+        return [v.strip() for v in value.split(",") if v.strip()]
+    return value
+
+
+def _field_type(name: str) -> Any:
+    # pydantic-settings is imported when settings are first loaded, not with
+    # tidewire: it costs a tenth of a second that the client commands need not pay.
+    from pydantic_settings import NoDecode
+
+    hint = _HINTS[name]
+    if name in _LISTS:
+        # NoDecode: pydantic-settings would take the variable for JSON.
+        return Annotated[hint, NoDecode, pydantic.BeforeValidator(_split)]
+    if type(None) in typing.get_args(hint):
+        return Annotated[hint, pydantic.BeforeValidator(_none)]
+    return hint
+
+
+def _model_fields() -> dict[str, Any]:
+    return {
+        f.name: (_field_type(f.name), pydantic.Field(default=f.default, description=doc))
+        for f, doc in ((f, field_docs().get(f.name)) for f in dataclasses.fields(Settings))
+    }
+
+
+@functools.cache
+def _fields_model() -> type[pydantic.BaseModel]:
+    """Checks the values of one source: each a field, of its type."""
+    return pydantic.create_model(
+        "Settings", __config__=pydantic.ConfigDict(extra="forbid"), **_model_fields()
+    )
+
+
+@functools.cache
+def _sources_model() -> type[BaseSettings]:
+    """What pydantic-settings reads the environment and TOML files for."""
+    from pydantic_settings import BaseSettings
+
+    return pydantic.create_model("SettingsSources", __base__=BaseSettings, **_model_fields())
+
+
+def _variables(environ: Mapping[str, str]) -> dict[str, Any]:
+    """The fields' `TIDEWIRE_*` variables in `environ` (os.environ, or a test's)."""
+    from pydantic_settings import EnvSettingsSource
+    from pydantic_settings.sources.utils import parse_env_vars
+
+    class Variables(EnvSettingsSource):
+        def _load_env_vars(self) -> Mapping[str, str | None]:
+            # pydantic-settings reads os.environ; the mapping given instead.
+            return parse_env_vars(environ, False, False, None)
+
+    return Variables(_sources_model(), case_sensitive=False, env_prefix=ENV_PREFIX)()
+
+
+def _validated(values: dict[str, Any], name: Callable[[str], str]) -> dict[str, Any]:
+    """The values of one source, converted; errors name each field as `name` does."""
+    try:
+        checked = _fields_model().model_validate(values)
+    except pydantic.ValidationError as exc:
+        problems = []
+        for error in exc.errors():
+            field = str(error["loc"][0]) if error["loc"] else "?"
+            message = error["msg"]
+            if error["type"] == "extra_forbidden":
+                message = "no such setting (see tidewire serve --help)"
+            problems.append(f"{name(field)}: {message}")
+        # One line per field and message (a list's items would repeat them).
+        raise SettingsError("\n".join(dict.fromkeys(problems))) from None
+    return {field: getattr(checked, field) for field in checked.model_fields_set}
+
+
+def _read_file(path: Path) -> dict[str, Any]:
+    from pydantic_settings import TomlConfigSettingsSource
+
+    if not path.is_file():
+        raise SettingsError(f"{path}: no such file (the settings file)")
+    try:
+        data = TomlConfigSettingsSource(_sources_model(), toml_file=path).toml_data
+    except tomllib.TOMLDecodeError as exc:
+        raise SettingsError(f"{path}: not TOML: {exc}") from None
+    return _validated(dict(data), lambda field: f"{path}: {field}")
+
+
+def _read_env(environ: Mapping[str, str]) -> dict[str, Any]:
+    return _validated(_variables(environ), lambda field: ENV_PREFIX + field.upper())
+
+
+def _text(value: Any) -> str:
+    """A value as its variable holds it (read back by `_read_env`)."""
+    if value is None:
+        return _NONE
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, tuple):
+        return ",".join(value)
+    return str(value)
+
+
+def _toml_value(value: Any) -> str:
+    if value is None:
+        return json.dumps(_NONE)
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, tuple | list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    # A JSON string is a TOML basic string (the same escapes).
+    return json.dumps(str(value))
+
+
+@functools.cache
+def field_docs() -> dict[str, str]:
+    """Each field's `#:` comment, as one line; a field without one shares the one above."""
+    source = inspect.getsource(Settings)
+    lines = source.splitlines()
+    docs: dict[str, str] = {}
+    previous = ""
+    body = ast.parse(textwrap.dedent(source)).body[0]
+    assert isinstance(body, ast.ClassDef)
+    for node in body.body:
+        if not (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)):
+            continue
+        comment: list[str] = []
+        row = node.lineno - 2  # the line above, 0-based
+        while row >= 0 and lines[row].strip().startswith("#:"):
+            comment.insert(0, lines[row].strip().removeprefix("#:").strip())
+            row -= 1
+        previous = " ".join(comment).replace("… ", "").replace(" …", "") if comment else previous
+        docs[node.target.id] = previous
+    return docs

@@ -1,12 +1,14 @@
-"""Secrets out of the server's logs: tokens and link signatures in query strings.
+"""Secrets out of the server's logs: tokens, link signatures, URL passwords.
 
 A token may travel as `?access_token=` (EventSource and browser WebSockets
 cannot set headers) and a signed link carries `?sig=`; uvicorn's access log
 (`uvicorn.access`) prints every request's path with its query string, and its
-WebSocket lines (`uvicorn.error`) do too. `RedactSecrets` rewrites those
-values to `***` in each record before any handler formats it.
+WebSocket lines (`uvicorn.error`) do too; tidewire's own log (`tidewire`)
+says which broker failed, with its URL. `RedactSecrets` rewrites each
+record with `masking.mask` (the one masking `--print-config` uses too)
+before any handler formats it.
 
-`tidewire serve` and every `Tidewire.app` install it on uvicorn's loggers
+`tidewire serve` and every `Tidewire.app` install it on those loggers
 (`redact_server_logs`). Serving another way (gunicorn, hypercorn, a log
 config that adds loggers), add the filter to the loggers or handlers that
 print request lines: `logging.getLogger(NAME).addFilter(RedactSecrets())`.
@@ -15,35 +17,20 @@ print request lines: `logging.getLogger(NAME).addFilter(RedactSecrets())`.
 from __future__ import annotations
 
 import logging
-import re
-from urllib.parse import unquote_plus
 
-from ..auth import ACCESS_TOKEN_PARAM
+from ..masking import SECRET_PARAMS, mask
 
 __all__ = ["REDACTED_PARAMS", "RedactSecrets", "redact", "redact_server_logs"]
 
-#: Query parameters whose values are secrets.
-REDACTED_PARAMS = frozenset({ACCESS_TOKEN_PARAM, "sig"})
-#: The loggers uvicorn writes request lines to.
-UVICORN_LOGGERS = ("uvicorn.access", "uvicorn.error")
-
-# A query parameter: after `?`, `&` or `;`, a name, `=`, a value up to the
-# next separator, space or quote (a log line quotes the request line).
-_PARAM = re.compile(r"""(?P<sep>[?&;])(?P<name>[^=&;#\s"']+)=(?P<value>[^&;#\s"']*)""")
-
-
-def _hide(match: re.Match[str]) -> str:
-    # The name as the server decodes it: `access%5Ftoken` is the same parameter.
-    if unquote_plus(match["name"]) in REDACTED_PARAMS:
-        return f"{match['sep']}{match['name']}=***"
-    return match[0]
+#: Query parameters whose values are secrets (others are, by their names: see masking.py).
+REDACTED_PARAMS = SECRET_PARAMS
+#: The loggers uvicorn writes request lines to, and tidewire's own.
+UVICORN_LOGGERS = ("uvicorn.access", "uvicorn.error", "tidewire")
 
 
 def redact(text: str) -> str:
-    """`text` with the values of secret query parameters replaced by `***`."""
-    if "=" not in text:
-        return text
-    return _PARAM.sub(_hide, text)
+    """`text` with URL passwords and the values of secret query parameters replaced by `***`."""
+    return mask(text)
 
 
 class RedactSecrets(logging.Filter):

@@ -11,6 +11,7 @@ lean ASGI endpoint for long-lived responses (`LeanEndpoint`,
 from __future__ import annotations
 
 import inspect
+import logging
 import re
 from collections.abc import Awaitable, Callable
 from typing import Any, Literal
@@ -26,6 +27,8 @@ from starlette.websockets import WebSocket
 from ..broker import BadPosition, Broker, BrokerUnavailable
 from ..wire import LAST_EVENT_ID, NDJSON, RUN_ID_SEPARATOR, SSE
 from .transport import Format
+
+logger = logging.getLogger("tidewire")
 
 __all__ = [
     "EVENTS_RESPONSE",
@@ -75,9 +78,16 @@ class LeanEndpoint:
 
 
 def broker_unavailable(exc: BrokerUnavailable) -> JSONResponse:
-    """503 for a request that needs the broker while it is down."""
-    detail = f"the broker is unreachable ({exc}); try again shortly"
-    return JSONResponse({"detail": detail}, 503, {"retry-after": "2"})
+    """503 for a request that needs the broker while it is down.
+
+    The body says nothing of why: the exception names the broker's host
+    (and its URL may carry a password), which is the operator's business,
+    so that goes to the log (masked, server/logs.py).
+    """
+    logger.warning("broker unavailable: %s", exc)
+    return JSONResponse(
+        {"detail": "the broker is unreachable; try again shortly"}, 503, {"retry-after": "2"}
+    )
 
 
 #: OpenAPI: a 200 that streams a log, NDJSON or (by `Accept`) SSE.
