@@ -30,6 +30,7 @@ from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
 from ..broker import Batch, Broker, BrokerUnavailable
 from ..events import NDJSON_HEARTBEAT, Envelope, dump_data
+from ..metrics import GAPS, connection
 from ..runs import Watcher
 from ..wire import GAP, NDJSON, POSITION, SSE, UNAVAILABLE, WARNING_HEADER
 
@@ -213,6 +214,7 @@ STALLED_CLOSE = 1008
 
 def gap_event(batch: Batch) -> Envelope:
     """The `gap` event telling one reader how many events it missed."""
+    GAPS.inc()
     return Envelope(batch.resume_id or "0", 0, GAP, dump_data({"missed": batch.missed}))
 
 
@@ -234,6 +236,7 @@ async def ahead_notice(cursor: LogCursor) -> Envelope | None:
     if _id_key(cursor.after) <= _id_key(head):
         return None
     asked, cursor.after = cursor.position, head
+    GAPS.inc()
     data = {"missed": 0, "ahead": asked}
     return Envelope(cursor.position, 0, GAP, dump_data(data))
 
@@ -291,9 +294,10 @@ class LogResponse(Response):
             # connection (a write to a client that reads nothing never ends).
             watcher.on_stall = _canceller()
         try:
-            await until_disconnected(
-                receive, self._write(send), cut=None if watcher is None else _stalled(watcher)
-            )
+            with connection(self.fmt, _kind(self.cursor)):
+                await until_disconnected(
+                    receive, self._write(send), cut=None if watcher is None else _stalled(watcher)
+                )
         finally:
             self.cursor.close()
 
@@ -351,6 +355,11 @@ class LogResponse(Response):
             cursor.delivered(batch)
             if batch.ended:
                 return
+
+
+def _kind(cursor: LogCursor) -> Literal["run", "channel"]:
+    # Only a channel's readers skip ahead (a run's never lose events).
+    return "channel" if cursor.skip_ahead else "run"
 
 
 def _chunks(parts: list[bytes], budget: int) -> Iterator[bytes]:
@@ -440,6 +449,18 @@ async def stream_websocket(
     them); without a handler they are ignored. Idle heartbeats are the
     server's WebSocket pings (`tidewire serve` sets uvicorn's ping interval).
     """
+    with connection("ws", _kind(cursor)):
+        await _stream_websocket(websocket, cursor, headers, on_text, on_bytes, notice)
+
+
+async def _stream_websocket(
+    websocket: WebSocket,
+    cursor: LogCursor,
+    headers: dict[str, str],
+    on_text: Callable[[str], Awaitable[None]] | None,
+    on_bytes: Callable[[bytes], Awaitable[None]] | None,
+    notice: Envelope | None,
+) -> None:
     await websocket.accept(headers=[(k.lower().encode(), v.encode()) for k, v in headers.items()])
     task = asyncio.current_task()
     assert task is not None
