@@ -1,0 +1,147 @@
+"""What each request leaves behind: its request id, its metrics and its access log line.
+
+`Observe` is one ASGI middleware, the outermost of the app's: every layer
+around a route holds a frame for as long as the connection is open, and an
+idle subscription's memory is what bounds how many a server holds (bench W4),
+so everything a request reports is done here, in one layer.
+
+- Request id: a sane incoming `X-Request-ID` (1 to 64 visible ASCII
+  characters) is kept, else one is made; it goes back in the response's
+  `X-Request-ID` (and a WebSocket's accept), into the access line, and into
+  every log record written while the request runs (`logs.REQUEST_ID`).
+- Metrics: `tidewire_http_requests_total{route,status}`, labelled by the
+  route's template (`/streams/{name}`), never the raw path, which would make
+  a series per stream name or file id; requests that match no route are
+  `route="unmatched"`. Durations go to one of two histograms: the whole
+  request for ordinary answers (`tidewire_http_request_duration_seconds`),
+  the time to the first byte for streams and WebSockets
+  (`tidewire_stream_start_seconds`), whose whole length is how long the
+  client chose to listen, and would drown every latency in the first.
+- File download bytes, for answers that `count_download` marked.
+- The access line (logger `tidewire.access`), at the end of the request:
+  for a stream, when it closes, with its whole duration.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import time
+from typing import Any
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from ..metrics import DOWNLOAD_BYTES, DOWNLOAD_MARK, HTTP_DURATION, HTTP_REQUESTS, STREAM_START
+from ..quotas import CLIENT_SCOPE_KEY
+from .logs import REQUEST_ID
+
+__all__ = ["REQUEST_ID_HEADER", "Observe", "request_id_from"]
+
+REQUEST_ID_HEADER = "X-Request-ID"
+_HEADER = REQUEST_ID_HEADER.lower().encode()
+_STREAM_TYPES = (b"text/event-stream", b"application/x-ndjson")
+
+access_log = logging.getLogger("tidewire.access")
+
+
+def request_id_from(headers: list[tuple[bytes, bytes]]) -> str:
+    """The client's `X-Request-ID` if it is 1-64 visible ASCII characters, else a new one.
+
+    Anything else (control characters, spaces, very long) could forge or break
+    log lines, so it is replaced rather than cleaned.
+    """
+    for name, value in headers:
+        if name == _HEADER:
+            if 0 < len(value) <= 64 and all(0x21 <= c <= 0x7E for c in value):
+                return value.decode("ascii")
+            break
+    return secrets.token_hex(8)
+
+
+def _route(scope: Scope) -> str:
+    # The router puts the matched route into the scope (the same dict we hold).
+    route = scope.get("route")
+    path = getattr(route, "path", None)
+    return path if isinstance(path, str) else "unmatched"
+
+
+class Observe:
+    """ASGI middleware: request ids, request metrics and access lines (see the module)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] not in ("http", "websocket"):
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        rid = request_id_from(scope["headers"])
+        token = REQUEST_ID.set(rid)
+        header = (_HEADER, rid.encode())
+        status = 0
+        streaming = scope["type"] == "websocket"
+        download = False
+
+        async def send_observed(message: Message) -> None:
+            nonlocal status, streaming, download
+            kind = message["type"]
+            if kind == "http.response.body":
+                if download:
+                    DOWNLOAD_BYTES.inc(len(message.get("body", b"")))
+            elif kind == "http.response.start" or kind == "websocket.http.response.start":
+                status = message["status"]
+                headers = message.get("headers", ())
+                # A new list: a response may share its header list between answers.
+                message = {**message, "headers": [*headers, header]}
+                for name, value in headers:
+                    if name.lower() == b"content-type" and value.startswith(_STREAM_TYPES):
+                        streaming = True
+                        STREAM_START.labels(_route(scope)).observe(time.perf_counter() - started)
+                download = scope.get(DOWNLOAD_MARK, False) is True
+            elif kind == "websocket.accept":
+                status = 101
+                message = {**message, "headers": [*message.get("headers", ()), header]}
+                STREAM_START.labels(_route(scope)).observe(time.perf_counter() - started)
+            elif kind == "websocket.close" and not status:
+                status = 403  # closed before it was accepted: the server answers 403
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_observed)
+        except BaseException:
+            if not status:
+                status = 500  # the server error middleware outside answers it
+            raise
+        finally:
+            duration = time.perf_counter() - started
+            route = _route(scope)
+            HTTP_REQUESTS.labels(route, str(status)).inc()
+            if not streaming:
+                HTTP_DURATION.labels(route).observe(duration)
+            if access_log.isEnabledFor(logging.INFO):
+                _log_access(scope, rid, route, status, duration)
+            REQUEST_ID.reset(token)
+
+
+def _log_access(scope: Scope, rid: str, route: str, status: int, duration: float) -> None:
+    method = scope.get("method", "WS")
+    # The path only: query strings may carry tokens (`?access_token=`).
+    path = scope["path"]
+    client = scope.get("client")
+    address = client[0] if client else ""
+    # Who: the token's subject or the address, as quotas count them.
+    identity = scope.get(CLIENT_SCOPE_KEY) or f"addr:{address}"
+    extra: dict[str, Any] = {
+        "request_id": rid,
+        "method": method,
+        "route": route,
+        "path": path,
+        "status": status,
+        "duration_ms": round(duration * 1000, 3),
+        "identity": identity,
+        "client": address,
+    }
+    access_log.info(
+        "%s %s %s %.1fms", method, path, status, duration * 1000, extra={"access": extra}
+    )
