@@ -22,6 +22,7 @@ from .broker import from_url as broker_from_url
 from .channels import Channels
 from .config import Settings
 from .heap import trim_forever
+from .metrics import add_metrics_route, sample_forever, worker_exited
 from .quotas import ConnectionQuota, Quotas
 from .runs import Runs, StreamFunction
 from .server.caching import NotStored, compressed
@@ -29,8 +30,9 @@ from .server.channels import add_channel_routes
 from .server.files import add_file_routes
 from .server.guard import Guard
 from .server.links import add_link_routes
-from .server.logs import redact_server_logs
+from .server.logs import hide, hide_environment_secrets, redact_server_logs
 from .server.methods import method_not_allowed
+from .server.observe import Observe
 from .server.origins import Cors, OriginCheck
 from .server.routing import broker_unavailable
 from .server.streams import add_stream_routes
@@ -149,14 +151,17 @@ class Tidewire:
         # Idle channels are dropped (max_channels counts the others).
         idle = min(60.0, self.settings.channel_idle_ttl / 4)
         logs = asyncio.get_running_loop().create_task(sweep_forever(self.broker, idle))
+        # Gauges of state (retained bytes) are sampled, not kept on the hot path.
+        sampler = asyncio.get_running_loop().create_task(sample_forever(self.broker))
         try:
             yield
         finally:
-            for task in (sweeper, trimmer, logs):
+            for task in (sweeper, trimmer, logs, sampler):
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
             await self.aclose()
+            worker_exited()
 
     @cached_property
     def router(self) -> APIRouter:
@@ -170,6 +175,7 @@ class Tidewire:
         add_link_routes(router, self)
         add_upload_routes(router, self)
         add_web_routes(router, self)
+        add_metrics_route(router, self)
 
         @router.get("/healthz", tags=["health"], summary="Liveness")
         async def healthz() -> dict[str, Any]:
@@ -196,8 +202,15 @@ class Tidewire:
         # says why); CORS outside it, so that preflights never reach a route.
         app.add_middleware(OriginCheck, allow_origins=self.settings.allow_origins)
         app.add_middleware(Cors, allow_origins=self.settings.allow_origins)
-        # `?access_token=` and `?sig=` stay out of uvicorn's request lines.
+        # Outermost: every answer gets its request id, is counted and logged,
+        # refusals included. One layer for all three (server/observe.py says why).
+        app.add_middleware(Observe)
+        # `?access_token=` and `?sig=` stay out of uvicorn's request lines,
+        # and this app's secrets out of every line.
         redact_server_logs()
+        settings = self.settings
+        hide(settings.auth_secret, settings.link_secret, settings.metrics_token)
+        hide_environment_secrets()
         return app
 
 

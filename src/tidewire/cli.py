@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import atexit
 import gc
 import importlib
 import ipaddress
 import os
+import shutil
 import sys
+import tempfile
 from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
@@ -126,6 +129,22 @@ def serve(
         ),
     ] = None,
     log_level: Annotated[str, typer.Option(help="debug, info, warning or error.")] = "info",
+    log_format: Annotated[
+        str | None,
+        typer.Option(
+            envvar="TIDEWIRE_LOG_FORMAT",
+            help="text (uvicorn's lines), or json: one object per line, with request ids "
+            "(docs/operations.md).",
+        ),
+    ] = None,
+    metrics_token: Annotated[
+        str | None,
+        typer.Option(
+            envvar="TIDEWIRE_METRICS_TOKEN",
+            help="Bearer token GET /metrics requires (default: open without access control, "
+            "an admin token with it). Prefer the variable: a flag shows in the process list.",
+        ),
+    ] = None,
     auth_secret: Annotated[
         str | None,
         typer.Option(
@@ -208,7 +227,8 @@ def serve(
     import uvicorn
 
     from .config import Settings
-    from .server.logs import redact_server_logs
+    from .metrics import MULTIPROC_ENV
+    from .server.logs import log_config, redact_server_logs
 
     if storage and data_dir:
         fail("give --storage or --data-dir, not both")
@@ -237,6 +257,8 @@ def serve(
         ("TIDEWIRE_AUTH_ISSUER", auth_issuer),
         ("TIDEWIRE_ALLOW_ORIGINS", ",".join(allow_origin or ())),
         ("TIDEWIRE_LINK_SECRET", link_secret),
+        ("TIDEWIRE_METRICS_TOKEN", metrics_token),
+        ("TIDEWIRE_LOG_FORMAT", log_format),
     ):
         if value:
             os.environ[name] = value
@@ -266,6 +288,12 @@ def serve(
             "give --auth-secret (or --auth-public-key, --auth-jwks), or --no-auth to serve "
             "it open to anyone who reaches it"
         )
+    if secured and not is_loopback(host) and not wanted.metrics_token:
+        typer.echo(
+            "  note: /metrics is open to anyone who reaches this server; "
+            "set --metrics-token (or $TIDEWIRE_METRICS_TOKEN) to close it",
+            err=True,
+        )
     heartbeat = settings.heartbeat if settings is not None else None
     base = f"http://{'[' + host + ']' if ':' in host else host}:{port}"
     what = app or "the demo"
@@ -284,6 +312,12 @@ def serve(
     os.environ["TIDEWIRE_MAX_HEADER_BYTES"] = str(limits.max_header_bytes)
     os.environ["TIDEWIRE_HEADER_TIMEOUT"] = str(limits.header_timeout)
     tune_gc()
+    if workers > 1 and not os.environ.get(MULTIPROC_ENV):
+        # Each worker counts into files here and /metrics sums them (metrics.py);
+        # private to this server, and gone with it.
+        metrics_dir = tempfile.mkdtemp(prefix="tidewire-metrics-")
+        os.environ[MULTIPROC_ENV] = metrics_dir
+        atexit.register(shutil.rmtree, metrics_dir, ignore_errors=True)
     uvicorn.run(
         asgi,
         factory=workers > 1,
@@ -291,6 +325,9 @@ def serve(
         host=host,
         port=port,
         log_level=log_level,
+        log_config=log_config(wanted.log_format, log_level),
+        # In json, tidewire.access writes the access lines (server/observe.py).
+        access_log=wanted.log_format != "json",
         # WebSocket heartbeats are protocol pings, sent by the server.
         ws_ping_interval=heartbeat or 15.0,
         ws_ping_timeout=heartbeat or 15.0,
@@ -321,6 +358,7 @@ _ACCESS_FIELDS = {
     "auth_issuer": "--auth-issuer",
     "allow_origins": "--allow-origin",
     "link_secret": "--link-secret",
+    "metrics_token": "--metrics-token",
 }
 
 
