@@ -30,9 +30,9 @@ from .server.channels import add_channel_routes
 from .server.files import add_file_routes
 from .server.guard import Guard
 from .server.links import add_link_routes
-from .server.logs import hide, hide_environment_secrets, redact_server_logs
+from .server.logs import REQUEST_ID, hide, hide_environment_secrets, redact_server_logs
 from .server.methods import method_not_allowed
-from .server.observe import Observe
+from .server.observe import REQUEST_ID_HEADER, Observe
 from .server.origins import Cors, OriginCheck
 from .server.routing import broker_unavailable
 from .server.streams import add_stream_routes
@@ -204,7 +204,7 @@ class Tidewire:
         app.add_middleware(Cors, allow_origins=self.settings.allow_origins)
         # Outermost: every answer gets its request id, is counted and logged,
         # refusals included. One layer for all three (server/observe.py says why).
-        app.add_middleware(Observe)
+        app.add_middleware(Observe, routes=self.router.routes)
         # `?access_token=` and `?sig=` stay out of uvicorn's request lines,
         # and this app's secrets out of every line.
         redact_server_logs()
@@ -223,4 +223,7 @@ async def _broker_unavailable(request: Request, exc: Exception) -> JSONResponse:
 async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
     # The traceback goes to the log, never to the client.
     logger.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
-    return JSONResponse({"detail": "internal server error"}, status_code=500)
+    # Answered outside the request middleware (server/observe.py), which left its id here.
+    rid = REQUEST_ID.get()
+    headers = {REQUEST_ID_HEADER: rid} if rid else None
+    return JSONResponse({"detail": "internal server error"}, status_code=500, headers=headers)

@@ -27,8 +27,10 @@ from __future__ import annotations
 import logging
 import secrets
 import time
+from collections.abc import Sequence
 from typing import Any
 
+from starlette.routing import BaseRoute, Route, WebSocketRoute
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..metrics import DOWNLOAD_BYTES, DOWNLOAD_MARK, HTTP_DURATION, HTTP_REQUESTS, STREAM_START
@@ -58,18 +60,34 @@ def request_id_from(headers: list[tuple[bytes, bytes]]) -> str:
     return secrets.token_hex(8)
 
 
-def _route(scope: Scope) -> str:
-    # The router puts the matched route into the scope (the same dict we hold).
-    route = scope.get("route")
-    path = getattr(route, "path", None)
-    return path if isinstance(path, str) else "unmatched"
-
-
 class Observe:
     """ASGI middleware: request ids, request metrics and access lines (see the module)."""
 
-    def __init__(self, app: ASGIApp) -> None:
+    def __init__(self, app: ASGIApp, routes: Sequence[BaseRoute] = ()) -> None:
         self.app = app
+        #: The app's routes, to name a matched plain Starlette route (see `_route`).
+        self.routes = routes
+        self._templates: dict[int, str] = {}
+
+    def _route(self, scope: Scope) -> str:
+        """The template of the route that answered, or `unmatched`."""
+        # The router puts the route it matched into the scope (the same dict
+        # we hold): FastAPI's own routes do, ...
+        path = getattr(scope.get("route"), "path", None)
+        if isinstance(path, str):
+            return path
+        # ... but a plain Starlette route (a lean stream endpoint) in an
+        # included router leaves only its endpoint: look that up.
+        endpoint = scope.get("endpoint")
+        if endpoint is None:
+            return "unmatched"
+        template = self._templates.get(id(endpoint))
+        if template is None:
+            self._templates = {
+                id(r.endpoint): r.path for r in self.routes if isinstance(r, Route | WebSocketRoute)
+            }
+            template = self._templates.get(id(endpoint), "unmatched")
+        return template
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] not in ("http", "websocket"):
@@ -97,12 +115,13 @@ class Observe:
                 for name, value in headers:
                     if name.lower() == b"content-type" and value.startswith(_STREAM_TYPES):
                         streaming = True
-                        STREAM_START.labels(_route(scope)).observe(time.perf_counter() - started)
+                        elapsed = time.perf_counter() - started
+                        STREAM_START.labels(self._route(scope)).observe(elapsed)
                 download = scope.get(DOWNLOAD_MARK, False) is True
             elif kind == "websocket.accept":
                 status = 101
                 message = {**message, "headers": [*message.get("headers", ()), header]}
-                STREAM_START.labels(_route(scope)).observe(time.perf_counter() - started)
+                STREAM_START.labels(self._route(scope)).observe(time.perf_counter() - started)
             elif kind == "websocket.close" and not status:
                 status = 403  # closed before it was accepted: the server answers 403
             await send(message)
@@ -113,15 +132,17 @@ class Observe:
             if not status:
                 status = 500  # the server error middleware outside answers it
             raise
+        else:
+            # Not after an error: its answer, made outside, reads the id (app.py).
+            REQUEST_ID.reset(token)
         finally:
             duration = time.perf_counter() - started
-            route = _route(scope)
+            route = self._route(scope)
             HTTP_REQUESTS.labels(route, str(status)).inc()
             if not streaming:
                 HTTP_DURATION.labels(route).observe(duration)
             if access_log.isEnabledFor(logging.INFO):
                 _log_access(scope, rid, route, status, duration)
-            REQUEST_ID.reset(token)
 
 
 def _log_access(scope: Scope, rid: str, route: str, status: int, duration: float) -> None:
