@@ -24,7 +24,6 @@ without one.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import glob
 import hmac
 import os
@@ -62,7 +61,7 @@ __all__ = [
     "STREAM_START",
     "UPLOAD_BYTES",
     "add_metrics_route",
-    "connection",
+    "connections",
     "count_download",
     "multiprocess_dir",
     "sample_forever",
@@ -140,15 +139,9 @@ RUN_STATES = ("running", "finished", "failed", "cancelled")
 _RUNS = {state: RUNS.labels(state) for state in RUN_STATES}
 
 
-@contextlib.contextmanager
-def connection(transport: Transport, kind: LogKind) -> Any:
-    """Count one open connection for as long as the block runs."""
-    gauge = _CONNECTIONS[(transport, kind)]
-    gauge.inc()
-    try:
-        yield
-    finally:
-        gauge.dec()
+def connections(transport: Transport, kind: LogKind) -> Gauge:
+    """Open connections of one transport and kind: `inc()` at open, `dec()` at close."""
+    return _CONNECTIONS[(transport, kind)]
 
 
 def count_events(kind: LogKind, n: int = 1) -> None:

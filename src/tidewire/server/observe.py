@@ -93,56 +93,73 @@ class Observe:
         if scope["type"] not in ("http", "websocket"):
             await self.app(scope, receive, send)
             return
-        started = time.perf_counter()
-        rid = request_id_from(scope["headers"])
-        token = REQUEST_ID.set(rid)
-        header = (_HEADER, rid.encode())
-        status = 0
-        streaming = scope["type"] == "websocket"
-        download = False
-
-        async def send_observed(message: Message) -> None:
-            nonlocal status, streaming, download
-            kind = message["type"]
-            if kind == "http.response.body":
-                if download:
-                    DOWNLOAD_BYTES.inc(len(message.get("body", b"")))
-            elif kind == "http.response.start" or kind == "websocket.http.response.start":
-                status = message["status"]
-                headers = message.get("headers", ())
-                # A new list: a response may share its header list between answers.
-                message = {**message, "headers": [*headers, header]}
-                for name, value in headers:
-                    if name.lower() == b"content-type" and value.startswith(_STREAM_TYPES):
-                        streaming = True
-                        elapsed = time.perf_counter() - started
-                        STREAM_START.labels(self._route(scope)).observe(elapsed)
-                download = scope.get(DOWNLOAD_MARK, False) is True
-            elif kind == "websocket.accept":
-                status = 101
-                message = {**message, "headers": [*message.get("headers", ()), header]}
-                STREAM_START.labels(self._route(scope)).observe(time.perf_counter() - started)
-            elif kind == "websocket.close" and not status:
-                status = 403  # closed before it was accepted: the server answers 403
-            await send(message)
-
+        exchange = _Exchange(self, scope, send)
+        # Not reset after: the server runs each request in a task of its own
+        # (so a context of its own), and the answer to an error, made outside
+        # this middleware, still reads it (app.py).
+        REQUEST_ID.set(exchange.rid)
         try:
-            await self.app(scope, receive, send_observed)
+            await self.app(scope, receive, exchange.send)
         except BaseException:
-            if not status:
-                status = 500  # the server error middleware outside answers it
+            if not exchange.status:
+                exchange.status = 500  # the server error middleware outside answers it
             raise
-        else:
-            # Not after an error: its answer, made outside, reads the id (app.py).
-            REQUEST_ID.reset(token)
         finally:
-            duration = time.perf_counter() - started
-            route = self._route(scope)
-            HTTP_REQUESTS.labels(route, str(status)).inc()
-            if not streaming:
-                HTTP_DURATION.labels(route).observe(duration)
-            if access_log.isEnabledFor(logging.INFO):
-                _log_access(scope, rid, route, status, duration)
+            exchange.end()
+
+
+class _Exchange:
+    """One request as `Observe` sees it. An object with slots rather than a
+    closure over cells: it stays alive with every idle stream, and is smaller."""
+
+    __slots__ = ("download", "observe", "rid", "scope", "started", "status", "streaming", "wrapped")
+
+    def __init__(self, observe: Observe, scope: Scope, send: Send) -> None:
+        self.observe = observe
+        self.scope = scope
+        self.wrapped = send
+        self.started = time.perf_counter()
+        self.rid = request_id_from(scope["headers"])
+        self.status = 0
+        self.streaming = scope["type"] == "websocket"
+        self.download = False
+
+    async def send(self, message: Message) -> None:
+        kind = message["type"]
+        if kind == "http.response.body":
+            if self.download:
+                DOWNLOAD_BYTES.inc(len(message.get("body", b"")))
+        elif kind == "http.response.start" or kind == "websocket.http.response.start":
+            self.status = message["status"]
+            headers = message.get("headers", ())
+            # A new list: a response may share its header list between answers.
+            message = {**message, "headers": [*headers, (_HEADER, self.rid.encode())]}
+            for name, value in headers:
+                if name.lower() == b"content-type" and value.startswith(_STREAM_TYPES):
+                    self.streaming = True
+                    self._started_streaming()
+            self.download = self.scope.get(DOWNLOAD_MARK, False) is True
+        elif kind == "websocket.accept":
+            self.status = 101
+            headers = [*message.get("headers", ()), (_HEADER, self.rid.encode())]
+            message = {**message, "headers": headers}
+            self._started_streaming()
+        elif kind == "websocket.close" and not self.status:
+            self.status = 403  # closed before it was accepted: the server answers 403
+        await self.wrapped(message)
+
+    def _started_streaming(self) -> None:
+        route = self.observe._route(self.scope)
+        STREAM_START.labels(route).observe(time.perf_counter() - self.started)
+
+    def end(self) -> None:
+        duration = time.perf_counter() - self.started
+        route = self.observe._route(self.scope)
+        HTTP_REQUESTS.labels(route, str(self.status)).inc()
+        if not self.streaming:
+            HTTP_DURATION.labels(route).observe(duration)
+        if access_log.isEnabledFor(logging.INFO):
+            _log_access(self.scope, self.rid, route, self.status, duration)
 
 
 def _log_access(scope: Scope, rid: str, route: str, status: int, duration: float) -> None:

@@ -30,7 +30,7 @@ from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
 from ..broker import Batch, Broker, BrokerUnavailable
 from ..events import NDJSON_HEARTBEAT, Envelope, dump_data
-from ..metrics import GAPS, connection
+from ..metrics import GAPS, connections
 from ..runs import Watcher
 from ..wire import GAP, NDJSON, POSITION, SSE, UNAVAILABLE, WARNING_HEADER
 
@@ -293,12 +293,16 @@ class LogResponse(Response):
             # this response then ends unfinished, and the server closes the
             # connection (a write to a client that reads nothing never ends).
             watcher.on_stall = _canceller()
+        # Counted inline, not in a `with`: a context manager object would stay
+        # alive for as long as the stream, on every idle connection.
+        gauge = connections(self.fmt, _kind(self.cursor))
+        gauge.inc()
         try:
-            with connection(self.fmt, _kind(self.cursor)):
-                await until_disconnected(
-                    receive, self._write(send), cut=None if watcher is None else _stalled(watcher)
-                )
+            await until_disconnected(
+                receive, self._write(send), cut=None if watcher is None else _stalled(watcher)
+            )
         finally:
+            gauge.dec()
             self.cursor.close()
 
     async def _write(self, send: Send) -> None:
@@ -449,8 +453,12 @@ async def stream_websocket(
     them); without a handler they are ignored. Idle heartbeats are the
     server's WebSocket pings (`tidewire serve` sets uvicorn's ping interval).
     """
-    with connection("ws", _kind(cursor)):
+    gauge = connections("ws", _kind(cursor))
+    gauge.inc()
+    try:
         await _stream_websocket(websocket, cursor, headers, on_text, on_bytes, notice)
+    finally:
+        gauge.dec()
 
 
 async def _stream_websocket(
