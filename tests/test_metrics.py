@@ -256,3 +256,38 @@ def test_two_workers_are_summed(two_workers: tuple[str, Path]) -> None:
         stop.set()
         for reader in readers:
             reader.join(10)
+
+
+def test_a_killed_worker_stops_counting_in_live_gauges(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from prometheus_client.mmap_dict import MmapedDict, mmap_key
+
+    from tidewire import metrics
+
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    key = mmap_key(
+        "tidewire_connections",
+        "tidewire_connections",
+        ["transport", "kind"],
+        ["sse", "channel"],
+        "open streams",
+    )
+    for pid, open_streams in ((gone.pid, 5.0), (os.getpid(), 2.0)):
+        db = MmapedDict(str(tmp_path / f"gauge_livesum_{pid}.db"))
+        db.write_value(key, open_streams, 0.0)
+        db.close()
+    monkeypatch.setenv(metrics.MULTIPROC_ENV, str(tmp_path))
+    samples = parse(metrics.exposition().decode())
+    # Only the live process's 2: the dead one's 5 would be summed forever.
+    assert value(samples, "tidewire_connections", transport="sse", kind="channel") == 2
+    assert not (tmp_path / f"gauge_livesum_{gone.pid}.db").exists()
+
+
+def test_a_bad_log_format_is_refused_clearly() -> None:
+    from tests.test_cli import run_cli
+
+    result = run_cli("serve", "--log-format", "xml")
+    assert result.returncode == 2
+    assert "TIDEWIRE_LOG_FORMAT" in result.stderr and "text" in result.stderr
