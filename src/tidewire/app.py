@@ -22,6 +22,7 @@ from .broker import from_url as broker_from_url
 from .channels import Channels
 from .config import Settings
 from .heap import trim_forever
+from .metrics import add_metrics_route, sample_forever, worker_exited
 from .quotas import ConnectionQuota, Quotas
 from .runs import Runs, StreamFunction
 from .server.caching import NotStored, compressed
@@ -29,8 +30,9 @@ from .server.channels import add_channel_routes
 from .server.files import add_file_routes
 from .server.guard import Guard
 from .server.links import add_link_routes
-from .server.logs import redact_server_logs
+from .server.logs import REQUEST_ID, hide, hide_environment_secrets, redact_server_logs
 from .server.methods import method_not_allowed
+from .server.observe import REQUEST_ID_HEADER, Observe
 from .server.origins import Cors, OriginCheck
 from .server.routing import broker_unavailable
 from .server.streams import add_stream_routes
@@ -154,14 +156,17 @@ class Tidewire:
         # Idle channels are dropped (max_channels counts the others).
         idle = min(60.0, self.settings.channel_idle_ttl / 4)
         logs = asyncio.get_running_loop().create_task(sweep_forever(self.broker, idle))
+        # Gauges of state (retained bytes) are sampled, not kept on the hot path.
+        sampler = asyncio.get_running_loop().create_task(sample_forever(self.broker))
         try:
             yield
         finally:
-            for task in (sweeper, trimmer, logs):
+            for task in (sweeper, trimmer, logs, sampler):
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
             await self.aclose()
+            worker_exited()
 
     @cached_property
     def router(self) -> APIRouter:
@@ -175,6 +180,7 @@ class Tidewire:
         add_link_routes(router, self)
         add_upload_routes(router, self)
         add_web_routes(router, self)
+        add_metrics_route(router, self)
 
         @router.get("/healthz", tags=["health"], summary="Liveness")
         async def healthz() -> dict[str, Any]:
@@ -201,8 +207,15 @@ class Tidewire:
         # says why); CORS outside it, so that preflights never reach a route.
         app.add_middleware(OriginCheck, allow_origins=self.settings.allow_origins)
         app.add_middleware(Cors, allow_origins=self.settings.allow_origins)
-        # `?access_token=` and `?sig=` stay out of uvicorn's request lines.
+        # Outermost: every answer gets its request id, is counted and logged,
+        # refusals included. One layer for all three (server/observe.py says why).
+        app.add_middleware(Observe, routes=self.router.routes)
+        # `?access_token=` and `?sig=` stay out of uvicorn's request lines,
+        # and this app's secrets out of every line.
         redact_server_logs()
+        settings = self.settings
+        hide(settings.auth_secret, settings.link_secret, settings.metrics_token)
+        hide_environment_secrets()
         return app
 
 
@@ -215,4 +228,7 @@ async def _broker_unavailable(request: Request, exc: Exception) -> JSONResponse:
 async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
     # The traceback goes to the log, never to the client.
     logger.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
-    return JSONResponse({"detail": "internal server error"}, status_code=500)
+    # Answered outside the request middleware (server/observe.py), which left its id here.
+    rid = REQUEST_ID.get()
+    headers = {REQUEST_ID_HEADER: rid} if rid else None
+    return JSONResponse({"detail": "internal server error"}, status_code=500, headers=headers)

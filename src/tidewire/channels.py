@@ -13,6 +13,7 @@ from .blobs import Blobs
 from .broker import Broker, Retention
 from .config import Settings
 from .events import Message
+from .metrics import count_events
 
 __all__ = ["CHANNEL_NAME", "Channels"]
 
@@ -50,4 +51,5 @@ class Channels:
         [published] = await self.broker.append(
             self.log(name), [(message.event, await self.blobs.dump(message.data))], self.retention
         )
+        count_events("channel")
         return published.id

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import gc
 import importlib
 import ipaddress
 import os
+import shutil
 import sys
+import tempfile
 from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
@@ -255,7 +258,8 @@ def serve(
 
     from .config import CONFIG_VARIABLE, Settings
     from .masking import mask
-    from .server.logs import redact_server_logs
+    from .metrics import MULTIPROC_ENV
+    from .server.logs import log_config, redact_server_logs
 
     try:
         wanted = Settings.load(config, os.environ, given, given_as=flag_name)
@@ -317,6 +321,12 @@ def serve(
             "give --auth-secret (or --auth-public-key, --auth-jwks), or --no-auth to serve "
             "it open to anyone who reaches it"
         )
+    if secured and not is_loopback(host) and not wanted.metrics_token:
+        typer.echo(
+            "  note: /metrics is open to anyone who reaches this server; "
+            "set --metrics-token (or $TIDEWIRE_METRICS_TOKEN) to close it",
+            err=True,
+        )
     heartbeat = settings.heartbeat if settings is not None else None
     scheme = "https" if ssl_certfile else "http"
     base = f"{scheme}://{'[' + host + ']' if ':' in host else host}:{port}"
@@ -336,6 +346,12 @@ def serve(
     os.environ["TIDEWIRE_MAX_HEADER_BYTES"] = str(limits.max_header_bytes)
     os.environ["TIDEWIRE_HEADER_TIMEOUT"] = str(limits.header_timeout)
     tune_gc()
+    if workers > 1 and not os.environ.get(MULTIPROC_ENV):
+        # Each worker counts into files here and /metrics sums them (metrics.py);
+        # private to this server, and gone with it.
+        metrics_dir = tempfile.mkdtemp(prefix="tidewire-metrics-")
+        os.environ[MULTIPROC_ENV] = metrics_dir
+        atexit.register(shutil.rmtree, metrics_dir, ignore_errors=True)
     uvicorn.run(
         asgi,
         factory=workers > 1,
@@ -343,6 +359,9 @@ def serve(
         host=host,
         port=port,
         log_level=log_level,
+        log_config=log_config(wanted.log_format, log_level),
+        # In json, tidewire.access writes the access lines (server/observe.py).
+        access_log=wanted.log_format != "json",
         # WebSocket heartbeats are protocol pings, sent by the server.
         ws_ping_interval=heartbeat or 15.0,
         ws_ping_timeout=heartbeat or 15.0,

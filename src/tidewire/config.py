@@ -22,7 +22,7 @@ import typing
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import pydantic
 
@@ -157,6 +157,14 @@ class Settings:
     #: seconds (else the connection is closed).
     max_header_bytes: int = 64 << 10
     header_timeout: float = 10.0
+
+    # -- operations (docs/operations.md) ----------------------------------------
+    #: Bearer token that `GET /metrics` requires (constant-time compared).
+    #: Unset: /metrics is open with access control off, and needs an admin
+    #: token with it on.
+    metrics_token: str | None = None
+    #: `text` (uvicorn's lines) or `json` (one object per line, with request ids).
+    log_format: Literal["text", "json"] = "text"
 
     @property
     def auth(self) -> bool:

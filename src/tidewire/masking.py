@@ -34,6 +34,10 @@ _USERINFO = re.compile(
 # A query parameter: after `?`, `&` or `;`, a name, `=`, a value up to the
 # next separator, space or quote (a log line quotes the request line).
 _PARAM = re.compile(r"""(?P<sep>[?&;])(?P<name>[^=&;#\s"']+)=(?P<value>[^&;#\s"']*)""")
+# `Authorization: Bearer <token>` as a line may quote it.
+_BEARER = re.compile(r"(?P<head>\b[Bb]earer\s+)[^\s,;\"']+")
+# Three base64url parts, the first two JSON objects (`{"` is `eyJ`): a JWT.
+_JWT = re.compile(r"\beyJ[A-Za-z0-9_-]+\.eyJ[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*")
 
 
 def is_secret_name(name: str) -> bool:
@@ -50,11 +54,15 @@ def _hide_param(match: re.Match[str]) -> str:
 
 
 def mask(text: str) -> str:
-    """`text` with URL passwords and secret query values replaced by `***`."""
+    """`text` with URL passwords, secret query values, bearer tokens and JWTs replaced by `***`."""
     if "@" in text:
         text = _USERINFO.sub(lambda m: f"{m['head']}{MASK}@", text)
     if "=" in text:
         text = _PARAM.sub(_hide_param, text)
+    if "earer" in text:
+        text = _BEARER.sub(lambda m: m["head"] + MASK, text)
+    if "eyJ" in text:
+        text = _JWT.sub(MASK, text)
     return text
 
 

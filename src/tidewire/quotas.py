@@ -58,6 +58,10 @@ logger = logging.getLogger("tidewire")
 #: metrics are how an operator sees what is going on.
 UNCOUNTED = frozenset({"/healthz", "/readyz", "/metrics"})
 
+#: Where `ConnectionQuota` leaves the client it counted (`client_key`), in the
+#: request's scope: the access log names it (server/observe.py).
+CLIENT_SCOPE_KEY = "tidewire.client"
+
 
 class OverQuota(HTTPException):
     """A client is past one of its quotas: 429 with Retry-After, or 507."""
@@ -344,7 +348,7 @@ class ConnectionQuota:
         except HTTPException:
             # A bad token: the route answers 401; till then it counts as its address.
             identity = OPEN
-        client = client_key(identity, scope)
+        client = scope[CLIENT_SCOPE_KEY] = client_key(identity, scope)
         try:
             member = await self.quotas.open_connection(client)
         except OverQuota as exc:

@@ -29,7 +29,7 @@ import secrets
 import time
 from typing import TYPE_CHECKING, Protocol
 
-from .. import wire
+from .. import metrics, wire
 from ..broker import Broker, BrokerUnavailable, Retention
 from ..config import Settings
 from ..events import dump_data
@@ -212,6 +212,7 @@ class Cluster:
         }
         run.state, run.ended = "failed", time.time()
         await self.broker.append(run.log, [(wire.ERROR, dump_data(error))], self.retention)
+        metrics.count_events("run")
         # The record before the end of the log, as in publish_end.
         await self.broker.put_state(
             record_key(run.id),

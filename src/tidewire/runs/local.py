@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Literal
 
-from .. import wire
+from .. import metrics, wire
 from ..blobs import Blobs, Pending
 from ..broker import Broker, BrokerUnavailable, wire_size
 from ..config import Settings
@@ -275,6 +275,7 @@ class Runs:
         source = stream.open(params, self.settings)
         run.task = asyncio.get_running_loop().create_task(self._execute(run, source))
         self.running += 1
+        metrics.run_started()
         return run
 
     # -- watching ----------------------------------------------------------
@@ -478,6 +479,7 @@ class Runs:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 1.0)
         run.events += len(items)
+        metrics.count_events("run", len(items))
         for event in appended:
             run.bytes += wire_size(event)
             run.offsets.append(run.bytes)
@@ -512,6 +514,7 @@ class Runs:
             run.state, final = "finished", (wire.END, b"null")
         run.ended = time.time()
         self.running -= 1
+        metrics.run_ended(run.state)
         await self._free_slot(run)
         loop = asyncio.get_running_loop()
         loop.call_later(self.settings.run_ttl, self._expire, run.id)
@@ -531,6 +534,7 @@ class Runs:
     def _expire(self, run_id: str) -> None:
         run = self._runs.pop(run_id, None)
         if run is not None:
+            metrics.run_forgotten(run.state)
             asyncio.get_running_loop().create_task(self._forget(run))
 
     async def _forget(self, run: Run) -> None:

@@ -24,6 +24,7 @@ from fastapi import Request
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
+from ..metrics import count_download
 from ..storage import FileInfo, FileNotFound, Storage
 from .errors import storage_error, storage_errors
 from .headers import (
@@ -182,6 +183,9 @@ async def send_file(
             headers={"content-range": f"bytes */{info.size}", "x-content-type-options": "nosniff"},
         )
 
+    # The bytes of the answer are counted as they are sent (server/observe.py);
+    # an X-Accel-Redirect answer has none: nginx counts those.
+    count_download(request.scope)
     with storage_errors():
         path = storage.path(info)
     if path is None:

@@ -35,6 +35,7 @@ from starlette.convertors import PathConvertor, register_url_convertor
 from starlette.requests import ClientDisconnect
 
 from ..auth import Identity
+from ..metrics import uploaded
 from ..storage import FileInfo, FileNotFound, TooLarge, valid_id
 from ..wire import NEXT_CURSOR_HEADER
 from .downloads import send_file
@@ -152,7 +153,7 @@ async def receive_files(
     storage = tw.storage
     saved: list[FileInfo] = []
     try:
-        reader = MultipartStream(request.stream(), boundary)
+        reader = MultipartStream(uploaded(request.stream()), boundary)
         while (part := await reader.next_part()) is not None:
             if part.field != "file" or not part.filename:
                 continue  # another field, or a file input left empty
@@ -343,7 +344,7 @@ def add_file_routes(router: APIRouter, tw: Tidewire) -> None:
                 owner = owner_of_new(tw, identity)
                 info = await tw.quotas.save(
                     owner,
-                    request.stream(),
+                    uploaded(request.stream()),
                     partial(
                         tw.storage.save,
                         name=name,

@@ -30,6 +30,7 @@ from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
 from ..broker import Batch, Broker, BrokerUnavailable
 from ..events import NDJSON_HEARTBEAT, Envelope, dump_data
+from ..metrics import GAPS, connections
 from ..runs import Watcher
 from ..wire import GAP, NDJSON, POSITION, SSE, UNAVAILABLE, WARNING_HEADER
 
@@ -213,6 +214,7 @@ STALLED_CLOSE = 1008
 
 def gap_event(batch: Batch) -> Envelope:
     """The `gap` event telling one reader how many events it missed."""
+    GAPS.inc()
     return Envelope(batch.resume_id or "0", 0, GAP, dump_data({"missed": batch.missed}))
 
 
@@ -234,6 +236,7 @@ async def ahead_notice(cursor: LogCursor) -> Envelope | None:
     if _id_key(cursor.after) <= _id_key(head):
         return None
     asked, cursor.after = cursor.position, head
+    GAPS.inc()
     data = {"missed": 0, "ahead": asked}
     return Envelope(cursor.position, 0, GAP, dump_data(data))
 
@@ -290,11 +293,16 @@ class LogResponse(Response):
             # this response then ends unfinished, and the server closes the
             # connection (a write to a client that reads nothing never ends).
             watcher.on_stall = _canceller()
+        # Counted inline, not in a `with`: a context manager object would stay
+        # alive for as long as the stream, on every idle connection.
+        gauge = connections(self.fmt, _kind(self.cursor))
+        gauge.inc()
         try:
             await until_disconnected(
                 receive, self._write(send), cut=None if watcher is None else _stalled(watcher)
             )
         finally:
+            gauge.dec()
             self.cursor.close()
 
     async def _write(self, send: Send) -> None:
@@ -351,6 +359,11 @@ class LogResponse(Response):
             cursor.delivered(batch)
             if batch.ended:
                 return
+
+
+def _kind(cursor: LogCursor) -> Literal["run", "channel"]:
+    # Only a channel's readers skip ahead (a run's never lose events).
+    return "channel" if cursor.skip_ahead else "run"
 
 
 def _chunks(parts: list[bytes], budget: int) -> Iterator[bytes]:
@@ -440,6 +453,22 @@ async def stream_websocket(
     them); without a handler they are ignored. Idle heartbeats are the
     server's WebSocket pings (`tidewire serve` sets uvicorn's ping interval).
     """
+    gauge = connections("ws", _kind(cursor))
+    gauge.inc()
+    try:
+        await _stream_websocket(websocket, cursor, headers, on_text, on_bytes, notice)
+    finally:
+        gauge.dec()
+
+
+async def _stream_websocket(
+    websocket: WebSocket,
+    cursor: LogCursor,
+    headers: dict[str, str],
+    on_text: Callable[[str], Awaitable[None]] | None,
+    on_bytes: Callable[[bytes], Awaitable[None]] | None,
+    notice: Envelope | None,
+) -> None:
     await websocket.accept(headers=[(k.lower().encode(), v.encode()) for k, v in headers.items()])
     task = asyncio.current_task()
     assert task is not None

@@ -36,6 +36,7 @@ from fastapi.responses import Response
 from starlette.requests import ClientDisconnect
 
 from ..auth import Identity
+from ..metrics import uploaded
 from ..quotas import client_key
 from ..storage import StorageError, Upload, UploadNotFound
 from ..wire import FILE_HEADER, OFFSET_STREAM, TUS_EXTENSIONS, TUS_VERSION
@@ -350,7 +351,7 @@ class TusServer:
         if with_body and upload.file is None:
             try:
                 upload = await self.tw.storage.append(
-                    upload.id, 0, request.stream(), checksum=checksum
+                    upload.id, 0, uploaded(request.stream()), checksum=checksum
                 )
             except ClientDisconnect:
                 # Nobody to answer; the bytes that came stay until the upload expires.
@@ -394,7 +395,7 @@ class TusServer:
         try:
             with storage_errors(_ALWAYS):
                 upload = await self.tw.storage.append(
-                    id, offset, request.stream(), checksum=checksum
+                    id, offset, uploaded(request.stream()), checksum=checksum
                 )
         except ClientDisconnect:
             # The storage kept what arrived: the client resumes from there.
