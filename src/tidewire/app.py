@@ -16,7 +16,7 @@ from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse
 
 from .auth import Authorize
-from .blobs import Blobs
+from .blobs import Blobs, expire_blobs, lifetimes
 from .broker import Broker, BrokerUnavailable, sweep_forever
 from .broker import from_url as broker_from_url
 from .channels import Channels
@@ -81,10 +81,13 @@ class Tidewire:
         self._storage = storage
         self.title = title
         self.streams: dict[str, StreamFunction] = {}
-        # Blobs over the inline limit go to storage, made when first needed.
-        blobs = Blobs(lambda: self.storage, self.settings.inline_blob_limit)
-        self.runs = Runs(self.broker, self.settings, blobs)
-        self.channels = Channels(self.broker, self.settings, blobs)
+        # Blobs over the inline limit go to storage, made when first needed;
+        # they expire with the events that carry them (blobs.lifetimes).
+        limit, (run_life, channel_life) = self.settings.inline_blob_limit, lifetimes(self.settings)
+        self.runs = Runs(self.broker, self.settings, Blobs(lambda: self.storage, limit, run_life))
+        self.channels = Channels(
+            self.broker, self.settings, Blobs(lambda: self.storage, limit, channel_life)
+        )
         #: What one client may hold and how fast it may publish (see quotas.py).
         self.quotas = Quotas(self.broker, self.settings, self.runs.instance)
         self.runs.quotas = self.quotas
@@ -149,10 +152,15 @@ class Tidewire:
         # Idle channels are dropped (max_channels counts the others).
         idle = min(60.0, self.settings.channel_idle_ttl / 4)
         logs = asyncio.get_running_loop().create_task(sweep_forever(self.broker, idle))
+        # Blob files go when their events can no longer be read (blobs.py).
+        every = min((life for life in lifetimes(self.settings) if life is not None), default=60)
+        blobs = asyncio.get_running_loop().create_task(
+            expire_blobs(lambda: self.storage, max(1.0, min(every / 4, 60.0)))
+        )
         try:
             yield
         finally:
-            for task in (sweeper, trimmer, logs):
+            for task in (sweeper, trimmer, logs, blobs):
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
