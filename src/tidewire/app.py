@@ -24,6 +24,7 @@ from .config import Settings
 from .heap import trim_forever
 from .quotas import ConnectionQuota, Quotas
 from .runs import Runs, StreamFunction
+from .server.bodies import MinBodyRate
 from .server.caching import NotStored, compressed
 from .server.channels import add_channel_routes
 from .server.files import add_file_routes
@@ -194,6 +195,10 @@ class Tidewire:
         # Several routes share a path (/files/{id}): Allow names all their methods.
         app.add_exception_handler(405, method_not_allowed(self.router))
         app.add_exception_handler(Exception, _internal_error)
+        # Innermost: bodies that stop coming are cut (408) under every route.
+        app.add_middleware(
+            MinBodyRate, rate=self.settings.min_body_rate, grace=self.settings.body_grace
+        )
         # Outermost last: JSON answers are marked before gzip sees them.
         app.add_middleware(NotStored)
         app.add_middleware(compressed)

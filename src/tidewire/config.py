@@ -120,6 +120,12 @@ class Settings:
     #: seconds (else the connection is closed).
     max_header_bytes: int = 64 << 10
     header_timeout: float = 10.0
+    #: Request bodies (uploads, publishes, parameters) must average at least
+    #: this many bytes per second, counted after `body_grace` seconds of
+    #: waiting for them: slower ones get 408 and their connection is closed
+    #: (None: no minimum). Kestrel's defaults: a mobile link does 10x that.
+    min_body_rate: float | None = 240.0
+    body_grace: float = 5.0
 
     @property
     def auth(self) -> bool:
