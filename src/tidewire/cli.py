@@ -209,6 +209,7 @@ def serve(
 
     from .config import Settings
     from .server.logs import redact_server_logs
+    from .server.protocol import socket_env
 
     if storage and data_dir:
         fail("give --storage or --data-dir, not both")
@@ -283,6 +284,7 @@ def serve(
     limits = settings if settings is not None else Settings.from_env()
     os.environ["TIDEWIRE_MAX_HEADER_BYTES"] = str(limits.max_header_bytes)
     os.environ["TIDEWIRE_HEADER_TIMEOUT"] = str(limits.header_timeout)
+    os.environ.update(socket_env(limits))  # and sockets (server/protocol.py)
     tune_gc()
     uvicorn.run(
         asgi,

@@ -126,6 +126,12 @@ class Settings:
     #: (None: no minimum). Kestrel's defaults: a mobile link does 10x that.
     min_body_rate: float | None = 240.0
     body_grace: float = 5.0
+    #: Sockets `tidewire serve` holds open per process: from one IP address
+    #: (None: no cap; addresses trusted to forward for others are not
+    #: capped), and in all (None: the file descriptor limit less a reserve;
+    #: never more). A socket past either is closed at once.
+    max_sockets_per_address: int | None = 1_000
+    max_sockets: int | None = None
 
     @property
     def auth(self) -> bool:
