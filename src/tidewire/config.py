@@ -123,7 +123,7 @@ class Settings:
     #: Request bodies (uploads, publishes, parameters) must average at least
     #: this many bytes per second, counted after `body_grace` seconds of
     #: waiting for them: slower ones get 408 and their connection is closed
-    #: (None: no minimum). Kestrel's defaults: a mobile link does 10x that.
+    #: (None or 0: no minimum). Kestrel's defaults: a slow mobile link does 10x that.
     min_body_rate: float | None = 240.0
     body_grace: float = 5.0
     #: Sockets `tidewire serve` holds open per process: from one IP address

@@ -76,7 +76,7 @@ class MinBodyRate:
         self.grace = grace
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or self.rate is None:
+        if scope["type"] != "http" or not self.rate:  # None or 0: no minimum
             await self.app(scope, receive, send)
             return
         rate, grace = self.rate, self.grace
