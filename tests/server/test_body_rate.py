@@ -9,6 +9,7 @@ rate finishes. The grace is short here so that the tests are quick.
 
 from __future__ import annotations
 
+import asyncio
 import select
 import socket
 import time
@@ -17,9 +18,12 @@ from pathlib import Path
 
 import httpx
 import pytest
+from starlette.requests import ClientDisconnect, Request
+from starlette.types import Message, Receive, Scope, Send
 
 from tests.conftest import QUICK, LiveServer
 from tidewire import Settings, Tidewire
+from tidewire.server.bodies import MinBodyRate
 from tidewire.storage.local import LocalStorage
 
 Serve = Callable[..., LiveServer]
@@ -190,3 +194,48 @@ def test_a_fair_sender_just_above_the_rate_finishes(server: LiveServer, http: ht
         sock.close()
     assert answer.startswith(b"HTTP/1.1 201 "), answer[:300]
     assert [f["size"] for f in http.get("/files").json()] == [LENGTH - len(part) - len(tail)]
+
+
+def run_middleware(pause_in_app: float, pause_in_client: float) -> list[Message]:
+    """A body of 4 chunks of 10 bytes through MinBodyRate (1000 B/s after 0.2 s): the app
+    pauses before each read, the client before each chunk; what the middleware sends."""
+    chunks: list[Message] = [
+        {"type": "http.request", "body": b"x" * 10, "more_body": i < 3} for i in range(4)
+    ]
+    sent: list[Message] = []
+
+    async def receive() -> Message:
+        await asyncio.sleep(pause_in_client)
+        return chunks.pop(0)
+
+    async def send(message: Message) -> None:
+        sent.append(message)
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        request = Request(scope, receive)
+        try:
+            async for _ in request.stream():
+                await asyncio.sleep(pause_in_app)
+        except ClientDisconnect:
+            await send({"type": "http.response.start", "status": 400, "headers": []})
+            await send({"type": "http.response.body", "body": b""})
+            return
+        await send({"type": "http.response.start", "status": 201, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    middleware = MinBodyRate(app, rate=1000, grace=0.2)
+    asyncio.run(middleware({"type": "http", "method": "PUT", "headers": []}, receive, send))
+    return sent
+
+
+def test_time_the_app_spends_elsewhere_is_not_the_clients() -> None:
+    # The app takes 0.3 s per chunk (1.2 s in all, six times the grace): the client is prompt.
+    [start, _] = run_middleware(pause_in_app=0.3, pause_in_client=0)
+    assert start["status"] == 201
+
+
+def test_time_the_app_waits_for_the_client_is() -> None:
+    [start, body] = run_middleware(pause_in_app=0, pause_in_client=0.3)
+    assert start["status"] == 408
+    assert (b"connection", b"close") in start["headers"]
+    assert b"bytes per second" in body["body"]
