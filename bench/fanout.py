@@ -25,12 +25,14 @@ from typing import Any
 import psutil
 
 from .clients import Watchers, run_load
-from .harness import Ctx, Servers, busy_cpu
-from .servers import Server, nchan, redis, tidewire
+from .harness import LIMITS_OFF, Ctx, Servers, busy_cpu, limits_checks
+from .servers import Server, nchan, redis, tidewire, unlimited
 
 __all__ = ["w3"]
 
 MEMORY, REDIS, NCHAN = "tidewire, 1 worker, memory", "tidewire, 2 workers, redis", "nchan"
+#: MEMORY with every limit out of reach, beside it: what the limits at their defaults cost.
+MEMORY_UNLIMITED = MEMORY + LIMITS_OFF
 P99_TARGET_MS = 250.0  # at the largest subscriber count, on 2 workers
 
 
@@ -60,7 +62,11 @@ def setups(ctx: Ctx) -> tuple[list[Setup], list[str]]:
             server = tidewire("tidewire-redis", None, ctx.work, "--workers", "2", "--broker", url)
             return srv.start(server, profile=False), broker
 
+        def memory_unlimited(srv: Servers) -> tuple[Server, Server | None]:
+            return srv.start(unlimited(tidewire(MEMORY_UNLIMITED, None, ctx.work))), None
+
         out.append(Setup(MEMORY, memory, channel, channel))
+        out.append(Setup(MEMORY_UNLIMITED, memory_unlimited, channel, channel))
         if ctx.redis is None:
             out.append(Setup(REDIS, shared, channel, channel, workers=2))
         else:
@@ -104,6 +110,7 @@ def w3(ctx: Ctx) -> dict[str, Any]:
         ok = nchan_row is not None and nchan_row is not r and r["p99_ms"] > 0
         r["vs"] = {"nchan": nchan_row["p99_ms"] / r["p99_ms"]} if ok and nchan_row else {}
     checks += w3_checks(rows, max(s.w3_subscribers))
+    checks += limits_checks(rows, "p99_ms", higher=False, match=("subscribers",))
     params = {
         "subscribers": "/".join(f"{n:,}" for n in s.w3_subscribers),
         "rate_per_s": s.w3_rate,

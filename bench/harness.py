@@ -5,13 +5,23 @@ from __future__ import annotations
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import psutil
 
 from .profile import Spy
 from .servers import Server
 
-__all__ = ["QUICK", "Ctx", "Servers", "Sizes", "busy_cpu", "median"]
+__all__ = [
+    "LIMITS_OFF",
+    "QUICK",
+    "Ctx",
+    "Servers",
+    "Sizes",
+    "busy_cpu",
+    "limits_checks",
+    "median",
+]
 
 
 @dataclass
@@ -109,3 +119,41 @@ def busy_cpu() -> float:
 
 def median(xs: list[float]) -> float:
     return statistics.median(xs) if xs else float("nan")
+
+
+LIMITS_OFF = " (limits off)"  # suffix of a row whose server has every limit out of reach
+LIMITS_MAX_COST = 0.05  # of events/s, or of p99 latency
+
+
+def limits_checks(
+    rows: list[dict[str, Any]], key: str, *, higher: bool, match: tuple[str, ...] = ()
+) -> list[str]:
+    """Each row at the default limits against its "(limits off)" twin (same `match` keys):
+    the ratio of `key` (events/s, higher is better; a latency, lower is better)."""
+    checks = []
+    for r in rows:
+        twin = next(
+            (
+                o
+                for o in rows
+                if o["server"] == r["server"] + LIMITS_OFF and all(o[m] == r[m] for m in match)
+            ),
+            None,
+        )
+        if twin is None or not twin[key] or not r[key]:
+            continue
+        x = r[key] / twin[key] if higher else twin[key] / r[key]
+        where = "".join(f", {r[m]:,} {m}" for m in match)
+        # CPU per event moves less with the machine's other load than rates and latencies.
+        cpu = "server_us_per_event"
+        also = (
+            f"; server CPU {r[cpu]:.1f} vs {twin[cpu]:.1f} us/event"
+            if r.get(cpu) is not None and twin.get(cpu) is not None
+            else ""
+        )
+        checks.append(
+            f"{r['server']}{where}: {key} {r[key]:,.1f} vs {twin[key]:,.1f}, {x:.2f}x of "
+            f"limits off (goal >= {1 - LIMITS_MAX_COST:.2f}x){also}: "
+            + ("PASS" if x >= 1 - LIMITS_MAX_COST else "FAIL")
+        )
+    return checks

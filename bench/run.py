@@ -29,7 +29,7 @@ from .apps.image import PNG, ensure_png
 from .client import w7
 from .clients import Watchers, run_load
 from .fanout import w3
-from .harness import QUICK, Ctx, Servers, Sizes, busy_cpu, median
+from .harness import LIMITS_OFF, QUICK, Ctx, Servers, Sizes, busy_cpu, limits_checks, median
 from .memory import w9
 from .servers import (
     Server,
@@ -41,6 +41,7 @@ from .servers import (
     tidewire,
     tidewire_auth,
     tidewire_available,
+    unlimited,
     uvicorn,
 )
 
@@ -125,11 +126,15 @@ def w1(ctx: Ctx) -> dict[str, Any]:
             bearer = {"Authorization": f"Bearer {mint_token(secret, 'streams=*')}"}
             path = f"/streams/demo?n={n}&interval=0"
             notes.append(auth_note(twa, "/streams/demo?n=1&interval=0", bearer, NDJSON))
+            # And with every limit out of reach: what the limits at their defaults cost.
+            twu = srv.start(unlimited(tidewire("tidewire" + LIMITS_OFF, None, ctx.work)))
             targets += [
                 Target("tidewire NDJSON", tw, path, NDJSON, "ndjson"),
                 Target("tidewire NDJSON" + AUTH_ON, twa, path, NDJSON, "ndjson", bearer),
+                Target("tidewire NDJSON" + LIMITS_OFF, twu, path, NDJSON, "ndjson"),
                 Target("tidewire SSE", tw, path, SSE, "sse"),
                 Target("tidewire SSE" + AUTH_ON, twa, path, SSE, "sse", bearer),
+                Target("tidewire SSE" + LIMITS_OFF, twu, path, SSE, "sse"),
             ]
         if png is None:
             notes.append("image: bench's generated PNG (tidewire's demo image was not available)")
@@ -151,6 +156,7 @@ def w1(ctx: Ctx) -> dict[str, Any]:
     report.ratios(rows, "events_per_s", ["original", "fastapi.sse", "sse-starlette"])
     goal = next((r for r in rows if r["server"] == "sse-starlette"), None)
     checks = auth_checks(rows, "events_per_s", runs)
+    checks += limits_checks(rows, "events_per_s", higher=True)
     for r in rows:
         if r["server"].startswith("tidewire") and goal and goal["events_per_s"]:
             x = r["events_per_s"] / goal["events_per_s"]

@@ -66,6 +66,34 @@ ONE_ADDRESS_LIMITS = {
 }
 
 
+#: Every limit of DESIGN.md "Limits" out of reach, for the "(limits off)" rows of W1 and W3:
+#: beside a server at the defaults, it says what the limits cost. (min_body_rate 0: none.)
+NO_LIMITS = {
+    f"TIDEWIRE_{name}": value
+    for name, value in {
+        "MAX_EVENT_BYTES": str(1 << 40),
+        "MAX_BODY_BYTES": str(1 << 40),
+        "MAX_RETAINED_BYTES": str(1 << 50),
+        "CHANNEL_MAX_BYTES": str(1 << 50),
+        "RUN_HISTORY_BYTES": str(1 << 50),
+        "MAX_CHANNELS": str(1 << 40),
+        "SUBSCRIBER_BUFFER_BYTES": str(1 << 50),
+        "STALL_TIMEOUT": str(1e9),
+        "MAX_HEADER_BYTES": str(1 << 40),
+        "HEADER_TIMEOUT": str(1e9),
+        "MIN_BODY_RATE": "0",
+        "MAX_SOCKETS_PER_ADDRESS": str(1 << 62),
+        "MAX_OPEN_UPLOADS": str(1 << 40),
+    }.items()
+}
+
+
+def unlimited(server: Server) -> Server:
+    """`server` (a `tidewire serve`) with every limit out of reach (NO_LIMITS)."""
+    server.extra_env.update(NO_LIMITS)
+    return server
+
+
 @dataclass
 class Server:
     name: str

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
+import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
@@ -10,10 +12,14 @@ import httpx
 import pytest
 
 from tests.conftest import QUICK, LiveServer
+from tests.s3_server import S3Server, s3_bucket_fixture, s3_server_fixture  # noqa: F401
 from tests.wire import read_ndjson, read_sse
 from tidewire import Blob, Message, Settings, Tidewire
+from tidewire.blobs import RUN_SLACK
 from tidewire.events import LargeBlob, dump_data, large_blobs
+from tidewire.storage import Storage
 from tidewire.storage.local import LocalStorage
+from tidewire.storage.s3 import S3Storage
 
 BIG = os.urandom(300 << 10)  # over the default limit of 256 KiB
 SMALL = b"\x89PNG small"
@@ -33,7 +39,11 @@ def test_dump_data_refuses_a_large_blob_until_told_where_it_is() -> None:
 
 
 def make(tmp_path: Path, settings: Settings = QUICK) -> Tidewire:
-    tw = Tidewire(storage=LocalStorage(tmp_path), settings=settings)
+    return make_with(LocalStorage(tmp_path), settings)
+
+
+def make_with(storage: Storage, settings: Settings = QUICK) -> Tidewire:
+    tw = Tidewire(storage=storage, settings=settings)
 
     @tw.stream
     async def pictures() -> AsyncIterator[object]:
@@ -99,3 +109,74 @@ def test_without_a_limit_every_blob_is_inline(
     [first, *_] = read_ndjson(f"{server.url}/streams/pictures")
     assert len(first["data"]["big"]["$blob"]["data"]) > len(BIG)
     assert httpx.get(f"{server.url}/files").json() == []
+
+
+@pytest.fixture(params=["local", "s3"])
+def storage_of(request: pytest.FixtureRequest, tmp_path: Path) -> Callable[[], Storage]:
+    """Makes the storage anew on the same data (as a restart would)."""
+    if request.param == "local":
+        return lambda: LocalStorage(tmp_path / "data")
+    server: S3Server = request.getfixturevalue("s3_server")
+    bucket = request.getfixturevalue("s3_bucket")
+    return lambda: S3Storage(bucket, "pre/", endpoint_url=server.endpoint)
+
+
+def test_blob_files_expire_with_their_events_and_uploads_stay(
+    serve: Callable[..., LiveServer], storage_of: Callable[[], Storage]
+) -> None:
+    # Channel events older than 2 s are trimmed: their blobs go soon after,
+    # swept by the app's lifespan; a run's live run_ttl + RUN_SLACK.
+    settings = Settings(heartbeat=QUICK.heartbeat, channel_max_age=2.0, run_ttl=5.0)
+    tw = make_with(storage_of(), settings)
+    server = serve(tw)
+    uploaded = httpx.post(f"{server.url}/files", files={"file": ("mine.png", BIG, "image/png")})
+    assert uploaded.status_code == 201
+    [mine] = [info["url"] for info in uploaded.json()]
+    [run_event, *_] = read_ndjson(f"{server.url}/streams/pictures")
+    run_blob = run_event["data"]["big"]["$blob"]["url"]
+    published = httpx.post(
+        f"{server.url}/channels/photos/events", files={"photo": ("p.png", BIG, "image/png")}
+    )
+    assert published.status_code == 201
+    [event] = read_ndjson(f"{server.url}/channels/photos/events?after=0", limit=1)
+    channel_blob = event["data"]["photo"]["$blob"]["url"]
+
+    async def expiries() -> dict[str, float | None]:
+        storage = storage_of()
+        try:
+            return {
+                url: (await storage.info(url.rsplit("/", 1)[-1])).expires
+                for url in (mine, run_blob)
+            }
+        finally:
+            await storage.aclose()
+
+    # Recorded with the files: a new storage on the same data reads them.
+    created = time.time()
+    found = asyncio.run(expiries())
+    assert found[mine] is None
+    run_expiry = found[run_blob]
+    assert run_expiry is not None
+    assert abs(run_expiry - (created + settings.run_ttl + RUN_SLACK)) < 30
+
+    # The lifespan's sweep deletes the channel's blob once its event is gone.
+    deadline = time.monotonic() + 20
+    while httpx.get(f"{server.url}{channel_blob}").status_code == 200:
+        assert time.monotonic() < deadline, "the channel's blob was not swept"
+        time.sleep(0.2)
+    assert httpx.get(f"{server.url}{channel_blob}").status_code == 404
+    assert httpx.get(f"{server.url}{run_blob}").status_code == 200
+    assert httpx.get(f"{server.url}{mine}").content == BIG
+
+    # Later (as after a restart: a new storage), the run's blob goes too; the
+    # user's file never does.
+    async def sweep_later() -> int:
+        storage = storage_of()
+        try:
+            return await storage.expire_files(run_expiry + 1)
+        finally:
+            await storage.aclose()
+
+    assert asyncio.run(sweep_later()) == 2  # the run's two events' blobs
+    assert httpx.get(f"{server.url}{run_blob}").status_code == 404
+    assert httpx.get(f"{server.url}{mine}").content == BIG

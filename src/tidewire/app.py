@@ -16,7 +16,7 @@ from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse
 
 from .auth import Authorize
-from .blobs import Blobs
+from .blobs import Blobs, expire_blobs, lifetimes
 from .broker import Broker, BrokerUnavailable, sweep_forever
 from .broker import from_url as broker_from_url
 from .channels import Channels
@@ -25,6 +25,7 @@ from .heap import trim_forever
 from .metrics import add_metrics_route, sample_forever, worker_exited
 from .quotas import ConnectionQuota, Quotas
 from .runs import Runs, StreamFunction
+from .server.bodies import MinBodyRate
 from .server.caching import NotStored, compressed
 from .server.channels import add_channel_routes
 from .server.files import add_file_routes
@@ -87,10 +88,13 @@ class Tidewire:
         self._storage = storage
         self.title = title
         self.streams: dict[str, StreamFunction] = {}
-        # Blobs over the inline limit go to storage, made when first needed.
-        blobs = Blobs(lambda: self.storage, self.settings.inline_blob_limit)
-        self.runs = Runs(self.broker, self.settings, blobs)
-        self.channels = Channels(self.broker, self.settings, blobs)
+        # Blobs over the inline limit go to storage, made when first needed;
+        # they expire with the events that carry them (blobs.lifetimes).
+        limit, (run_life, channel_life) = self.settings.inline_blob_limit, lifetimes(self.settings)
+        self.runs = Runs(self.broker, self.settings, Blobs(lambda: self.storage, limit, run_life))
+        self.channels = Channels(
+            self.broker, self.settings, Blobs(lambda: self.storage, limit, channel_life)
+        )
         #: What one client may hold and how fast it may publish (see quotas.py).
         self.quotas = Quotas(self.broker, self.settings, self.runs.instance)
         self.runs.quotas = self.quotas
@@ -158,10 +162,15 @@ class Tidewire:
         logs = asyncio.get_running_loop().create_task(sweep_forever(self.broker, idle))
         # Gauges of state (retained bytes) are sampled, not kept on the hot path.
         sampler = asyncio.get_running_loop().create_task(sample_forever(self.broker))
+        # Blob files go when their events can no longer be read (blobs.py).
+        every = min((life for life in lifetimes(self.settings) if life is not None), default=60)
+        blobs = asyncio.get_running_loop().create_task(
+            expire_blobs(lambda: self.storage, max(1.0, min(every / 4, 60.0)))
+        )
         try:
             yield
         finally:
-            for task in (sweeper, trimmer, logs, sampler):
+            for task in (sweeper, trimmer, logs, sampler, blobs):
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
@@ -197,6 +206,10 @@ class Tidewire:
         # Several routes share a path (/files/{id}): Allow names all their methods.
         app.add_exception_handler(405, method_not_allowed(self.router))
         app.add_exception_handler(Exception, _internal_error)
+        # Innermost: bodies that stop coming are cut (408) under every route.
+        app.add_middleware(
+            MinBodyRate, rate=self.settings.min_body_rate, grace=self.settings.body_grace
+        )
         # Outermost last: JSON answers are marked before gzip sees them.
         app.add_middleware(NotStored)
         app.add_middleware(compressed)

@@ -260,6 +260,7 @@ def serve(
     from .masking import mask
     from .metrics import MULTIPROC_ENV
     from .server.logs import log_config, redact_server_logs
+    from .server.protocol import socket_env
 
     try:
         wanted = Settings.load(config, os.environ, given, given_as=flag_name)
@@ -345,6 +346,7 @@ def serve(
     limits = settings if settings is not None else Settings.from_env()
     os.environ["TIDEWIRE_MAX_HEADER_BYTES"] = str(limits.max_header_bytes)
     os.environ["TIDEWIRE_HEADER_TIMEOUT"] = str(limits.header_timeout)
+    os.environ.update(socket_env(limits))  # and sockets (server/protocol.py)
     tune_gc()
     if workers > 1 and not os.environ.get(MULTIPROC_ENV):
         # Each worker counts into files here and /metrics sums them (metrics.py);

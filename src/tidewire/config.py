@@ -157,6 +157,18 @@ class Settings:
     #: seconds (else the connection is closed).
     max_header_bytes: int = 64 << 10
     header_timeout: float = 10.0
+    #: Request bodies (uploads, publishes, parameters) must average at least
+    #: this many bytes per second, counted after `body_grace` seconds of
+    #: waiting for them: slower ones get 408 and their connection is closed
+    #: (None or 0: no minimum). Kestrel's defaults: a slow mobile link does 10x that.
+    min_body_rate: float | None = 240.0
+    body_grace: float = 5.0
+    #: Sockets `tidewire serve` holds open per process: from one IP address
+    #: (None: no cap; addresses trusted to forward for others are not
+    #: capped), and in all (None: the file descriptor limit less a reserve;
+    #: never more). A socket past either is closed at once.
+    max_sockets_per_address: int | None = 1_000
+    max_sockets: int | None = None
 
     # -- operations (docs/operations.md) ----------------------------------------
     #: Bearer token that `GET /metrics` requires (constant-time compared).

@@ -473,6 +473,9 @@ def test_an_index_made_before_owners_is_migrated(tmp_path: Path) -> None:
         storage = LocalStorage(tmp_path)
         try:
             assert (await storage.info(old)).owner is None
+            # Nor any expiry (the column came later too): never swept.
+            assert (await storage.info(old)).expires is None
+            assert await storage.expire_files(10.0**12) == 0
             new = await storage.save(_once(b"x"), name="new.txt", type="text/plain", owner="al")
             assert [f.id for f in (await storage.list(limit=5)).files] == [new.id, old]
             assert [f.id for f in (await storage.list(limit=5, owner="al")).files] == [new.id]

@@ -294,6 +294,57 @@ def test_metadata_survives_a_restart(backend: Backend) -> None:
     backend.run(second)
 
 
+def test_files_saved_with_an_expiry_are_swept_after_a_restart(backend: Backend) -> None:
+    now = time.time()
+
+    async def first(storage: Storage) -> tuple[FileInfo, FileInfo, FileInfo]:
+        soon = await storage.save(
+            chunks(b"soon"), name="blob.png", type="image/png", expires=now + HOUR
+        )
+        later = await storage.save(
+            chunks(b"later"), name="blob.png", type="image/png", expires=now + 3 * HOUR
+        )
+        # A user's upload, of the same name even: never swept.
+        kept = await save(storage, b"mine", "blob.png")
+        assert (soon.expires, kept.expires) == (now + HOUR, None)
+        assert "expires" not in soon.json()  # not in the public metadata
+        assert await storage.expire_files(now) == 0
+        return soon, later, kept
+
+    soon, later, kept = backend.run(first)
+    before = backend.residue()
+
+    # A new storage on the same data: the expiry was stored with the file.
+    async def second(storage: Storage) -> None:
+        assert await storage.info(soon.id) == soon
+        assert await storage.expire_files(now + HOUR - 1) == 0
+        assert await storage.expire_files(now + 2 * HOUR) == 1
+        with pytest.raises(FileNotFound):
+            await storage.info(soon.id)
+        assert {f.id for f in (await storage.list(limit=10)).files} == {later.id, kept.id}
+        assert await storage.expire_files(now + 100 * HOUR) == 1
+        assert (await storage.list(limit=10)).files == [kept]
+        assert await read_all(storage, kept) == b"mine"
+        assert await storage.expire_files(now + 100 * HOUR) == 0
+
+    backend.run(second)
+    # Nothing of the swept files is left: bytes, metadata, markers.
+    gone = before - backend.residue()
+    assert {key for key in gone if soon.id in key or later.id in key} == gone
+    assert not {key for key in backend.residue() if soon.id in key or later.id in key}
+
+
+def test_a_deleted_file_with_an_expiry_leaves_nothing(backend: Backend) -> None:
+    async def body(storage: Storage) -> str:
+        info = await storage.save(chunks(b"x"), name="b", type="x", expires=time.time())
+        await storage.delete(info.id)
+        assert await storage.expire_files(time.time() + HOUR) == 0
+        return info.id
+
+    id = backend.run(body)
+    assert not {key for key in backend.residue() if id in key or "expiring" in key}
+
+
 # -- resumable uploads ---------------------------------------------------
 
 

@@ -17,6 +17,28 @@ numbers). So the httptools protocol is kept and guarded in front of its parser:
   the connection is closed. Idle keep-alive connections are uvicorn's
   (`timeout_keep_alive`).
 
+It also caps the sockets a process holds open, so that a flood of
+connections cannot take every file descriptor (measured before: 22,000
+sockets from one client, and /healthz refused). Both are checked as a socket
+is accepted (`connection_made`), before it costs more than its descriptor,
+and a socket past a cap is closed at once (reset), nothing sent:
+
+- `Settings.max_sockets_per_address`: sockets open from one IP address. Not
+  for the addresses trusted to forward for others (uvicorn's
+  `--forwarded-allow-ips`, 127.0.0.1 and ::1 by default): a proxy in front
+  speaks for all its clients, and bounds them itself (docs/deploy/nginx.conf).
+- `Settings.max_sockets`: sockets open in the process, at most the file
+  descriptor limit (RLIMIT_NOFILE, whose soft value is raised to the hard one)
+  less a reserve: asyncio accepts up to `backlog` sockets in one go before
+  any protocol sees them, and files, storage and broker connections need
+  descriptors too; so accept never fails with EMFILE.
+
+Both count the sockets of this process only: with `--workers N` each worker
+has its own counts (the kernel spreads connections over them), so one address
+may hold up to N times its cap. (`Settings.max_connections_per_client` is the
+cap shared by every process, checked per request: quotas.py.) WebSockets
+count until they close.
+
 The limits come from the `TIDEWIRE_*` environment, which `tidewire serve`
 sets from the app's settings, so that worker processes get them too.
 """
@@ -24,15 +46,27 @@ sets from the app's settings, so that worker processes get them too.
 from __future__ import annotations
 
 import asyncio
+import collections
 import functools
+import ipaddress
+import logging
+import resource
+import time
 from typing import Any
 
 import orjson
+from uvicorn.config import Config
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from ..config import Settings
 
-__all__ = ["HeaderLimitedProtocol", "header_limits"]
+__all__ = ["HeaderLimitedProtocol", "Sockets", "header_limits", "socket_caps", "socket_env"]
+
+logger = logging.getLogger("tidewire")
+
+#: Descriptors kept for what is not a client's socket (files being sent or
+#: stored, SQLite, Redis and S3 connections, logs), beside the accept backlog.
+RESERVE = 256
 
 
 @functools.cache
@@ -42,11 +76,166 @@ def header_limits() -> tuple[int, float]:
     return settings.max_header_bytes, settings.header_timeout
 
 
+def socket_caps(backlog: int) -> tuple[int, int | None]:
+    """`(max_sockets, max_sockets_per_address)` of this process.
+
+    The soft descriptor limit is raised to the hard one first (as Go's
+    runtime does): Debian's soft default of 1024 would cap a server at a few
+    hundred clients for no reason.
+    """
+    settings = Settings.from_env()
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError):
+            pass
+    if soft == resource.RLIM_INFINITY:
+        soft = 1 << 20
+    # At least a few, however low the limit: a server that accepts nothing is no use.
+    most = max(16, soft - backlog - RESERVE, soft // 4)
+    wanted = settings.max_sockets
+    return (most if wanted is None else min(wanted, most)), settings.max_sockets_per_address
+
+
+def socket_env(settings: Settings) -> dict[str, str]:
+    """The environment that hands `settings`' socket caps to worker processes.
+
+    "No cap" travels as a number no process reaches: the environment has no
+    spelling of None that `Settings.from_env` reads.
+    """
+    env = {"TIDEWIRE_MAX_SOCKETS_PER_ADDRESS": str(settings.max_sockets_per_address or 1 << 62)}
+    if settings.max_sockets is not None:
+        env["TIDEWIRE_MAX_SOCKETS"] = str(settings.max_sockets)
+    return env
+
+
+class Sockets:
+    """The sockets open in this process, in all and by address: who may have one more."""
+
+    def __init__(self, most: int, per_address: int | None, trusted: Any) -> None:
+        self.most = most
+        self.per_address = per_address
+        self.trusted = _trusted(trusted)
+        self.total = 0
+        self.by_address: collections.Counter[str] = collections.Counter()
+        #: The address each socket counts against (None: only in the total).
+        self.held: dict[asyncio.BaseTransport, str | None] = {}
+        self._warned = 0.0
+
+    def admit(self, transport: asyncio.BaseTransport) -> bool:
+        """Count a new socket, or say False (and count nothing) if it is one too many."""
+        peer = transport.get_extra_info("peername")
+        host = peer[0] if isinstance(peer, tuple) and peer else None
+        address = None if host is None or self._is_trusted(host) else host
+        if self.total >= self.most:
+            self._warn(f"{self.total} sockets open, the most this process takes (max_sockets)")
+            return False
+        if (
+            address is not None
+            and self.per_address is not None
+            and self.by_address[address] >= self.per_address
+        ):
+            self._warn(f"{address} has {self.per_address} sockets open (max_sockets_per_address)")
+            return False
+        self.total += 1
+        if address is not None:
+            self.by_address[address] += 1
+        self.held[transport] = address
+        return True
+
+    def release(self, transport: asyncio.BaseTransport) -> None:
+        """A counted socket closed (once per socket; again is nothing)."""
+        if transport not in self.held:
+            return
+        address = self.held.pop(transport)
+        self.total -= 1
+        if address is not None:
+            self.by_address[address] -= 1
+            if not self.by_address[address]:
+                del self.by_address[address]
+
+    def _is_trusted(self, host: str) -> bool:
+        if self.trusted is True:
+            return True
+        try:
+            ip = ipaddress.ip_address(host)
+        except ValueError:
+            return False
+        return any(ip in network for network in self.trusted)
+
+    def _warn(self, what: str) -> None:
+        # A flood refuses thousands of sockets a second: one line a minute says so.
+        now = time.monotonic()
+        if now - self._warned > 60:
+            self._warned = now
+            logger.warning("closing new sockets at once: %s", what)
+
+
+def _trusted(value: Any) -> Any:
+    """uvicorn's `forwarded_allow_ips` as networks; True for `*` (every address)."""
+    items = value.split(",") if isinstance(value, str) else list(value or ())
+    networks = []
+    for item in (str(i).strip() for i in items):
+        if item == "*":
+            return True
+        try:
+            networks.append(ipaddress.ip_network(item, strict=False))
+        except ValueError:
+            continue  # a literal uvicorn also accepts (a unix socket's name): no address
+    return networks
+
+
+@functools.cache
+def _sockets(backlog: int, trusted: str) -> Sockets:
+    most, per_address = socket_caps(backlog)
+    return Sockets(most, per_address, trusted)
+
+
+def sockets_of(config: Config) -> Sockets:
+    """This process's counts (one per server configuration, so one in practice)."""
+    trusted = config.forwarded_allow_ips if config.proxy_headers else ""
+    key = trusted if isinstance(trusted, str) else ",".join(trusted)
+    return _sockets(config.backlog, key)
+
+
+_COUNTED: dict[type[Any], type[Any]] = {}
+
+
+def _counted(ws_protocol: type[Any]) -> type[Any]:
+    """`ws_protocol`, releasing its socket's count when it closes.
+
+    A connection upgraded to a WebSocket is handed to another protocol
+    object, whose `connection_lost` is the one called in the end.
+    """
+    if ws_protocol in _COUNTED.values():
+        return ws_protocol
+    if ws_protocol not in _COUNTED:
+
+        class Counted(ws_protocol):  # type: ignore[misc]
+            def connection_lost(self, exc: Exception | None) -> None:
+                try:
+                    super().connection_lost(exc)
+                finally:
+                    sockets_of(self.config).release(self.transport)
+
+        Counted.__name__ = Counted.__qualname__ = f"Counted{ws_protocol.__name__}"
+        _COUNTED[ws_protocol] = Counted
+    return _COUNTED[ws_protocol]
+
+
 class HeaderLimitedProtocol(HttpToolsProtocol):
-    """uvicorn's httptools protocol: headers over the size limit get 431, too slow a close."""
+    """uvicorn's httptools protocol: headers over the size limit get 431, too slow a close.
+
+    And sockets past this process's caps are closed at once.
+    """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        self._sockets = sockets_of(self.config)
+        if self.ws_protocol_class is not None:
+            self.ws_protocol_class = _counted(self.ws_protocol_class)
         self._max_header_bytes, self._header_timeout = header_limits()
         #: Whether the next bytes are (the start of) a request's headers.
         self._in_headers = True
@@ -58,10 +247,16 @@ class HeaderLimitedProtocol(HttpToolsProtocol):
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
+        if not self._sockets.admit(transport):
+            # A reset frees the descriptor now, and the client learns at once.
+            self._refused = True
+            transport.abort()
+            return
         self._start_header_timer()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._stop_header_timer()
+        self._sockets.release(self.transport)
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:

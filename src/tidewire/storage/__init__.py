@@ -137,6 +137,10 @@ class FileInfo:
     #: off). It decides `read:own` and `delete`; not in the public metadata,
     #: so that listing files does not list who else uses the server.
     owner: str | None = None
+    #: When the storage's sweep (`expire_files`) deletes it, in seconds since
+    #: the epoch (None: never). Blobs that events carry expire with the events
+    #: (blobs.py); uploaded files never do. Not in the public metadata.
+    expires: float | None = None
 
     @property
     def url(self) -> str:
@@ -150,7 +154,7 @@ class FileInfo:
     def json(self) -> dict[str, Any]:
         """The public metadata: `{"id","name","size","type","sha256","created","url"}`."""
         data = asdict(self)
-        del data["owner"]
+        del data["owner"], data["expires"]
         return {**data, "url": self.url}
 
 
@@ -193,12 +197,15 @@ class Storage(Protocol):
         type: str,
         limit: int | None = None,
         owner: str | None = None,
+        expires: float | None = None,
     ) -> FileInfo:
         """Stream `chunks` into a new file, uploaded by `owner`; sha256 is computed on the way.
 
         More than `limit` bytes raise `TooLarge`; no space raises
         `StorageFull`. Either way, or if `chunks` raises (the client went
-        away), nothing of the file is left behind.
+        away), nothing of the file is left behind. With `expires` (seconds
+        since the epoch), `expire_files` deletes the file once that time has
+        passed; it is recorded with the file, so it holds across restarts.
         """
         ...
 
@@ -288,6 +295,14 @@ class Storage(Protocol):
 
         Unfinished ones go with their bytes; of finished ones only the state
         goes (their file stays), after which `upload` no longer finds them.
+        """
+        ...
+
+    async def expire_files(self, now: float | None = None) -> int:
+        """Delete the files saved with an `expires` that is past; returns how many.
+
+        It finds them by an index of expiry times (never by reading every
+        file's metadata), so it is cheap to run often.
         """
         ...
 

@@ -63,7 +63,8 @@ CREATE TABLE IF NOT EXISTS files (
     type TEXT NOT NULL,
     sha256 TEXT NOT NULL,
     created REAL NOT NULL,
-    owner TEXT
+    owner TEXT,
+    expires REAL
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS files_by_name ON files (name, id);
 """
@@ -71,8 +72,9 @@ CREATE INDEX IF NOT EXISTS files_by_name ON files (name, id);
 #: by migration (`_migrate`) must come after it.
 _INDEXES = """
 CREATE INDEX IF NOT EXISTS files_by_owner ON files (owner, id);
+CREATE INDEX IF NOT EXISTS files_by_expiry ON files (expires) WHERE expires IS NOT NULL;
 """
-_COLUMNS = "id, name, size, type, sha256, created, owner"
+_COLUMNS = "id, name, size, type, sha256, created, owner, expires"
 
 
 def _write_all(fd: int, data: bytes) -> None:
@@ -167,6 +169,7 @@ class LocalStorage(Uploads):
         type: str,
         limit: int | None = None,
         owner: str | None = None,
+        expires: float | None = None,
     ) -> FileInfo:
         with _space("nothing was stored"):
             await self._prepare()
@@ -190,6 +193,7 @@ class LocalStorage(Uploads):
                     sha256=sha.hexdigest(),
                     created=time.time(),
                     owner=owner,
+                    expires=expires,
                 )
                 await asyncio.to_thread(os.replace, tmp, self._files / info.id)
                 tmp = self._files / info.id
@@ -286,6 +290,26 @@ class LocalStorage(Uploads):
         for id in removed:
             self.forget_upload(id)
         return len(removed)
+
+    async def expire_files(self, now: float | None = None) -> int:
+        if not (self.root / "index.sqlite3").exists():
+            return 0
+        now = time.time() if now is None else now
+        ids = await self._db(
+            lambda db: [
+                row[0]
+                for row in db.execute(
+                    "SELECT id FROM files WHERE expires IS NOT NULL AND expires <= ?", (now,)
+                )
+            ]
+        )
+        removed = 0
+        for id in ids:
+            # Another process sweeping the same folder may have been first.
+            with contextlib.suppress(FileNotFound):
+                await self.delete(id)
+                removed += 1
+        return removed
 
     async def aclose(self) -> None:
         if self._db_thread is not None:
@@ -553,11 +577,14 @@ def _migrate(db: sqlite3.Connection) -> None:
     control on, only `read` and admin reach them.
     """
     columns = {row[1] for row in db.execute("PRAGMA table_info(files)")}
-    if "owner" not in columns:
+    # Files stored before blobs expired never expire (NULL).
+    for column, kind in (("owner", "TEXT"), ("expires", "REAL")):
+        if column in columns:
+            continue
         # Several processes may open the same old index at once: the one that
         # loses the race finds the column there already.
         try:
-            db.execute("ALTER TABLE files ADD COLUMN owner TEXT")
+            db.execute(f"ALTER TABLE files ADD COLUMN {column} {kind}")
         except sqlite3.OperationalError as exc:
             if "duplicate column" not in str(exc):
                 raise
@@ -565,8 +592,17 @@ def _migrate(db: sqlite3.Connection) -> None:
 
 def _insert(db: sqlite3.Connection, info: FileInfo) -> None:
     db.execute(
-        f"INSERT INTO files ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)",
-        (info.id, info.name, info.size, info.type, info.sha256, info.created, info.owner),
+        f"INSERT INTO files ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+        (
+            info.id,
+            info.name,
+            info.size,
+            info.type,
+            info.sha256,
+            info.created,
+            info.owner,
+            info.expires,
+        ),
     )
 
 

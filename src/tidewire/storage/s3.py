@@ -5,6 +5,10 @@
                                         listing meta/ lists files newest first
     <prefix>names/<sha256(name)>/<id>   empty markers: `find` lists one small
                                         folder instead of reading every file's
+    <prefix>expiring/<time>/<id>        empty markers of files saved with an expiry
+                                        (`<time>`: its epoch second, 12 digits, so
+                                        listing them lists the soonest first):
+                                        `expire_files` lists only those past
     <prefix>uploads/<id>.json           a resumable upload's state, with the parts
                                         of its S3 multipart upload
     <prefix>uploads/<id>.tail           its last bytes while they are too few for
@@ -33,6 +37,7 @@ import asyncio
 import contextlib
 import hashlib
 import json
+import math
 import time
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Iterable, Iterator
 from contextlib import AbstractAsyncContextManager
@@ -141,6 +146,7 @@ class S3Storage(Uploads):
         type: str,
         limit: int | None = None,
         owner: str | None = None,
+        expires: float | None = None,
     ) -> FileInfo:
         s3 = await self._s3()
         id = new_id()
@@ -164,6 +170,7 @@ class S3Storage(Uploads):
                         sha256=sha.hexdigest(),
                         created=time.time(),
                         owner=owner,
+                        expires=expires,
                     )
                     published = info
                     await self._publish(info)
@@ -305,6 +312,26 @@ class S3Storage(Uploads):
                     )
         return removed
 
+    async def expire_files(self, now: float | None = None) -> int:
+        s3 = await self._s3()
+        now = time.time() if now is None else now
+        folder = f"{self.prefix}expiring/"
+        removed = 0
+        async for key in self._keys(folder):
+            when, _, id = key.removeprefix(folder).partition("/")
+            if not when.isdigit() or int(when) > now:
+                break  # soonest first: the rest are not due either
+            if valid_id(id):
+                try:
+                    await self._unpublish(await self.info(id))
+                    removed += 1
+                except FileNotFound:
+                    # Deleted already, or its save died before the metadata
+                    # was written: its bytes may be there still.
+                    await s3.delete_object(Bucket=self.bucket, Key=self._file(id))
+            await s3.delete_object(Bucket=self.bucket, Key=key)
+        return removed
+
     async def aclose(self) -> None:
         if self._stack is not None:
             stack, self._stack, self._client = self._stack, None, None
@@ -320,6 +347,11 @@ class S3Storage(Uploads):
 
     def _name(self, name: str, id: str) -> str:
         return f"{self.prefix}names/{_name_hash(name)}/{id}"
+
+    def _expiring(self, info: FileInfo) -> str:
+        assert info.expires is not None
+        # Rounded up, so that a marker is never due before its file.
+        return f"{self.prefix}expiring/{math.ceil(info.expires):012d}/{info.id}"
 
     def _state_key(self, id: str) -> str:
         return f"{self.prefix}uploads/{id}.json"
@@ -436,19 +468,23 @@ class S3Storage(Uploads):
     async def _publish(self, info: FileInfo) -> None:
         s3 = self._s3_now()
         await s3.put_object(Bucket=self.bucket, Key=self._name(info.name, info.id), Body=b"")
+        if info.expires is not None:
+            # Before the metadata: a listed file that expires is always swept.
+            await s3.put_object(Bucket=self.bucket, Key=self._expiring(info), Body=b"")
         # Last: from now on the file is listed.
-        await self._put_json(self._meta(info.id), {**info.json(), "owner": info.owner})
+        meta = {**info.json(), "owner": info.owner, "expires": info.expires}
+        await self._put_json(self._meta(info.id), meta)
 
     async def _unpublish(self, info: FileInfo) -> None:
         s3 = self._s3_now()
         # First: from now on the file is not listed.
         await s3.delete_object(Bucket=self.bucket, Key=self._meta(info.id))
+        keys = [self._name(info.name, info.id), self._file(info.id)]
+        if info.expires is not None:
+            keys.append(self._expiring(info))
         await s3.delete_objects(
             Bucket=self.bucket,
-            Delete={
-                "Objects": [{"Key": self._name(info.name, info.id)}, {"Key": self._file(info.id)}],
-                "Quiet": True,
-            },
+            Delete={"Objects": [{"Key": key} for key in keys], "Quiet": True},
         )
 
     async def _discard(self, target: _Object, info: FileInfo | None) -> None:
@@ -746,6 +782,7 @@ def _file_info(meta: dict[str, Any]) -> FileInfo:
         sha256=meta["sha256"],
         created=meta["created"],
         owner=meta.get("owner"),
+        expires=meta.get("expires"),
     )
 
 
