@@ -120,6 +120,10 @@ class Settings:
     #: seconds (else the connection is closed).
     max_header_bytes: int = 64 << 10
     header_timeout: float = 10.0
+    #: Seconds a drain (SIGTERM) gives requests in flight and running runs
+    #: to finish; runs still running then are cancelled (their `finally` runs,
+    #: within `close_timeout`).
+    drain_timeout: float = 30.0
 
     @property
     def auth(self) -> bool:

@@ -225,6 +225,11 @@ class Coordination(Protocol):
 class Broker(Logs, Coordination, Protocol):
     """Logs and coordination, from one backend (memory, or one Redis)."""
 
+    async def ping(self) -> None:
+        """Return once the backend answers; raise `BrokerUnavailable` if it cannot
+        be reached (`/readyz` bounds the wait)."""
+        ...
+
     async def aclose(self) -> None:
         """Release the broker's resources."""
         ...

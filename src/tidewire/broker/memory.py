@@ -485,6 +485,9 @@ class MemoryBroker(_State):
         for kind, members in self._kinds.items():
             self._drop_idle(members, self._idle_ttl.get(kind), now)
 
+    async def ping(self) -> None:
+        """This process's memory always answers."""
+
     async def aclose(self) -> None:
         for name in list(self._logs):
             await self.delete(name)

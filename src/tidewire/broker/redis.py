@@ -855,6 +855,10 @@ class RedisBroker:
 
     # -- coordination (the `Coordination` protocol) ---------------------------
 
+    async def ping(self) -> None:
+        async with self._command():
+            await self._redis.ping()
+
     async def put_state(
         self, key: str, fields: Mapping[str, str], ttl: float | None = None
     ) -> None:
