@@ -14,7 +14,8 @@ from pathlib import Path
 from tidewire import Settings, Tidewire
 
 tw = Tidewire(
-    settings=Settings(
+    # From the environment too, for what a test sets there (TIDEWIRE_DRAIN_TIMEOUT).
+    settings=Settings.from_env(
         heartbeat=0.5,
         lease=1.5,
         disconnect_grace=1.0,
