@@ -155,6 +155,13 @@ class Tidewire:
         """
         timeout = self.settings.drain_timeout if timeout is None else timeout
         self.drain_state.begin()
+        if not self.broker.shared:
+            # The watchers of attached runs were just told to go, and none can
+            # come back: no other process reads this broker, and this one
+            # takes no new watches. Detached runs (jobs) get their time.
+            for run in list(self.runs.runs_here()):
+                if run.attached:
+                    self.runs.cancel_here(run)
         finished = await self.drain_state.wait(timeout, lambda: self.runs.running > 0)
         if not finished:
             logger.warning(

@@ -100,7 +100,9 @@ def test_sigterm_tells_streams_finishes_an_upload_refuses_new_work_and_exits_0(
     http = httpx.Client(base_url=server.url, timeout=10)
     http.post("/channels/c/events", json="first").raise_for_status()
     # Detached, and endless: it outlives the drain, which then cancels it.
-    endless = http.post("/streams/ticks?detach=true", json={"interval": 0.05}).json()["run"]
+    endless = http.post(
+        "/streams/ticks?detach=true", json={"interval": 0.05, "mark": "endless"}
+    ).json()["run"]
 
     # An upload in flight: 40 pieces, 0.1 s apart, the SIGTERM comes after the first.
     piece = b"x" * 4096
@@ -116,7 +118,9 @@ def test_sigterm_tells_streams_finishes_an_upload_refuses_new_work_and_exits_0(
         upload = pool.submit(httpx.put, f"{server.url}/files/big.bin", content=body(), timeout=30)
         # Live streams: an attached run over NDJSON, a channel over SSE, the
         # endless run watched over a WebSocket.
-        ndjson = stack.enter_context(http.stream("POST", "/streams/ticks", json={"interval": 0.05}))
+        ndjson = stack.enter_context(
+            http.stream("POST", "/streams/ticks", json={"interval": 0.05, "mark": "attached"})
+        )
         lines = ndjson.iter_lines()
         first_ndjson(lines)
         sse = stack.enter_context(
@@ -148,6 +152,11 @@ def test_sigterm_tells_streams_finishes_an_upload_refuses_new_work_and_exits_0(
         code, _, frames = closed_with(ws)
         assert code == 1012 and json.loads(frames[-1]) == notice
 
+        # On memory nobody can resume the attached run elsewhere: it is cancelled
+        # at once. The detached one goes on, for drain_timeout.
+        wait_for(lambda: (server.marks / "closed-attached").exists(), timeout=3)
+        assert not (server.marks / "closed-endless").exists()
+
         # The upload in flight finished, whole.
         uploaded = upload.result(timeout=30)
         assert uploaded.status_code == 201, uploaded.text
@@ -159,7 +168,7 @@ def test_sigterm_tells_streams_finishes_an_upload_refuses_new_work_and_exits_0(
     # The endless run held the drain for drain_timeout, then was cancelled,
     # its `finally` run (the mark) before the process ended.
     assert took >= 4
-    assert (server.marks / f"closed-{server.proc.pid}").exists()
+    assert (server.marks / "closed-endless").exists()
     assert "Traceback" not in output
 
 
@@ -175,8 +184,14 @@ def test_python_clients_resume_on_another_process_with_nothing_lost(
     balancer: type[Balancer],
 ) -> None:
     redis = start_redis(aof=False)
-    a = serve_process("--broker", redis.url)
-    b = serve_process("--broker", redis.url)
+    # A client that resumes on the draining process before the balancer has
+    # seen its /readyz turn (it polls every 0.1 s) gets a 503 and waits its
+    # backoff (SSE: up to `retry:`, 2 s) before it tries again: its run keeps
+    # its place that long (disconnect_grace; 10 s by default).
+    # The runs (4 s) end within drain_timeout.
+    env = {"TIDEWIRE_DISCONNECT_GRACE": "5", "TIDEWIRE_DRAIN_TIMEOUT": "30"}
+    a = serve_process("--broker", redis.url, env=env)
+    b = serve_process("--broker", redis.url, env=env)
     front = balancer([a.url, b.url])
     front.wait_ready()
     front.pin(a.url)  # the streams begin on a

@@ -318,6 +318,9 @@ class MemoryBroker(_State):
     `max_retained_bytes` bounds all its logs together (see `broker`).
     """
 
+    #: No other process reads these logs.
+    shared = False
+
     def __init__(self, *, max_retained_bytes: int | None = None) -> None:
         super().__init__()
         self.max_retained_bytes = max_retained_bytes

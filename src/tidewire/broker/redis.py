@@ -398,6 +398,9 @@ class RedisBroker:
     the biggest go (their readers read them from Redis).
     """
 
+    #: Every process on the same Redis (and prefix) reads these logs.
+    shared = True
+
     #: How long one `XREAD` blocks, in milliseconds: how often the following
     #: task looks round when nothing happens.
     block_ms = 5_000
