@@ -151,7 +151,9 @@ class Tidewire:
         `router` mounted, the server's own shutdown waits for them) and runs
         of this process get `timeout` seconds (`drain_timeout`) to finish;
         runs still running then are cancelled, and this returns once their
-        `finally` has run (within `close_timeout`).
+        `finally` has run (within `close_timeout`). On a broker no other
+        process shares (memory), attached runs are cancelled at once: their
+        watchers cannot resume anywhere (docs/operations.md).
         """
         timeout = self.settings.drain_timeout if timeout is None else timeout
         self.drain_state.begin()

@@ -96,7 +96,8 @@ def status_of(url: str) -> int:
 def test_sigterm_tells_streams_finishes_an_upload_refuses_new_work_and_exits_0(
     serve_process: Callable[..., Serve],
 ) -> None:
-    server = serve_process(env={"TIDEWIRE_DRAIN_TIMEOUT": "4"})
+    # Longer than uvicorn's timeout_graceful_shutdown (5 s), which must not cut it short.
+    server = serve_process(env={"TIDEWIRE_DRAIN_TIMEOUT": "6"})
     http = httpx.Client(base_url=server.url, timeout=10)
     http.post("/channels/c/events", json="first").raise_for_status()
     # Detached, and endless: it outlives the drain, which then cancels it.
@@ -167,7 +168,7 @@ def test_sigterm_tells_streams_finishes_an_upload_refuses_new_work_and_exits_0(
     assert status == 0, output
     # The endless run held the drain for drain_timeout, then was cancelled,
     # its `finally` run (the mark) before the process ended.
-    assert took >= 4
+    assert took >= 6
     assert (server.marks / "closed-endless").exists()
     assert "Traceback" not in output
 
