@@ -18,7 +18,7 @@ from tidewire.broker import Broker
 from tidewire.broker.memory import MemoryBroker
 
 # Real Redis and S3-compatible servers, started by the tests that need them.
-pytest_plugins = ["tests.redis_server", "tests.s3_server", "tests.proxy"]
+pytest_plugins = ["tests.redis_server", "tests.s3_server", "tests.proxy", "tests.balancer"]
 
 
 class LiveServer:

@@ -28,6 +28,7 @@ from .runs import Runs, StreamFunction
 from .server.bodies import MinBodyRate
 from .server.caching import NotStored, compressed
 from .server.channels import add_channel_routes
+from .server.drain import SERVING, Drain, InFlight, readiness
 from .server.files import add_file_routes
 from .server.guard import Guard
 from .server.links import add_link_routes
@@ -98,6 +99,8 @@ class Tidewire:
         #: What one client may hold and how fast it may publish (see quotas.py).
         self.quotas = Quotas(self.broker, self.settings, self.runs.instance)
         self.runs.quotas = self.quotas
+        #: Whether this app drains, and what it waits for (see server/drain.py).
+        self.drain_state = Drain()
 
     @cached_property
     def storage(self) -> Storage:
@@ -143,6 +146,45 @@ class Tidewire:
         """Publish to a channel from server code; returns the event's id."""
         return await self.channels.publish(channel, data, event)
 
+    @property
+    def draining(self) -> bool:
+        """Whether a drain has begun: `/readyz` says 503, new work is refused."""
+        return self.drain_state.draining
+
+    async def drain(self, timeout: float | None = None) -> None:
+        """Drain this app, as `tidewire serve` does at SIGTERM; call it from the
+        shutdown of a server that embeds the app, before it stops.
+
+        From now on `/readyz` answers 503 and new runs, uploads, watches and
+        subscriptions get 503 with `Retry-After`; live streams get the
+        `unavailable` notice and end (their clients resume elsewhere).
+        Requests in flight (counted by `app`'s middleware: with only the
+        `router` mounted, the server's own shutdown waits for them) and runs
+        of this process get `timeout` seconds (`drain_timeout`) to finish;
+        runs still running then are cancelled, and this returns once their
+        `finally` has run (within `close_timeout`). On a broker no other
+        process shares (memory), attached runs are cancelled at once: their
+        watchers cannot resume anywhere (docs/operations.md).
+        """
+        timeout = self.settings.drain_timeout if timeout is None else timeout
+        self.drain_state.begin()
+        if not self.broker.shared:
+            # The watchers of attached runs were just told to go, and none can
+            # come back: no other process reads this broker, and this one
+            # takes no new watches. Detached runs (jobs) get their time.
+            for run in list(self.runs.runs_here()):
+                if run.attached:
+                    self.runs.cancel_here(run)
+        finished = await self.drain_state.wait(timeout, lambda: self.runs.running > 0)
+        if not finished:
+            logger.warning(
+                "drain: %d requests and %d runs still going after %gs; cancelling the runs",
+                self.drain_state.in_flight,
+                self.runs.running,
+                timeout,
+            )
+        await self.runs.cancel_all()
+
     async def aclose(self) -> None:
         """Cancel the running runs and close the broker."""
         await self.runs.aclose()
@@ -167,9 +209,11 @@ class Tidewire:
         blobs = asyncio.get_running_loop().create_task(
             expire_blobs(lambda: self.storage, max(1.0, min(every / 4, 60.0)))
         )
+        SERVING.add(self)  # what `tidewire serve` drains at SIGTERM
         try:
             yield
         finally:
+            SERVING.discard(self)
             for task in (sweeper, trimmer, logs, sampler, blobs):
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
@@ -195,6 +239,16 @@ class Tidewire:
         async def healthz() -> dict[str, Any]:
             return {"status": "ok", "streams": len(self.streams)}
 
+        @router.get(
+            "/readyz",
+            tags=["health"],
+            summary="Readiness: broker and storage answer, and no drain has begun",
+            responses={503: {"description": "draining, or the broker or storage does not answer"}},
+        )
+        async def readyz() -> JSONResponse:
+            status, body = await readiness(self)
+            return JSONResponse(body, status)
+
         return router
 
     @cached_property
@@ -216,6 +270,8 @@ class Tidewire:
         # A client over its connections is refused before any route runs;
         # inside CORS, so that a page can read the 429.
         app.add_middleware(ConnectionQuota, quotas=self.quotas, guard=self.guard)
+        # Requests in flight, which a drain waits for.
+        app.add_middleware(InFlight, drain=self.drain_state)
         # Origins are checked whether access control is on or off (origins.py
         # says why); CORS outside it, so that preflights never reach a route.
         app.add_middleware(OriginCheck, allow_origins=self.settings.allow_origins)

@@ -80,12 +80,16 @@ def tune_gc() -> None:
 
 
 def worker_app() -> Any:
-    """The app of one worker process: `tidewire serve --workers N` names it in the environment."""
+    """The app of one server process: `tidewire serve` names it in the environment."""
     from .server.logs import redact_server_logs
+    from .server.serving import drain_on_signals
 
     tune_gc()
     redact_server_logs()  # for any ASGI app, not only a Tidewire's
-    return load_app(os.environ["TIDEWIRE_APP"])[0]
+    app = load_app(os.environ["TIDEWIRE_APP"])[0]
+    # Called inside the server's event loop: SIGTERM drains, then exits 0.
+    drain_on_signals()
+    return app
 
 
 def fail(message: str) -> NoReturn:
@@ -336,10 +340,10 @@ def serve(
     typer.echo(f"tidewire {__version__}: serving {what} on {base}{shared}  (API docs: {base}/docs)")
     if app is None:
         typer.echo(f"  try: curl -N '{base}/streams/demo?n=5'")
-    if workers > 1:
-        # Worker processes import the app by name; this process only supervises.
-        os.environ["TIDEWIRE_APP"] = target
-        asgi = "tidewire.cli:worker_app"
+    # Each server process loads the app by name, inside its event loop, where
+    # SIGTERM is made to drain (worker_app); with workers, this one only supervises.
+    os.environ["TIDEWIRE_APP"] = target
+    asgi = "tidewire.cli:worker_app"
     # The limits the server enforces before the app sees a request: headers
     # (server/protocol.py reads them from the environment, in every worker)
     # and WebSocket frames, refused (1009) before they are buffered.
@@ -356,7 +360,7 @@ def serve(
         atexit.register(shutil.rmtree, metrics_dir, ignore_errors=True)
     uvicorn.run(
         asgi,
-        factory=workers > 1,
+        factory=True,
         workers=workers,
         host=host,
         port=port,

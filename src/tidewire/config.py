@@ -172,11 +172,15 @@ class Settings:
 
     # -- operations (docs/operations.md) ----------------------------------------
     #: Bearer token that `GET /metrics` requires (constant-time compared).
-    #: Unset: /metrics is open with access control off, and needs an admin
-    #: token with it on.
+    #: Unset: /metrics is open (DESIGN.md); `tidewire serve` warns when it is
+    #: reachable from other machines.
     metrics_token: str | None = None
     #: `text` (uvicorn's lines) or `json` (one object per line, with request ids).
     log_format: Literal["text", "json"] = "text"
+    #: Seconds a drain (SIGTERM) gives requests in flight and running runs
+    #: to finish; runs still running then are cancelled (their `finally` runs,
+    #: within `close_timeout`).
+    drain_timeout: float = 30.0
 
     @property
     def auth(self) -> bool:

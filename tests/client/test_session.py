@@ -88,6 +88,34 @@ def test_a_notice_without_id_is_not_an_event() -> None:
     assert sse.last_id == "3"
 
 
+@pytest.mark.parametrize(
+    ("transport", "notice"),
+    [
+        ("ndjson", b'{"event":"unavailable","data":{"draining":true}}\n'),
+        ("sse", b'event: unavailable\ndata: {"draining":true}\n\n'),
+        ("ws", '{"event":"unavailable","data":{"draining":true}}'),
+    ],
+)
+def test_the_unavailable_notice_makes_the_next_reconnect_immediate(
+    transport: Any, notice: bytes | str
+) -> None:
+    # A backoff that would wait at least 5 s: only the notice can make it 0.
+    s = Session(transport, identity, run_id="r", backoff=Backoff(initial=10.0, maximum=10.0))
+    first = '{"id":"r.1","event":"message","data":1}'
+    s.feed(
+        first
+        if transport == "ws"
+        else b"id: r.1\ndata: 1\n\n"
+        if transport == "sse"
+        else first.encode() + b"\n"
+    )
+    assert s.feed(notice) == []
+    assert s.dropped(None) == 0.0
+    assert s.target().params == {"after": "r.1"}
+    # Once: a connection that then fails again waits as usual.
+    assert s.dropped(ConnectError("down")) >= 5.0
+
+
 def test_end_and_cancelled_finish_a_run_and_error_raises_run_failed() -> None:
     s = Session("ws", identity, run_id="r")
     (end,) = s.feed('{"id":"2","event":"end","data":null}')

@@ -225,6 +225,15 @@ class Coordination(Protocol):
 class Broker(Logs, Coordination, Protocol):
     """Logs and coordination, from one backend (memory, or one Redis)."""
 
+    #: Whether other processes read these logs (and may serve a run's
+    #: watchers while the process that runs it drains).
+    shared: bool
+
+    async def ping(self) -> None:
+        """Return once the backend answers; raise `BrokerUnavailable` if it cannot
+        be reached (`/readyz` bounds the wait)."""
+        ...
+
     async def aclose(self) -> None:
         """Release the broker's resources."""
         ...

@@ -318,6 +318,9 @@ class MemoryBroker(_State):
     `max_retained_bytes` bounds all its logs together (see `broker`).
     """
 
+    #: No other process reads these logs.
+    shared = False
+
     def __init__(self, *, max_retained_bytes: int | None = None) -> None:
         super().__init__()
         self.max_retained_bytes = max_retained_bytes
@@ -484,6 +487,9 @@ class MemoryBroker(_State):
                 self._bytes -= target.trim(retention, now)
         for kind, members in self._kinds.items():
             self._drop_idle(members, self._idle_ttl.get(kind), now)
+
+    async def ping(self) -> None:
+        """This process's memory always answers."""
 
     async def aclose(self) -> None:
         for name in list(self._logs):

@@ -398,6 +398,9 @@ class RedisBroker:
     the biggest go (their readers read them from Redis).
     """
 
+    #: Every process on the same Redis (and prefix) reads these logs.
+    shared = True
+
     #: How long one `XREAD` blocks, in milliseconds: how often the following
     #: task looks round when nothing happens.
     block_ms = 5_000
@@ -854,6 +857,10 @@ class RedisBroker:
                 mirror.clear()
 
     # -- coordination (the `Coordination` protocol) ---------------------------
+
+    async def ping(self) -> None:
+        async with self._command():
+            await self._redis.ping()
 
     async def put_state(
         self, key: str, fields: Mapping[str, str], ttl: float | None = None

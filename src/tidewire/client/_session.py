@@ -17,7 +17,7 @@ from urllib.parse import quote
 import orjson
 
 from ..events import SSEDecoder
-from ..wire import AFTER_HEADER, ERROR, GAP, RUN_HEADER, SSE, TERMINAL_EVENTS
+from ..wire import AFTER_HEADER, ERROR, GAP, RUN_HEADER, SSE, TERMINAL_EVENTS, UNAVAILABLE
 from ._models import Event
 from .exceptions import (
     Disconnected,
@@ -114,6 +114,9 @@ class Session:
         self._backoff = backoff or Backoff()
         self._failures = 0
         self._flowing = False
+        # The server said `unavailable` (draining, or its broker is down):
+        # the next connection is made at once, not after a backoff.
+        self._resume_now = False
         self._buffer = b""
         self._sse = SSEDecoder()
 
@@ -166,10 +169,15 @@ class Session:
     def _accept(self, raw: list[tuple[str | None, str, Any]]) -> list[Event]:
         events: list[Event] = []
         for id, kind, value in raw:
-            if id is None:
-                # A notice outside the log (`unavailable`: the broker is down
-                # and the server will end this response); resume from last_id.
+            if kind == UNAVAILABLE:
+                # A notice outside the log (no id; over SSE, the decoder's last
+                # one): the server is draining or lost its broker, and ends
+                # this response. Resume from last_id at once, here or (behind
+                # a balancer) on another process.
+                self._resume_now = True
                 continue
+            if id is None:
+                continue  # another notice outside the log: nothing to deliver
             if self.done or id == self.last_id:
                 continue  # already delivered before a reconnect
             self.last_id = id
@@ -206,6 +214,7 @@ class Session:
             raise error
         self._failures += 1
         self.reconnects += 1
+        resume_now, self._resume_now = self._resume_now, False
         if self._failures > self._retries:
             what = f"run {self.run_id}" if self.run_id else f"channel {self.channel}"
             raise Disconnected(
@@ -214,6 +223,8 @@ class Session:
                 attempts=self._failures - 1,
                 last_id=self.last_id,
             ) from error
+        if resume_now:
+            return 0.0  # told by the server: no need to wait and see
         return self._backoff.next()
 
 

@@ -549,11 +549,16 @@ class Runs:
         self._trim = None
         trim()
 
-    async def aclose(self) -> None:
-        """Cancel every run here and wait for them to wind up."""
+    async def cancel_all(self) -> None:
+        """Cancel every run running here and wait for them to wind up (their
+        generators get `close_timeout` for their `finally`)."""
         tasks = [run.task for run in self._runs.values() if run.task and self.cancel_here(run)]
         if tasks:
             await asyncio.wait(tasks, timeout=self.settings.close_timeout + 1)
+
+    async def aclose(self) -> None:
+        """Cancel every run here and wait for them to wind up."""
+        await self.cancel_all()
         self.cluster.aclose()
         for task in self._cancelling_unwatched:
             task.cancel()

@@ -87,6 +87,7 @@ async def read_message(request: Request, limit: int) -> Any:
 def add_channel_routes(router: APIRouter, tw: Tidewire) -> None:
     channels = tw.channels
     guard = tw.guard
+    drain = tw.drain_state
     # The server refuses larger WebSocket frames itself when `tidewire serve`
     # runs it (ws_max_size, close 1009 before the frame is buffered); this is
     # the second line, for servers configured otherwise.
@@ -155,6 +156,7 @@ def add_channel_routes(router: APIRouter, tw: Tidewire) -> None:
 
     async def subscribe(request: Request) -> LogResponse:
         """Subscribe: live from now, or from Last-Event-ID / ?after= (0: all retained)."""
+        drain.refuse()
         await guard.check(request, "subscribe", request.path_params["name"])
         log = log_of(request.path_params["name"])
         check_after(request)
@@ -172,7 +174,9 @@ def add_channel_routes(router: APIRouter, tw: Tidewire) -> None:
         # before any event can resume from there and miss nothing. (SSE
         # clients, which cannot read headers, get it as the first block's id.)
         headers = {AFTER_HEADER: cursor.after, **ahead_header(notice)}
-        return LogResponse(cursor, negotiate(request), headers, tw.settings.sse_retry_ms, notice)
+        return LogResponse(
+            cursor, negotiate(request), headers, tw.settings.sse_retry_ms, notice, drain
+        )
 
     add_stream_route(
         router,
@@ -191,6 +195,7 @@ def add_channel_routes(router: APIRouter, tw: Tidewire) -> None:
     @router.websocket("/channels/{name}/ws")
     async def subscribe_ws(websocket: WebSocket, name: str) -> None:
         try:
+            drain.refuse()
             identity = await guard.check(websocket, "subscribe", name)
             log = log_of(name)
             after = await start_position(log, resume_position(websocket, "") or None)
@@ -268,4 +273,4 @@ def add_channel_routes(router: APIRouter, tw: Tidewire) -> None:
             await deny_websocket(websocket, exc)
             return
         headers = {AFTER_HEADER: cursor.after, **ahead_header(notice)}
-        await stream_websocket(websocket, cursor, headers, on_text, on_bytes, notice)
+        await stream_websocket(websocket, cursor, headers, on_text, on_bytes, notice, drain)

@@ -235,6 +235,7 @@ def add_original_file_routes(router: APIRouter, tw: Tidewire) -> None:
     """
 
     async def upload(request: Request) -> Response:
+        tw.drain_state.refuse()
         identity = await tw.guard.check(request, "files:write", "")
         try:
             [info] = await receive_files(request, tw, most=1, owner=owner_of_new(tw, identity))

@@ -303,6 +303,7 @@ def add_file_routes(router: APIRouter, tw: Tidewire) -> None:
         openapi_extra=_MULTIPART_BODY,
     )
     async def upload_files(request: Request) -> Response:
+        tw.drain_state.refuse()
         # The names come with the body: the policy hook sees "" for them.
         identity = await guard.check(request, "files:write", "")
         try:
@@ -330,6 +331,7 @@ def add_file_routes(router: APIRouter, tw: Tidewire) -> None:
     )
     async def put_file(request: Request) -> Response:
         """The name in the URL is only the file's label; the server makes its id."""
+        tw.drain_state.refuse()
         filename = request.path_params["file_id"]
         identity = await guard.identify(request)
         try:

@@ -137,6 +137,7 @@ def validate(
 def add_stream_routes(router: APIRouter, tw: Tidewire) -> None:
     runs = tw.runs
     guard = tw.guard
+    drain = tw.drain_state
 
     def get_stream(name: str) -> StreamFunction:
         stream = tw.streams.get(name)
@@ -191,7 +192,9 @@ def add_stream_routes(router: APIRouter, tw: Tidewire) -> None:
         request: Request, run: Run, cur: LogCursor, notice: Envelope | None = None
     ) -> LogResponse:
         headers = {RUN_HEADER: run.id, **ahead_header(notice)}
-        return LogResponse(cur, negotiate(request), headers, tw.settings.sse_retry_ms, notice)
+        return LogResponse(
+            cur, negotiate(request), headers, tw.settings.sse_retry_ms, notice, drain
+        )
 
     def log_position(run: Run, after: str) -> str:
         """The log's own id in a run's event id (`<run id>.<log id>`; the log's id
@@ -278,6 +281,7 @@ def add_stream_routes(router: APIRouter, tw: Tidewire) -> None:
         return await start(request, name)
 
     async def start(request: Request, name: str, detach: bool = False) -> Response:
+        drain.refuse()  # a run, or a watch of one (a reconnect)
         identity = await guard.check(request, "stream", name)
         stream = get_stream(name)
         last_id = request.headers.get(LAST_EVENT_ID)
@@ -324,6 +328,7 @@ def add_stream_routes(router: APIRouter, tw: Tidewire) -> None:
     @router.websocket("/streams/{name}/ws")
     async def start_ws(websocket: WebSocket, name: str) -> None:
         try:
+            drain.refuse()
             identity = await guard.check(websocket, "stream", name)
             stream = get_stream(name)
             params = validate(
@@ -334,7 +339,7 @@ def add_stream_routes(router: APIRouter, tw: Tidewire) -> None:
             await deny_websocket(websocket, exc)
             return
         cur = cursor(run, "0", new=True)
-        await stream_websocket(websocket, cur, {RUN_HEADER: run.id})
+        await stream_websocket(websocket, cur, {RUN_HEADER: run.id}, drain=drain)
 
     @router.get(
         "/runs/{run_id}",
@@ -348,6 +353,7 @@ def add_stream_routes(router: APIRouter, tw: Tidewire) -> None:
 
     async def watch(request: Request) -> Response:
         """Watch a run: history first, then live; resume with Last-Event-ID or ?after=."""
+        drain.refuse()
         identity = await guard.identify(request)
         run = await get_run(request.path_params["run_id"], identity)
         after = log_position(run, resume_position(request, "0"))
@@ -374,6 +380,7 @@ def add_stream_routes(router: APIRouter, tw: Tidewire) -> None:
     @router.websocket("/runs/{run_id}/ws", name="watch_run_ws")
     async def watch_ws(websocket: WebSocket, run_id: str) -> None:
         try:
+            drain.refuse()
             run = await get_run(run_id, await guard.identify(websocket))
             after = log_position(run, resume_position(websocket, "0"))
         except (HTTPException, BrokerUnavailable) as exc:
@@ -389,7 +396,7 @@ def add_stream_routes(router: APIRouter, tw: Tidewire) -> None:
         headers = {RUN_HEADER: run.id, **ahead_header(notice)}
         # At a finished run's end: no 204 here (a handshake is not a watch);
         # the socket closes at once with 1000, as it does after `end`.
-        await stream_websocket(websocket, cur, headers, notice=notice)
+        await stream_websocket(websocket, cur, headers, notice=notice, drain=drain)
 
     @router.delete(
         "/runs/{run_id}",

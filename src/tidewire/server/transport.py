@@ -25,7 +25,7 @@ from typing import Literal
 
 from fastapi.sse import KEEPALIVE_COMMENT
 from starlette.responses import Response
-from starlette.types import Receive, Scope, Send
+from starlette.types import Message, Receive, Scope, Send
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
 from ..broker import Batch, Broker, BrokerUnavailable
@@ -33,6 +33,7 @@ from ..events import NDJSON_HEARTBEAT, Envelope, dump_data
 from ..metrics import GAPS, connections
 from ..runs import Watcher
 from ..wire import GAP, NDJSON, POSITION, SSE, UNAVAILABLE, WARNING_HEADER
+from .drain import Drain
 
 __all__ = [
     "Format",
@@ -208,6 +209,18 @@ UNAVAILABLE_NDJSON = b'{"event":"%s","data":%s}\n' % (UNAVAILABLE.encode(), dump
 UNAVAILABLE_SSE = b"event: %s\ndata: %s\n\n" % (UNAVAILABLE.encode(), dump_data(_UNAVAILABLE))
 #: WebSocket close code for the same: 1013, "try again later".
 UNAVAILABLE_CLOSE = 1013
+
+# The server is draining (SIGTERM): the same notice, saying so; the client
+# resumes at once, from its last id, on another process.
+_DRAINING = {
+    "message": "the server is shutting down; reconnect and resume from your last id",
+    "draining": True,
+}
+DRAINING_NDJSON = b'{"event":"%s","data":%s}\n' % (UNAVAILABLE.encode(), dump_data(_DRAINING))
+DRAINING_SSE = b"event: %s\ndata: %s\n\n" % (UNAVAILABLE.encode(), dump_data(_DRAINING))
+DRAINING_WS = b'{"event":"%s","data":%s}' % (UNAVAILABLE.encode(), dump_data(_DRAINING))
+#: WebSocket close code after the notice: 1012, "service restart".
+DRAINING_CLOSE = 1012
 #: WebSocket close code for a run watcher cut for stalling the run (`stall_timeout`).
 STALLED_CLOSE = 1008
 
@@ -270,6 +283,7 @@ class LogResponse(Response):
         headers: dict[str, str],
         retry_ms: int,
         notice: Envelope | None = None,
+        drain: Drain | None = None,
     ):
         # Not Response.__init__: it would add `content-length: 0`; this body is chunked.
         self.status_code = 200
@@ -285,6 +299,9 @@ class LogResponse(Response):
         self.fmt = fmt
         self.retry_ms = retry_ms
         self.notice = notice  # a `gap` to send before anything else
+        self.drain = drain
+        self._started = False  # the response's start was sent
+        self._ended = False  # and its end
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         watcher = self.cursor.watcher
@@ -297,16 +314,45 @@ class LogResponse(Response):
         # alive for as long as the stream, on every idle connection.
         gauge = connections(self.fmt, _kind(self.cursor))
         gauge.inc()
+        drain = self.drain
+        cut = _cut(watcher, drain)
         try:
-            await until_disconnected(
-                receive, self._write(send), cut=None if watcher is None else _stalled(watcher)
-            )
+            if drain is None:
+                await until_disconnected(receive, self._write(send), cut=cut)
+            else:
+                # A drain's start cancels this task: the client is then told.
+                with drain.live():
+                    if not drain.draining:
+                        await until_disconnected(receive, self._write(send), cut=cut)
+                if drain.draining and not self._ended:
+                    await self._tell_draining(send)
         finally:
             gauge.dec()
             self.cursor.close()
 
+    async def _tell_draining(self, send: Send) -> None:
+        """End this response with the `unavailable` notice: the server is draining."""
+        sse = self.fmt == "sse"
+        messages: list[Message] = []
+        if not self._started:
+            messages.append(
+                {"type": "http.response.start", "status": 200, "headers": self.raw_headers}
+            )
+        body = DRAINING_SSE if sse else DRAINING_NDJSON
+        messages.append({"type": "http.response.body", "body": body, "more_body": False})
+        # A client that reads nothing may not take it either: it has a second.
+        with contextlib.suppress(Exception):
+            async with asyncio.timeout(1.0):
+                for message in messages:
+                    await send(message)
+
     async def _write(self, send: Send) -> None:
         await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
+        self._started = True
+        await self._follow(send)
+        self._ended = True
+
+    async def _follow(self, send: Send) -> None:
         sse = self.fmt == "sse"
         heartbeat = KEEPALIVE_COMMENT if sse else NDJSON_HEARTBEAT
         cursor = self.cursor
@@ -392,8 +438,14 @@ def _canceller() -> Callable[[], object]:
     return task.cancel
 
 
-def _stalled(watcher: Watcher) -> Callable[[], bool]:
-    return lambda: watcher.stalled
+def _cut(watcher: Watcher | None, drain: Drain | None) -> Callable[[], bool] | None:
+    """Whether a cancelled response was cut on purpose: its run watcher
+    stalled the run, or a drain began."""
+    if watcher is None and drain is None:
+        return None
+    return lambda: (
+        (watcher is not None and watcher.stalled) or (drain is not None and drain.draining)
+    )
 
 
 async def until_disconnected(
@@ -446,17 +498,26 @@ async def stream_websocket(
     on_text: Callable[[str], Awaitable[None]] | None = None,
     on_bytes: Callable[[bytes], Awaitable[None]] | None = None,
     notice: Envelope | None = None,
+    drain: Drain | None = None,
 ) -> None:
     """Follow a log over an accepted-here WebSocket, one envelope per text frame.
 
     Frames the client sends go to `on_text` / `on_bytes` (a channel publishes
     them); without a handler they are ignored. Idle heartbeats are the
     server's WebSocket pings (`tidewire serve` sets uvicorn's ping interval).
+    When `drain` begins, the client gets the `unavailable` notice and the
+    socket closes with 1012.
     """
+    await websocket.accept(headers=[(k.lower().encode(), v.encode()) for k, v in headers.items()])
+    # Counted inline, not in a `with`: see LogResponse.
     gauge = connections("ws", _kind(cursor))
     gauge.inc()
     try:
-        await _stream_websocket(websocket, cursor, headers, on_text, on_bytes, notice)
+        if drain is None:
+            await _stream_websocket(websocket, cursor, on_text, on_bytes, notice, None)
+            return
+        with drain.live():
+            await _stream_websocket(websocket, cursor, on_text, on_bytes, notice, drain)
     finally:
         gauge.dec()
 
@@ -464,12 +525,11 @@ async def stream_websocket(
 async def _stream_websocket(
     websocket: WebSocket,
     cursor: LogCursor,
-    headers: dict[str, str],
     on_text: Callable[[str], Awaitable[None]] | None,
     on_bytes: Callable[[bytes], Awaitable[None]] | None,
     notice: Envelope | None,
+    drain: Drain | None,
 ) -> None:
-    await websocket.accept(headers=[(k.lower().encode(), v.encode()) for k, v in headers.items()])
     task = asyncio.current_task()
     assert task is not None
 
@@ -492,6 +552,8 @@ async def _stream_websocket(
     if watcher is not None:
         watcher.on_stall = task.cancel
     try:
+        if drain is not None and drain.draining:
+            raise asyncio.CancelledError  # began while this one was accepted
         if notice is not None:
             await websocket.send_text(notice.ws())
         while True:
@@ -508,10 +570,19 @@ async def _stream_websocket(
         await websocket.close(UNAVAILABLE_CLOSE, "the broker is unreachable; resume later")
     except asyncio.CancelledError:
         stalled = watcher is not None and watcher.stalled
-        if not listener.done() and not stalled:
+        draining = drain is not None and drain.draining
+        if not listener.done() and not stalled and not draining:
             raise
-        task.uncancel()
-        if stalled:
+        if task.cancelling():
+            task.uncancel()
+        if draining and not listener.done():
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(1.0):  # a client that reads nothing has a second
+                    await websocket.send_text(DRAINING_WS.decode())
+                    await websocket.close(
+                        DRAINING_CLOSE, "the server is shutting down; resume from your last id"
+                    )
+        elif stalled:
             with contextlib.suppress(Exception):
                 async with asyncio.timeout(1.0):  # it reads nothing: it may not take this either
                     await websocket.close(

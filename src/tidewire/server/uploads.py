@@ -40,6 +40,7 @@ from ..metrics import uploaded
 from ..quotas import client_key
 from ..storage import StorageError, Upload, UploadNotFound
 from ..wire import FILE_HEADER, OFFSET_STREAM, TUS_EXTENSIONS, TUS_VERSION
+from .drain import RETRY_AFTER
 from .errors import ACCESS, Problem, error_responses, show, storage_error, storage_errors
 from .headers import clean_type, content_length, essence, http_date, parse_size, upload_type
 from .names import CONTROL, clean_name
@@ -300,6 +301,10 @@ class TusServer:
         return Response(status_code=204, headers=headers)
 
     async def create(self, request: Request, _: str) -> Response:
+        # A new upload goes elsewhere while draining; PATCHes of one begun here go on.
+        if self.tw.draining:
+            detail = "this server is shutting down; create the upload on another"
+            raise _error(503, detail, {"Retry-After": str(RETRY_AFTER)})
         identity: Identity = request.state.identity
         self.check_version(request)
         for unsupported in ("upload-defer-length", "upload-concat"):

@@ -306,6 +306,11 @@ class Storage(Protocol):
         """
         ...
 
+    async def ping(self) -> None:
+        """Return once the storage answers; raise if it cannot be reached
+        (`/readyz` bounds the wait)."""
+        ...
+
     async def aclose(self) -> None:
         """Release connections and other resources."""
         ...

@@ -311,6 +311,9 @@ class LocalStorage(Uploads):
                 removed += 1
         return removed
 
+    async def ping(self) -> None:
+        """A local folder is there as long as the process is."""
+
     async def aclose(self) -> None:
         if self._db_thread is not None:
             await asyncio.get_running_loop().run_in_executor(self._db_thread, self._disconnect)

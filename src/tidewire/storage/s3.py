@@ -332,6 +332,10 @@ class S3Storage(Uploads):
             await s3.delete_object(Bucket=self.bucket, Key=key)
         return removed
 
+    async def ping(self) -> None:
+        s3 = await self._s3()
+        await s3.head_bucket(Bucket=self.bucket)
+
     async def aclose(self) -> None:
         if self._stack is not None:
             stack, self._stack, self._client = self._stack, None, None

@@ -201,6 +201,9 @@ class Watch {
     this.reconnects = 0;
     this.received = 0;
     this.finished = false;
+    // The server said `unavailable` (it is draining, or lost its broker) and
+    // ends the connection: the next one is made at once, not after a backoff.
+    this.resumeNow = false;
     this.abort = new AbortController();
     this._queue = [];
     this._waiters = [];
@@ -307,6 +310,12 @@ class Watch {
       first = false;
       if (this.finished) return;
       if (this.received > seen) refreshed = false;
+      if (this.resumeNow) {
+        this.resumeNow = false;
+        // From the last id, at once: behind a balancer, on another server
+        // (the notice was reported as it came).
+        if (!error) continue;
+      }
       if (error?.status === 401 && typeof this.tokenSource === 'function' && !refreshed) {
         refreshed = true; // once: a new token, at once; a second 401 is the caller's to see
         continue;
@@ -395,7 +404,9 @@ class Watch {
           if (!line) continue; // heartbeat
           const event = JSON.parse(line);
           if (event.id === undefined || event.id === null) {
-            this.status('reconnecting', { notice: event }); // `unavailable`: the server ends this response
+            // `unavailable`: the server ends this response; resume at once.
+            if (event.event === 'unavailable') this.resumeNow = true;
+            this.status('reconnecting', { notice: event });
             continue;
           }
           this.deliver(event);
@@ -432,7 +443,12 @@ class Watch {
       });
       const onMessage = (e) => {
         if (e.type === 'unavailable') {
+          // Not after EventSource's own `retry:` (2 s): at once, from the last id.
+          this.resumeNow = true;
           this.status('reconnecting', { notice: { event: 'unavailable', data: JSON.parse(e.data) } });
+          this.abort.signal.removeEventListener('abort', stop);
+          source.close();
+          resolve();
           return;
         }
         this.deliver({ id: e.lastEventId, event: e.type, data: JSON.parse(e.data) });
@@ -472,13 +488,22 @@ class Watch {
       this.abort.signal.addEventListener('abort', stop, { once: true });
       socket.addEventListener('open', () => this.opened(first));
       socket.addEventListener('message', (e) => {
-        if (typeof e.data === 'string') this.deliver(JSON.parse(e.data));
+        if (typeof e.data !== 'string') return;
+        const event = JSON.parse(e.data);
+        if (event.id === undefined || event.id === null) {
+          // `unavailable` (the server is draining; it closes with 1012): resume at once.
+          if (event.event === 'unavailable') this.resumeNow = true;
+          this.status('reconnecting', { notice: event });
+          return;
+        }
+        this.deliver(event);
       });
       socket.addEventListener('error', () => {}); // always followed by close
       socket.addEventListener('close', (e) => {
         this.abort.signal.removeEventListener('abort', stop);
         if (this.finished) return resolve();
         if (e.code === 1000) return resolve(); // the server ended cleanly; resume if not finished
+        if (this.resumeNow) return resolve(); // after the `unavailable` notice (close 1012)
         const why = e.code === 1013 ? 'server unavailable' : `closed (${e.code})`;
         reject(new TidewireError(`websocket ${why}`));
       });
