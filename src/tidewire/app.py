@@ -75,7 +75,9 @@ class Tidewire:
         #: action, resource)` is a rule of the application's own, after the token's.
         self.guard = Guard(self.settings, authorize)
         # As for storage, the command line names the broker in the environment.
-        self.broker: Broker = broker or broker_from_url(os.environ.get("TIDEWIRE_BROKER"))
+        self.broker: Broker = broker or broker_from_url(
+            os.environ.get("TIDEWIRE_BROKER"), lease=self.settings.lease
+        )
         if self.broker.max_retained_bytes is None:
             self.broker.max_retained_bytes = self.settings.max_retained_bytes
         self._storage = storage
