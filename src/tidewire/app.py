@@ -82,7 +82,8 @@ class Tidewire:
         # its own still takes it from the environment, where `tidewire serve`
         # puts it for every worker (as it does the storage).
         self.broker: Broker = broker or broker_from_url(
-            self.settings.broker or os.environ.get("TIDEWIRE_BROKER")
+            self.settings.broker or os.environ.get("TIDEWIRE_BROKER"),
+            lease=self.settings.lease,
         )
         if self.broker.max_retained_bytes is None:
             self.broker.max_retained_bytes = self.settings.max_retained_bytes

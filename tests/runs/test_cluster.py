@@ -549,3 +549,86 @@ def test_many_runs_started_on_a_and_cancelled_on_b_at_once_are_all_cancelled(
     with ThreadPoolExecutor(20) as pool:
         answers = list(pool.map(start_and_cancel, range(20)))
     assert answers == [(200, "cancelled")] * 20
+
+
+# -- Redis that hangs (SIGSTOP), not dies -----------------------------------------
+#
+# Noticed within the lease, answered 503; a run whose owner could not renew its
+# lease during the stall goes on, and a watcher gets every event once, in order.
+
+STALL = 2 * LEASE
+
+
+def read_run(node: Node, run_id: str, received: list[Any], cuts: list[str]) -> None:
+    """Watch a run to its end as a client would: resume from the last id after an
+    `unavailable` event or a 503, until the last event."""
+    after = "0"
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        try:
+            with httpx.stream(
+                "GET", f"{node.url}/runs/{run_id}/events?after={after}", timeout=30
+            ) as response:
+                if response.status_code == 503:
+                    cuts.append("503")
+                    time.sleep(0.2)
+                    continue
+                response.raise_for_status()
+                for line in response.iter_lines():
+                    if not line.strip():
+                        continue
+                    event = json.loads(line)
+                    if event["event"] == "unavailable":
+                        cuts.append("unavailable")
+                        break
+                    received.append(event)
+                    after = event["id"]
+                    if event["event"] != "message":
+                        return
+        except httpx.TransportError:
+            cuts.append("transport")
+            time.sleep(0.2)
+    raise AssertionError("the run did not end")
+
+
+def test_a_request_during_a_redis_stall_is_answered_503_within_the_lease(cluster: Any) -> None:
+    redis, node = cluster
+    a = node()
+    assert httpx.post(f"{a.url}/channels/stall/events", json=0).status_code == 201
+    redis.process.send_signal(signal.SIGSTOP)
+    try:
+        began = time.monotonic()
+        response = httpx.post(f"{a.url}/channels/stall/events", json=1, timeout=30)
+        answered = time.monotonic() - began
+    finally:
+        redis.process.send_signal(signal.SIGCONT)
+    assert response.status_code == 503, response.text
+    assert "broker" in response.json()["detail"]
+    assert response.headers["retry-after"]
+    # Noticed within about the lease, not after fixed timeouts of several seconds.
+    assert answered < LEASE + 0.5, answered
+    assert httpx.post(f"{a.url}/channels/stall/events", json=2).status_code == 201
+
+
+def test_a_run_survives_a_redis_stall_longer_than_its_lease(cluster: Any) -> None:
+    redis, node = cluster
+    a = node()
+    n = 150
+    run_id = start(a, n=n, interval=0.02)
+    received: list[Any] = []
+    cuts: list[str] = []
+    watcher = threading.Thread(target=read_run, args=(a, run_id, received, cuts))
+    watcher.start()
+    time.sleep(0.5)  # the run is under way
+    redis.process.send_signal(signal.SIGSTOP)
+    try:
+        time.sleep(STALL)
+    finally:
+        redis.process.send_signal(signal.SIGCONT)
+    watcher.join(25)
+    state = httpx.get(f"{a.url}/runs/{run_id}").text
+    assert not watcher.is_alive(), (cuts, received[-2:], state)
+    # Every event, in order, and the run finished: not failed, not cancelled.
+    assert [e["event"] for e in received] == ["message"] * n + ["end"], received[-3:]
+    assert [e["data"]["i"] for e in received[:-1]] == list(range(n))
+    assert httpx.get(f"{a.url}/runs/{run_id}").json()["state"] == "finished"

@@ -20,6 +20,7 @@ from tidewire.storage import (
     OffsetMismatch,
     StorageError,
     StorageFull,
+    StorageUnavailable,
     TooLarge,
     UploadNotFound,
 )
@@ -35,6 +36,7 @@ from tidewire.storage.local import LocalStorage
         (OffsetMismatch("the upload is at offset 7", 7), 409, "the upload is at 7"),
         (BadChecksum("the sha1 differs"), 460, "checksum mismatch: the sha1 differs"),
         (StorageFull("no space"), 507, "the storage is full"),
+        (StorageUnavailable("no file was made (the index: disk I/O error)"), 503, "try again"),
         (StorageError("the cursor is stale"), 400, "the cursor is stale"),
         (StorageError(), 400, "StorageError"),  # never an empty detail
     ],
@@ -58,6 +60,7 @@ def test_headers_are_kept_and_413_closes_the_connection() -> None:
     assert storage_error(TooLarge("", 5), tus).headers == {**tus, "connection": "close"}
     assert storage_error(TooLarge("", 5)).headers == {"connection": "close"}
     assert storage_error(FileNotFound("x")).headers is None
+    assert storage_error(StorageUnavailable("x")).headers == {"retry-after": "1"}
 
 
 def test_storage_errors_turns_them_into_http_errors() -> None:

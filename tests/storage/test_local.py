@@ -23,7 +23,7 @@ import pytest
 
 from tests.conftest import wait_for
 from tests.full_disk import fill, small_disk_fixture  # noqa: F401
-from tidewire.storage import OffsetMismatch, StorageFull, from_url, new_id
+from tidewire.storage import OffsetMismatch, StorageFull, StorageUnavailable, from_url, new_id
 from tidewire.storage import local as local_module
 from tidewire.storage.local import LocalStorage
 
@@ -493,3 +493,213 @@ def test_an_index_made_before_owners_is_migrated(tmp_path: Path) -> None:
 
 async def _once(data: bytes) -> AsyncIterator[bytes]:
     yield data
+
+
+# -- durability ----------------------------------------------------------------
+
+
+def _record_order(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, int | str]]:
+    """What is fsynced (by inode: renames and links keep it) and which rows are
+    inserted, in order."""
+    done: list[tuple[str, int | str]] = []
+    fsync, insert = os.fsync, local_module._insert
+
+    def recording_fsync(fd: int) -> None:
+        fsync(fd)
+        done.append(("fsync", os.fstat(fd).st_ino))
+
+    def recording_insert(db: sqlite3.Connection, info: local_module.FileInfo) -> None:
+        done.append(("row", info.id))
+        insert(db, info)
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    monkeypatch.setattr(local_module, "_insert", recording_insert)
+    return done
+
+
+def test_a_file_and_its_name_are_on_disk_before_its_row(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    done = _record_order(monkeypatch)
+
+    async def body(storage: LocalStorage) -> list[str]:
+        saved = await storage.save(chunks(b"whole"), name="a", type="x")
+        upload = await storage.create_upload(
+            length=4, name="u", type="x", metadata="", expires=time.time() + HOUR
+        )
+        await storage.append(upload.id, 0, chunks(b"da"))
+        finished = await storage.append(upload.id, 2, chunks(b"ta"))
+        return [saved.id, finished.file or ""]
+
+    ids = run(tmp_path, body)
+    folder = (tmp_path / "files").stat().st_ino
+    for id in ids:
+        before = done[: done.index(("row", id))]
+        # The bytes, then the folder's entry for them (after the last fsync of the bytes).
+        file = ("fsync", (tmp_path / "files" / id).stat().st_ino)
+        assert file in before, done
+        last_bytes = len(before) - before[::-1].index(file)
+        assert ("fsync", folder) in before[last_bytes:], done
+
+
+def test_a_completion_that_fails_at_the_index_is_rolled_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def broken(db: sqlite3.Connection, info: local_module.FileInfo) -> None:
+        raise sqlite3.OperationalError("disk I/O error")
+
+    async def body(storage: LocalStorage) -> None:
+        upload = await storage.create_upload(
+            length=4, name="u", type="x", metadata="", expires=time.time() + HOUR
+        )
+        with monkeypatch.context() as patched:
+            patched.setattr(local_module, "_insert", broken)
+            with pytest.raises(StorageUnavailable, match=r"no file was made.*disk I/O error"):
+                await storage.append(upload.id, 0, chunks(b"data"))
+        # Nothing listed, nothing left in files/, and the upload is whole.
+        assert (await storage.list(limit=10)).files == []
+        assert contents(tmp_path)["files"] == []
+        state = await storage.upload(upload.id)
+        assert (state.offset, state.file) == (4, None)
+        # An empty PATCH at its end completes it.
+        done = await storage.append(upload.id, 4, chunks(b""))
+        [listed] = (await storage.list(limit=10)).files
+        assert listed.id == done.file
+        assert listed.sha256 == hashlib.sha256(b"data").hexdigest()
+        assert await read_all(storage, listed) == b"data"
+        assert contents(tmp_path)["uploads"] == [f"{upload.id}.json"]
+
+    run(tmp_path, body)
+
+
+def test_a_completion_cut_short_after_its_row_makes_no_second_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Killed after the file's row was written, before the state said so.
+    async def first(storage: LocalStorage) -> str:
+        upload = await storage.create_upload(
+            length=4, name="u", type="x", metadata="", expires=time.time() + HOUR
+        )
+
+        async def killed(state: object) -> None:
+            pass
+
+        monkeypatch.setattr(storage, "save_upload", killed)
+        await storage.append(upload.id, 0, chunks(b"data"))
+        return upload.id
+
+    id = run(tmp_path, first)
+
+    async def again(storage: LocalStorage) -> None:
+        [listed] = (await storage.list(limit=10)).files
+        state = await storage.upload(id)
+        assert (state.offset, state.file) == (4, listed.id)
+        await storage.append(id, 4, chunks(b""))  # the client's retry
+        assert [f.id for f in (await storage.list(limit=10)).files] == [listed.id]
+        assert await read_all(storage, listed) == b"data"
+
+    run(tmp_path, again)
+
+
+def test_the_index_is_checked_against_the_files_at_start_up(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def save_three(storage: LocalStorage) -> list[str]:
+        return [
+            (await storage.save(chunks(b"%d" % i * 10), name=f"f{i}", type="x")).id
+            for i in range(3)
+        ]
+
+    kept, gone, short = run(tmp_path, save_three)
+    files = tmp_path / "files"
+    (files / gone).unlink()  # a row without its file
+    (files / short).write_bytes(b"cut")  # a row whose file lost bytes
+    unlisted = new_id()
+    (files / unlisted).write_bytes(b"renamed, then killed before its row")
+    busy = new_id()
+    (files / busy).write_bytes(b"being completed by another process")
+    holder = os.open(files / busy, os.O_RDONLY)
+    fcntl.flock(holder, fcntl.LOCK_EX)
+
+    async def listing(storage: LocalStorage) -> list[str]:
+        return [f.id for f in (await storage.list(limit=10)).files]
+
+    try:
+        with caplog.at_level("WARNING", logger="tidewire"):
+            assert run(tmp_path, listing) == [kept]
+        assert sorted(os.listdir(files)) == sorted([kept, busy])
+    finally:
+        os.close(holder)
+    assert f"file {gone} was listed with 10 bytes but is missing" in caplog.text
+    assert f"file {short} was listed with 10 bytes but has 3" in caplog.text
+    assert "removed 1 files that had no row" in caplog.text
+
+
+def _serve(data: Path) -> tuple[subprocess.Popen[bytes], str]:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    command = [sys.executable, "-m", "tidewire", "serve", "--data-dir", str(data)]
+    proc = subprocess.Popen(
+        [*command, "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    url = f"http://127.0.0.1:{port}"
+    wait_for(lambda: _answers(f"{url}/healthz"), 20, "no server")
+    return proc, url
+
+
+def test_a_tus_upload_killed_midway_resumes_after_a_restart(tmp_path: Path) -> None:
+    from tusclient import client as tus_client
+
+    data_dir = tmp_path / "data"
+    data = os.urandom(6 * MIB)
+    source = tmp_path / "source.bin"
+    source.write_bytes(data)
+    proc, url = _serve(data_dir)
+    try:
+        created = httpx.post(
+            f"{url}/uploads/",
+            headers={"Tus-Resumable": "1.0.0", "Upload-Length": str(len(data))},
+        )
+        assert created.status_code == 201, created.text
+        location = httpx.URL(url).join(created.headers["location"])
+        port = location.port
+        assert port is not None
+        with socket.create_connection(("127.0.0.1", port)) as sock:
+            sock.sendall(
+                f"PATCH {location.raw_path.decode()} HTTP/1.1\r\nHost: x\r\n"
+                "Tus-Resumable: 1.0.0\r\nContent-Type: application/offset+octet-stream\r\n"
+                f"Upload-Offset: 0\r\nContent-Length: {len(data)}\r\n\r\n".encode()
+            )
+            sock.sendall(data[: 3 * MIB])
+            # The first blocks are in the upload's file: kill the server mid-PATCH.
+            uploads = data_dir / "uploads"
+            wait_for(
+                lambda: any(
+                    p.stat().st_size for p in _files_in(uploads) if not p.name.endswith(".json")
+                ),
+                10,
+            )
+            proc.kill()
+            proc.wait(10)
+    finally:
+        proc.kill()
+        proc.wait(10)
+
+    proc, url = _serve(data_dir)
+    try:
+        assert httpx.get(f"{url}/files").json() == []  # nothing half-written is listed
+        location = httpx.URL(url).join(location.raw_path.decode())  # the new server's port
+        uploader = tus_client.TusClient(f"{url}/uploads/").uploader(
+            str(source), url=str(location), chunk_size=MIB
+        )
+        assert 0 < uploader.offset < len(data)  # it resumes, not from the start
+        uploader.upload()
+        head = httpx.head(str(location), headers={"Tus-Resumable": "1.0.0"})
+        info = httpx.get(f"{url}/files/{head.headers['tidewire-file']}/meta").json()
+        assert info["sha256"] == hashlib.sha256(data).hexdigest()
+        assert [f["id"] for f in httpx.get(f"{url}/files").json()] == [info["id"]]
+        assert httpx.get(f"{url}/files/{info['id']}").content == data
+    finally:
+        proc.terminate()
+        proc.wait(10)

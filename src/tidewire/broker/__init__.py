@@ -251,9 +251,11 @@ async def sweep_forever(broker: Logs, every: float) -> None:
             logger.exception("sweeping idle logs failed")
 
 
-def from_url(url: str | None) -> Broker:
+def from_url(url: str | None, *, lease: float = 10.0) -> Broker:
     """The broker a URL names: `redis://host:port/db` (also `rediss://`, `unix://`),
-    or `memory://` / nothing for this process's memory."""
+    or `memory://` / nothing for this process's memory.
+
+    `lease` (Settings.lease): a shared broker that hangs is noticed within it."""
     if not url or url == "memory://":
         from .memory import MemoryBroker
 
@@ -265,5 +267,5 @@ def from_url(url: str | None) -> Broker:
             raise ModuleNotFoundError(
                 f"the Redis broker needs {exc.name!r}: pip install 'tidewire[redis]'"
             ) from exc
-        return RedisBroker(url)
+        return RedisBroker(url, lease=lease)
     raise ValueError(f"unknown broker {url!r}: use redis://host:port/db, or memory://")

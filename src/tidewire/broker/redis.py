@@ -392,7 +392,8 @@ class RedisBroker:
     `ended_ttl` is how long an ended log stays in Redis at most; `window` is
     how many of a log's newest events each process keeps for its readers.
     At most `max_connections` commands are under way at once (more wait for
-    a connection, up to `timeout` seconds, the limit on any command too);
+    a connection, up to `timeout` seconds, the limit on any command too;
+    by default a third of `lease`, at most 3 s);
     waiting readers need none of them. `max_retained_bytes` bounds the
     copies this process keeps, all together: past it, the oldest events of
     the biggest go (their readers read them from Redis).
@@ -402,7 +403,7 @@ class RedisBroker:
     shared = True
 
     #: How long one `XREAD` blocks, in milliseconds: how often the following
-    #: task looks round when nothing happens.
+    #: task looks round when nothing happens. At most half the lease (see __init__).
     block_ms = 5_000
     #: Seconds a log nobody here has read stays followed.
     idle = 30.0
@@ -415,18 +416,32 @@ class RedisBroker:
         ended_ttl: float = 24 * 3600.0,
         window: int = 2_048,
         max_connections: int = 16,
-        timeout: float = 3.0,
+        timeout: float | None = None,
         max_retained_bytes: int | None = None,
+        lease: float = 10.0,
     ) -> None:
         self.url = url
         self.prefix = prefix
         self.ended_ttl = ended_ttl
         self.window = window
+        # A Redis that hangs (SIGSTOP, a full network buffer, a long fork)
+        # answers nothing and closes nothing: only timeouts notice it. They
+        # are derived from the run lease (Settings.lease) so that a hang is
+        # noticed, and answered 503, well within one lease: a command
+        # within lease/3, the following task's blocking read within
+        # lease/2 + lease/3. Each connection is also pinged before use when
+        # it was idle longer than a lease tick (health_check_interval), so a
+        # pooled connection to a Redis that went away fails at the ping,
+        # within the same timeout, not halfway through a command.
+        if timeout is None:
+            timeout = min(3.0, lease / 3)
+        self.block_ms = max(10, min(self.block_ms, round(lease * 1000 / 2)))
         # Fail fast when Redis is away: short timeouts, and one retry only,
         # on a broken connection (not a timeout): it replaces a pooled
         # connection that a Redis restart left dead.
         options: dict[str, Any] = {
             "socket_connect_timeout": min(timeout, 1.0),
+            "health_check_interval": lease / 3,
             "retry": Retry(NoBackoff(), 1, (redis.exceptions.ConnectionError,)),
         }
         # Commands queue for one of `max_connections` slots here rather than in

@@ -120,6 +120,13 @@ class Cluster:
         await self.broker.claim(lease_key(run.id), self.instance, self.settings.lease)
         await self.broker.put_state(record_key(run.id), run.record())
 
+    async def reclaim(self, run: Run) -> bool:
+        """Take back the lease of a run here after the broker was unreachable (it
+        may have expired meanwhile); False if another process has taken it over."""
+        if run.lost:
+            return False
+        return await self.broker.claim(lease_key(run.id), self.instance, self.settings.lease)
+
     async def publish_end(self, run: Run) -> None:
         """The final record of a run that ended; written before its log's end, so
         that whoever sees the end (a cancel waiting elsewhere) reads the final state."""

@@ -72,6 +72,8 @@ class Run:
     state: RunState = "running"
     ended: float | None = None
     events: int = 0  # events appended so far, end/error/cancelled included
+    #: A local run: the id of the newest event appended ("0": none yet).
+    last_id: str = "0"
     # Positions (seq) of the watchers connected to this process now, by
     # watcher number; a generator never gets more than `run_window` events
     # ahead of the lowest here or in any other process.
@@ -463,23 +465,44 @@ class Runs:
 
     async def _append(self, run: Run, items: list[Item]) -> None:
         delay = 0.05
-        deadline = time.monotonic() + self.settings.lease
+        cut_off = False
         # Events a connected watcher has not read are kept whatever the byte
         # budgets (watchers only move on, so this position is safe until the next append).
         retention = replace(self.retention, keep_after=run.slowest_position())
         while True:
             try:
+                if cut_off and not await self.cluster.reclaim(run):
+                    # Another process took the lease while the broker was
+                    # away, and ended the run's log for everyone: stop quietly.
+                    run.lost = True
+                    self.cancel_here(run)
+                    await asyncio.sleep(0)  # the cancel lands here
+                    return
+                if cut_off:
+                    # An append that timed out may have reached the broker
+                    # all the same (a Redis that hung runs it when it wakes):
+                    # then its events follow the newest one known here (only
+                    # the lease holder appends), and are not appended twice.
+                    landed = await self.broker.read(
+                        run.log, run.last_id, limit=len(items), timeout=0
+                    )
+                    if landed.events:
+                        appended = landed.events
+                        break
                 appended = await self.broker.append(run.log, items, retention)
                 break
             except BrokerUnavailable:
-                # The broker is down for a moment (Redis restarting): the
-                # generator waits, as it would for a slow watcher.
-                if time.monotonic() > deadline:
-                    raise
+                # The broker is down or hangs (Redis restarting, stopped):
+                # the generator waits, as it would for a slow watcher, for as
+                # long as it takes. Failing the run would lose it for a stall
+                # of a few seconds; its lease may expire meanwhile, so it is
+                # taken back before the next event (`reclaim`).
+                cut_off = True
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 1.0)
         run.events += len(items)
         metrics.count_events("run", len(items))
+        run.last_id = appended[-1].id
         for event in appended:
             run.bytes += wire_size(event)
             run.offsets.append(run.bytes)

@@ -26,6 +26,7 @@ from ..storage import (
     OffsetMismatch,
     StorageError,
     StorageFull,
+    StorageUnavailable,
     TooLarge,
     UploadNotFound,
 )
@@ -64,6 +65,8 @@ def _answer(exc: StorageError) -> tuple[int, str]:
             # The storage says what was not done (stored, deleted, created).
             undone = str(exc) or "nothing was stored"
             return 507, f"the storage is full: {undone}; free some space or try again later"
+        case StorageUnavailable():
+            return 503, f"the storage is unavailable for now: {exc}; try again"
     return 400, str(exc) or type(exc).__name__  # a StorageError is the client's to act on
 
 
@@ -71,6 +74,8 @@ def storage_error(exc: StorageError, headers: Mapping[str, str] | None = None) -
     """The HTTP error a storage error means, with `headers` besides."""
     status, detail = _answer(exc)
     extra = dict(headers or {})
+    if status == 503:
+        extra.setdefault("retry-after", "1")
     if status == 413:
         # The client may still be sending the body: rather than read it all
         # to reuse the connection, close it.

@@ -30,6 +30,9 @@ Errors, all `StorageError`:
     StorageFull        out of space (on the disk, in the    -> 507
                        index, a quota); its message says
                        what was not done
+    StorageUnavailable the index could not be written now   -> 503
+                       (locked, an I/O error); nothing was
+                       done: try the same request again
 """
 
 from __future__ import annotations
@@ -53,6 +56,7 @@ __all__ = [
     "Storage",
     "StorageError",
     "StorageFull",
+    "StorageUnavailable",
     "TooLarge",
     "Upload",
     "UploadNotFound",
@@ -91,6 +95,11 @@ class BadChecksum(StorageError):
 
 class StorageFull(StorageError):
     pass
+
+
+class StorageUnavailable(StorageError):
+    """The storage could not do it now (its index locked or failing); nothing
+    was done, and the same request may be made again. Its message says what."""
 
 
 # Ids: 10 characters that sort newest first (a countdown of milliseconds),

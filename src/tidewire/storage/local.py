@@ -13,10 +13,18 @@ Bytes are written once, in ~1 MiB blocks, by a worker thread that hashes them
 on the way; the event loop only gathers the request's chunks into blocks.
 
 No space on the disk (ENOSPC, EDQUOT) or in the index (SQLITE_FULL) is
-`StorageFull` on every operation, saying what was not done. What a process
-that died (kill -9) or a failed write left behind is swept on first use and
-by `expire`: temporary files nobody holds locked, upload bytes without a
-state, state files half written.
+`StorageFull` on every operation, saying what was not done; an index that
+cannot be written now (locked past the busy timeout, an I/O error) is
+`StorageUnavailable`. What a process that died (kill -9) or a failed write
+left behind is swept on first use and by `expire`: temporary files nobody
+holds locked, upload bytes without a state, state files half written.
+
+Durability: a file's bytes and its name in files/ are on disk (fsync of the
+file, then of the folder) before its row is written, so a row never names a
+file a power cut could lose or shorten. When the index is first opened (at
+start-up) it is checked against files/: files without a row (a process
+killed between the rename and the row) are removed, rows whose file is
+missing or of another size are removed and logged.
 """
 
 from __future__ import annotations
@@ -27,6 +35,7 @@ import errno
 import fcntl
 import hashlib
 import json
+import logging
 import os
 import sqlite3
 import time
@@ -40,6 +49,7 @@ from . import (
     FileNotFound,
     Page,
     StorageFull,
+    StorageUnavailable,
     UploadNotFound,
     new_id,
     valid_id,
@@ -48,6 +58,8 @@ from ._blocks import BLOCK, Pump, Sink, finish, too_large
 from ._uploads import Hashers, KeyedLocks, State, Uploads, Writer, expired
 
 __all__ = ["LocalStorage"]
+
+logger = logging.getLogger("tidewire")
 
 T = TypeVar("T")
 
@@ -82,6 +94,15 @@ def _write_all(fd: int, data: bytes) -> None:
     view = memoryview(data)
     while view:
         view = view[os.write(fd, view) :]
+
+
+def _fsync_folder(folder: Path) -> None:
+    """Make the names in `folder` durable (a rename or link into it survives a power cut)."""
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _is_full(exc: BaseException) -> bool:
@@ -137,6 +158,10 @@ class _UploadWriter:
 
     async def keep(self) -> int:
         await finish(self._sink.stop)
+        # The offset the client is told is on disk: after a crash (or a
+        # power cut) the upload resumes from there, not from bytes that were lost.
+        with _space("the bytes were not stored"):
+            await finish(os.fsync, self._fd)
         return os.fstat(self._fd).st_size
 
 
@@ -184,6 +209,8 @@ class LocalStorage(Uploads):
                     size = await Pump(sink.awrite, limit=limit, over=too_large(limit)).run(chunks)
                 finally:
                     await finish(sink.stop)
+                # On disk before it is named and listed (see the module's docstring).
+                await finish(os.fsync, fd)
                 # The id is made now, so that listing order is completion order.
                 info = FileInfo(
                     id=new_id(),
@@ -197,6 +224,7 @@ class LocalStorage(Uploads):
                 )
                 await asyncio.to_thread(os.replace, tmp, self._files / info.id)
                 tmp = self._files / info.id
+                await finish(_fsync_folder, self._files)
                 await self._db(lambda db: _insert(db, info), "nothing was stored")
         except BaseException:
             await finish(tmp.unlink, True)
@@ -368,7 +396,14 @@ class LocalStorage(Uploads):
             self._db_thread = ThreadPoolExecutor(1, thread_name_prefix="tidewire-sqlite")
         loop = asyncio.get_running_loop()
         with _space(undone):
-            return await loop.run_in_executor(self._db_thread, self._in_db, query)
+            try:
+                return await loop.run_in_executor(self._db_thread, self._in_db, query)
+            except sqlite3.OperationalError as exc:
+                if _is_full(exc):
+                    raise
+                # Locked past the busy timeout, an I/O error: not the
+                # client's fault, and not done; the same request may work later.
+                raise StorageUnavailable(f"{undone} (the index: {exc})") from exc
 
     def _in_db(self, query: Callable[[sqlite3.Connection], T]) -> T:
         if self._conn is None:
@@ -382,6 +417,7 @@ class LocalStorage(Uploads):
                 conn.executescript(_SCHEMA)
                 _migrate(conn)
                 conn.executescript(_INDEXES)
+                self._sweep_index(conn)
             except BaseException:
                 conn.close()  # a full disk, say: the next call tries again
                 raise
@@ -421,6 +457,15 @@ class LocalStorage(Uploads):
 
     async def load_upload(self, id: str) -> tuple[State, int]:
         state = await asyncio.to_thread(self._read_state, id)
+        completing = state.get("completing")
+        if state["file"] is None and completing is not None:
+            # A completion cut short after the file's row was written, before
+            # the state said so (see complete_upload): the row decides.
+            listed = await self._db(
+                lambda db: db.execute("SELECT 1 FROM files WHERE id = ?", (completing,)).fetchone()
+            )
+            if listed:
+                state["file"] = completing
         if state["file"] is not None:
             return state, state["length"]
         try:
@@ -455,9 +500,12 @@ class LocalStorage(Uploads):
             # The bytes are stored (and the file made, if they were the
             # last): that is what the client asked for. Only the pushed-back
             # expiry is lost, which the next append writes again; a
-            # finished upload's state keeps saying unfinished, and since
-            # its bytes are gone it reads as not found from now on.
+            # finished upload's state keeps saying unfinished, but names
+            # the file it became (`completing`), which load_upload finds.
             pass
+        if state["file"] is not None:
+            # Finished: the bytes are the file's now, under its own name.
+            await finish((self._uploads / state["id"]).unlink, True)
 
     async def complete_upload(self, state: State, sha256: str | None) -> str:
         source = self._uploads / state["id"]
@@ -472,15 +520,26 @@ class LocalStorage(Uploads):
             created=time.time(),
             owner=state.get("owner"),
         )
-        await asyncio.to_thread(os.replace, source, self._files / info.id)
+        target = self._files / info.id
+        # The file's id is in the state before its row is written: a process
+        # killed after the row but before the state says finished must not
+        # make a second file of the same bytes at the next PATCH (load_upload).
+        state["completing"] = info.id
+        with _space("the last bytes arrived, but no file was made"):
+            await asyncio.to_thread(self._write_state, state["id"], state)
+            # A second name for the bytes, not a move: until the row is written
+            # the upload keeps them, so a failure here (or a kill -9) leaves it
+            # as it was, and at most a file without a row, which goes at start-up.
+            await asyncio.to_thread(os.link, source, target)
         try:
+            await finish(_fsync_folder, self._files)
             await self._db(
                 lambda db: _insert(db, info), "the last bytes arrived, but no file was made"
             )
         except BaseException:
-            # Not listed: the bytes go back to the upload, which an empty
-            # PATCH at its end completes once there is room in the index.
-            await finish(os.replace, self._files / info.id, source)
+            # Not listed, and the upload is whole: an empty PATCH at its end
+            # completes it once the index can be written.
+            await finish(target.unlink, True)
             raise
         return info.id
 
@@ -508,7 +567,10 @@ class LocalStorage(Uploads):
         # Write then rename: a reader sees the old state or the new, never half.
         tmp = self._uploads / f"{id}.json.{os.getpid()}"
         try:
-            tmp.write_bytes(json.dumps(state).encode())
+            with tmp.open("wb") as f:
+                f.write(json.dumps(state).encode())
+                f.flush()
+                os.fsync(f.fileno())
             os.replace(tmp, self._uploads / f"{id}.json")
         except BaseException:
             tmp.unlink(missing_ok=True)
@@ -517,6 +579,54 @@ class LocalStorage(Uploads):
     def _remove_upload(self, id: str) -> None:
         (self._uploads / id).unlink(missing_ok=True)
         (self._uploads / f"{id}.json").unlink(missing_ok=True)
+
+    def _sweep_index(self, db: sqlite3.Connection) -> None:
+        """Check the index against files/ when it is first opened (at start-up).
+
+        A file without a row was left by a process killed between naming it
+        and listing it: it goes, unless a process holds it locked (a save or
+        a tus completion under way: they hold it from before its name until
+        after its row). A row whose file is missing or of another size (a
+        power cut before this version made files durable) names bytes
+        nobody can have: it goes, and is logged.
+        """
+        sizes: dict[str, int] = {}
+        for entry in _scan(self._files):
+            if valid_id(entry.name):
+                with contextlib.suppress(FileNotFoundError):
+                    sizes[entry.name] = entry.stat().st_size
+        rows: dict[str, int] = dict(db.execute("SELECT id, size FROM files").fetchall())
+        for id, size in rows.items():
+            if sizes.get(id) == size:
+                continue
+            path = self._files / id
+            try:
+                found: int | None = os.stat(path).st_size
+            except FileNotFoundError:
+                found = None
+            if found == size:
+                continue  # it came meanwhile
+            with db:
+                db.execute("DELETE FROM files WHERE id = ?", (id,))
+            path.unlink(missing_ok=True)
+            logger.warning(
+                "storage: file %s was listed with %d bytes but %s; its row is removed",
+                id,
+                size,
+                "is missing" if found is None else f"has {found}",
+            )
+
+        def listed(id: str) -> Callable[[], bool]:
+            # Asked again once the file is locked here: its row may have come meanwhile.
+            return lambda: (
+                db.execute("SELECT 1 FROM files WHERE id = ?", (id,)).fetchone() is not None
+            )
+
+        unlisted = 0
+        for id in sizes.keys() - rows.keys():
+            unlisted += _remove_unlocked(self._files / id, unless=listed(id))
+        if unlisted:
+            logger.warning("storage: removed %d files that had no row (a process died)", unlisted)
 
     def _expire(self, now: float) -> set[str]:
         removed = set()
@@ -609,8 +719,9 @@ def _insert(db: sqlite3.Connection, info: FileInfo) -> None:
     )
 
 
-def _remove_unlocked(path: Path) -> bool:
-    """Remove a file unless a process holds it locked (flock); whether it was removed."""
+def _remove_unlocked(path: Path, unless: Callable[[], bool] | None = None) -> bool:
+    """Remove a file unless a process holds it locked (flock), or `unless()` says
+    (asked while it is locked here); whether it was removed."""
     try:
         fd = os.open(path, os.O_RDONLY)
     except FileNotFoundError:
@@ -620,6 +731,8 @@ def _remove_unlocked(path: Path) -> bool:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             return False  # in use
+        if unless is not None and unless():
+            return False
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
         return True
