@@ -151,6 +151,8 @@ def test_the_variables_of_settings_read_back_as_the_same_settings() -> None:
     environ = settings.environ()
     assert environ["TIDEWIRE_CHANNEL_MAX_AGE"] == "none"
     assert environ["TIDEWIRE_STORAGE"] is None  # None as by default: no variable
+    # Nor for a default: an app's `Settings.from_env(lease=...)` still decides it.
+    assert environ["TIDEWIRE_LEASE"] is None and environ["TIDEWIRE_HEARTBEAT"] == "1.5"
     assert Settings.from_env({k: v for k, v in environ.items() if v is not None}) == settings
 
 

@@ -293,8 +293,9 @@ def serve(
         wanted = dataclasses.replace(wanted, auth_public_key=os.path.abspath(key))
     check_access(wanted)
     # The app builds its settings (Settings.from_env) from these variables,
-    # in this process and in each worker: all of them, so that every process
-    # runs with the same settings whatever the file said.
+    # in this process and in each worker: every field not at its default, so
+    # that every process runs with the same settings whatever the file said
+    # (and none at its default, whatever variable said otherwise before a flag).
     for name, value in wanted.environ().items():
         if value is None:
             os.environ.pop(name, None)

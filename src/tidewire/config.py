@@ -223,14 +223,14 @@ class Settings:
         """Every field as its `TIDEWIRE_<FIELD>` variable: read back, the same settings.
 
         How `tidewire serve` hands its settings to the worker processes,
-        which build the app (and its settings) by import. None: no variable
-        (the field is None, as by default), so that code reading one (the
-        broker's, in app.py) never sees "none".
+        which build the app (and its settings) by import. None: no variable,
+        for a field left at its default, so that an app's own choice
+        (`Settings.from_env(lease=1.5)`) is not overruled by a default nobody
+        chose, and code reading a variable (the broker's, in app.py) never
+        sees "none".
         """
         return {
-            ENV_PREFIX + f.name.upper(): (
-                None if value is None and f.default is None else _text(value)
-            )
+            ENV_PREFIX + f.name.upper(): (None if value == f.default else _text(value))
             for f in dataclasses.fields(self)
             for value in (getattr(self, f.name),)
         }
