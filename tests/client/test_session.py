@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import httpx
 import pytest
 
 from tidewire.client._session import Backoff, Session, Target
@@ -14,6 +15,7 @@ from tidewire.client.exceptions import (
     ProtocolError,
     RunFailed,
     StreamGap,
+    status_error,
 )
 
 
@@ -179,3 +181,36 @@ def test_bad_arguments_are_refused_with_the_allowed_values() -> None:
         Session("grpc", identity, channel="c")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="'raise' or 'yield'"):
         Session("ws", identity, channel="c", on_gap="skip")  # type: ignore[arg-type]
+
+
+def test_a_503_with_retry_after_waits_at_least_that_long_but_never_over_a_minute() -> None:
+    s = Session("ndjson", identity, channel="c")
+    draining = HTTPStatusError(503, "draining", method="GET", url="/x", retry_after=3)
+    # The backoff alone would wait under 0.5 s on a first failure.
+    assert 3.0 <= s.dropped(draining) <= 3.5
+    greedy = HTTPStatusError(503, "later", method="GET", url="/x", retry_after=86_400)
+    assert s.dropped(greedy) == 60.0
+    assert s.dropped(HTTPStatusError(503, "busy", method="GET", url="/x")) < 3.0
+
+
+@pytest.mark.parametrize(
+    ("header", "seconds"),
+    [
+        ("2", 2.0),
+        (" 7 ", 7.0),
+        (None, None),
+        ("soon", None),
+        ("-1", None),
+        ("1.5", None),
+        ("Wed, 21 Oct 2026 07:28:00 GMT", None),
+        ("9" * 40, None),
+    ],
+)
+def test_retry_after_is_read_as_whole_seconds_only(
+    header: str | None, seconds: float | None
+) -> None:
+    headers = {} if header is None else {"retry-after": header}
+    request = httpx.Request("GET", "http://t/x")
+    response = httpx.Response(503, headers=headers, json={"detail": "draining"}, request=request)
+    error = status_error(response)
+    assert error.retry_after == seconds and error.detail == "draining"

@@ -39,6 +39,7 @@ from .exceptions import (
     HTTPStatusError,
     TransportError,
     raise_for_status,
+    retry_after,
     status_error,
     translate,
 )
@@ -803,7 +804,13 @@ def _ws_error(exc: Exception, target: Target) -> Exception:
             detail: Any = orjson.loads(response.body or b"").get("detail")
         except (orjson.JSONDecodeError, AttributeError):
             detail = (response.body or b"").decode("utf-8", "replace") or response.reason_phrase
-        return HTTPStatusError(response.status_code, detail, method="GET", url=target.path)
+        return HTTPStatusError(
+            response.status_code,
+            detail,
+            method="GET",
+            url=target.path,
+            retry_after=retry_after(response.headers.get("retry-after")),
+        )
     return ConnectError(f"cannot open a WebSocket to {target.path}: {exc}")
 
 

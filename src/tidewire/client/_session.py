@@ -39,6 +39,8 @@ TERMINAL = TERMINAL_EVENTS
 
 #: Statuses that mean "try again shortly" rather than "this request is wrong".
 RETRYABLE = frozenset({502, 503, 504})
+#: The longest `Retry-After` a reconnect honours, in seconds.
+MAX_RETRY_AFTER = 60.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -225,7 +227,12 @@ class Session:
             ) from error
         if resume_now:
             return 0.0  # told by the server: no need to wait and see
-        return self._backoff.next()
+        delay = self._backoff.next()
+        if isinstance(error, HTTPStatusError) and error.retry_after is not None:
+            # The server said when (a draining process, a quota): not sooner,
+            # and not longer than a reconnect would ever wait.
+            delay = max(delay, min(error.retry_after, MAX_RETRY_AFTER))
+        return delay
 
 
 def accept(transport: Transport) -> dict[str, str]:

@@ -73,14 +73,25 @@ class HTTPStatusError(TidewireError):
     """The server answered with a 4xx or 5xx status.
 
     `detail` is the server's explanation (the `detail` of its JSON body, or
-    the body's text), which says what to change.
+    the body's text), which says what to change. `retry_after` is the seconds
+    the server asked for before trying again (`Retry-After`: a 429, or a 503
+    while it drains), if it said.
     """
 
-    def __init__(self, status_code: int, detail: Any, *, method: str, url: str) -> None:
+    def __init__(
+        self,
+        status_code: int,
+        detail: Any,
+        *,
+        method: str,
+        url: str,
+        retry_after: float | None = None,
+    ) -> None:
         self.status_code = status_code
         self.detail = detail
         self.method = method
         self.url = url
+        self.retry_after = retry_after
         super().__init__(f"{status_code} from {method} {url}: {describe(detail)}")
 
 
@@ -148,8 +159,23 @@ def status_error(response: httpx.Response) -> HTTPStatusError:
         detail = response.text or response.reason_phrase
     request = response.request
     return HTTPStatusError(
-        response.status_code, detail, method=request.method, url=str(request.url)
+        response.status_code,
+        detail,
+        method=request.method,
+        url=str(request.url),
+        retry_after=retry_after(response.headers.get("retry-after")),
     )
+
+
+def retry_after(value: str | None) -> float | None:
+    """`Retry-After` in seconds; None when absent or not a number of seconds.
+
+    tidewire sends seconds; the HTTP-date form (from a proxy, say) is not
+    worth a date parser here: the backoff then decides.
+    """
+    if value is None or not value.strip().isdigit() or len(value) > 10:
+        return None
+    return float(value.strip())
 
 
 def raise_for_status(response: httpx.Response) -> None:
