@@ -325,6 +325,15 @@ def merged_note(w: dict[str, Any], now: dict[str, Any] | None) -> str:
     return "; ".join(said) + "."
 
 
+def pinned_note(pinned: dict[str, list[int]] | None) -> str:
+    if not pinned:
+        return "Processes not pinned to cores."
+    return (
+        f"Servers pinned to core {','.join(map(str, pinned['server']))}, the harness and "
+        f"load generators to {','.join(map(str, pinned['load']))} (`taskset`)."
+    )
+
+
 def markdown(results: dict[str, Any]) -> str:
     m = results["machine"]
     vers = ", ".join(f"{k} {v}" for k, v in m["versions"].items())
@@ -335,7 +344,7 @@ def markdown(results: dict[str, Any]) -> str:
         f"Machine: {m['nproc']} cores "
         f"({m['cpu']}), load average at start {m['loadavg_at_start']}, Linux {m['kernel']}, "
         f"Python {m['python']}; {vers}; nginx {m['nginx']}, nchan {m['nchan']}, "
-        f"curl {m.get('curl', '?')}.",
+        f"curl {m.get('curl', '?')}. {pinned_note(results.get('pinned'))}",
         "",
         "W1-W4: every Python server under uvicorn `--loop uvloop --http httptools`, 1 worker, "
         "each its own process "

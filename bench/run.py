@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import files, report
+from . import files, report, servers
 from .adversary import w8
 from .apps.image import PNG, ensure_png
 from .client import w7
@@ -500,6 +500,12 @@ def main(argv: list[str] | None = None) -> None:
         help="keep the other workloads' results from OUT/results.json (each says its date)",
     )
     ap.add_argument(
+        "--no-pin",
+        action="store_true",
+        help="leave processes unpinned (default: servers on the first core, load on the others;"
+        " BENCH_PIN=SERVER:LOAD sets the cores)",
+    )
+    ap.add_argument(
         "--profile",
         action="store_true",
         help="py-spy the tidewire servers; profiles go to OUT/profiles/",
@@ -508,6 +514,10 @@ def main(argv: list[str] | None = None) -> None:
     only = [w.strip() for w in args.only.split(",") if w.strip()]
     if unknown := set(only) - set(WORKLOADS):
         ap.error(f"unknown workloads: {', '.join(sorted(unknown))}")
+    servers.PIN = servers.pinning("off" if args.no_pin else None)
+    if servers.PIN is not None:
+        # This process and every load generator it starts run on the load cores.
+        os.sched_setaffinity(0, servers.PIN.load)
     sizes = QUICK if args.quick else Sizes()
     if args.rounds:
         sizes.rounds = sizes.w6_rounds = args.rounds
@@ -522,6 +532,9 @@ def main(argv: list[str] | None = None) -> None:
             "date": time.strftime("%Y-%m-%d %H:%M:%S %z"),
             "command": " ".join(["python -m bench", *(sys.argv[1:] if argv is None else argv)]),
             "machine": report.machine(),
+            "pinned": None
+            if servers.PIN is None
+            else {"server": list(servers.PIN.server), "load": list(servers.PIN.load)},
             "quick": args.quick,
             "tidewire_src": os.environ.get("BENCH_TIDEWIRE_SRC"),
             "sizes": asdict(sizes),

@@ -20,6 +20,42 @@ PY = sys.executable
 UVICORN_FLAGS = ["--loop", "uvloop", "--http", "httptools", "--workers", "1"]
 
 
+@dataclass(frozen=True)
+class Pinning:
+    """Cores for the servers under test, and for everything else (this harness, the load
+    generators and curl it starts, which inherit its affinity). Apart, a server's CPU per
+    request is its own: what decides how many users one core serves."""
+
+    server: tuple[int, ...]
+    load: tuple[int, ...]
+
+    def wrap(self, argv: list[str]) -> list[str]:
+        # taskset (util-linux), not an affinity set after the start: the workers a server
+        # forks at once must inherit it too.
+        return ["taskset", "-c", ",".join(map(str, self.server)), *argv]
+
+
+def pinning(spec: str | None = None) -> Pinning | None:
+    """`BENCH_PIN`: `SERVER:LOAD` core lists (`0:1`, `0,1:2,3`), or `off`. Default: the
+    first core for the servers and the rest for the load, on a machine with 2 or more."""
+    spec = spec if spec is not None else os.environ.get("BENCH_PIN", "")
+    usable = sorted(os.sched_getaffinity(0))
+    if spec == "off" or (not spec and len(usable) < 2) or shutil.which("taskset") is None:
+        return None
+    if not spec:
+        return Pinning((usable[0],), tuple(usable[1:]))
+    server, _, load = spec.partition(":")
+
+    def cores(text: str) -> tuple[int, ...]:
+        return tuple(int(c) for c in text.split(",") if c.strip())
+
+    return Pinning(cores(server), cores(load))
+
+
+#: Set by `python -m bench` (run.py) before any server starts.
+PIN: Pinning | None = None
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -111,7 +147,7 @@ class Server:
     def start(self, timeout: float = 30.0) -> Server:
         with open(self.log, "wb") as log:
             self.proc = subprocess.Popen(
-                self.argv,
+                PIN.wrap(self.argv) if PIN is not None else self.argv,
                 cwd=self.cwd,
                 env={**env(), **self.extra_env},
                 stdout=log,
