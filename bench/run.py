@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import files, report, servers
+from . import charts, files, report, servers
 from .adversary import w8
 from .apps.image import PNG, ensure_png
 from .client import w7
@@ -562,6 +562,12 @@ def main(argv: list[str] | None = None) -> None:
     (args.out / "results.json").write_text(json.dumps(results, indent=1, default=str) + "\n")
     (args.out / "results.md").write_text(report.markdown(results))
     print(f"wrote {args.out / 'results.md'} and {args.out / 'results.json'}")
+    try:
+        drawn = charts.draw(results, args.out / "charts")
+    except ImportError:  # matplotlib: bench/requirements.txt
+        print("no charts: matplotlib is not installed (bench/install)")
+    else:
+        print(f"drew {len(drawn)} charts into {args.out / 'charts'}")
 
 
 def merge(results: dict[str, Any], old_json: Path) -> None:
