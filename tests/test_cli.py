@@ -74,7 +74,7 @@ def test_serve_with_no_app_serves_the_demo(server: str) -> None:
     assert published.status_code == 201
     with httpx.stream("GET", f"{server}/channels/anyone/events?after=0") as replay:
         first = json.loads(next(replay.iter_lines()))
-    assert first == {"id": "1", "event": "message", "data": {"hello": 1}}
+    assert first == {"id": published.json()["id"], "event": "message", "data": {"hello": 1}}
 
 
 APP = """

@@ -15,7 +15,7 @@ from websockets.exceptions import InvalidStatus
 from websockets.sync.client import connect
 
 from tests.conftest import LiveServer
-from tests.wire import read_ndjson, read_sse, read_ws
+from tests.wire import read_ndjson, read_sse, read_ws, seq
 from tidewire.demo import png, tw
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -78,9 +78,9 @@ def test_streams_lists_demo_with_a_schema(server: LiveServer) -> None:
 
 def check_demo_events(events: list[dict[str, Any]], n: int) -> None:
     assert [e["event"] for e in events] == ["message"] * n + ["end"]
-    # `<run id>.<n>` on the memory broker: one run, numbers that increase.
+    # `<run id>.<epoch>-<n>` on the memory broker: one run, numbers that increase.
     runs = {e["id"].partition(".")[0] for e in events}
-    ids = [int(e["id"].partition(".")[2]) for e in events]
+    ids = [seq(e["id"]) for e in events]
     assert len(runs) == 1
     assert ids == sorted(set(ids)), "ids strictly increase"
     for i, event in enumerate(events[:-1]):

@@ -71,3 +71,25 @@ def read_ws(
             if events[-1]["event"] in FINAL or (limit is not None and len(events) >= limit):
                 break
     return events
+
+
+def nth(id: str, n: int) -> str:
+    """The id of the `n`-th event of the log that `id` (an id a server sent) is from.
+
+    Ids are opaque to clients; the tests know the in-memory broker's shape,
+    `<epoch>-<seq>` (a run's: `<run id>.<epoch>-<seq>`), and name positions
+    from an id they were sent, never from a hard-coded epoch.
+    """
+    head, dash, _ = id.rpartition("-")
+    return f"{head}{dash}{n}"
+
+
+def log_id(broker: Any, n: int) -> str:
+    """The id of the `n`-th event of any log of the in-memory `broker`."""
+    return f"{broker.epoch}-{n}"
+
+
+def seq(id: str) -> int:
+    """The number of the event `id` names in its log, on either broker (`7`, `<epoch>-7`,
+    `1700000000000-7`, `<run id>.<epoch>-7`)."""
+    return int(id.rpartition("-")[2].rpartition(".")[2])

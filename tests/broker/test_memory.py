@@ -36,6 +36,15 @@ def items(*values: object, kind: str = "message") -> list[tuple[str, bytes]]:
     return [(kind, orjson.dumps(v)) for v in values]
 
 
+def at(broker: MemoryBroker, seq: int) -> str:
+    """The id of the event numbered `seq` in any log of `broker` (its epoch, then the seq)."""
+    return f"{broker.epoch}-{seq}"
+
+
+def ids(broker: MemoryBroker, *seqs: int) -> list[str]:
+    return [at(broker, seq) for seq in seqs]
+
+
 async def fill(broker: MemoryBroker, log: str, n: int, retention: Retention = KEEP) -> None:
     for i in range(1, n + 1):
         await broker.append(log, items(i), retention)
@@ -46,13 +55,12 @@ def test_ids_count_from_one_and_strictly_increase() -> None:
         broker = MemoryBroker()
         first = await broker.append("a", items("x", "y", "z"), KEEP)
         second = await broker.append("a", items("w"), KEEP)
-        ids = [e.id for e in first + second]
-        assert ids == ["1", "2", "3", "4"]
+        assert [e.id for e in first + second] == [f"{broker.epoch}-{n}" for n in (1, 2, 3, 4)]
         assert [e.seq for e in first + second] == [1, 2, 3, 4]
         assert [e.data for e in first + second] == ["x", "y", "z", "w"]
         # Logs are independent.
         [other] = await broker.append("b", items(1), KEEP)
-        assert other.id == "1"
+        assert other.id == f"{broker.epoch}-1"
 
     run(body)
 
@@ -63,8 +71,8 @@ def test_append_keeps_event_types_and_data() -> None:
         await broker.append("a", [("progress", b'{"p":1}'), ("message", b"null")], KEEP)
         batch = await broker.read("a", "0", limit=10, timeout=0)
         assert [(e.id, e.event, e.data_json) for e in batch.events] == [
-            ("1", "progress", b'{"p":1}'),
-            ("2", "message", b"null"),
+            (at(broker, 1), "progress", b'{"p":1}'),
+            (at(broker, 2), "message", b"null"),
         ]
 
     run(body)
@@ -74,11 +82,11 @@ def test_read_from_a_position_and_with_a_limit() -> None:
     async def body() -> None:
         broker = MemoryBroker()
         await fill(broker, "a", 10)
-        batch = await broker.read("a", "3", limit=4, timeout=0)
-        assert [e.id for e in batch.events] == ["4", "5", "6", "7"]
+        batch = await broker.read("a", at(broker, 3), limit=4, timeout=0)
+        assert [e.id for e in batch.events] == ids(broker, 4, 5, 6, 7)
         assert (batch.missed, batch.resume_id, batch.ended) == (0, None, False)
-        rest = await broker.read("a", "7", limit=100, timeout=0)
-        assert [e.id for e in rest.events] == ["8", "9", "10"]
+        rest = await broker.read("a", at(broker, 7), limit=100, timeout=0)
+        assert [e.id for e in rest.events] == ids(broker, 8, 9, 10)
 
     run(body)
 
@@ -86,12 +94,12 @@ def test_read_from_a_position_and_with_a_limit() -> None:
 def test_last_id() -> None:
     async def body() -> None:
         broker = MemoryBroker()
-        assert await broker.last_id("empty") == "0"
+        assert await broker.last_id("empty") == at(broker, 0)
         await fill(broker, "a", 3)
-        assert await broker.last_id("a") == "3"
+        assert await broker.last_id("a") == at(broker, 3)
         # Trimming does not move the head.
         await fill(broker, "a", 5, Retention(max_len=2))
-        assert await broker.last_id("a") == "8"
+        assert await broker.last_id("a") == at(broker, 8)
 
     run(body)
 
@@ -100,12 +108,12 @@ def test_read_blocks_until_an_append() -> None:
     async def body() -> None:
         broker = MemoryBroker()
         await fill(broker, "a", 2)
-        reader = asyncio.create_task(broker.read("a", "2", limit=10, timeout=None))
+        reader = asyncio.create_task(broker.read("a", at(broker, 2), limit=10, timeout=None))
         await asyncio.sleep(0.1)
         assert not reader.done(), "a read with nothing to return must wait"
         await broker.append("a", items("late"), KEEP)
         batch = await asyncio.wait_for(reader, WAKE)
-        assert [(e.id, e.data) for e in batch.events] == [("3", "late")]
+        assert [(e.id, e.data) for e in batch.events] == [(at(broker, 3), "late")]
 
     run(body)
 
@@ -120,7 +128,7 @@ def test_append_wakes_every_blocked_reader() -> None:
         assert not any(r.done() for r in readers)
         await broker.append("a", items(1), KEEP)
         batches = await asyncio.wait_for(asyncio.gather(*readers), WAKE)
-        assert all([e.id for e in b.events] == ["1"] for b in batches)
+        assert all([e.id for e in b.events] == [at(broker, 1)] for b in batches)
 
     run(body)
 
@@ -143,14 +151,14 @@ def test_timeout_returns_an_empty_batch() -> None:
         broker = MemoryBroker()
         await fill(broker, "a", 1)
         start = time.monotonic()
-        batch = await broker.read("a", "1", limit=10, timeout=0.2)
+        batch = await broker.read("a", at(broker, 1), limit=10, timeout=0.2)
         waited = time.monotonic() - start
         assert batch == Batch()
         assert batch.events == [] and not batch.missed and not batch.ended
         assert 0.15 <= waited < 2
 
         start = time.monotonic()
-        assert await broker.read("a", "1", limit=10, timeout=0) == Batch()
+        assert await broker.read("a", at(broker, 1), limit=10, timeout=0) == Batch()
         assert time.monotonic() - start < 1, "timeout=0 must not wait"
 
     run(body)
@@ -162,17 +170,17 @@ def test_trim_by_count_reports_missed_and_where_to_resume() -> None:
         await fill(broker, "a", 10, Retention(max_len=3))
         batch = await broker.read("a", "0", limit=100, timeout=0)
         assert batch.missed == 7
-        assert batch.resume_id == "7"
-        assert [e.id for e in batch.events] == ["8", "9", "10"]
+        assert batch.resume_id == at(broker, 7)
+        assert [e.id for e in batch.events] == ids(broker, 8, 9, 10)
 
         # Reading on from resume_id: exactly the retained events, no second gap.
         again = await broker.read("a", batch.resume_id, limit=100, timeout=0)
-        assert (again.missed, [e.id for e in again.events]) == (0, ["8", "9", "10"])
+        assert (again.missed, [e.id for e in again.events]) == (0, ids(broker, 8, 9, 10))
 
         # A reader that had some and fell behind misses only what it did not get.
-        behind = await broker.read("a", "5", limit=100, timeout=0)
-        assert (behind.missed, behind.resume_id) == (2, "7")
-        assert [e.id for e in behind.events] == ["8", "9", "10"]
+        behind = await broker.read("a", at(broker, 5), limit=100, timeout=0)
+        assert (behind.missed, behind.resume_id) == (2, at(broker, 7))
+        assert [e.id for e in behind.events] == ids(broker, 8, 9, 10)
 
     run(body)
 
@@ -191,7 +199,7 @@ def test_reader_following_resume_ids_gets_everything_once() -> None:
             while True:
                 batch = await broker.read("a", after, limit=2, timeout=0)
                 missed += batch.missed
-                seen.extend(int(e.id) for e in batch.events)
+                seen.extend(e.seq for e in batch.events)
                 if batch.events:
                     after = batch.events[-1].id
                 elif batch.resume_id is not None:
@@ -219,8 +227,8 @@ def test_trim_by_age() -> None:
         await asyncio.sleep(0.2)
         await broker.append("a", items("fresh"), retention)
         batch = await broker.read("a", "0", limit=100, timeout=0)
-        assert (batch.missed, batch.resume_id) == (3, "3")
-        assert [(e.id, e.data) for e in batch.events] == [("4", "fresh")]
+        assert (batch.missed, batch.resume_id) == (3, at(broker, 3))
+        assert [(e.id, e.data) for e in batch.events] == [(at(broker, 4), "fresh")]
 
     run(body)
 
@@ -235,9 +243,9 @@ def test_trim_by_age_on_a_quiet_log() -> None:
         await asyncio.sleep(0.2)
         # Nothing was appended since, yet the old events are gone.
         batch = await broker.read("a", "0", limit=100, timeout=5)
-        assert (batch.events, batch.missed, batch.resume_id) == ([], 4, "4")
-        assert await broker.read("a", "4", limit=100, timeout=0.05) == Batch()
-        assert await broker.last_id("a") == "4"
+        assert (batch.events, batch.missed, batch.resume_id) == ([], 4, at(broker, 4))
+        assert await broker.read("a", at(broker, 4), limit=100, timeout=0.05) == Batch()
+        assert await broker.last_id("a") == at(broker, 4)
 
     run(body)
 
@@ -248,11 +256,11 @@ def test_end_marks_the_reader_that_reaches_the_end() -> None:
         await fill(broker, "a", 3)
         await broker.end("a")
         partial = await broker.read("a", "0", limit=2, timeout=0)
-        assert [e.id for e in partial.events] == ["1", "2"]
+        assert [e.id for e in partial.events] == ids(broker, 1, 2)
         assert not partial.ended, "events remain after this batch"
-        last = await broker.read("a", "2", limit=2, timeout=None)
-        assert [e.id for e in last.events] == ["3"] and last.ended
-        at_end = await broker.read("a", "3", limit=2, timeout=None)
+        last = await broker.read("a", at(broker, 2), limit=2, timeout=None)
+        assert [e.id for e in last.events] == [at(broker, 3)] and last.ended
+        at_end = await broker.read("a", at(broker, 3), limit=2, timeout=None)
         assert at_end.events == [] and at_end.ended
 
     run(body)
@@ -263,7 +271,8 @@ def test_end_wakes_blocked_readers() -> None:
         broker = MemoryBroker()
         await fill(broker, "a", 1)
         readers = [
-            asyncio.create_task(broker.read("a", "1", limit=10, timeout=None)) for _ in range(3)
+            asyncio.create_task(broker.read("a", at(broker, 1), limit=10, timeout=None))
+            for _ in range(3)
         ]
         await asyncio.sleep(0.05)
         assert not any(r.done() for r in readers)
@@ -274,7 +283,7 @@ def test_end_wakes_blocked_readers() -> None:
     run(body)
 
 
-@pytest.mark.parametrize("bad", ["abc", "-1", "", "1.5", "1-0"])
+@pytest.mark.parametrize("bad", ["abc", "-1", "", "1.5", "1-", "-0", "1-2-3", "\u0667"])
 def test_check_id_refuses_what_is_not_an_id(bad: str) -> None:
     broker = MemoryBroker()
     with pytest.raises(BadPosition):
@@ -282,7 +291,7 @@ def test_check_id_refuses_what_is_not_an_id(bad: str) -> None:
     assert issubclass(BadPosition, ValueError)
 
 
-@pytest.mark.parametrize("good", ["0", "1", "123456789012"])
+@pytest.mark.parametrize("good", ["0", "1", "123456789012", "1764000000000-17", "0-0"])
 def test_check_id_accepts_ids(good: str) -> None:
     MemoryBroker().check_id(good)
 
@@ -302,12 +311,13 @@ def test_an_id_beyond_the_head_reads_on_from_the_head() -> None:
     async def body() -> None:
         broker = MemoryBroker()
         await fill(broker, "a", 2)
-        assert (await broker.read("a", "500", limit=10, timeout=0)).events == []
-        reader = asyncio.create_task(broker.read("a", "500", limit=10, timeout=5))
+        ahead = at(broker, 500)
+        assert (await broker.read("a", ahead, limit=10, timeout=0)).events == []
+        reader = asyncio.create_task(broker.read("a", ahead, limit=10, timeout=5))
         await asyncio.sleep(0.05)
         await broker.append("a", items("next"), KEEP)
         batch = await asyncio.wait_for(reader, WAKE)
-        assert [(e.id, e.data) for e in batch.events] == [("3", "next")]
+        assert [(e.id, e.data) for e in batch.events] == [(at(broker, 3), "next")]
         assert batch.missed == 0
 
     run(body)
@@ -317,15 +327,15 @@ def test_delete_wakes_readers_and_forgets_the_log() -> None:
     async def body() -> None:
         broker = MemoryBroker()
         await fill(broker, "a", 2)
-        reader = asyncio.create_task(broker.read("a", "2", limit=10, timeout=None))
+        reader = asyncio.create_task(broker.read("a", at(broker, 2), limit=10, timeout=None))
         await asyncio.sleep(0.05)
         assert not reader.done()
         await broker.delete("a")
         batch = await asyncio.wait_for(reader, WAKE)
         assert batch.ended and batch.events == []
-        assert await broker.last_id("a") == "0"
+        assert await broker.last_id("a") == at(broker, 0)
         [event] = await broker.append("a", items("new"), KEEP)
-        assert event.id == "1"
+        assert event.id == at(broker, 1)
         await broker.delete("never-existed")  # no error
 
     run(body)
@@ -359,5 +369,51 @@ def test_cancelled_reader_leaves_no_waiter_behind() -> None:
             assert await broker.read("a", "0", limit=1, timeout=0.001) == Batch()
         log = broker._logs.get("a")
         assert log is None or not log.waiters
+
+    run(body)
+
+
+def test_an_id_from_before_a_restart_reads_the_log_from_its_start_told() -> None:
+    """The ids of a broker made later never name the events of one made before
+    (memory begins its logs again at 1): a reader coming back with one reads
+    all that is retained now, and is told (`restarted`) that it may have
+    missed events, whatever seq its id had."""
+
+    async def body() -> None:
+        before = MemoryBroker()
+        await fill(before, "a", 60)
+        kept = at(before, 57)
+        broker = MemoryBroker()  # the process restarted
+        assert int(broker.epoch) > int(before.epoch)
+        await fill(broker, "a", 60, Retention(max_len=50))
+        for old in (kept, "57", at(before, 0)):
+            batch = await broker.read("a", old, limit=100, timeout=0)
+            assert batch.restarted, old
+            assert [e.seq for e in batch.events] == list(range(11, 61))
+            # Only what was trimmed here is counted; resume_id is where it read on from.
+            assert (batch.missed, batch.resume_id) == (10, at(broker, 10))
+            again = await broker.read("a", batch.events[-1].id, limit=100, timeout=0)
+            assert again == Batch()
+        # `0` is the start of this log, not of another epoch's.
+        start = await broker.read("a", "0", limit=100, timeout=0)
+        assert (start.missed, start.restarted) == (10, False)
+
+    run(body)
+
+
+def test_an_id_from_before_a_restart_is_told_at_once_on_an_empty_log() -> None:
+    async def body() -> None:
+        old = at(MemoryBroker(), 3)
+        broker = MemoryBroker()
+        batch = await broker.read("nobody-wrote-here", old, limit=10, timeout=5)
+        assert batch == Batch(resume_id=at(broker, 0), restarted=True)
+        assert broker._logs == {}, "a reader of a made-up name leaves no log behind"
+        # Reading on from resume_id waits for the next event, as at the head.
+        reader = asyncio.create_task(broker.read("a", at(broker, 0), limit=10, timeout=5))
+        await asyncio.sleep(0.05)
+        assert not reader.done()
+        await broker.append("a", items("first"), KEEP)
+        first = await asyncio.wait_for(reader, WAKE)
+        assert ([e.id for e in first.events], first.restarted) == ([at(broker, 1)], False)
 
     run(body)

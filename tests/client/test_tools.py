@@ -19,6 +19,7 @@ import httpx
 import pytest
 
 from tests.conftest import QUICK, LiveServer
+from tests.wire import seq
 from tidewire import Tidewire
 from tidewire.client._transfers import download, upload
 from tidewire.storage.local import LocalStorage
@@ -58,8 +59,8 @@ def test_curl_reads_ndjson(curl: str, server: LiveServer) -> None:
     events = [json.loads(line) for line in out.splitlines() if line.strip()]
     assert [e["data"] for e in events[:-1]] == [{"i": i} for i in range(7)]
     assert events[-1]["event"] == "end"
-    # Opaque in general; `<run id>.<n>` on the memory broker.
-    ids = [int(e["id"].partition(".")[2]) for e in events]
+    # Opaque in general; `<run id>.<epoch>-<n>` on the memory broker.
+    ids = [seq(e["id"]) for e in events]
     assert ids == sorted(set(ids))
 
 

@@ -20,7 +20,7 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import connect
 
 from tests.conftest import QUICK, LiveServer
-from tests.wire import Envelope, parse_sse
+from tests.wire import Envelope, nth, parse_sse
 from tidewire import Settings, Tidewire
 from tidewire.broker import Broker
 
@@ -522,7 +522,7 @@ def test_websocket_frames_are_published(server: LiveServer, ch: str) -> None:
         blob(raw, "application/octet-stream"),
     ]
     assert all(e["event"] == "message" for e in own)
-    ids = [int(e["id"]) for e in own]
+    ids = [seq(e["id"]) for e in own]
     assert ids == sorted(ids) and len(set(ids)) == 3
     for watcher, events in zip(watchers, collect(watchers), strict=True):
         assert events == own, watcher.transport
@@ -651,19 +651,20 @@ def test_a_position_int_would_take_is_400_in_the_query_too(server: LiveServer, c
         assert denied.value.response.status_code == 400, bad
 
 
-def test_an_id_from_before_a_restart_reads_on_from_the_head(server: LiveServer, ch: str) -> None:
-    """A client resuming with an id this (restarted, in-memory) server never gave out
-    must get what is published from now on, not hang, and be told (a `gap`) that the
-    id was ahead of the log, with the id it reads on from."""
+def test_an_id_ahead_of_the_log_reads_on_from_the_head(server: LiveServer, ch: str) -> None:
+    """A client resuming with an id past the newest event (made up) must get what is
+    published from now on, not hang, and be told (a `gap`) that the id was ahead of
+    the log, with the id it reads on from. (An id from before a restart: test_restart.py.)"""
     old = publish(server, ch, "old")
+    ahead = nth(old, 999)
     subs = [
-        Subscriber(server, ch, t, headers={"last-event-id": "999"}, limit=3).begin()
+        Subscriber(server, ch, t, headers={"last-event-id": ahead}, limit=3).begin()
         for t in TRANSPORTS
     ]
     ids = [publish(server, ch, f"new-{i}") for i in range(2)]
     for events in collect(subs):  # not hanging is the point; a loaded machine may be slow
         assert [(e["id"], e["data"]) for e in events] == [
-            (old, {"missed": 0, "ahead": "999"}),
+            (old, {"missed": 0, "ahead": ahead}),
             (ids[0], "new-0"),
             (ids[1], "new-1"),
         ]
@@ -790,13 +791,13 @@ def test_publishing_never_waits_for_a_slow_subscriber(serve: Serve) -> None:
                 r = client.post(events_url(server, "busy"), json={"i": i, "pad": padding})
                 assert r.status_code == 201, r.text
                 published.append(r.json()["id"])
-        ids = [int(id_) for id_ in published]
+        ids = [seq(id_) for id_ in published]
         assert ids == sorted(set(ids)), "ids strictly increase"
 
         # A new reader gets the retained tail, contiguous and complete.
         fresh = read_all(server, "busy", "ndjson")
         tail = [e for e in fresh if e["event"] != "gap"]
-        assert [int(e["id"]) for e in tail] == ids[-100:]
+        assert [seq(e["id"]) for e in tail] == ids[-100:]
         assert [e["data"]["i"] for e in tail] == list(range(total - 100, total))
         assert len(fresh) - len(tail) <= 1
 
@@ -810,8 +811,8 @@ def test_publishing_never_waits_for_a_slow_subscriber(serve: Serve) -> None:
             if event["event"] == "gap":
                 missed += event["data"]["missed"]
                 continue
-            assert int(event["id"]) > previous
-            previous = int(event["id"])
+            assert seq(event["id"]) > previous
+            previous = seq(event["id"])
             got += 1
             if event["id"] == published[-1]:
                 break
@@ -837,7 +838,7 @@ def test_a_retained_event_costs_about_its_size_not_4_kb(serve: Serve) -> None:
                 # Each event comes back (the publisher subscribes too) once published.
                 for _ in frames:
                     last = json.loads(ws.recv(timeout=30))
-            assert last["id"] == str(len(frames))
+            assert seq(last["id"]) == len(frames)
         gc.collect()
         retained = tracemalloc.get_traced_memory()[0] - base
     finally:

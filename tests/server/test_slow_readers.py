@@ -27,6 +27,7 @@ from websockets.frames import Close, Frame, Opcode
 from websockets.uri import parse_uri
 
 from tests.conftest import QUICK, LiveServer
+from tests.wire import log_id
 from tidewire import Tidewire
 from tidewire.broker import Retention
 from tidewire.broker.memory import MemoryBroker
@@ -87,11 +88,11 @@ def test_no_write_is_larger_than_the_subscriber_buffer(fmt: str) -> None:
     # Nothing lost or reordered by the splitting: every event is there, whole.
     if fmt == "ndjson":
         lines = [json.loads(line) for line in body.splitlines()]
-        assert [e["id"] for e in lines] == [str(i) for i in range(1, 202)]
+        assert [e["id"] for e in lines] == [log_id(broker, i) for i in range(1, 202)]
         assert lines[-1]["data"] == "y" * (150 << 10)
     else:
         assert body.count(b"event: message\n") == 201
-        assert body.endswith(b"y" * 100 + b'"\nid: 201\n\n')
+        assert body.endswith(b"y" * 100 + f'"\nid: {log_id(broker, 201)}\n\n'.encode())
 
 
 # -- channels: a subscriber further behind than the budget skips ahead ------------
@@ -106,7 +107,7 @@ def test_a_subscriber_further_behind_than_its_buffer_gets_gap_and_the_newest(
     serve: Any,
 ) -> None:
     budget = 256 << 10
-    _tw, server = channel_server(serve, subscriber_buffer_bytes=budget, channel_max_len=1000)
+    tw, server = channel_server(serve, subscriber_buffer_bytes=budget, channel_max_len=1000)
     payload = "z" * (10 << 10)  # ~10 KiB: 100 of them ~1 MiB, four times the budget
     with httpx.Client(base_url=server.url, timeout=10) as client:
         for i in range(100):
@@ -120,7 +121,8 @@ def test_a_subscriber_further_behind_than_its_buffer_gets_gap_and_the_newest(
     # What it skipped and what it got add up, in order, ending at the newest;
     # what it got is about the budget, not the history.
     assert [e["data"]["i"] for e in rest] == list(range(missed, 100))
-    assert rest[0]["id"] == str(missed + 1) and first["id"] == str(missed)
+    assert rest[0]["id"] == log_id(tw.broker, missed + 1)
+    assert first["id"] == log_id(tw.broker, missed)
     got = sum(len(e["data"]["pad"]) for e in rest)
     assert budget / 2 <= got <= budget * 1.5
 

@@ -12,6 +12,7 @@ from httpx_sse import connect_sse
 from tests import eventsource as es
 from tests.conftest import LiveServer
 from tests.proxy import Proxy
+from tests.wire import nth
 
 # The shared fixtures (tests/eventsource.py), by name, as pytest finds them.
 started, app, server = es.started, es.app, es.server
@@ -57,11 +58,11 @@ def test_httpx_sse_live_subscription_starts_with_its_position(server: LiveServer
     """Nothing to send yet: the first block is `retry:` with `id:` of where the
     subscription starts, so a client that loses the connection resumes from it."""
     with httpx.Client(base_url=server.url, timeout=10) as client:
-        client.post("/channels/news/events", json="old").raise_for_status()
+        old = client.post("/channels/news/events", json="old").json()["id"]
         with connect_sse(client, "GET", "/channels/news/events") as source:
             first = next(source.iter_sse())
     assert (first.event, first.data, first.retry) == ("position", "", es.RETRY_MS)
-    assert first.id == "1"  # after the one event already there: memory ids count from 1
+    assert first.id == old  # after the one event already there
 
 
 def test_from_a_finished_runs_end_is_204_on_ndjson_and_sse(server: LiveServer) -> None:
@@ -88,19 +89,20 @@ def test_a_reconnect_to_a_stream_never_starts_a_run(server: LiveServer, started:
 
 
 def test_a_position_ahead_of_the_log_is_reported(server: LiveServer) -> None:
-    """A Last-Event-ID the log has not reached (from before a restart, say) is not
+    """A Last-Event-ID the log has not reached (made up, say) is not
     taken silently: a `gap` says so (on every transport), and a header."""
     with httpx.Client(base_url=server.url, timeout=10) as client:
-        client.post("/channels/news/events", json="first").raise_for_status()
-        with client.stream("GET", "/channels/news/events", params={"after": "999"}) as response:
-            assert "999" in response.headers.get("tidewire-warning", "")
+        head = client.post("/channels/news/events", json="first").json()["id"]
+        ahead = nth(head, 999)
+        with client.stream("GET", "/channels/news/events", params={"after": ahead}) as response:
+            assert ahead in response.headers.get("tidewire-warning", "")
             line = next(line for line in response.iter_lines() if line.strip())
         first = httpx.Response(200, content=line).json()
         assert first["event"] == "gap"
-        assert first["data"]["ahead"] == "999"
-        assert first["id"] == "1"  # where it reads on from: the log's newest event
+        assert first["data"]["ahead"] == ahead
+        assert first["id"] == head  # where it reads on from: the log's newest event
         with connect_sse(
-            client, "GET", "/channels/news/events", headers={"last-event-id": "999"}
+            client, "GET", "/channels/news/events", headers={"last-event-id": ahead}
         ) as source:
             event = next(source.iter_sse())
-        assert (event.event, event.id) == ("gap", "1")
+        assert (event.event, event.id) == ("gap", head)

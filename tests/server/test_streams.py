@@ -24,7 +24,7 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import connect
 
 from tests.conftest import QUICK, LiveServer, wait_for
-from tests.wire import read_ndjson, read_sse, read_ws
+from tests.wire import log_id, read_ndjson, read_sse, read_ws
 from tidewire import Blob, Message, Settings, Tidewire
 from tidewire.broker import Broker
 from tidewire.events import decode_blobs
@@ -134,6 +134,11 @@ def make(settings: Settings = QUICK, broker: Broker | None = None) -> tuple[Tide
     return tw, probe
 
 
+def event_id(tw: Tidewire, run: str, n: int) -> str:
+    """The id of the `n`-th event of `run` (`<run id>.<the log's id>`)."""
+    return f"{run}.{log_id(tw.broker, n)}"
+
+
 def nested(depth: int) -> Any:
     value: Any = 1
     for _ in range(depth):
@@ -182,7 +187,7 @@ def test_the_three_transports_give_identical_events(serve: Any) -> None:
     assert seen["ndjson"] == seen["sse"] == seen["ws"]
     events = seen["ndjson"]
     # A run's event ids name the run: `<run id>.<the log's id>`.
-    assert [e["id"] for e in events] == [f"{run}.{i}" for i in range(1, 6)]
+    assert [e["id"] for e in events] == [event_id(tw, run, i) for i in range(1, 6)]
     assert [e["event"] for e in events] == ["message", "message", "progress", "message", "end"]
     data = [decode_blobs(e["data"]) for e in events]
     assert data[0] == b"\x00\xffraw"
@@ -208,10 +213,10 @@ def test_starting_a_run_on_each_transport(serve: Any, transport: str) -> None:
         events = read_ndjson(f"{server.url}/streams/count?n=3")
     run = events[0]["id"].partition(".")[0]
     assert events == [
-        {"id": f"{run}.1", "event": "message", "data": {"i": 0}},
-        {"id": f"{run}.2", "event": "message", "data": {"i": 1}},
-        {"id": f"{run}.3", "event": "message", "data": {"i": 2}},
-        {"id": f"{run}.4", "event": "end", "data": None},
+        {"id": event_id(tw, run, 1), "event": "message", "data": {"i": 0}},
+        {"id": event_id(tw, run, 2), "event": "message", "data": {"i": 1}},
+        {"id": event_id(tw, run, 3), "event": "message", "data": {"i": 2}},
+        {"id": event_id(tw, run, 4), "event": "end", "data": None},
     ]
 
 
@@ -294,8 +299,8 @@ def test_resume_from_the_middle(serve: Any, transport: str) -> None:
     server = serve(tw)
     run = detach(server, "count", n=20)
     finished(server, run)
-    events = read(server, transport, f"/runs/{run}/events?after=10")
-    assert [e["id"] for e in events] == [f"{run}.{i}" for i in range(11, 22)]
+    events = read(server, transport, f"/runs/{run}/events?after={log_id(tw.broker, 10)}")
+    assert [e["id"] for e in events] == [event_id(tw, run, i) for i in range(11, 22)]
     assert events[0]["data"] == {"i": 10}
     assert events[-1]["event"] == "end"
 
@@ -306,13 +311,16 @@ def test_last_event_id_wins_over_after(serve: Any, transport: str) -> None:
     server = serve(tw)
     run = detach(server, "count", n=10)
     finished(server, run)
-    events = read(server, transport, f"/runs/{run}/events?after=2", headers={"last-event-id": "8"})
-    assert [e["id"] for e in events] == [f"{run}.{i}" for i in (9, 10, 11)]
+    after, last_id = log_id(tw.broker, 2), log_id(tw.broker, 8)
+    events = read(
+        server, transport, f"/runs/{run}/events?after={after}", headers={"last-event-id": last_id}
+    )
+    assert [e["id"] for e in events] == [event_id(tw, run, i) for i in (9, 10, 11)]
     # Alone, it resumes too (a WebSocket client reconnecting sends it as a header),
     # given as the event's id or as the log's id in it.
-    for last in (f"{run}.9", "9"):
+    for last in (event_id(tw, run, 9), log_id(tw.broker, 9)):
         alone = read(server, transport, f"/runs/{run}/events", headers={"last-event-id": last})
-        assert [e["id"] for e in alone] == [f"{run}.10", f"{run}.11"]
+        assert [e["id"] for e in alone] == [event_id(tw, run, 10), event_id(tw, run, 11)]
 
 
 def test_resume_while_running_loses_and_repeats_nothing(serve: Any) -> None:
@@ -320,7 +328,9 @@ def test_resume_while_running_loses_and_repeats_nothing(serve: Any) -> None:
     server = serve(tw)
     run = detach(server, "count", n=200, interval=0.002)
     first = read_ndjson(f"{server.url}/runs/{run}/events", limit=37)
-    rest = read_ndjson(f"{server.url}/runs/{run}/events", headers={"last-event-id": "37"})
+    rest = read_ndjson(
+        f"{server.url}/runs/{run}/events", headers={"last-event-id": first[-1]["id"]}
+    )
     data = [e["data"] for e in first + rest]
     assert data[:-1] == [{"i": i} for i in range(200)]
 
@@ -475,7 +485,9 @@ def test_a_watcher_that_comes_back_within_the_grace_keeps_the_run(serve: Any) ->
         run = response.headers["tidewire-run"]
         lines = response.iter_lines()
         first = [json.loads(next(lines)) for _ in range(10)]
-    rest = read_ndjson(f"{server.url}/runs/{run}/events", headers={"last-event-id": "10"})
+    rest = read_ndjson(
+        f"{server.url}/runs/{run}/events", headers={"last-event-id": first[-1]["id"]}
+    )
     data = [e["data"] for e in first + rest]
     assert data[:-1] == [{"i": i} for i in range(300)]
     assert rest[-1]["event"] == "end"
@@ -505,7 +517,7 @@ def test_a_failing_generator_ends_with_an_error_event(
     events = read(server, transport, f"/runs/{run}/events")
     assert [e["data"] for e in events[:2]] == [0, 1]
     error = {"type": kind, "message": message}
-    assert events[-1] == {"id": f"{run}.3", "event": "error", "data": error}
+    assert events[-1] == {"id": event_id(tw, run, 3), "event": "error", "data": error}
     assert finished(server, run)["state"] == "failed"
 
 
@@ -537,9 +549,9 @@ def test_a_generator_yielding_data_nested_too_deep_ends_with_an_error_event(
     run = detach(server, stream)
     events = read(server, transport, f"/runs/{run}/events")
     assert events == [
-        {"id": f"{run}.1", "event": "message", "data": "before"},
+        {"id": event_id(tw, run, 1), "event": "message", "data": "before"},
         {
-            "id": f"{run}.2",
+            "id": event_id(tw, run, 2),
             "event": "error",
             "data": {
                 "type": "TooDeep",
@@ -710,7 +722,8 @@ def test_a_detached_run_retains_its_events_at_about_their_size(serve: Any) -> No
         retained = tracemalloc.get_traced_memory()[0] - base
     finally:
         tracemalloc.stop()
-    [last] = read_ndjson(f"{server.url}/runs/{run}/events?after={n - 1}", limit=1)
+    after = log_id(tw.broker, n - 1)
+    [last] = read_ndjson(f"{server.url}/runs/{run}/events?after={after}", limit=1)
     assert last["data"] == {"seq": n - 1, "text": "x" * 80}
     # The event, its id and its data (~100 bytes): no 4 KB buffer each.
     assert retained / n < 1_000

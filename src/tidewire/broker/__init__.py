@@ -109,13 +109,18 @@ class Batch:
 
     `missed` counts events trimmed away before this reader got them; the
     reader should resume at `resume_id`, which is past them. `ended` is true
-    when the log was closed and `events` reaches its end.
+    when the log was closed and `events` reaches its end. `restarted` is true
+    when the reader's position is from before the log began again (an id of
+    an earlier process of the in-memory broker): whatever came after it there
+    is gone, how much is unknown (`missed` counts only what was trimmed since),
+    and `resume_id` is the start of the log as it is now.
     """
 
     events: list[Envelope] = field(default_factory=list)
     missed: int = 0
     resume_id: str | None = None
     ended: bool = False
+    restarted: bool = False
 
 
 class Logs(Protocol):

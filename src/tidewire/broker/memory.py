@@ -99,10 +99,11 @@ class Waiters:
 
 
 class _Log(Waiters):
-    __slots__ = ("bytes", "ended", "events", "next_seq", "sizes", "times", "written")
+    __slots__ = ("bytes", "ended", "epoch", "events", "next_seq", "sizes", "times", "written")
 
-    def __init__(self) -> None:
+    def __init__(self, epoch: str) -> None:
         super().__init__()
+        self.epoch = epoch  # the broker's: every id here is `<epoch>-<seq>`
         self.events: deque[Envelope] = deque()
         self.times: deque[float] = deque()  # monotonic time each event was appended
         self.sizes: deque[int] = deque()  # each event's wire_size
@@ -144,18 +145,19 @@ class _Log(Waiters):
                 freed += self.drop()
         return freed
 
-    def take(self, after: int, limit: int) -> Batch:
+    def take(self, after: int, limit: int, *, restarted: bool = False) -> Batch:
         first = self.next_seq - len(self.events)  # seq of events[0]
         missed = max(0, first - after - 1)
         start = max(after + 1, first) - first
-        # Ids are the seq numbers themselves, so the slice is by index.
+        # Ids end in the seq numbers themselves, so the slice is by index.
         stop = min(len(self.events), start + limit)
         events = [self.events[i] for i in range(start, stop)] if start < stop else []
         return Batch(
             events=events,
             missed=missed,
-            resume_id=str(first - 1) if missed else None,
+            resume_id=f"{self.epoch}-{first - 1}" if missed or restarted else None,
             ended=self.ended and stop >= len(self.events),
+            restarted=restarted,
         )
 
     def waiting_readers(self) -> bool:
@@ -166,18 +168,48 @@ class _Log(Waiters):
         return self.next_seq == 1 and not self.waiting_readers()
 
 
-#: An id from outside: ASCII digits only. int() alone would also take "+7", " 7",
-#: "7_0" and an Arabic-Indic 7, which name no event: a client sending them gets 400, not a read
-#: from 7. (At most 20 digits, as a Redis seq: no id here ever gets longer.)
-_ID = re.compile(r"[0-9]{1,20}")
+#: An id from outside: `<epoch>-<seq>`, or a bare whole number (`0`, the start; any
+#: other is an id of a tidewire from before epochs), in ASCII digits only. int() alone
+#: would also take "+7", " 7", "7_0" and an Arabic-Indic 7, which name no event: a client
+#: sending them gets 400, not a read from 7. (At most 20 digits each, as in a Redis id:
+#: no id here ever gets longer.)
+_ID = re.compile(r"(?:([0-9]{1,20})-)?([0-9]{1,20})")
+
+_last_epoch = 0
 
 
-def _position(after: str) -> int:
-    if _ID.fullmatch(after) is None:
+def new_epoch() -> str:
+    """An epoch for a new broker: the time it began, in milliseconds since 1970.
+
+    Logs in memory begin again at 1 when the process restarts, so an id kept
+    from before would name another event (or none). The epoch, the first part
+    of every id, tells them apart. It counts up, as the time part of a Redis
+    id does, so that an id of an earlier process sorts *before* the log: the
+    reader missed what came after it there, how much is unknown, and gets a
+    `gap` then everything retained now (`MemoryBroker.read`). An id of a later
+    epoch (made up, or the clock was set back between two runs) sorts after
+    the log, and the server tells its reader (server/transport.py
+    `ahead_notice`). Either way an id of another epoch gets a `gap`, whichever
+    way the clock went. (Counting down, to make every old id "ahead", would
+    also skip what the new process published before the reader came back.)
+    Later than any epoch made before in this process: two brokers made in the
+    same millisecond (tests) still differ.
+    """
+    global _last_epoch
+    _last_epoch = max(time.time_ns() // 1_000_000, _last_epoch + 1)
+    return str(_last_epoch)
+
+
+def _position(after: str, epoch: str) -> int | None:
+    """The seq `after` names in `epoch`: 0 for `0`, None for an id of another epoch."""
+    match = _ID.fullmatch(after)
+    if match is None:
         raise BadPosition(
-            f"{after!r} is not an event id here: ids are whole numbers in ASCII digits"
+            f"{after!r} is not an event id here: ids look like {epoch}-42 (or 0 for the start)"
         )
-    return int(after)
+    if match[1] is None:
+        return 0 if int(match[2]) == 0 else None
+    return int(match[2]) if int(match[1]) == int(epoch) else None
 
 
 class _State:
@@ -313,7 +345,8 @@ class _State:
 
 
 class MemoryBroker(_State):
-    """Logs in this process's memory. Ids are `"1"`, `"2"`, … within each log.
+    """Logs in this process's memory. Ids are `"<epoch>-1"`, `"<epoch>-2"`, …
+    within each log, `epoch` being the broker's (see `new_epoch`).
 
     `max_retained_bytes` bounds all its logs together (see `broker`).
     """
@@ -324,6 +357,8 @@ class MemoryBroker(_State):
     def __init__(self, *, max_retained_bytes: int | None = None) -> None:
         super().__init__()
         self.max_retained_bytes = max_retained_bytes
+        #: The first part of every id (see `new_epoch`).
+        self.epoch = new_epoch()
         self._logs: dict[str, _Log] = {}
         self._retention: dict[str, Retention] = {}
         self._bytes = 0  # wire_size of every event held, all logs together
@@ -340,7 +375,7 @@ class MemoryBroker(_State):
     def _log(self, name: str) -> _Log:
         log = self._logs.get(name)
         if log is None:
-            log = self._logs[name] = _Log()
+            log = self._logs[name] = _Log(self.epoch)
         return log
 
     def _admit(self, log: str, retention: Retention, now: float) -> None:
@@ -396,10 +431,11 @@ class MemoryBroker(_State):
         target.written = now
         events = []
         before = target.bytes
+        prefix = self.epoch + "-"
         for event_type, data_json in items:
             seq = target.next_seq
             target.next_seq += 1
-            event = Envelope(str(seq), seq, event_type, data_json)
+            event = Envelope(prefix + str(seq), seq, event_type, data_json)
             target.add(event, now)
             events.append(event)
         target.trim(retention, now)
@@ -438,17 +474,25 @@ class MemoryBroker(_State):
                 heapq.heappush(heap, (-log.bytes, name))
 
     def check_id(self, id: str) -> None:
-        _position(id)
+        _position(id, self.epoch)
 
     async def read(self, log: str, after: str, *, limit: int, timeout: float | None) -> Batch:
         target = self._log(log)
-        # An id beyond the head comes from before a restart (memory starts its
-        # ids again at 1): read on from the head rather than wait for it.
-        position = min(_position(after), target.next_seq - 1)
+        seq = _position(after, self.epoch)
         retention = self._retention.get(log)
         if retention is not None and retention.max_age is not None:
             # Age trimming happens on quiet logs too.
             self._bytes -= target.trim(retention, time.monotonic())
+        if seq is None:
+            # An id of another epoch, from before a restart: the log began
+            # again since, so this reader reads it all, told at once (see `new_epoch`).
+            batch = target.take(0, limit, restarted=True)
+            if target.idle():
+                del self._logs[log]  # readers of made-up names must not leave logs behind
+            return batch
+        # An id beyond the head (made up; the server tells its readers, see
+        # `ahead_notice`): read on from the head rather than wait for it.
+        position = min(seq, target.next_seq - 1)
         batch = target.take(position, limit)
         if batch.events or batch.missed or batch.ended or timeout == 0:
             return batch
@@ -462,7 +506,9 @@ class MemoryBroker(_State):
         return target.take(position, limit) if woken else Batch()
 
     async def last_id(self, log: str) -> str:
-        return str(self._log(log).next_seq - 1)
+        # `<epoch>-0` for an empty log, not `0`: a reader starting there that
+        # comes back after a restart is told it may have missed events.
+        return f"{self.epoch}-{self._log(log).next_seq - 1}"
 
     async def end(self, log: str) -> None:
         target = self._log(log)

@@ -110,17 +110,28 @@ RunPrefix = Literal["", "may", "must"]
 def position_pattern(broker: Broker, *, run: RunPrefix = "") -> str:
     """The event ids `broker` takes as a position, as a pattern for the spec.
 
-    Redis Streams ids (`1700000000000-42`) or whole numbers (memory); asked
-    of the broker itself, so the spec says what `check_id` will accept. A
-    run's event ids start with the run's id and a dot: a run's own routes
-    take them with or without (`may`), /streams/{name} only with (`must`).
+    Redis Streams ids (`1700000000000-42`, or `0`); memory's look the same
+    (`<epoch>-<seq>`) but it also takes a bare number (an id of a tidewire
+    from before epochs). Asked of the broker itself, so the spec says what
+    `check_id` will accept. A run's event ids start with the run's id and a
+    dot: a run's own routes take them with or without (`may`),
+    /streams/{name} only with (`must`).
     """
-    try:
-        broker.check_id("1-0")
-    except BadPosition:
-        ids = "[0-9]{1,19}"
-    else:
+
+    def takes(id: str) -> bool:
+        try:
+            broker.check_id(id)
+        except BadPosition:
+            return False
+        return True
+
+    bare, pair = takes("1"), takes("1-0")
+    if bare and pair:
+        ids = "[0-9]{1,19}(-[0-9]{1,19})?"
+    elif pair:
         ids = "0|[0-9]{1,19}-[0-9]{1,19}"
+    else:
+        ids = "[0-9]{1,19}"
     if run:
         separator = re.escape(RUN_ID_SEPARATOR)
         ids = f"({RUN_ID_PATTERN}{separator}){'?' if run == 'may' else ''}({ids})"

@@ -210,7 +210,7 @@ def add_stream_routes(router: APIRouter, tw: Tidewire) -> None:
     async def finished_at(run: Run, after: str) -> bool:
         """Whether a reader at `after` (the log's id) has had all of a finished run."""
         batch = await tw.broker.read(run.log, after, limit=1, timeout=0)
-        return batch.ended and not batch.events and not batch.missed
+        return batch.ended and not batch.events and not batch.missed and not batch.restarted
 
     async def watch_from(request: Request, run: Run, after: str) -> Response:
         """Stream a run from a position (the log's id), or 204 if nothing more will come."""

@@ -129,6 +129,7 @@ class LogCursor:
             batch.missed,
             None if batch.resume_id is None else prefix + batch.resume_id,
             batch.ended,
+            batch.restarted,
         )
 
     async def _skip_if_behind(self, batch: Batch) -> Batch:
@@ -159,7 +160,7 @@ class LogCursor:
             skipped = events[: len(events) - len(kept)]
             missed += len(skipped)
             resume = skipped[-1].id if skipped else batch.resume_id
-            return Batch(kept, missed, resume, batch.ended)
+            return Batch(kept, missed, resume, batch.ended, batch.restarted)
         # The whole batch and more: read on without sending, a batch at a
         # time (no more than one held at once), up to the target.
         missed += len(events)
@@ -176,7 +177,7 @@ class LogCursor:
             seq = skipped_batch.events[-1].seq
         rest = await self.broker.read(self.log, after, limit=BATCH, timeout=0)
         resume = rest.resume_id if rest.missed else after
-        return Batch(rest.events, missed + rest.missed, resume, rest.ended)
+        return Batch(rest.events, missed + rest.missed, resume, rest.ended, batch.restarted)
 
     async def _next_checking(self, every: float) -> Batch:
         loop = asyncio.get_running_loop()
@@ -184,7 +185,7 @@ class LogCursor:
         while True:
             wait = min(every, deadline - loop.time())
             batch = await self.broker.read(self.log, self.after, limit=BATCH, timeout=wait)
-            if batch.events or batch.missed or batch.ended:
+            if batch.events or batch.missed or batch.ended or batch.restarted:
                 return batch
             if self.watcher is not None and loop.time() - self.checked >= every:
                 self.checked = loop.time()
@@ -226,19 +227,31 @@ STALLED_CLOSE = 1008
 
 
 def gap_event(batch: Batch) -> Envelope:
-    """The `gap` event telling one reader how many events it missed."""
+    """The `gap` event telling one reader how many events it missed (and, when
+    its position was from before a restart, that more may be lost)."""
     GAPS.inc()
-    return Envelope(batch.resume_id or "0", 0, GAP, dump_data({"missed": batch.missed}))
+    data: dict[str, object] = {"missed": batch.missed}
+    if batch.restarted:
+        data["restarted"] = True
+    return Envelope(batch.resume_id or "0", 0, GAP, dump_data(data))
+
+
+def has_gap(batch: Batch) -> bool:
+    """Whether the reader of `batch` is owed a `gap` before its events."""
+    return bool(batch.missed) or batch.restarted
 
 
 def _id_key(id: str) -> tuple[int, ...]:
-    # Both brokers' ids (`17`, `1700000000000-3`) order as tuples of numbers.
+    # Both brokers' ids (`<epoch>-3`, `1700000000000-3`; `0`, and on memory a
+    # bare number from before epochs) order as tuples of numbers.
     return tuple(int(part) for part in id.split("-"))
 
 
 async def ahead_notice(cursor: LogCursor) -> Envelope | None:
-    """A `gap` for a reader asking from past the newest event (an id from before
-    a restart, or made up), which is then moved to the newest event; else None.
+    """A `gap` for a reader asking from past the newest event (made up, or of a
+    later epoch of the in-memory broker: a clock set back between restarts;
+    an earlier epoch's is the broker's to tell, see `Batch.restarted`), which
+    is then moved to the newest event; else None.
 
     Taken silently, such a reader would skip whatever comes before its id. The
     notice has the id it reads on from, so an SSE client resumes from there.
@@ -369,7 +382,7 @@ class LogResponse(Response):
             parts = []
             if first and self.notice is not None:
                 parts.append(self.notice.sse() if sse else self.notice.ndjson())
-            if batch.missed:
+            if has_gap(batch):
                 gap = gap_event(batch)
                 parts.append(gap.sse() if sse else gap.ndjson())
             if sse:
@@ -558,7 +571,7 @@ async def _stream_websocket(
             await websocket.send_text(notice.ws())
         while True:
             batch = await cursor.next()
-            if batch.missed:
+            if has_gap(batch):
                 await websocket.send_text(gap_event(batch).ws())
             for event in batch.events:
                 await websocket.send_text(event.ws())
