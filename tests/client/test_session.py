@@ -136,6 +136,15 @@ def test_a_gap_raises_by_default_or_is_yielded() -> None:
     assert (info.value.missed, info.value.after) == (4, "9")
     (event,) = Session("ws", identity, channel="c", on_gap="yield").feed(gap)
     assert event.data == {"missed": 4}
+    assert not info.value.restarted
+
+
+def test_a_gap_after_a_restart_says_so_rather_than_a_count() -> None:
+    gap = '{"id":"5-0","event":"gap","data":{"missed":0,"restarted":true}}'
+    with pytest.raises(StreamGap) as info:
+        Session("ndjson", identity, channel="c").feed(gap + "\n")
+    assert info.value.restarted and info.value.after == "5-0"
+    assert "restarted" in str(info.value) and "0 events" not in str(info.value)
 
 
 def test_bytes_that_are_not_the_contract_raise_protocol_error() -> None:

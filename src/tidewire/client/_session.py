@@ -197,8 +197,10 @@ class Session:
                         str(info.get("message", value)),
                     )
             elif kind == GAP and self._on_gap == "raise":
-                missed = value.get("missed", 0) if isinstance(value, dict) else 0
-                raise StreamGap(int(missed), id)
+                info = value if isinstance(value, dict) else {}
+                raise StreamGap(
+                    int(info.get("missed", 0)), id, restarted=bool(info.get("restarted"))
+                )
             events.append(Event(id, kind, self._decode(value)))
         return events
 

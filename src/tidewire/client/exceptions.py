@@ -117,12 +117,20 @@ class StreamGap(StreamError):
     """The reader fell behind the retained history: `missed` events are gone for it.
 
     `after` is the position to resume from (the oldest retained event follows it).
+    `restarted`: the server restarted since the reader's last event, and how
+    many events it lost with its memory is unknown (`missed` counts only those
+    trimmed since).
     """
 
-    def __init__(self, missed: int, after: str) -> None:
-        super().__init__(f"{missed} events were trimmed before this reader saw them")
+    def __init__(self, missed: int, after: str, *, restarted: bool = False) -> None:
+        if restarted:
+            what = "the server restarted since this reader's last event: what it had is lost"
+        else:
+            what = f"{missed} events were trimmed before this reader saw them"
+        super().__init__(what)
         self.missed = missed
         self.after = after
+        self.restarted = restarted
 
 
 class RunFailed(StreamError):

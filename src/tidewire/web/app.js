@@ -131,7 +131,11 @@ function renderData(data, label) {
 
 function eventRow(event) {
   let data = event.data;
-  if (event.event === 'gap') data = `missed ${event.data?.missed ?? '?'} events`;
+  if (event.event === 'gap') {
+    data = event.data?.restarted
+      ? 'the server restarted: events before it are lost'
+      : `missed ${event.data?.missed ?? '?'} events`;
+  }
   if (event.event === 'error' && data && typeof data === 'object') data = `${data.type}: ${data.message}`;
   return el(
     'li',
