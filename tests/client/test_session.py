@@ -142,7 +142,7 @@ def test_a_gap_raises_by_default_or_is_yielded() -> None:
 def test_a_gap_after_a_restart_says_so_rather_than_a_count() -> None:
     gap = '{"id":"5-0","event":"gap","data":{"missed":0,"restarted":true}}'
     with pytest.raises(StreamGap) as info:
-        Session("ndjson", identity, channel="c").feed(gap + "\n")
+        Session("ndjson", identity, channel="c").feed((gap + "\n").encode())
     assert info.value.restarted and info.value.after == "5-0"
     assert "restarted" in str(info.value) and "0 events" not in str(info.value)
 
