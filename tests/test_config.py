@@ -151,9 +151,19 @@ def test_the_variables_of_settings_read_back_as_the_same_settings() -> None:
     environ = settings.environ()
     assert environ["TIDEWIRE_CHANNEL_MAX_AGE"] == "none"
     assert environ["TIDEWIRE_STORAGE"] is None  # None as by default: no variable
-    # Nor for a default: an app's `Settings.from_env(lease=...)` still decides it.
+    # Nor for a default: an app's `Settings.from_env(lease=...)` still decides it …
     assert environ["TIDEWIRE_LEASE"] is None and environ["TIDEWIRE_HEARTBEAT"] == "1.5"
+    # … unless somebody chose it, default or not.
+    assert settings.environ({"lease"})["TIDEWIRE_LEASE"] == "10.0"
     assert Settings.from_env({k: v for k, v in environ.items() if v is not None}) == settings
+
+
+def test_chosen_names_every_field_a_source_set(tmp_path: Path) -> None:
+    config = tmp_path / "c.toml"
+    config.write_text("lease = 10.0\n")
+    env = {"TIDEWIRE_DRAIN_TIMEOUT": "30", "OTHER": "x"}
+    chosen = Settings.chosen(config, env, {"heartbeat": 15.0})
+    assert chosen == {"lease", "drain_timeout", "heartbeat"}
 
 
 def test_masked_hides_secrets_and_url_passwords_and_nothing_else() -> None:

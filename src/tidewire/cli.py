@@ -296,7 +296,7 @@ def serve(
     # in this process and in each worker: every field not at its default, so
     # that every process runs with the same settings whatever the file said
     # (and none at its default, whatever variable said otherwise before a flag).
-    for name, value in wanted.environ().items():
+    for name, value in wanted.environ(Settings.chosen(config, os.environ, given)).items():
         if value is None:
             os.environ.pop(name, None)
         else:

@@ -19,7 +19,7 @@ import os
 import textwrap
 import tomllib
 import typing
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal
@@ -219,18 +219,35 @@ class Settings:
         merged |= _validated(dict(given or {}), given_as)
         return cls(**merged)
 
-    def environ(self) -> dict[str, str | None]:
+    @classmethod
+    def chosen(
+        cls,
+        config: str | os.PathLike[str] | None = None,
+        environ: Mapping[str, str] | None = None,
+        given: Mapping[str, Any] | None = None,
+    ) -> set[str]:
+        """The fields that the sources of `load` set, whatever their values."""
+        names = set(given or {})
+        if config is not None:
+            names |= set(_read_file(Path(config)))
+        return names | set(_read_env(os.environ if environ is None else environ))
+
+    def environ(self, chosen: Collection[str] = ()) -> dict[str, str | None]:
         """Every field as its `TIDEWIRE_<FIELD>` variable: read back, the same settings.
 
         How `tidewire serve` hands its settings to the worker processes,
         which build the app (and its settings) by import. None: no variable,
-        for a field left at its default, so that an app's own choice
-        (`Settings.from_env(lease=1.5)`) is not overruled by a default nobody
-        chose, and code reading a variable (the broker's, in app.py) never
-        sees "none".
+        for a field left at its default that nobody `chosen` set, so that an
+        app's own choice (`Settings.from_env(lease=1.5)`) is not overruled by
+        a default nobody chose (an operator's `--drain-timeout 30` still is),
+        and code reading a variable (the broker's, in app.py) never sees "none".
         """
         return {
-            ENV_PREFIX + f.name.upper(): (None if value == f.default else _text(value))
+            ENV_PREFIX + f.name.upper(): (
+                None
+                if value == f.default and (f.name not in chosen or value is None)
+                else _text(value)
+            )
             for f in dataclasses.fields(self)
             for value in (getattr(self, f.name),)
         }

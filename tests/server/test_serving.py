@@ -225,7 +225,7 @@ def test_python_clients_resume_on_another_process_with_nothing_lost(
 
     for transport, got in results.items():
         # Every event once, in order, then the end: nothing lost, nothing twice.
-        assert [d["i"] for _, d in got[:-1]] == list(range(n)), transport
+        assert [d["i"] for _, d in got[:-1]] == list(range(n)), (transport, got[-3:], reconnects)
         assert {d["pid"] for _, d in got[:-1]} == {a.proc.pid}  # a ran it throughout
         assert got[-1] == ("end", None), transport
         assert reconnects[transport] >= 1, transport

@@ -7,6 +7,7 @@ from playwright.sync_api import BrowserContext, Page
 
 from tests.conftest import LiveServer
 from tests.web.conftest import open_page
+from tests.wire import seq
 
 
 def subscribe(page: Page, channel: str, transport: str, types: str = "") -> None:
@@ -60,7 +61,7 @@ def test_a_message_published_in_one_page_appears_in_another(
     writer.get_by_label("Message", exact=True).press("Control+Enter")
     reader.wait_for_selector('#messages li[data-event] [data-key="n"]')
     assert messages(reader)[2][1:] == ("chat", "n3")  # the type stays as typed
-    ids = [int(m[0]) for m in messages(reader)]
+    ids = [seq(m[0]) for m in messages(reader)]
     assert ids == sorted(set(ids))
     assert reader.text_content("#ch-count") == "3"
     assert writer.input_value("#publish-data") == ""

@@ -11,6 +11,7 @@ from playwright.sync_api import Page
 from tests.conftest import LiveServer, wait_for
 from tests.proxy import Proxy
 from tests.web.conftest import Console, open_page
+from tests.wire import seq
 
 TRANSPORTS = ["ndjson", "sse", "ws"]
 
@@ -39,11 +40,6 @@ def wait_events(page: Page, count: int) -> None:
     page.wait_for_function(
         "n => document.querySelectorAll('#events li[data-event]').length >= n", arg=count
     )
-
-
-def seq(id: str) -> int:
-    """The count in a run's event id (`<run id>.<n>` on the memory broker)."""
-    return int(id.rpartition(".")[2])
 
 
 def check_sequence(events: list[dict[str, Any]], n: int) -> None:
