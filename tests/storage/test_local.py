@@ -99,6 +99,23 @@ def test_chunks_are_written_in_blocks_of_a_mebibyte(
     assert writes == [1 << 20] * 4 + [100]
 
 
+def test_writeback_starts_while_a_file_arrives(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every WRITEBACK bytes the disk is told to start on them, not only at the fsync."""
+    advised: list[tuple[int, int, int]] = []
+    monkeypatch.setattr(local_module, "_ADVISE", lambda *args: advised.append(args[1:]))
+    step = local_module.WRITEBACK
+    data = os.urandom(2 * step + (3 << 20))
+
+    async def body(storage: LocalStorage) -> None:
+        info = await storage.save(chunks(data, 64 << 10), name="x", type="x")
+        assert await read_all(storage, info) == data
+
+    run(tmp_path, body)
+    assert advised == [(0, step, os.POSIX_FADV_DONTNEED), (step, step, os.POSIX_FADV_DONTNEED)]
+
+
 def test_a_block_of_more_chunks_than_one_writev_takes(tmp_path: Path) -> None:
     # 1-byte chunks: a block of 3,000 of them is over IOV_MAX (1,024).
     data = os.urandom(3000)
