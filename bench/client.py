@@ -28,7 +28,7 @@ from . import report
 from .clients import run_json
 from .files import CURL, WRITE_OUT, Transfer, child_cpu, curl, make_file, parse
 from .harness import Ctx, Servers, median
-from .servers import Server, tidewire
+from .servers import BASE_SRC, Server, tidewire
 
 __all__ = ["w7"]
 
@@ -40,9 +40,12 @@ CURL_PUT, CURL_GET = "curl -T (PUT /files/NAME)", "curl -o FILE (GET /files/ID)"
 # --- the measuring processes ----------------------------------------------------------------
 
 
-def measure(mode: str, cfg: dict[str, Any], timeout: float) -> dict[str, Any]:
-    """Run one measurement in its own process; a crash or a hang becomes an `error`."""
-    return run_json("bench.client", mode, cfg, timeout)
+def measure(
+    mode: str, cfg: dict[str, Any], timeout: float, src: Path | None = None
+) -> dict[str, Any]:
+    """Run one measurement in its own process; a crash or a hang becomes an `error`.
+    `src`: the tidewire source to import, if not the one under test (BASE_SRC)."""
+    return run_json("bench.client", mode, cfg, timeout, src)
 
 
 def read_raw(cfg: dict[str, Any]) -> dict[str, Any]:
@@ -273,12 +276,16 @@ def transfers(ctx: Ctx, tw: Server) -> tuple[list[dict[str, Any]], dict[str, Any
         dest.unlink(missing_ok=True)
         return t.seconds, cpu, wrong
 
-    def download() -> tuple[float, float, str | None]:
-        res = measure("download", {"url": base, "id": file_id, "dest": str(dest)}, 900)
-        dest.unlink(missing_ok=True)
-        if res.get("error"):
-            return 0.0, 0.0, str(res["error"])
-        return res["wall"], res["client_cpu"], None if res["size"] == size else "wrong size"
+    def download_from(src: Path | None) -> Callable[[], tuple[float, float, str | None]]:
+        def download() -> tuple[float, float, str | None]:
+            cfg = {"url": base, "id": file_id, "dest": str(dest)}
+            res = measure("download", cfg, 900, src)
+            dest.unlink(missing_ok=True)
+            if res.get("error"):
+                return 0.0, 0.0, str(res["error"])
+            return res["wall"], res["client_cpu"], None if res["size"] == size else "wrong size"
+
+        return download
 
     from tidewire.client._transfers import PATCH_SIZE
 
@@ -289,8 +296,12 @@ def transfers(ctx: Ctx, tw: Server) -> tuple[list[dict[str, Any]], dict[str, Any
         ("upload", tus, CURL_PUT, upload(False), True),
         ("upload", "Client.upload multipart (threshold raised)", CURL_PUT, upload(True), True),
         ("download", CURL_GET, CURL_GET, get, False),
-        ("download", "Client.download", CURL_GET, download, False),
+        ("download", "Client.download", CURL_GET, download_from(None), False),
     ]
+    if BASE_SRC is not None:  # the client as it was, side by side
+        plan.append(
+            ("download", "Client.download (base)", CURL_GET, download_from(BASE_SRC), False)
+        )
     runs: dict[str, list[dict[str, Any]]] = {name: [] for _, name, *_ in plan}
     for _ in range(ctx.sizes.rounds):
         for _test, name, _base, how, up in plan:

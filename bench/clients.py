@@ -12,14 +12,18 @@ from typing import Any
 from .servers import PY, ROOT, env
 
 
-def run_json(module: str, mode: str, cfg: dict[str, Any], timeout: float) -> dict[str, Any]:
+def run_json(
+    module: str, mode: str, cfg: dict[str, Any], timeout: float, src: Path | None = None
+) -> dict[str, Any]:
     """`python -m module mode cfg` to completion, its result the JSON of its last line.
 
-    A crash or a hang becomes an `error` in the result.
+    A crash or a hang becomes an `error` in the result. `src`: tidewire's source folder,
+    if not the one under test (BASE_SRC).
     """
     argv = [PY, "-m", module, mode, json.dumps(cfg)]
+    where = env(src) if src is not None else env()
     try:
-        r = subprocess.run(argv, cwd=ROOT, env=env(), capture_output=True, timeout=timeout)
+        r = subprocess.run(argv, cwd=ROOT, env=where, capture_output=True, timeout=timeout)
     except subprocess.TimeoutExpired:
         return {"error": f"{module} {mode} still running after {timeout:.0f}s: killed"}
     lines = r.stdout.decode().strip().splitlines()

@@ -31,7 +31,7 @@ import psutil
 
 from . import report
 from .harness import Ctx, Servers, median
-from .servers import ASGI_SERVERS, Server, nginx
+from .servers import ASGI_SERVERS, BASE_SRC, TIDEWIRE_ON, Server, nginx
 
 __all__ = ["w5", "w5b", "w6"]
 
@@ -231,11 +231,38 @@ class Setup:
         s.extra_env = {"BENCH_FILES": str(self.root / "static"), "BENCH_CHUNK": str(chunk or "")}
         return self.srv.start(s)
 
-    def tidewire(self, kind: str, accel: bool = False) -> Server:
-        name = f"tidewire ({kind}{', accel' if accel else ''})"
+    def tidewire(self, kind: str, accel: bool = False, base: bool = False) -> Server:
+        """tidewire on the ASGI server `kind`; `base`: from BENCH_TIDEWIRE_BASE_SRC."""
+        name = f"tidewire ({kind}{', accel' if accel else ''}{', base' if base else ''})"
         s = ASGI_SERVERS[kind](name, "bench.apps.files:app", self.ctx.work)
         s.extra_env = {"TIDEWIRE_DATA_DIR": str(self.data), "BENCH_ACCEL": ACCEL if accel else ""}
+        if base:
+            assert BASE_SRC is not None
+            s.src = BASE_SRC
         return self.srv.start(s)
+
+
+def tidewire_kinds() -> list[tuple[str, bool]]:
+    """(ASGI server, base) for each tidewire row: every server (or BENCH_TIDEWIRE_ON's),
+    each followed by its base row when BENCH_TIDEWIRE_BASE_SRC is set."""
+    kinds = [k for k in ASGI_SERVERS if not TIDEWIRE_ON or k in TIDEWIRE_ON]
+    return [(k, base) for k in kinds for base in ((False, True) if BASE_SRC else (False,))]
+
+
+def warm_pages(size: int) -> None:
+    """Touch, then free, `size` bytes of memory, so that the upload that follows gets pages
+    the VM's host backs now.
+
+    This VM returns free memory to its host (virtio-balloon free page reporting, 8 MiB
+    blocks, about 2 s after they are freed): writing 1 GiB into the page cache cost 0.2 CPU-s
+    in pages freed a moment before, 1.2 in pages freed 5 s before, 3 in pages never used
+    (bench W6, Dec 2026). Which of them an upload got decided its CPU per GiB, by 2x from
+    one run to the next whatever the server. Given warm pages every server is measured for
+    its own work, as on a machine without that reporting.
+    """
+    buf = bytearray(size)
+    buf[::4096] = b"\1" * len(range(0, size, 4096))
+    del buf
 
 
 # --- W5 and W5b: downloads ------------------------------------------------------------------
@@ -286,13 +313,13 @@ def downloads(ctx: Ctx, setup: Setup, size: int) -> tuple[list[Download], list[s
     if ctx.tidewire is not None:
         notes.append(f"tidewire not run: {ctx.tidewire}")
         return rows, notes
-    tw = {k: setup.tidewire(k) for k in ASGI_SERVERS}
+    tw = [setup.tidewire(k, base=base) for k, base in tidewire_kinds()]
     try:
-        id = tidewire_put(tw["uvicorn"], src, ctx.work)  # one storage folder: all servers have it
+        id = tidewire_put(tw[0], src, ctx.work)  # one storage folder: all servers have it
     except RuntimeError as e:
         notes.append(f"tidewire not run: {e}")
         return rows, notes
-    rows += [Download(f"tidewire ({k})", s, f"/files/{id}") for k, s in tw.items()]
+    rows += [Download(s.name, s, f"/files/{id}") for s in tw]
     front = setup.nginx(setup.tidewire("uvicorn", accel=True))
     rows.append(Download("tidewire X-Accel-Redirect (nginx + uvicorn)", front, f"/files/{id}"))
     return rows, notes
@@ -305,6 +332,9 @@ def summary_row(name: str, runs: list[dict[str, Any]]) -> dict[str, Any]:
         "mb_per_s": median([r["mb_per_s"] for r in good]),
         "rounds": [round(r["mb_per_s"]) for r in runs],
         "server_cpu_pct": median([r["server_cpu_pct"] for r in good]),
+        # What decides how many transfers a core serves, whatever the disk did meanwhile.
+        "server_cpu_s_per_gib": median([r["server_cpu_s_per_gib"] for r in good]),
+        "server_user_s_per_gib": median([r["server_user_s_per_gib"] for r in good]),
         "client_cpu_pct": median([r["client_cpu_pct"] for r in good]),
         # The worst round: the peak RSS while sending (or storing) minus the RSS before.
         "rss_growth_mb": max((r["rss_growth"] for r in runs), default=0) / 2**20,
@@ -317,7 +347,7 @@ def w5(ctx: Ctx) -> dict[str, Any]:
     size = ctx.sizes.w5_bytes
 
     def once(d: Download) -> dict[str, Any]:
-        cpu0, client0 = d.server.cpu(), child_cpu()
+        cpu0, client0 = (d.server.cpu(), d.server.cpu_user()), child_cpu()
         with PeakRSS(d.server) as rss:
             t = curl(d.url(), d.args, ctx.work)
         return measured(d.server, t.seconds, [t], size, cpu0, client0, rss)
@@ -330,7 +360,7 @@ def w5b(ctx: Ctx) -> dict[str, Any]:
     size, n = ctx.sizes.w5b_bytes, ctx.sizes.w5b_clients
 
     def once(d: Download) -> dict[str, Any]:
-        cpu0, client0 = d.server.cpu(), child_cpu()
+        cpu0, client0 = (d.server.cpu(), d.server.cpu_user()), child_cpu()
         with PeakRSS(d.server) as rss:
             ts, wall = curls([(d.url(), d.args)] * n, ctx.work)
         return measured(d.server, wall, ts, size, cpu0, client0, rss)
@@ -343,16 +373,20 @@ def measured(
     wall: float,
     ts: list[Transfer],
     size: int,
-    cpu0: float,
+    cpu0: tuple[float, float],
     client0: float,
     rss: PeakRSS,
 ) -> dict[str, Any]:
-    server_cpu, client_cpu = server.cpu() - cpu0, child_cpu() - client0
+    server_cpu, client_cpu = server.cpu() - cpu0[0], child_cpu() - client0
+    server_user = server.cpu_user() - cpu0[1]
     problems = [t.error or f"HTTP {t.status}, {t.down} bytes" for t in ts if bad(t, size)]
     wall = max(wall, 1e-9)
+    moved = sum(t.down for t in ts)
     return {
-        "mb_per_s": sum(t.down for t in ts) / wall / MB,
+        "mb_per_s": moved / wall / MB,
         "server_cpu_pct": 100 * server_cpu / wall,
+        "server_cpu_s_per_gib": server_cpu / max(moved, 1) * 2**30,
+        "server_user_s_per_gib": server_user / max(moved, 1) * 2**30,
         "client_cpu_pct": 100 * client_cpu / wall,
         "rss_growth": rss.growth,
         "problems": problems,
@@ -466,10 +500,12 @@ def w6(ctx: Ctx) -> dict[str, Any]:
 def upload_once(u: Upload, size: int) -> dict[str, Any]:
     # Dirty pages of the previous upload are written back now, not during this one.
     os.sync()
-    cpu0, client0 = u.server.cpu(), child_cpu()
+    warm_pages(size + (64 << 20))
+    cpu0, user0, client0 = u.server.cpu(), u.server.cpu_user(), child_cpu()
     with PeakRSS(u.server) as rss:
         seconds, t = u.send()
     server_cpu, client_cpu = u.server.cpu() - cpu0, child_cpu() - client0
+    server_user = u.server.cpu_user() - user0
     problems = [t.error] if t.error else []
     if not problems and (wrong := u.stored(t)):
         problems.append(wrong)
@@ -480,6 +516,8 @@ def upload_once(u: Upload, size: int) -> dict[str, Any]:
     return {
         "mb_per_s": size / seconds / MB,
         "server_cpu_pct": 100 * server_cpu / seconds,
+        "server_cpu_s_per_gib": server_cpu / size * 2**30,
+        "server_user_s_per_gib": server_user / size * 2**30,
         "client_cpu_pct": 100 * client_cpu / seconds,
         "rss_growth": rss.growth,
         "problems": problems,
@@ -529,9 +567,9 @@ def uploads(ctx: Ctx, setup: Setup, src: Path, notes: list[str]) -> list[Upload]
     if ctx.tidewire is not None:
         notes.append(f"tidewire not run: {ctx.tidewire}")
         return rows
-    for kind in ASGI_SERVERS:
-        tw = setup.tidewire(kind)
-        rows += tidewire_uploads(tw, kind, src, work)
+    for kind, base in tidewire_kinds():
+        tw = setup.tidewire(kind, base=base)
+        rows += tidewire_uploads(tw, f"{kind}, base" if base else kind, src, work)
     return rows
 
 

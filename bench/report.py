@@ -188,6 +188,8 @@ FILE_COLUMNS: list[tuple[str, Callable[[Row], str]]] = [
     _vs("original (uvicorn)"),
     ("peak RSS growth MiB", lambda r: _n(r["rss_growth_mb"], 1)),
     ("server CPU", lambda r: _n(r["server_cpu_pct"]) + "%"),
+    ("server CPU-s/GiB", lambda r: _n(r.get("server_cpu_s_per_gib"), 2)),
+    ("of it user", lambda r: _n(r.get("server_user_s_per_gib"), 2)),
     ("client CPU", lambda r: _n(r["client_cpu_pct"]) + "%"),
     ("rounds (MB/s)", lambda r: ", ".join(f"{x:,}" for x in r["rounds"])),
     ("check", _ok),
@@ -201,6 +203,8 @@ COLUMNS["w6"] = [
     _vs("own PUT"),
     ("peak RSS growth MiB", lambda r: _n(r["rss_growth_mb"], 1)),
     ("server CPU", lambda r: _n(r["server_cpu_pct"]) + "%"),
+    ("server CPU-s/GiB", lambda r: _n(r.get("server_cpu_s_per_gib"), 2)),
+    ("of it user", lambda r: _n(r.get("server_user_s_per_gib"), 2)),
     ("client CPU", lambda r: _n(r["client_cpu_pct"]) + "%"),
     ("rounds (MB/s)", lambda r: ", ".join(f"{x:,}" for x in r["rounds"])),
     ("check", _ok),
@@ -250,7 +254,10 @@ EXPLAIN = {
     "its body temp files on the same disk. tus: creation POST + one PATCH of the whole file, "
     "timed together; `vs own PUT` = ÷ the same server's raw PUT. Peak RSS growth = the "
     "server's peak RSS during the upload (sampled every 10 ms) - its RSS before, the worst "
-    "round. `os.sync()` before each upload, so each starts with no dirty pages.",
+    "round. `os.sync()` before each upload, so each starts with no dirty pages, then 1 GiB of "
+    "memory touched and freed, so each gets pages the VM's host backs (files.warm_pages says "
+    "why). Server CPU-s/GiB = the server's CPU seconds ÷ GiB moved: per core, what counts; `of it "
+    "user` leaves out the kernel's part, which the VM's page handling makes noisy.",
 }
 
 

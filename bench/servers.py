@@ -73,11 +73,19 @@ def raise_nofile() -> int:
 #: tidewire's source folder for the servers: src/, or a patched copy to measure a change
 #: before making it (`BENCH_TIDEWIRE_SRC=/tmp/copy/src python -m bench`).
 TIDEWIRE_SRC = Path(os.environ.get("BENCH_TIDEWIRE_SRC") or ROOT / "src")
+#: A second source folder (the code before a change, say): the workloads that support it
+#: (W5, W6, W7) add a "base" row for each tidewire row, run from it side by side, so that a
+#: change and what it replaces are compared in one run (the machine's state drifts between
+#: runs). `BENCH_TIDEWIRE_BASE_SRC=/tmp/before/src`, from e.g. `git archive HEAD src | tar -x`.
+BASE_SRC = Path(p) if (p := os.environ.get("BENCH_TIDEWIRE_BASE_SRC")) else None
+#: The ASGI servers to run tidewire on where a workload runs it on several (W5, W6):
+#: `BENCH_TIDEWIRE_ON=uvicorn` keeps a run with base rows short. Default: all of them.
+TIDEWIRE_ON = [k for k in os.environ.get("BENCH_TIDEWIRE_ON", "").split(",") if k]
 
 
-def env() -> dict[str, str]:
+def env(src: Path = TIDEWIRE_SRC) -> dict[str, str]:
     # `bench.apps.*` from the repo root; tidewire from src/ even if not pip-installed.
-    path = os.pathsep.join([str(ROOT), str(TIDEWIRE_SRC), os.environ.get("PYTHONPATH", "")])
+    path = os.pathsep.join([str(ROOT), str(src), os.environ.get("PYTHONPATH", "")])
     # An auth key in the harness's own environment would turn access control on in every
     # tidewire server, auth-off rows included: only `tidewire_auth` sets one.
     inherited = {k: v for k, v in os.environ.items() if not k.startswith("TIDEWIRE_AUTH_")}
@@ -138,6 +146,7 @@ class Server:
     workdir: Path
     cwd: Path = ROOT
     extra_env: dict[str, str] = field(default_factory=dict)
+    src: Path = TIDEWIRE_SRC  # where its tidewire is imported from
     proc: subprocess.Popen[bytes] | None = None
     log: Path = field(init=False)
 
@@ -149,7 +158,7 @@ class Server:
             self.proc = subprocess.Popen(
                 PIN.wrap(self.argv) if PIN is not None else self.argv,
                 cwd=self.cwd,
-                env={**env(), **self.extra_env},
+                env={**env(self.src), **self.extra_env},
                 stdout=log,
                 stderr=subprocess.STDOUT,
             )
@@ -194,6 +203,11 @@ class Server:
             t = p.cpu_times()
             total += t.user + t.system
         return total
+
+    def cpu_user(self) -> float:
+        """The user-mode part of `cpu()`: the server's own work, without the kernel's (whose
+        page-cache writes cost what the VM's host makes them cost: see files.warm_pages)."""
+        return sum(p.cpu_times().user for p in self.processes())
 
     def rss(self) -> int:
         return sum(p.memory_info().rss for p in self.processes())

@@ -19,6 +19,7 @@ from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
+import httpcore
 import httpx
 import pytest
 
@@ -26,7 +27,15 @@ from tests.conftest import QUICK, LiveServer
 from tests.proxy import Proxy
 from tidewire import Tidewire
 from tidewire.client._files import UploadStore, fingerprint
-from tidewire.client._transfers import adownload, afind, aupload, download, find, upload
+from tidewire.client._transfers import (
+    DOWNLOAD_READ,
+    adownload,
+    afind,
+    aupload,
+    download,
+    find,
+    upload,
+)
 from tidewire.client.exceptions import (
     ChecksumMismatch,
     HTTPStatusError,
@@ -459,6 +468,47 @@ def test_download_by_id_and_by_name(mode: str, server: LiveServer, out: Path) ->
 
     found = run(mode, server.url, find, afind, first["id"])
     assert found == first
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_download_reads_a_mebibyte_at_a_time(
+    mode: str, server: LiveServer, out: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A download's body is asked of the socket 1 MiB at a time, not httpcore's 64 KiB,
+    and the connection reads as httpcore would once it is done."""
+    asked: list[int] = []
+
+    def spy(cls: Any) -> None:
+        real = cls.read
+
+        def read(self: Any, max_bytes: int, *args: Any, **kwargs: Any) -> Any:
+            asked.append(max_bytes)
+            return real(self, max_bytes, *args, **kwargs)
+
+        monkeypatch.setattr(cls, "read", read)
+
+    spy(httpcore._backends.sync.SyncStream)
+    spy(httpcore._backends.anyio.AnyIOStream)
+    data = payload(3 * MIB + 7)
+    meta = put(server, "big.bin", data)
+
+    def then_small(http: Any, *args: Any) -> Any:
+        path = download(http, *args)
+        asked.append(0)  # the download's reads end here
+        http.get(f"/files/{meta['id']}/meta")
+        return path
+
+    async def athen_small(http: Any, *args: Any) -> Any:
+        path = await adownload(http, *args)
+        asked.append(0)
+        await http.get(f"/files/{meta['id']}/meta")
+        return path
+
+    path = run(mode, server.url, then_small, athen_small, meta["id"], out)
+    assert path.read_bytes() == data
+    during, after = asked[: asked.index(0)], asked[asked.index(0) + 1 :]
+    assert DOWNLOAD_READ in during
+    assert after and set(after) == {64 << 10}
 
 
 @pytest.mark.parametrize("mode", MODES)

@@ -83,9 +83,9 @@ def test_chunks_are_written_in_blocks_of_a_mebibyte(
     writes: list[int] = []
     real = local_module._write_all
 
-    def counting(fd: int, data: bytes) -> None:
-        writes.append(len(data))
-        real(fd, data)
+    def counting(fd: int, parts: list[bytes]) -> None:
+        writes.append(sum(map(len, parts)))
+        real(fd, parts)
 
     monkeypatch.setattr(local_module, "_write_all", counting)
     data = os.urandom((4 << 20) + 100)
@@ -99,17 +99,65 @@ def test_chunks_are_written_in_blocks_of_a_mebibyte(
     assert writes == [1 << 20] * 4 + [100]
 
 
-def full_after(blocks: int) -> Callable[[int, bytes], None]:
+def test_writeback_starts_while_a_file_arrives(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every WRITEBACK bytes the disk is told to start on them, not only at the fsync."""
+    advised: list[tuple[int, int, int]] = []
+    monkeypatch.setattr(local_module, "_ADVISE", lambda *args: advised.append(args[1:]))
+    step = local_module.WRITEBACK
+    data = os.urandom(2 * step + (3 << 20))
+
+    async def body(storage: LocalStorage) -> None:
+        info = await storage.save(chunks(data, 64 << 10), name="x", type="x")
+        assert await read_all(storage, info) == data
+
+    run(tmp_path, body)
+    assert advised == [(0, step, os.POSIX_FADV_DONTNEED), (step, step, os.POSIX_FADV_DONTNEED)]
+
+
+def test_a_block_of_more_chunks_than_one_writev_takes(tmp_path: Path) -> None:
+    # 1-byte chunks: a block of 3,000 of them is over IOV_MAX (1,024).
+    data = os.urandom(3000)
+
+    async def body(storage: LocalStorage) -> None:
+        info = await storage.save(chunks(data, 1), name="x", type="x")
+        assert info.size == 3000
+        assert info.sha256 == hashlib.sha256(data).hexdigest()
+        assert await read_all(storage, info) == data
+
+    run(tmp_path, body)
+
+
+def test_a_short_writev_is_finished(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A writev that writes only part of a block (a signal, a full disk): the rest follows."""
+    real = os.writev
+
+    def short(fd: int, parts: list[bytes]) -> int:
+        return real(fd, [parts[0][:1000]])
+
+    monkeypatch.setattr(local_module.os, "writev", short)
+    data = os.urandom((2 << 20) + 5)
+
+    async def body(storage: LocalStorage) -> None:
+        info = await storage.save(chunks(data, 64 << 10), name="x", type="x")
+        assert info.sha256 == hashlib.sha256(data).hexdigest()
+        assert await read_all(storage, info) == data
+
+    run(tmp_path, body)
+
+
+def full_after(blocks: int) -> Callable[[int, list[bytes]], None]:
     """A `_write_all` that writes `blocks` blocks and then finds the disk full."""
     real = local_module._write_all
     left = [blocks]
 
-    def write(fd: int, data: bytes) -> None:
+    def write(fd: int, parts: list[bytes]) -> None:
         if left[0] == 0:
-            os.write(fd, data[:1000])  # a partial write, as a full disk leaves it
+            os.write(fd, parts[0][:1000])  # a partial write, as a full disk leaves it
             raise OSError(errno.ENOSPC, "No space left on device")
         left[0] -= 1
-        real(fd, data)
+        real(fd, parts)
 
     return write
 

@@ -89,11 +89,27 @@ CREATE INDEX IF NOT EXISTS files_by_expiry ON files (expires) WHERE expires IS N
 _COLUMNS = "id, name, size, type, sha256, created, owner, expires"
 
 
-def _write_all(fd: int, data: bytes) -> None:
-    """Write all of `data` at the file's position: the one place bytes reach the disk."""
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view) :]
+#: Bytes of a file being written after which their writeback is started.
+WRITEBACK = 8 << 20
+_ADVISE = getattr(os, "posix_fadvise", None)  # not on macOS: writeback starts at the fsync
+
+#: The most buffers one `writev` is given (IOV_MAX on Linux and macOS).
+_MOST_PARTS = 1024
+
+
+def _write_all(fd: int, parts: list[bytes]) -> None:
+    """Write all of `parts`, in order, at the file's position: the one place bytes reach the disk.
+
+    One `writev` for them all, rather than a join (a copy of every byte) and a write.
+    """
+    if len(parts) > _MOST_PARTS:  # over what one writev takes: gathered first
+        parts = [b"".join(parts)]
+    left = sum(map(len, parts))
+    written = os.writev(fd, parts)
+    if written < left:  # a short write (rare on a file): the rest one by one
+        rest = memoryview(b"".join(parts))[written:]
+        while rest:
+            rest = rest[os.write(fd, rest) :]
 
 
 def _fsync_folder(folder: Path) -> None:
@@ -132,10 +148,20 @@ class _FileSink(Sink):
     def __init__(self, fd: int, hashers: list[Any]) -> None:
         super().__init__(hashers)
         self.fd = fd
+        self._dirty = 0  # bytes written since their writeback was last started
 
-    def put(self, data: bytes) -> None:
+    def put(self, parts: list[bytes]) -> None:
         with _space("nothing was stored"):
-            _write_all(self.fd, data)
+            _write_all(self.fd, parts)
+            self._dirty += sum(map(len, parts))
+            if self._dirty >= WRITEBACK and _ADVISE is not None:
+                # The disk starts on these bytes now, while the rest arrives,
+                # rather than at the fsync after the last one (which waited
+                # for the whole file: 0.4 s a GiB, bench W6). Only the start:
+                # the pages are dirty, so DONTNEED neither waits nor drops them.
+                end = os.lseek(self.fd, 0, os.SEEK_CUR)
+                _ADVISE(self.fd, end - self._dirty, self._dirty, os.POSIX_FADV_DONTNEED)
+                self._dirty = 0
 
 
 class _UploadWriter:
