@@ -75,16 +75,43 @@ def raise_nofile() -> int:
 TIDEWIRE_SRC = Path(os.environ.get("BENCH_TIDEWIRE_SRC") or ROOT / "src")
 
 
+#: Another source folder (`BENCH_BASE_SRC`, say a checkout of the commit before a change):
+#: W3 and W4 then also run their tidewire servers from it, in rows marked BASE, beside the
+#: ones from TIDEWIRE_SRC, so that a change and what it changes are measured in one run.
+BASE_SRC = os.environ.get("BENCH_BASE_SRC") or None
+BASE = " (base)"
+
+#: Rows to leave out (`BENCH_SKIP`, comma-separated parts of row names, e.g. `limits off,nchan`):
+#: a shorter run when only some rows are being compared.
+SKIP = [part.strip() for part in os.environ.get("BENCH_SKIP", "").split(",") if part.strip()]
+
+
+def skipped(name: str) -> bool:
+    return any(part in name for part in SKIP)
+
+
+def python_path(src: Path | str) -> str:
+    # `bench.apps.*` from the repo root; tidewire from `src` even if not pip-installed.
+    path = os.pathsep.join([str(ROOT), str(src), os.environ.get("PYTHONPATH", "")])
+    return path.rstrip(os.pathsep)
+
+
+def from_base(server: Server) -> Server:
+    """`server` (a `tidewire serve`) run from BASE_SRC instead of TIDEWIRE_SRC."""
+    assert BASE_SRC is not None
+    server.extra_env["PYTHONPATH"] = python_path(BASE_SRC)
+    return server
+
+
 def env() -> dict[str, str]:
-    # `bench.apps.*` from the repo root; tidewire from src/ even if not pip-installed.
-    path = os.pathsep.join([str(ROOT), str(TIDEWIRE_SRC), os.environ.get("PYTHONPATH", "")])
+    path = python_path(TIDEWIRE_SRC)
     # An auth key in the harness's own environment would turn access control on in every
     # tidewire server, auth-off rows included: only `tidewire_auth` sets one.
     inherited = {k: v for k, v in os.environ.items() if not k.startswith("TIDEWIRE_AUTH_")}
     return {
         **inherited,
         **ONE_ADDRESS_LIMITS,
-        "PYTHONPATH": path.rstrip(os.pathsep),
+        "PYTHONPATH": path,
         "PYTHONUNBUFFERED": "1",
     }
 
