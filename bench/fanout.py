@@ -118,6 +118,10 @@ def w3(ctx: Ctx) -> dict[str, Any]:
     rows: list[dict[str, Any]] = []
     checks: list[str] = []
     todo, notes = setups(ctx)
+    if BASE_SRC is not None:
+        # A change against its base: each `--rounds` times, interleaved (A B C A B C), as
+        # one run of each is within the noise of this machine.
+        todo = todo * ctx.sizes.rounds
     if ctx.tidewire is not None:
         checks.append(f"tidewire not run: {ctx.tidewire}")
     for setup in todo:
