@@ -95,7 +95,7 @@ class Observe:
             await self.app(scope, receive, send)
             return
         exchange = _Exchange(self, scope, send)
-        scope[SERVER_SEND] = send
+        SERVER_SEND.set(send)
         # Not reset after: the server runs each request in a task of its own
         # (so a context of its own), and the answer to an error, made outside
         # this middleware, still reads it (app.py).

@@ -318,7 +318,7 @@ class LogResponse(Response):
         drain = self.drain
         cut = _cut(watcher, drain)
         # Below the app's middleware, for the events after the first write (see SERVER_SEND).
-        lean: Send | None = scope.get(SERVER_SEND)
+        lean = SERVER_SEND.get()
         try:
             if drain is None:
                 await until_disconnected(receive, self._write(send, lean), cut=cut)
