@@ -26,7 +26,7 @@ import psutil
 
 from .clients import Watchers, run_load
 from .harness import LIMITS_OFF, Ctx, Servers, busy_cpu, limits_checks
-from .servers import Server, nchan, redis, tidewire, unlimited
+from .servers import BASE, BASE_SRC, Server, from_base, nchan, redis, skipped, tidewire, unlimited
 
 __all__ = ["w3"]
 
@@ -65,10 +65,24 @@ def setups(ctx: Ctx) -> tuple[list[Setup], list[str]]:
         def memory_unlimited(srv: Servers) -> tuple[Server, Server | None]:
             return srv.start(unlimited(tidewire(MEMORY_UNLIMITED, None, ctx.work))), None
 
+        def base(
+            start: Callable[[Servers], tuple[Server, Server | None]],
+        ) -> Callable[[Servers], tuple[Server, Server | None]]:
+            def started(srv: Servers) -> tuple[Server, Server | None]:
+                # Started from BASE_SRC: srv.start runs what it is given, so the base
+                # server is made here and the original start only names its flags.
+                return start(BaseServers(srv))
+
+            return started
+
         out.append(Setup(MEMORY, memory, channel, channel))
+        if BASE_SRC is not None:
+            out.append(Setup(MEMORY + BASE, base(memory), channel, channel))
         out.append(Setup(MEMORY_UNLIMITED, memory_unlimited, channel, channel))
         if ctx.redis is None:
             out.append(Setup(REDIS, shared, channel, channel, workers=2))
+            if BASE_SRC is not None:
+                out.append(Setup(REDIS + BASE, base(shared), channel, channel, workers=2))
         else:
             notes.append(f"tidewire on redis not run: {ctx.redis}")
     if ctx.nchan is None:
@@ -79,7 +93,24 @@ def setups(ctx: Ctx) -> tuple[list[Setup], list[str]]:
         out.append(Setup(NCHAN, nchan_, "/sub?id={ch}", "/pub?id={ch}"))
     else:
         notes.append(f"nchan not run: {ctx.nchan}")
-    return out, notes
+    return [setup for setup in out if not skipped(setup.name)], notes
+
+
+class BaseServers:
+    """`Servers` that starts every `tidewire serve` from BASE_SRC (other servers as they are)."""
+
+    def __init__(self, srv: Servers) -> None:
+        self.srv = srv
+
+    def start(self, server: Server, **kwargs: Any) -> Server:
+        if server.argv[1:3] == ["-m", "tidewire"]:
+            server = from_base(server)
+            server.name += BASE
+            server.log = server.log.with_name(server.log.stem + "-base.log")
+        return self.srv.start(server, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.srv, name)
 
 
 def w3(ctx: Ctx) -> dict[str, Any]:
@@ -87,6 +118,10 @@ def w3(ctx: Ctx) -> dict[str, Any]:
     rows: list[dict[str, Any]] = []
     checks: list[str] = []
     todo, notes = setups(ctx)
+    if BASE_SRC is not None:
+        # A change against its base: each `--rounds` times, interleaved (A B C A B C), as
+        # one run of each is within the noise of this machine.
+        todo = todo * ctx.sizes.rounds
     if ctx.tidewire is not None:
         checks.append(f"tidewire not run: {ctx.tidewire}")
     for setup in todo:
@@ -96,7 +131,8 @@ def w3(ctx: Ctx) -> dict[str, Any]:
                 wait_for_workers(server, setup.workers, setup.sub.format(ch="warmup"))
                 if ctx.profile is not None:
                     for i, p in enumerate(workers(server)):
-                        srv.spy(p.pid, f"w3-tidewire-redis-worker{i + 1}")
+                        base = "-base" if setup.name.endswith(BASE) else ""
+                        srv.spy(p.pid, f"w3-tidewire-redis{base}-worker{i + 1}")
             for n in s.w3_subscribers:
                 for conns in s.w3_publishers:
                     ch = f"fanout-{n}-{conns}"  # a fresh channel per run
@@ -128,7 +164,7 @@ def w3_checks(rows: list[dict[str, Any]], most: int) -> list[str]:
         what = f"{r['server']}, {r['subscribers']:,} subscribers"
         good = r["lost"] == 0 and not r["problems"]  # None: the publisher failed
         checks.append(f"{what}: lost {r['lost']} (target 0): " + ("PASS" if good else "FAIL"))
-        if r["server"] == REDIS and r["subscribers"] == most:
+        if r["server"] in (REDIS, REDIS + BASE) and r["subscribers"] == most:
             ok = r["p99_ms"] <= P99_TARGET_MS
             checks.append(
                 f"{what}: p99 {r['p99_ms']:,.1f} ms (target <= {P99_TARGET_MS:.0f} ms): "

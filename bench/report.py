@@ -378,6 +378,9 @@ def markdown(results: dict[str, Any]) -> str:
         ]
     if results.get("tidewire_src"):
         head += [f"**tidewire was run from `{results['tidewire_src']}`, not src/.**", ""]
+    if results.get("base_src"):
+        base = results["base_src"]
+        head += [f"Rows marked (base): tidewire run from `{base}` (BENCH_BASE_SRC).", ""]
     if results.get("profiles"):
         head += [
             "Profiled with `py-spy record --nonblocking` (tidewire servers only): "

@@ -32,12 +32,16 @@ from .fanout import w3
 from .harness import LIMITS_OFF, QUICK, Ctx, Servers, Sizes, busy_cpu, limits_checks, median
 from .memory import w9
 from .servers import (
+    BASE,
+    BASE_SRC,
     Server,
+    from_base,
     mint_token,
     nchan,
     nchan_available,
     raise_nofile,
     redis_available,
+    skipped,
     tidewire,
     tidewire_auth,
     tidewire_available,
@@ -367,6 +371,10 @@ def w4(ctx: Ctx) -> dict[str, Any]:
                 bearer,
             ),
         ]
+        if BASE_SRC is not None:
+            name = "tidewire channel" + BASE
+            pair.append((name, lambda: from_base(tidewire(name, None, ctx.work)), path, {}))
+        pair = [setup for setup in pair if not skipped(setup[0])]
     else:
         checks.append(f"tidewire not run: {ctx.tidewire}")
 
@@ -391,7 +399,8 @@ def w4(ctx: Ctx) -> dict[str, Any]:
         ),
     ]
     rounds: dict[str, list[dict[str, Any]]] = {}
-    for name, make, path, headers in pair * ctx.sizes.rounds + setups + floors:
+    others = [setup for setup in setups + floors if not skipped(setup[0])]
+    for name, make, path, headers in pair * ctx.sizes.rounds + others:
         with Servers(ctx, "w4") as srv:
             server = srv.start(make())
             if headers and name not in rounds:
@@ -510,6 +519,14 @@ def main(argv: list[str] | None = None) -> None:
         action="store_true",
         help="py-spy the tidewire servers; profiles go to OUT/profiles/",
     )
+    ap.add_argument(
+        "--size",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="set one of the sizes (bench/harness.py Sizes), e.g. w3_subscribers=1000/10000,"
+        " w3_seconds=5, w4_conns=2000; may be repeated",
+    )
     args = ap.parse_args(argv)
     only = [w.strip() for w in args.only.split(",") if w.strip()]
     if unknown := set(only) - set(WORKLOADS):
@@ -521,6 +538,15 @@ def main(argv: list[str] | None = None) -> None:
     sizes = QUICK if args.quick else Sizes()
     if args.rounds:
         sizes.rounds = sizes.w6_rounds = args.rounds
+    for setting in args.size:
+        name, _, value = setting.partition("=")
+        current = getattr(sizes, name, None)
+        if current is None or not value:
+            ap.error(f"--size {setting!r}: NAME=VALUE, NAME one of {', '.join(asdict(sizes))}")
+        if isinstance(current, tuple):
+            setattr(sizes, name, tuple(int(v) for v in value.split("/")))
+        else:
+            setattr(sizes, name, type(current)(value))
     why_not_tw = "--no-tidewire" if args.no_tidewire else tidewire_available()
     with tempfile.TemporaryDirectory(prefix="tidewire-bench-") as tmp:
         ctx = Ctx(sizes, Path(tmp), raise_nofile(), why_not_tw, nchan_available())
@@ -537,6 +563,7 @@ def main(argv: list[str] | None = None) -> None:
             else {"server": list(servers.PIN.server), "load": list(servers.PIN.load)},
             "quick": args.quick,
             "tidewire_src": os.environ.get("BENCH_TIDEWIRE_SRC"),
+            "base_src": BASE_SRC,
             "sizes": asdict(sizes),
             "workloads": {},
         }

@@ -74,7 +74,7 @@ def raise_nofile() -> int:
 #: before making it (`BENCH_TIDEWIRE_SRC=/tmp/copy/src python -m bench`).
 TIDEWIRE_SRC = Path(os.environ.get("BENCH_TIDEWIRE_SRC") or ROOT / "src")
 #: A second source folder (the code before a change, say): the workloads that support it
-#: (W5, W6, W7) add a "base" row for each tidewire row, run from it side by side, so that a
+#: (W3, W4, W5, W6, W7) add a "base" row for each tidewire row, run from it side by side, so that a
 #: change and what it replaces are compared in one run (the machine's state drifts between
 #: runs). `BENCH_TIDEWIRE_BASE_SRC=/tmp/before/src`, from e.g. `git archive HEAD src | tar -x`.
 BASE_SRC = Path(p) if (p := os.environ.get("BENCH_TIDEWIRE_BASE_SRC")) else None
@@ -83,16 +83,39 @@ BASE_SRC = Path(p) if (p := os.environ.get("BENCH_TIDEWIRE_BASE_SRC")) else None
 TIDEWIRE_ON = [k for k in os.environ.get("BENCH_TIDEWIRE_ON", "").split(",") if k]
 
 
-def env(src: Path = TIDEWIRE_SRC) -> dict[str, str]:
-    # `bench.apps.*` from the repo root; tidewire from src/ even if not pip-installed.
+BASE = " (base)"
+
+#: Rows to leave out (`BENCH_SKIP`, comma-separated parts of row names, e.g. `limits off,nchan`):
+#: a shorter run when only some rows are being compared.
+SKIP = [part.strip() for part in os.environ.get("BENCH_SKIP", "").split(",") if part.strip()]
+
+
+def skipped(name: str) -> bool:
+    return any(part in name for part in SKIP)
+
+
+def python_path(src: Path | str) -> str:
+    # `bench.apps.*` from the repo root; tidewire from `src` even if not pip-installed.
     path = os.pathsep.join([str(ROOT), str(src), os.environ.get("PYTHONPATH", "")])
+    return path.rstrip(os.pathsep)
+
+
+def from_base(server: Server) -> Server:
+    """`server` (a `tidewire serve`) run from BASE_SRC instead of TIDEWIRE_SRC."""
+    assert BASE_SRC is not None
+    server.extra_env["PYTHONPATH"] = python_path(BASE_SRC)
+    return server
+
+
+def env(src: Path = TIDEWIRE_SRC) -> dict[str, str]:
+    path = python_path(src)
     # An auth key in the harness's own environment would turn access control on in every
     # tidewire server, auth-off rows included: only `tidewire_auth` sets one.
     inherited = {k: v for k, v in os.environ.items() if not k.startswith("TIDEWIRE_AUTH_")}
     return {
         **inherited,
         **ONE_ADDRESS_LIMITS,
-        "PYTHONPATH": path.rstrip(os.pathsep),
+        "PYTHONPATH": path,
         "PYTHONUNBUFFERED": "1",
     }
 

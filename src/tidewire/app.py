@@ -26,7 +26,7 @@ from .metrics import add_metrics_route, sample_forever, worker_exited
 from .quotas import ConnectionQuota, Quotas
 from .runs import Runs, StreamFunction
 from .server.bodies import MinBodyRate
-from .server.caching import NotStored, compressed
+from .server.caching import compressed
 from .server.channels import add_channel_routes
 from .server.drain import SERVING, Drain, InFlight, readiness
 from .server.files import add_file_routes
@@ -265,8 +265,7 @@ class Tidewire:
         app.add_middleware(
             MinBodyRate, rate=self.settings.min_body_rate, grace=self.settings.body_grace
         )
-        # Outermost last: JSON answers are marked before gzip sees them.
-        app.add_middleware(NotStored)
+        # JSON answers marked no-store, then gzip: one layer (caching.py).
         app.add_middleware(compressed)
         # A client over its connections is refused before any route runs;
         # inside CORS, so that a page can read the 429.

@@ -370,17 +370,16 @@ class _Mirror(Waiters):
         if self.deferred is not None:
             self.deferred.cancel()
             self.deferred = None
-        for waiters in self.waiters.values():
-            for waiter in waiters:
-                if not waiter.done():
-                    waiter.set_exception(BrokerUnavailable(message))
+        # Readers of a wake-up still going on too: they would read a copy
+        # that is no longer followed.
+        readers = [w for waiters in self.waiters.values() for w in waiters]
+        for waiter in [*readers, *(self.waking or ())]:
+            if not waiter.done():
+                waiter.set_exception(BrokerUnavailable(message))
         self.waiters.clear()
         for timer in self.timers.values():
             timer.cancel()
         self.timers.clear()
-
-    def waiting(self) -> bool:
-        return any(not w.done() for waiters in self.waiters.values() for w in waiters)
 
 
 class RedisBroker:

@@ -35,6 +35,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..metrics import DOWNLOAD_BYTES, DOWNLOAD_MARK, HTTP_DURATION, HTTP_REQUESTS, STREAM_START
 from ..quotas import CLIENT_SCOPE_KEY
+from . import SERVER_SEND
 from .logs import REQUEST_ID
 
 __all__ = ["REQUEST_ID_HEADER", "Observe", "request_id_from"]
@@ -94,6 +95,7 @@ class Observe:
             await self.app(scope, receive, send)
             return
         exchange = _Exchange(self, scope, send)
+        SERVER_SEND.set(send)
         # Not reset after: the server runs each request in a task of its own
         # (so a context of its own), and the answer to an error, made outside
         # this middleware, still reads it (app.py).

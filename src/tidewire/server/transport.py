@@ -33,6 +33,7 @@ from ..events import NDJSON_HEARTBEAT, Envelope, dump_data
 from ..metrics import GAPS, connections
 from ..runs import Watcher
 from ..wire import GAP, NDJSON, POSITION, SSE, UNAVAILABLE, WARNING_HEADER
+from . import SERVER_SEND
 from .drain import Drain
 
 __all__ = [
@@ -329,14 +330,16 @@ class LogResponse(Response):
         gauge.inc()
         drain = self.drain
         cut = _cut(watcher, drain)
+        # Below the app's middleware, for the events after the first write (see SERVER_SEND).
+        lean = SERVER_SEND.get()
         try:
             if drain is None:
-                await until_disconnected(receive, self._write(send), cut=cut)
+                await until_disconnected(receive, self._write(send, lean), cut=cut)
             else:
                 # A drain's start cancels this task: the client is then told.
                 with drain.live():
                     if not drain.draining:
-                        await until_disconnected(receive, self._write(send), cut=cut)
+                        await until_disconnected(receive, self._write(send, lean), cut=cut)
                 if drain.draining and not self._ended:
                     await self._tell_draining(send)
         finally:
@@ -359,13 +362,17 @@ class LogResponse(Response):
                 for message in messages:
                     await send(message)
 
-    async def _write(self, send: Send) -> None:
+    async def _write(self, send: Send, lean: Send | None) -> None:
         await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
         self._started = True
-        await self._follow(send)
+        await self._follow(send, lean)
         self._ended = True
 
-    async def _follow(self, send: Send) -> None:
+    async def _follow(self, send: Send, lean: Send | None) -> None:
+        """Write the log's events: the first write and the last through `send`, so
+        that every layer of the app sees the response begin and end; the ones
+        between through `lean` when given (the server's own `send`)."""
+        middle = send
         sse = self.fmt == "sse"
         heartbeat = KEEPALIVE_COMMENT if sse else NDJSON_HEARTBEAT
         cursor = self.cursor
@@ -407,14 +414,17 @@ class LogResponse(Response):
             # server's `send` waits for the client (flow control) before the next.
             if parts and sum(map(len, parts)) > cursor.budget:
                 for chunk in _chunks(parts, cursor.budget):
-                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                    await middle({"type": "http.response.body", "body": chunk, "more_body": True})
                 if batch.ended:
                     await send({"type": "http.response.body", "body": b"", "more_body": False})
+            elif batch.ended:
+                body = b"".join(parts)
+                await send({"type": "http.response.body", "body": body, "more_body": False})
             else:
                 body = b"".join(parts) if parts else idle
-                await send(
-                    {"type": "http.response.body", "body": body, "more_body": not batch.ended}
-                )
+                await middle({"type": "http.response.body", "body": body, "more_body": True})
+            if lean is not None:
+                middle = lean
             cursor.delivered(batch)
             if batch.ended:
                 return
