@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 import orjson
 import pytest
 
-from tidewire.broker import BadPosition, Batch, Broker, Retention
+from tidewire.broker import AppendConflict, BadPosition, Batch, Broker, Retention
 from tidewire.broker.memory import MemoryBroker
 from tidewire.broker.redis import RedisBroker
 
@@ -138,6 +138,25 @@ def test_append_keeps_event_types_and_data(kind: Kind) -> None:
             (1, "progress", b'{"p":1}'),
             (2, "message", b"null"),
         ]
+
+    run(kind, body)
+
+
+def test_a_guarded_append_that_already_landed_is_not_made_twice(kind: Kind) -> None:
+    """A Redis that hung may run a timed-out append when it wakes, before or after its
+    retry: both carry `expect`, and whichever comes second returns the first's events."""
+
+    async def body(broker: Broker) -> None:
+        await broker.append("a", items(0), KEEP, expect=0)
+        first = await broker.append("a", items(1, 2), KEEP, expect=1)
+        again = await broker.append("a", items(1, 2), KEEP, expect=1)
+        assert [e.id for e in again] == [e.id for e in first]
+        batch = await broker.read("a", "0", limit=10, timeout=0)
+        assert [e.data for e in batch.events] == [0, 1, 2]  # once each
+        with pytest.raises(AppendConflict):  # another writer's events in its place
+            await broker.append("a", items(9), KEEP, expect=1)
+        [next_one] = await broker.append("a", items(3), KEEP, expect=3)
+        assert next_one.seq == 4
 
     run(kind, body)
 

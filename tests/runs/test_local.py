@@ -73,14 +73,19 @@ class Hanging(MemoryBroker):
         self.landed_anyway = False
 
     async def append(
-        self, log: str, items: Sequence[tuple[str, bytes]], retention: Retention
+        self,
+        log: str,
+        items: Sequence[tuple[str, bytes]],
+        retention: Retention,
+        *,
+        expect: int | None = None,
     ) -> list[Envelope]:
         if self.down:
             if not self.landed_anyway:
                 self.landed_anyway = True
-                await super().append(log, items, retention)
+                await super().append(log, items, retention, expect=expect)
             raise BrokerUnavailable("redis is unreachable: Timeout reading")
-        return await super().append(log, items, retention)
+        return await super().append(log, items, retention, expect=expect)
 
     async def claim(self, key: str, holder: str, ttl: float) -> bool:
         if self.down:

@@ -39,6 +39,7 @@ from ..events import Envelope
 logger = logging.getLogger("tidewire")
 
 __all__ = [
+    "AppendConflict",
     "BadPosition",
     "Batch",
     "Broker",
@@ -67,6 +68,11 @@ class BadPosition(ValueError):
 
 class BrokerUnavailable(ConnectionError):
     """The broker cannot be reached (Redis is down): requests that need it get 503."""
+
+
+class AppendConflict(Exception):
+    """An append guarded by `expect` found events in its place that are not its own:
+    another process wrote the log (it took over the run)."""
 
 
 class TooManyLogs(Exception):
@@ -134,9 +140,21 @@ class Logs(Protocol):
     max_retained_bytes: int | None
 
     async def append(
-        self, log: str, items: Sequence[tuple[str, bytes]], retention: Retention
+        self,
+        log: str,
+        items: Sequence[tuple[str, bytes]],
+        retention: Retention,
+        *,
+        expect: int | None = None,
     ) -> list[Envelope]:
-        """Add `(event type, data JSON)` items to a log, in order; trim it; return the events."""
+        """Add `(event type, data JSON)` items to a log, in order; trim it; return the events.
+
+        `expect`, the number of events the log held before these: when it
+        holds more, an earlier try of this very append landed (a Redis that
+        hung ran it when it woke, after the caller had given up on it), and
+        its events are returned instead of being appended twice; when they
+        are not these items, `AppendConflict`.
+        """
         ...
 
     def check_id(self, id: str) -> None:

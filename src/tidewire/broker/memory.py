@@ -11,7 +11,7 @@ from collections import OrderedDict, deque
 from collections.abc import AsyncIterator, Mapping, Sequence
 
 from ..events import Envelope
-from . import BadPosition, Batch, Retention, TooManyLogs, wire_size
+from . import AppendConflict, BadPosition, Batch, Retention, TooManyLogs, wire_size
 
 __all__ = ["MemoryBroker"]
 
@@ -464,12 +464,23 @@ class MemoryBroker(_State):
                 del self._logs[name]
 
     async def append(
-        self, log: str, items: Sequence[tuple[str, bytes]], retention: Retention
+        self,
+        log: str,
+        items: Sequence[tuple[str, bytes]],
+        retention: Retention,
+        *,
+        expect: int | None = None,
     ) -> list[Envelope]:
         now = time.monotonic()
         if retention.max_logs is not None:
             self._admit(log, retention, now)
         target = self._log(log)
+        if expect is not None and target.next_seq - 1 != expect:
+            # In memory an append cannot half-happen; the guard is kept for the contract.
+            done = [e for e in target.events if expect < e.seq <= expect + len(items)]
+            if [(e.event, e.data_json) for e in done] != list(items):
+                raise AppendConflict(f"{log} holds events that are not this append's")
+            return done
         self._retention[log] = retention
         target.written = now
         events = []

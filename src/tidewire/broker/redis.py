@@ -42,7 +42,15 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
 from ..events import Envelope
-from . import BadPosition, Batch, BrokerUnavailable, Retention, TooManyLogs, wire_size
+from . import (
+    AppendConflict,
+    BadPosition,
+    Batch,
+    BrokerUnavailable,
+    Retention,
+    TooManyLogs,
+    wire_size,
+)
 from .memory import Waiters
 
 __all__ = ["RedisBroker"]
@@ -71,8 +79,11 @@ _U64 = 1 << 64
 # KEYS: the stream, its hash, and the sorted set of the logs of its kind (by
 # last append, in ms) when their number is capped. ARGV: max_len, max age
 # (ms), max bytes, keep_after, max logs, idle ttl (ms) ("" for none), the
-# log's name, then (type, data) pairs. A capped kind that is full returns
-# {"full", <ms until its oldest log is idle long enough to go>}.
+# log's name, the events the log is expected to hold before these ("" for
+# any), then (type, data) pairs. A capped kind that is full returns
+# {"full", <ms until its oldest log is idle long enough to go>}. A log that
+# holds more than expected returns {"dup", <ids>} when its next events are
+# these very ones (an earlier try that landed late), else {"conflict"}.
 
 _APPEND = """
 local t = redis.call('TIME')
@@ -93,9 +104,29 @@ local meta = redis.call('HMGET', KEYS[2], 'seq', 'ms', 'bytes')
 local seq = tonumber(meta[1]) or 0
 local top = tonumber(meta[2]) or 0
 local bytes = tonumber(meta[3]) or 0
+local expect = tonumber(ARGV[8])
+if expect and seq ~= expect then
+    -- The newest entries, back to the first of this append's places.
+    local want = (#ARGV - 8) / 2
+    local found = {}
+    if seq > expect then
+        local back = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', seq - expect + 1)
+        for i = #back, 1, -1 do
+            local id, fields = back[i][1], back[i][2]
+            local n = tonumber(string.match(id, '-(%d+)$'))
+            if fields[1] == 't' and n > expect and n <= expect + want then
+                local k = 9 + 2 * (n - expect - 1)
+                if fields[2] ~= ARGV[k] or fields[4] ~= ARGV[k + 1] then return {'conflict'} end
+                found[#found + 1] = id
+            end
+        end
+    end
+    if #found ~= want then return {'conflict'} end
+    return {'dup', unpack(found)}
+end
 if top > ms then ms = top end
 local ids = {}
-for i = 8, #ARGV, 2 do
+for i = 9, #ARGV, 2 do
     seq = seq + 1
     local id = string.format('%d-%d', ms, seq)
     redis.call('XADD', KEYS[1], id, 't', ARGV[i], 'd', ARGV[i + 1])
@@ -516,7 +547,12 @@ class RedisBroker:
     # -- logs (the `Logs` protocol) -------------------------------------------
 
     async def append(
-        self, log: str, items: Sequence[tuple[str, bytes]], retention: Retention
+        self,
+        log: str,
+        items: Sequence[tuple[str, bytes]],
+        retention: Retention,
+        *,
+        expect: int | None = None,
     ) -> list[Envelope]:
         if not items:
             return []
@@ -529,6 +565,7 @@ class RedisBroker:
             _optional(retention.max_logs),
             "" if retention.idle_ttl is None else max(1, round(retention.idle_ttl * 1000)),
             log,
+            _optional(expect),
         ]
         for event_type, data_json in items:
             args += (event_type, data_json)
@@ -541,6 +578,10 @@ class RedisBroker:
                 f"the most {retention.kind or 'log'}s this server allows exist",
                 retry_after=max(1.0, math.ceil(int(ids[1]) / 1000)),
             )
+        if ids and ids[0] == b"conflict":
+            raise AppendConflict(f"{log} holds events that are not this append's")
+        if ids and ids[0] == b"dup":
+            ids = ids[1:]  # an earlier try landed: these are its events
         events = [
             Envelope(raw.decode(), int(raw.partition(b"-")[2]), event_type, data_json)
             for raw, (event_type, data_json) in zip(ids, items, strict=True)

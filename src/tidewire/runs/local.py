@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from .. import metrics, wire
 from ..blobs import Blobs, Pending
-from ..broker import Broker, BrokerUnavailable, wire_size
+from ..broker import AppendConflict, Broker, BrokerUnavailable, wire_size
 from ..config import Settings
 from ..events import dump_data
 from ..heap import trim
@@ -72,8 +72,6 @@ class Run:
     state: RunState = "running"
     ended: float | None = None
     events: int = 0  # events appended so far, end/error/cancelled included
-    #: A local run: the id of the newest event appended ("0": none yet).
-    last_id: str = "0"
     # Positions (seq) of the watchers connected to this process now, by
     # watcher number; a generator never gets more than `run_window` events
     # ahead of the lowest here or in any other process.
@@ -478,19 +476,19 @@ class Runs:
                     self.cancel_here(run)
                     await asyncio.sleep(0)  # the cancel lands here
                     return
-                if cut_off:
-                    # An append that timed out may have reached the broker
-                    # all the same (a Redis that hung runs it when it wakes):
-                    # then its events follow the newest one known here (only
-                    # the lease holder appends), and are not appended twice.
-                    landed = await self.broker.read(
-                        run.log, run.last_id, limit=len(items), timeout=0
-                    )
-                    if landed.events:
-                        appended = landed.events
-                        break
-                appended = await self.broker.append(run.log, items, retention)
+                # `expect`: an append that timed out may reach the broker all
+                # the same (a Redis that hung runs it when it wakes, before or
+                # after this try): whichever comes second finds the log longer
+                # than expected and is not appended twice.
+                appended = await self.broker.append(run.log, items, retention, expect=run.events)
                 break
+            except AppendConflict:
+                # Another process took the run over while the broker was away
+                # and wrote its log: stop quietly, as when the lease is lost.
+                run.lost = True
+                self.cancel_here(run)
+                await asyncio.sleep(0)
+                return
             except BrokerUnavailable:
                 # The broker is down or hangs (Redis restarting, stopped):
                 # the generator waits, as it would for a slow watcher, for as
@@ -502,7 +500,6 @@ class Runs:
                 delay = min(delay * 2, 1.0)
         run.events += len(items)
         metrics.count_events("run", len(items))
-        run.last_id = appended[-1].id
         for event in appended:
             run.bytes += wire_size(event)
             run.offsets.append(run.bytes)
