@@ -122,6 +122,8 @@ def test_new_runs_watches_subscriptions_and_uploads_get_503_with_retry_after(
         assert response.status_code == 503, (response.request.url, response.text)
         assert response.headers["retry-after"] == "2"
         assert "shutting down" in response.json()["detail"]
+        # A new connection for the retry, which a balancer sends elsewhere.
+        assert response.headers["connection"] == "close"
     assert refused[-1].headers["tus-resumable"] == "1.0.0"
     for path in ("/streams/ticks/ws", f"/runs/{run}/ws", "/channels/c/ws"):
         with pytest.raises(InvalidStatus) as info:
@@ -130,7 +132,8 @@ def test_new_runs_watches_subscriptions_and_uploads_get_503_with_retry_after(
         assert info.value.response.headers["retry-after"] == "2"
     # Not new work: what exists may still be looked at, published to, cancelled.
     assert http.get(f"/runs/{run}").json()["state"] == "running"
-    assert http.post("/channels/c/events", json="still").status_code == 201
+    published = http.post("/channels/c/events", json="still")
+    assert published.status_code == 201 and published.headers["connection"] == "close"
     assert http.delete(f"/runs/{run}").json()["state"] == "cancelled"
 
 

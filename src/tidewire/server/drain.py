@@ -23,7 +23,7 @@ from collections.abc import Awaitable, Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from fastapi import HTTPException
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 if TYPE_CHECKING:
     from ..app import Tidewire
@@ -110,7 +110,10 @@ class Drain:
 
 class InFlight:
     """ASGI middleware counting the app's requests and WebSockets in flight,
-    for a drain to wait for."""
+    for a drain to wait for; while draining, HTTP responses say
+    `Connection: close`, so that a client's next request (its resume, after a
+    503) opens a new connection, which a balancer sends to another process,
+    instead of reusing this one to this process forever."""
 
     def __init__(self, app: ASGIApp, drain: Drain) -> None:
         self.app = app
@@ -122,6 +125,15 @@ class InFlight:
             return
         drain = self.drain
         drain.in_flight += 1
+        if scope["type"] == "http":
+            inner = send
+
+            async def send(message: Message) -> None:
+                if message["type"] == "http.response.start" and drain.draining:
+                    headers = [(k, v) for k, v in message.get("headers", []) if k != b"connection"]
+                    message = {**message, "headers": [*headers, (b"connection", b"close")]}
+                await inner(message)
+
         try:
             await self.app(scope, receive, send)
         finally:
