@@ -67,26 +67,14 @@ class Balancer(Proxy):
             return None
         return ready[next(self._turn) % len(ready)]
 
-    def _accept(self) -> None:
-        while not self._closed:
-            try:
-                client, _ = self.listener.accept()
-            except OSError:
-                return
-            url = self._pick()
-            try:
-                if url is None:
-                    raise OSError("no server is ready")
-                upstream = socket.create_connection(self._addresses[url])
-            except OSError:
-                client.close()  # as a balancer with nowhere to send it: refused
-                continue
-            with self._lock:
-                self._open.update((client, upstream))
-                self.connections += 1
-                self.sent[url] += 1
-            threading.Thread(target=self._pipe, args=(client, upstream, None), daemon=True).start()
-            threading.Thread(target=self._pipe, args=(upstream, client, None), daemon=True).start()
+    def _connect(self) -> socket.socket:
+        url = self._pick()
+        if url is None:
+            raise OSError("no server is ready")
+        upstream = socket.create_connection(self._addresses[url])
+        with self._lock:
+            self.sent[url] += 1
+        return upstream
 
 
 @pytest.fixture

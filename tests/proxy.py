@@ -59,9 +59,9 @@ class Proxy:
             except OSError:
                 return
             try:
-                upstream = socket.create_connection(self.target)
+                upstream = self._connect()
             except OSError:
-                client.close()
+                client.close()  # as a proxy with nowhere to send it: refused
                 continue
             with self._lock:
                 self._open.update((client, upstream))
@@ -69,6 +69,10 @@ class Proxy:
             limit = self._limit
             threading.Thread(target=self._pipe, args=(client, upstream, None), daemon=True).start()
             threading.Thread(target=self._pipe, args=(upstream, client, limit), daemon=True).start()
+
+    def _connect(self) -> socket.socket:
+        """The upstream connection of a new client (a balancer picks a server)."""
+        return socket.create_connection(self.target)
 
     def _pipe(self, src: socket.socket, dst: socket.socket, limit: int | None) -> None:
         sent = 0
