@@ -16,6 +16,7 @@ import uvicorn
 from tidewire import Settings, Tidewire
 from tidewire.broker import Broker
 from tidewire.broker.memory import MemoryBroker
+from tidewire.server.protocol import HeaderLimitedProtocol
 
 # Real Redis and S3-compatible servers, started by the tests that need them.
 pytest_plugins = ["tests.redis_server", "tests.s3_server", "tests.proxy", "tests.balancer"]
@@ -31,6 +32,9 @@ class LiveServer:
         self.port = self.sock.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
         self.ws_url = f"ws://127.0.0.1:{self.port}"
+        # The HTTP protocol `tidewire serve` runs (streams write through it: see
+        # server/protocol.py `chunked_cycle`), unless a test names another.
+        config.setdefault("http", HeaderLimitedProtocol)
         config = uvicorn.Config(
             app,
             log_level="warning",

@@ -296,7 +296,9 @@ def test_a_crafted_range_does_not_stall_the_server(
     serve: Callable[..., LiveServer], tmp_path: Path
 ) -> None:
     tw = Tidewire(storage=LocalStorage(tmp_path / "data"), settings=QUICK)
-    server = serve(tw)
+    # uvicorn's own protocol: `tidewire serve`'s refuses headers this large
+    # (431) before the app sees them; here the app's parsing is what is tested.
+    server = serve(tw, http="httptools")
     with httpx.Client(base_url=server.url, timeout=10) as client:
         file_id = client.put("/files/a.txt", content=b"0123456789").json()["id"]
         # 64 KiB of spaces around the dash: hours of backtracking for the old pattern.

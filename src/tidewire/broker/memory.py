@@ -11,7 +11,7 @@ from collections import OrderedDict, deque
 from collections.abc import AsyncIterator, Mapping, Sequence
 
 from ..events import Envelope
-from . import AppendConflict, BadPosition, Batch, Retention, TooManyLogs, wire_size
+from . import AppendConflict, BadPosition, Batch, Retention, Tap, TooManyLogs, wire_size
 
 __all__ = ["MemoryBroker"]
 
@@ -23,6 +23,10 @@ __all__ = ["MemoryBroker"]
 #: slice is a few milliseconds of writes (bench W3: ~40 µs a reader).
 WAKE_SLICE = 64
 
+#: Taps fed per turn of the event loop (`Waiters.taps`): a feed is a write to
+#: a socket and little else (~3 µs), so a slice is about a millisecond.
+FEED_SLICE = 256
+
 
 class Waiters:
     """The readers of one log waiting for its next events, and how they are woken.
@@ -31,9 +35,17 @@ class Waiters:
     readers the same way.
     """
 
-    __slots__ = ("again", "deferred", "quiet_until", "timers", "waiters", "waking")
+    __slots__ = (
+        "again", "deferred", "feeding", "quiet_until", "refeed", "taps", "timers", "waiters",
+        "waking",
+    )  # fmt: skip
 
     def __init__(self) -> None:
+        # Readers at the head that are handed new events (broker.Tap), and the
+        # position each has reached, in the log's own terms (see `tap_batch`).
+        self.taps: dict[Tap, object] = {}
+        self.feeding = False  # a feed is going on, a slice a turn
+        self.refeed = False  # and events came meanwhile: another follows
         # Readers waiting for the next append, by the timeout they asked for.
         # One timer per timeout expires them all: a reader that came late in
         # a wait may be released early (a heartbeat sent sooner), but a log
@@ -62,6 +74,8 @@ class Waiters:
         itself goes a slice of readers a loop turn (WAKE_SLICE), so that
         publishing and other connections are never queued behind all of them.
         """
+        if self.taps:
+            self._feed_soon()
         if self.waking is not None:
             self.again = True  # readers not woken yet will read these events too
             return
@@ -118,9 +132,72 @@ class Waiters:
             self.again = False
             self.notify()
 
+    def tap_batch(self, position: object, limit: int) -> tuple[Batch, object] | None:
+        """The events after `position` for a tap, and the position after them;
+        None when they are not all here (the tap is released: its reader reads them)."""
+        raise NotImplementedError
+
+    def _feed_soon(self) -> None:
+        if self.feeding:
+            self.refeed = True  # taps not fed yet get these too; the others next time
+            return
+        self.feeding = True
+        # Not in the appending call: a publish is answered without waiting for
+        # its fan-out, and the first slice goes out on the loop's next turn.
+        asyncio.get_running_loop().call_soon(self._feed, list(self.taps), 0, {})
+
+    def _feed(
+        self,
+        taps: list[Tap],
+        start: int,
+        batches: dict[object, tuple[tuple[Batch, object] | None, dict[object, bytes]]],
+    ) -> None:
+        """Feed a slice of `taps` what follows their positions; the rest on later turns.
+
+        Taps at one position (nearly all of them, at the head) share one batch
+        and what they make of it (`shared`: its encodings). A tap whose batch
+        has a gap, is the end, or that refuses it, is released.
+        """
+        stop = start + FEED_SLICE
+        current = self.taps
+        for tap in taps[start:stop]:
+            position = current.get(tap)
+            if position is None:
+                continue  # untapped meanwhile
+            got = batches.get(position)
+            if got is None:
+                got = batches[position] = (self.tap_batch(position, tap.limit), {})
+            taken, shared = got
+            if taken is None:
+                del current[tap]
+                tap.release()
+                continue
+            batch, after = taken
+            if not batch.events and not (batch.missed or batch.ended or batch.restarted):
+                continue  # nothing new for it yet
+            if batch.missed or batch.ended or batch.restarted or not tap.feed(batch, shared):
+                del current[tap]
+                tap.release()
+                continue
+            current[tap] = after
+        if stop < len(taps):
+            asyncio.get_running_loop().call_soon(self._feed, taps, stop, batches)
+            return
+        self.feeding = False
+        if self.refeed:
+            self.refeed = False
+            self._feed_soon()
+
+    def release_taps(self) -> None:
+        """Release every tap: this copy of the log is gone or no longer followed."""
+        taps = list(self.taps)
+        self.taps.clear()
+        for tap in taps:
+            tap.release()
+
     def waiting(self) -> bool:
         """Whether any reader waits here, or is being woken."""
-        if self.waking:
+        if self.waking or self.taps:
             return True
         return any(not w.done() for waiters in self.waiters.values() for w in waiters)
 
@@ -202,6 +279,11 @@ class _Log(Waiters):
             ended=self.ended and stop >= len(self.events),
             restarted=restarted,
         )
+
+    def tap_batch(self, position: object, limit: int) -> tuple[Batch, object] | None:
+        assert isinstance(position, int)
+        batch = self.take(position, limit)
+        return batch, batch.events[-1].seq if batch.events else position
 
     def waiting_readers(self) -> bool:
         return self.waiting()
@@ -559,6 +641,22 @@ class MemoryBroker(_State):
                 del self._logs[log]
         return target.take(position, limit) if woken else Batch()
 
+    def tap(self, log: str, after: str, tap: Tap) -> bool:
+        target = self._logs.get(log)
+        if target is None or target.ended:
+            return False
+        if _position(after, self.epoch) != target.next_seq - 1:
+            return False
+        target.taps[tap] = target.next_seq - 1
+        return True
+
+    def untap(self, log: str, tap: Tap) -> None:
+        target = self._logs.get(log)
+        if target is not None:
+            target.taps.pop(tap, None)
+            if target.idle():
+                del self._logs[log]  # as a reader's read leaves it (see `read`)
+
     async def last_id(self, log: str) -> str:
         # `<epoch>-0` for an empty log, not `0`: a reader starting there that
         # comes back after a restart is told it may have missed events.
@@ -577,6 +675,7 @@ class MemoryBroker(_State):
         if target is not None:
             self._bytes -= target.bytes
             target.ended = True
+            target.release_taps()
             target.wake()
 
     async def sweep(self) -> None:

@@ -48,6 +48,7 @@ from . import (
     Batch,
     BrokerUnavailable,
     Retention,
+    Tap,
     TooManyLogs,
     wire_size,
 )
@@ -318,13 +319,21 @@ class _Mirror(Waiters):
     """
 
     __slots__ = (
-        "age", "age_known", "bytes", "ended", "events", "head", "held", "position", "sizes", "used"
+        "age", "age_known", "bytes", "ended", "events", "head", "held", "now_ms", "position",
+        "sizes", "used",
     )  # fmt: skip
 
     def __init__(
-        self, head: Position, age: int | None, age_known: bool, ended: bool, held: _Held
+        self,
+        head: Position,
+        age: int | None,
+        age_known: bool,
+        ended: bool,
+        held: _Held,
+        now_ms: Callable[[], float] = lambda: time.time() * 1000,
     ) -> None:
         super().__init__()
+        self.now_ms = now_ms  # Redis's clock, as this process reckons it (for `age`)
         self.events: deque[Envelope] = deque()
         self.sizes: deque[int] = deque()  # each event's wire_size
         self.bytes = 0  # their sum, also counted in `held`
@@ -396,8 +405,16 @@ class _Mirror(Waiters):
             ended=self.ended and stop == len(events),
         )
 
+    def tap_batch(self, position: object, limit: int) -> tuple[Batch, object] | None:
+        assert isinstance(position, tuple)
+        batch = self.take(position, limit, self.now_ms())
+        if batch is None:
+            return None
+        return batch, _parse(batch.events[-1].id) if batch.events else position
+
     def fail(self, message: str) -> None:
         """Raise `BrokerUnavailable` in every reader waiting here."""
+        self.release_taps()  # they read on, and are told
         if self.deferred is not None:
             self.deferred.cancel()
             self.deferred = None
@@ -686,7 +703,9 @@ class RedisBroker:
         mirror = self._mirrors.get(log)
         if mirror is None:
             age, exists = meta
-            mirror = _Mirror(head, int(age) if age else None, exists, False, self._held)
+            mirror = _Mirror(
+                head, int(age) if age else None, exists, False, self._held, self._now_ms
+            )
             self._mirrors[log] = mirror
             self._generation += 1
             self._changed.set()
@@ -718,6 +737,23 @@ class RedisBroker:
                 left = deadline - loop.time()
                 if left <= 0:
                     return Batch()
+
+    def tap(self, log: str, after: str, tap: Tap) -> bool:
+        mirror = self._mirrors.get(log)
+        if mirror is None or self._down is not None or mirror.ended:
+            return False
+        position = _position(after)
+        if position != mirror.head:
+            return False
+        mirror.taps[tap] = position
+        mirror.used = time.monotonic()
+        return True
+
+    def untap(self, log: str, tap: Tap) -> None:
+        mirror = self._mirrors.get(log)
+        if mirror is not None:
+            mirror.taps.pop(tap, None)
+            mirror.used = time.monotonic()  # kept a while for the reader's next read
 
     async def last_id(self, log: str) -> str:
         mirror = self._mirrors.get(log)
@@ -777,6 +813,7 @@ class RedisBroker:
         if mirror is not None:
             mirror.clear()
             mirror.ended = True
+            mirror.release_taps()
             mirror.wake()
 
     async def sweep(self) -> None:
@@ -1021,6 +1058,7 @@ class RedisBroker:
         for mirror in mirrors.values():
             mirror.clear()
             mirror.ended = True
+            mirror.release_taps()
             mirror.wake()
         await self._tail_redis.aclose()
         await self._redis.aclose()

@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextvars
 import functools
 import ipaddress
 import logging
@@ -55,18 +56,56 @@ import time
 from typing import Any
 
 import orjson
+from uvicorn._types import ASGI3Application
 from uvicorn.config import Config
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 
 from ..config import Settings
 
-__all__ = ["HeaderLimitedProtocol", "Sockets", "header_limits", "socket_caps", "socket_env"]
+__all__ = [
+    "HeaderLimitedProtocol",
+    "Sockets",
+    "chunked_cycle",
+    "header_limits",
+    "socket_caps",
+    "socket_env",
+]
 
 logger = logging.getLogger("tidewire")
 
 #: Descriptors kept for what is not a client's socket (files being sent or
 #: stored, SQLite, Redis and S3 connections, logs), beside the accept backlog.
 RESERVE = 256
+
+
+#: The uvicorn request cycle a request's task serves (set as the task is made).
+CYCLE: contextvars.ContextVar[RequestResponseCycle | None] = contextvars.ContextVar(
+    "tidewire_cycle", default=None
+)
+
+
+def chunked_cycle() -> RequestResponseCycle | None:
+    """The uvicorn request cycle of the request being served, when its response
+    has started with a chunked body (a stream's): else None.
+
+    A stream whose events go to many subscribers writes each subscriber's chunk
+    to its socket itself (transport.py's taps), as this cycle's `send` would:
+    `%x CRLF body CRLF` on the transport, unless the client went away or the
+    transport asked to pause writing. Through `send` and the app's layers it
+    would cost a coroutine per subscriber per event, which is what bounds
+    fan-out (bench W3). The cycle is uvicorn's, not ASGI's: under any other
+    server (or protocol) there is none, and streams write through `send`.
+    """
+    cycle = CYCLE.get()
+    if (
+        cycle is not None
+        and cycle.response_started
+        and not cycle.response_complete
+        and cycle.chunked_encoding is True
+        and cycle.scope["method"] != "HEAD"
+    ):
+        return cycle
+    return None
 
 
 @functools.cache
@@ -282,6 +321,14 @@ class HeaderLimitedProtocol(HttpToolsProtocol):
             self._refuse_headers()
             return
         super().on_headers_complete()
+
+    def _start_asgi_task(self, cycle: RequestResponseCycle, app: ASGI3Application) -> None:
+        # The task copies the context as it is made: it alone sees its cycle.
+        token = CYCLE.set(cycle)
+        try:
+            super()._start_asgi_task(cycle, app)
+        finally:
+            CYCLE.reset(token)
 
     def on_body(self, body: bytes) -> None:
         if not self._refused:

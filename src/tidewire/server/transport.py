@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import Literal
@@ -27,6 +28,7 @@ from fastapi.sse import KEEPALIVE_COMMENT
 from starlette.responses import Response
 from starlette.types import Message, Receive, Scope, Send
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
+from uvicorn.protocols.http.httptools_impl import RequestResponseCycle
 
 from ..broker import Batch, Broker, BrokerUnavailable
 from ..events import NDJSON_HEARTBEAT, Envelope, dump_data
@@ -35,6 +37,7 @@ from ..runs import Watcher
 from ..wire import GAP, NDJSON, POSITION, SSE, UNAVAILABLE, WARNING_HEADER
 from . import SERVER_SEND
 from .drain import Drain
+from .protocol import chunked_cycle
 
 __all__ = [
     "Format",
@@ -377,6 +380,9 @@ class LogResponse(Response):
         heartbeat = KEEPALIVE_COMMENT if sse else NDJSON_HEARTBEAT
         cursor = self.cursor
         first = True
+        # Only the watchers of a run in another process check on it as they wait.
+        tapping = cursor.check_every is None
+        cycle: RequestResponseCycle | None = None
         while True:
             try:
                 # The first block goes out at once, whatever is there: it
@@ -428,6 +434,99 @@ class LogResponse(Response):
             cursor.delivered(batch)
             if batch.ended:
                 return
+            if tapping and cycle is None:
+                cycle = chunked_cycle()
+                tapping = cycle is not None
+            if cycle is not None and len(batch.events) < BATCH:
+                # Caught up: the events that follow are handed to this
+                # connection by the broker as they come (`_Tap`), until
+                # something needs more than a write of them.
+                while not await self._tapped(cycle, sse):
+                    body = heartbeat
+                    await middle({"type": "http.response.body", "body": body, "more_body": True})
+
+    async def _tapped(self, cycle: RequestResponseCycle, sse: bool) -> bool:
+        """Follow the log by the broker's feed (`_Tap`) until released (True: read
+        on) or a heartbeat's time passed with no event (False: send one)."""
+        cursor = self.cursor
+        tap = _Tap(cursor, cycle, sse)
+        if not cursor.broker.tap(cursor.log, cursor.after, tap):
+            return True  # events came meanwhile: read them
+        loop = asyncio.get_running_loop()
+        wait = cursor.heartbeat
+        try:
+            while True:
+                tap.waiting = waiting = loop.create_future()
+                timer = loop.call_later(wait, _resolve, waiting, False)
+                try:
+                    if await waiting:
+                        return True
+                finally:
+                    timer.cancel()
+                idle = time.monotonic() - tap.fed_at
+                if idle >= cursor.heartbeat:
+                    return False
+                wait = cursor.heartbeat - idle
+        finally:
+            cursor.broker.untap(cursor.log, tap)
+
+
+class _Tap:
+    """One connection following a log by the broker's feed (`broker.Tap`): each
+    batch goes straight to its socket, as one chunk of its chunked body.
+
+    Every tap of a batch at one position writes the same bytes: the first
+    encodes them (SSE or NDJSON, with the run's prefix if any) into `shared`.
+    A batch larger than the cursor's budget, a client gone, or one whose
+    socket has asked to pause writing (it does not keep up) is refused: the
+    connection's task reads on as before, waiting for the client as needed.
+    """
+
+    __slots__ = ("cursor", "cycle", "fed_at", "sse", "waiting")
+
+    limit = BATCH
+
+    def __init__(self, cursor: LogCursor, cycle: RequestResponseCycle, sse: bool) -> None:
+        self.cursor = cursor
+        self.cycle = cycle
+        self.sse = sse
+        self.fed_at = time.monotonic()
+        self.waiting: asyncio.Future[bool] | None = None
+
+    def feed(self, batch: Batch, shared: dict[object, bytes]) -> bool:
+        cycle = self.cycle
+        if cycle.disconnected or cycle.response_complete or cycle.flow.write_paused:
+            return False
+        cursor = self.cursor
+        key = (self.sse, cursor.prefix)
+        chunk = shared.get(key)
+        if chunk is None:
+            chunk = shared[key] = _chunk(batch, self.sse, cursor.prefix, cursor.budget)
+        if not chunk:
+            return False
+        cycle.transport.write(chunk)
+        cursor.after = batch.events[-1].id
+        cursor.delivered(batch)
+        self.fed_at = time.monotonic()
+        return True
+
+    def release(self) -> None:
+        if self.waiting is not None:
+            _resolve(self.waiting, True)
+
+
+def _chunk(batch: Batch, sse: bool, prefix: str, budget: int) -> bytes:
+    """`batch` as one HTTP/1.1 chunk of a stream's body; empty when larger than `budget`."""
+    events = [e.named(prefix) for e in batch.events] if prefix else batch.events
+    body = b"".join([e.sse() for e in events] if sse else [e.ndjson() for e in events])
+    if len(body) > budget:
+        return b""
+    return b"%x\r\n%b\r\n" % (len(body), body)
+
+
+def _resolve(future: asyncio.Future[bool], value: bool) -> None:
+    if not future.done():
+        future.set_result(value)
 
 
 def _kind(cursor: LogCursor) -> Literal["run", "channel"]:
