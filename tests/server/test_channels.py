@@ -19,7 +19,7 @@ import pytest
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import connect
 
-from tests.conftest import QUICK, LiveServer
+from tests.conftest import QUICK, LiveServer, wait_for
 from tests.wire import Envelope, nth, parse_sse
 from tidewire import Settings, Tidewire
 from tidewire.broker import Broker
@@ -847,3 +847,60 @@ def test_a_retained_event_costs_about_its_size_not_4_kb(serve: Serve) -> None:
     assert 100 < wire < 160
     # The event, its id, its data, and the WebSocket text it was sent as.
     assert retained / n < 1_500
+
+
+@pytest.mark.parametrize("fmt", ["ndjson", "sse"])
+def test_subscribers_at_the_head_are_fed_by_the_broker_every_event_once_in_order(
+    serve: Serve, fmt: str
+) -> None:
+    """Under `tidewire serve`'s protocol a subscriber that has caught up is a tap
+    (broker.Tap): the broker writes each batch to its socket. They get what a
+    task reading for each would have: every event once, in order, each with
+    its id, heartbeats while nothing comes, a gap when they fall behind."""
+    tw, server = start(serve, Settings(heartbeat=0.3, disconnect_grace=0.3))
+    accept = {"ndjson": "application/x-ndjson", "sse": "text/event-stream"}[fmt]
+    count = 5
+    got: list[list[bytes]] = [[] for _ in range(count)]
+    ready = threading.Barrier(count + 1)
+
+    def subscribe(i: int) -> None:
+        headers = {"accept": accept}
+        with httpx.stream("GET", events_url(server, "fed"), headers=headers, timeout=10) as r:
+            lines = r.iter_lines()
+            if fmt == "sse":
+                while next(lines):  # the block of the starting position
+                    pass
+            ready.wait()
+            last = False
+            for line in lines:
+                got[i].append(line.encode())
+                last = last or '"n":59' in line
+                if last and (fmt == "ndjson" or not line):  # SSE: the whole block
+                    return
+
+    threads = [threading.Thread(target=subscribe, args=(i,)) for i in range(count)]
+    for thread in threads:
+        thread.start()
+    ready.wait()
+    log = tw.broker._logs["channel:fed"]  # type: ignore[attr-defined]
+    wait_for(lambda: len(log.taps) == count, message="the subscribers were not tapped")
+    time.sleep(0.7)  # heartbeats while tapped and idle
+    for n in range(60):
+        publish(server, "fed", {"n": n})
+        if n % 20 == 0:
+            time.sleep(0.05)
+    for thread in threads:
+        thread.join(10)
+    for lines in got:
+        if fmt == "ndjson":
+            assert lines[0] == b"", "no heartbeat (an empty line) while idle"
+            events = [json.loads(line) for line in lines if line]
+            assert [e["data"]["n"] for e in events] == list(range(60))
+            assert [seq(e["id"]) for e in events] == list(range(1, 61))
+        else:
+            sse, comments = parse_sse(b"\n".join(lines).decode() + "\n\n")
+            assert ": ping" in comments, "no heartbeat while idle"
+            events = [e for e in sse if e["event"] == "message"]
+            assert [e["data"]["n"] for e in events] == list(range(60))
+            assert [seq(e["id"]) for e in events] == list(range(1, 61))
+    wait_for(lambda: not log.taps, message="the taps were not let go")
