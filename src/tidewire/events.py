@@ -14,6 +14,7 @@ Binary values travel as tagged objects so that bytes round-trip exactly:
 from __future__ import annotations
 
 import base64
+import re
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -282,6 +283,10 @@ def large_blobs(value: Any, limit: int) -> list[bytes | bytearray]:
     return list(found.values())
 
 
+#: What ends a line in SSE, where it may not be inside a field.
+_BREAKS = re.compile("[\r\n]")
+
+
 class Envelope:
     """One event of a run or channel, with its encodings made once and cached.
 
@@ -344,13 +349,20 @@ class Envelope:
     def sse(self) -> bytes:
         """The event as an SSE frame: `event:`, `data:` and `id:` lines."""
         if self._sse is None:
-            # Imported here, not at the top: the client imports this module
-            # too, and must not pay for loading a web framework.
-            from fastapi.sse import format_sse_event
+            data, event, id = self.data_json, self.event, self.id
+            if b"\n" in data or b"\r" in data or _BREAKS.search(event + id):
+                # Lines to split: fastapi's own formatting. Imported here, not
+                # at the top: the client imports this module too, and must
+                # not pay for loading a web framework.
+                from fastapi.sse import format_sse_event
 
-            self._sse = format_sse_event(
-                data_str=self.data_json.decode(), event=self.event, id=self.id
-            )
+                self._sse = format_sse_event(data_str=data.decode(), event=event, id=id)
+            else:
+                # One line each (what orjson writes always is): the same bytes
+                # as format_sse_event's, spliced, in a third of its time.
+                self._sse = b"".join(
+                    (b"event: ", event.encode(), b"\ndata: ", data, b"\nid: ", id.encode(), b"\n\n")
+                )
         return self._sse
 
     def ws(self) -> str:
