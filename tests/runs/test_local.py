@@ -289,6 +289,26 @@ def test_a_batch_stays_within_the_slowest_watchers_window() -> None:
     asyncio.run(main())
 
 
+def test_a_batch_stays_within_the_slowest_watchers_byte_window() -> None:
+    # 64 events of 1 KB at once would be 6x this window: the batch stops at it.
+    tw = Tidewire(settings=Settings(run_history_bytes=10_000))
+
+    @tw.stream
+    async def large() -> AsyncIterator[str]:
+        for _ in range(100):
+            yield "x" * 998  # 1,000 bytes of JSON
+
+    async def main() -> None:
+        run = await tw.runs.start(tw.streams["large"], {}, attached=True)
+        tw.runs.watch(run, 0)
+        await wait_until(lambda: run.events >= 10)
+        await asyncio.sleep(0.05)
+        assert run.events == 10  # as when it appended one at a time
+        await tw.runs.cancel(run)
+
+    asyncio.run(main())
+
+
 def test_a_run_cancelled_while_its_generator_awaits_cancels_it_at_that_await() -> None:
     # The generator was stepped on to its next await (to see whether it had
     # more ready) while the run appended: cancelled then, it is cancelled

@@ -415,13 +415,18 @@ class Runs:
         unread = run.unread_bytes(low)
         return unread is None or unread >= self.settings.run_history_bytes
 
-    def _room(self, run: Run) -> int:
-        """How many events the run may append at once: what its generator has
-        ready, up to `BATCH`, and no further than the slowest watcher's window."""
+    def _room(self, run: Run) -> tuple[int, int]:
+        """How many events, and bytes of data, the run may append at once: what
+        its generator has ready, up to `BATCH`, and no further past the slowest
+        watcher's window than one event (as when it appended one at a time)."""
         low = run.slowest_position()
         if low is None:
-            return BATCH
-        return max(1, min(BATCH, self.settings.run_window - (run.events - low)))
+            return BATCH, self.settings.run_history_bytes
+        unread = run.unread_bytes(low) or 0
+        return (
+            max(1, min(BATCH, self.settings.run_window - (run.events - low))),
+            self.settings.run_history_bytes - unread,
+        )
 
     async def _wait_for_watchers(self, run: Run) -> None:
         # Backpressure: wait while the slowest connected watcher, here or
@@ -528,7 +533,7 @@ class Runs:
                 produced = 0
                 while True:
                     try:
-                        items = await source.batch(self._room(run))
+                        items = await source.batch(*self._room(run))
                     except StopAsyncIteration:
                         break
                     ready: list[Item] = []

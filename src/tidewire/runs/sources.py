@@ -30,9 +30,10 @@ class Source(Protocol):
 
     def __aiter__(self) -> Source: ...
     async def __anext__(self) -> Item | Pending: ...
-    async def batch(self, limit: int) -> list[Item | Pending]:
+    async def batch(self, limit: int, max_bytes: int) -> list[Item | Pending]:
         """The next item, and after it up to `limit` in all that are ready now,
-        without waiting; `StopAsyncIteration` at the end."""
+        without waiting, ending with the one whose data reaches `max_bytes`
+        in all; `StopAsyncIteration` at the end."""
         ...
 
     async def aclose(self) -> None: ...
@@ -62,9 +63,9 @@ class AsyncSource:
         return self
 
     async def __anext__(self) -> Item | Pending:
-        return (await self.batch(1))[0]
+        return (await self.batch(1, 0))[0]
 
-    async def batch(self, limit: int) -> list[Item | Pending]:
+    async def batch(self, limit: int, max_bytes: int) -> list[Item | Pending]:
         if self._raised is not None:
             raised, self._raised = self._raised, None
             raise raised
@@ -75,13 +76,15 @@ class AsyncSource:
         else:
             item = await self._agen.__anext__()
         items = [encode_item(item, self._limit)]
-        while len(items) < limit:
+        size = _size(items[0])
+        while len(items) < limit and size < max_bytes:
             step = self._agen.__anext__()
             try:
                 yielded = step.send(None)
             except StopIteration as ready:  # it yielded an item without suspending
                 try:
                     items.append(encode_item(ready.value, self._limit))
+                    size += _size(items[-1])
                 except BaseException as exc:
                     self._raised = exc
                     break
@@ -102,6 +105,12 @@ class AsyncSource:
             with contextlib.suppress(asyncio.CancelledError, StopAsyncIteration):
                 await _resume(step, yielded, asyncio.CancelledError())
         await self._agen.aclose()
+
+
+def _size(item: Item | Pending) -> int:
+    # What an item adds to a run's unread bytes, near enough (a pending
+    # blob is stored as a file: its event is small).
+    return len(item[1]) if isinstance(item, tuple) else 0
 
 
 @types.coroutine
@@ -206,9 +215,9 @@ class ThreadSource:
         return self
 
     async def __anext__(self) -> Item | Pending:
-        return (await self.batch(1))[0]
+        return (await self.batch(1, 0))[0]
 
-    async def batch(self, limit: int) -> list[Item | Pending]:
+    async def batch(self, limit: int, max_bytes: int) -> list[Item | Pending]:
         while not self._ready:
             with self._lock:
                 if self._items:
@@ -224,13 +233,11 @@ class ThreadSource:
                 waiter = self._waiter = self._loop.create_future()
             await waiter
         ready = self._ready
-        if len(ready) <= limit:
-            self._ready = []
-            ready.reverse()
-            return ready
-        items = ready[-limit:]
-        del ready[-limit:]
-        items.reverse()
+        items = [ready.pop()]
+        size = _size(items[0])
+        while ready and len(items) < limit and size < max_bytes:
+            items.append(ready.pop())
+            size += _size(items[-1])
         return items
 
     async def aclose(self) -> None:
