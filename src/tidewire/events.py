@@ -14,6 +14,7 @@ Binary values travel as tagged objects so that bytes round-trip exactly:
 from __future__ import annotations
 
 import base64
+import binascii
 import re
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -103,9 +104,12 @@ def check_event_type(event: str) -> None:
 def _default(value: Any) -> Any:
     # orjson calls this for what it cannot serialize natively.
     if isinstance(value, (bytes, bytearray, memoryview)):
-        raw = bytes(value)
+        # A memoryview's len() counts items, not bytes; bytes and bytearrays
+        # are encoded as they are (b2a_base64 reads any buffer: no copy).
+        raw = bytes(value) if isinstance(value, memoryview) else value
         kind = value.type if isinstance(value, Blob) else "application/octet-stream"
-        return {"$blob": {"type": kind, "size": len(raw), "data": base64.b64encode(raw).decode()}}
+        data = binascii.b2a_base64(raw, newline=False).decode("ascii")
+        return {"$blob": {"type": kind, "size": len(raw), "data": data}}
     model_dump = getattr(value, "model_dump", None)
     if callable(model_dump):
         # A pydantic model: Python mode, so that bytes inside it come back
