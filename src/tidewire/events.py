@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import re
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -287,10 +286,6 @@ def large_blobs(value: Any, limit: int) -> list[bytes | bytearray]:
     return list(found.values())
 
 
-#: What ends a line in SSE, where it may not be inside a field.
-_BREAKS = re.compile("[\r\n]")
-
-
 class Envelope:
     """One event of a run or channel, with its encodings made once and cached.
 
@@ -354,7 +349,15 @@ class Envelope:
         """The event as an SSE frame: `event:`, `data:` and `id:` lines."""
         if self._sse is None:
             data, event, id = self.data_json, self.event, self.id
-            if b"\n" in data or b"\r" in data or _BREAKS.search(event + id):
+            # (find() of an int is memchr; `b"\n" in data` costs twice as much.)
+            if (
+                data.find(10) >= 0
+                or data.find(13) >= 0
+                or "\n" in event
+                or "\r" in event
+                or "\n" in id
+                or "\r" in id
+            ):
                 # Lines to split: fastapi's own formatting. Imported here, not
                 # at the top: the client imports this module too, and must
                 # not pay for loading a web framework.
@@ -363,7 +366,7 @@ class Envelope:
                 self._sse = format_sse_event(data_str=data.decode(), event=event, id=id)
             else:
                 # One line each (what orjson writes always is): the same bytes
-                # as format_sse_event's, spliced, in a third of its time.
+                # as format_sse_event's, spliced, in about a fifth of its time.
                 self._sse = b"".join(
                     (b"event: ", event.encode(), b"\ndata: ", data, b"\nid: ", id.encode(), b"\n\n")
                 )
