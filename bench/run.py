@@ -140,6 +140,13 @@ def w1(ctx: Ctx) -> dict[str, Any]:
                 Target("tidewire SSE" + AUTH_ON, twa, path, SSE, "sse", bearer),
                 Target("tidewire SSE" + LIMITS_OFF, twu, path, SSE, "sse"),
             ]
+            if BASE_SRC is not None:
+                # The code before a change, in the same rounds: before and after in one run.
+                twb = srv.start(from_base(tidewire("tidewire" + BASE, None, ctx.work)))
+                targets += [
+                    Target("tidewire NDJSON" + BASE, twb, path, NDJSON, "ndjson"),
+                    Target("tidewire SSE" + BASE, twb, path, SSE, "sse"),
+                ]
         if png is None:
             notes.append("image: bench's generated PNG (tidewire's demo image was not available)")
             png = ensure_png()
@@ -154,6 +161,7 @@ def w1(ctx: Ctx) -> dict[str, Any]:
             Target("sse-starlette", star, f"/stream?n={n}", SSE, "sse"),
             *targets,
         ]
+        targets = [t for t in targets if not skipped(t.name)]
         deadline = max(120.0, n / 300)
         runs = interleaved(ctx, targets, "stream", {"deadline_s": deadline}, deadline + 30)
     rows = [w1_row(t.name, runs[t.name], n) for t in targets]

@@ -74,9 +74,10 @@ def raise_nofile() -> int:
 #: before making it (`BENCH_TIDEWIRE_SRC=/tmp/copy/src python -m bench`).
 TIDEWIRE_SRC = Path(os.environ.get("BENCH_TIDEWIRE_SRC") or ROOT / "src")
 #: A second source folder (the code before a change, say): the workloads that support it
-#: (W3, W4, W5, W6, W7) add a "base" row for each tidewire row, run from it side by side, so that a
-#: change and what it replaces are compared in one run (the machine's state drifts between
-#: runs). `BENCH_TIDEWIRE_BASE_SRC=/tmp/before/src`, from e.g. `git archive HEAD src | tar -x`.
+#: (W1, W3, W4, W5, W6, W7) add a "base" row for each tidewire row, run from it side by side,
+#: so that a change and what it replaces are compared in one run (the machine's state drifts
+#: between runs). `BENCH_TIDEWIRE_BASE_SRC=/tmp/before/src`, from e.g.
+#: `git archive HEAD src | tar -x`.
 BASE_SRC = Path(p) if (p := os.environ.get("BENCH_TIDEWIRE_BASE_SRC")) else None
 #: The ASGI servers to run tidewire on where a workload runs it on several (W5, W6):
 #: `BENCH_TIDEWIRE_ON=uvicorn` keeps a run with base rows short. Default: all of them.

@@ -14,6 +14,7 @@ Binary values travel as tagged objects so that bytes round-trip exactly:
 from __future__ import annotations
 
 import base64
+import binascii
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -102,9 +103,12 @@ def check_event_type(event: str) -> None:
 def _default(value: Any) -> Any:
     # orjson calls this for what it cannot serialize natively.
     if isinstance(value, (bytes, bytearray, memoryview)):
-        raw = bytes(value)
+        # A memoryview's len() counts items, not bytes; bytes and bytearrays
+        # are encoded as they are (b2a_base64 reads any buffer: no copy).
+        raw = bytes(value) if isinstance(value, memoryview) else value
         kind = value.type if isinstance(value, Blob) else "application/octet-stream"
-        return {"$blob": {"type": kind, "size": len(raw), "data": base64.b64encode(raw).decode()}}
+        data = binascii.b2a_base64(raw, newline=False).decode("ascii")
+        return {"$blob": {"type": kind, "size": len(raw), "data": data}}
     model_dump = getattr(value, "model_dump", None)
     if callable(model_dump):
         # A pydantic model: Python mode, so that bytes inside it come back
@@ -344,13 +348,28 @@ class Envelope:
     def sse(self) -> bytes:
         """The event as an SSE frame: `event:`, `data:` and `id:` lines."""
         if self._sse is None:
-            # Imported here, not at the top: the client imports this module
-            # too, and must not pay for loading a web framework.
-            from fastapi.sse import format_sse_event
+            data, event, id = self.data_json, self.event, self.id
+            # (find() of an int is memchr; `b"\n" in data` costs twice as much.)
+            if (
+                data.find(10) >= 0
+                or data.find(13) >= 0
+                or "\n" in event
+                or "\r" in event
+                or "\n" in id
+                or "\r" in id
+            ):
+                # Lines to split: fastapi's own formatting. Imported here, not
+                # at the top: the client imports this module too, and must
+                # not pay for loading a web framework.
+                from fastapi.sse import format_sse_event
 
-            self._sse = format_sse_event(
-                data_str=self.data_json.decode(), event=self.event, id=self.id
-            )
+                self._sse = format_sse_event(data_str=data.decode(), event=event, id=id)
+            else:
+                # One line each (what orjson writes always is): the same bytes
+                # as format_sse_event's, spliced, in about a fifth of its time.
+                self._sse = b"".join(
+                    (b"event: ", event.encode(), b"\ndata: ", data, b"\nid: ", id.encode(), b"\n\n")
+                )
         return self._sse
 
     def ws(self) -> str:

@@ -49,6 +49,13 @@ REMOTE_POLL = 0.05
 REMOTE_REFRESH = 0.1
 
 
+#: The most events a run appends at once (those its generator yields without
+#: waiting): one append, one wake-up of its watchers and one write each for
+#: them all, rather than one per event. Also how many it appends before it
+#: lets the loop run others, when its generator never waits.
+BATCH = 64
+
+
 class TooManyRuns(Exception):
     """`max_runs` runs are running already."""
 
@@ -408,6 +415,19 @@ class Runs:
         unread = run.unread_bytes(low)
         return unread is None or unread >= self.settings.run_history_bytes
 
+    def _room(self, run: Run) -> tuple[int, int]:
+        """How many events, and bytes of data, the run may append at once: what
+        its generator has ready, up to `BATCH`, and no further past the slowest
+        watcher's window than one event (as when it appended one at a time)."""
+        low = run.slowest_position()
+        if low is None:
+            return BATCH, self.settings.run_history_bytes
+        unread = run.unread_bytes(low) or 0
+        return (
+            max(1, min(BATCH, self.settings.run_window - (run.events - low))),
+            self.settings.run_history_bytes - unread,
+        )
+
     async def _wait_for_watchers(self, run: Run) -> None:
         # Backpressure: wait while the slowest connected watcher, here or
         # elsewhere, is a full window behind, in events or bytes. With nobody
@@ -511,13 +531,25 @@ class Runs:
         try:
             try:
                 produced = 0
-                async for item in source:
-                    if isinstance(item, Pending):
-                        item = (item.event, await self.blobs.dump(item.data))
-                    await self._append(run, [item])
-                    produced += 1
-                    if produced % 64 == 0:
+                while True:
+                    try:
+                        items = await source.batch(*self._room(run))
+                    except StopAsyncIteration:
+                        break
+                    ready: list[Item] = []
+                    for item in items:
+                        if isinstance(item, Pending):
+                            # The items before it go before its blob is stored, as they came.
+                            if ready:
+                                await self._append(run, ready)
+                                ready = []
+                            item = (item.event, await self.blobs.dump(item.data))
+                        ready.append(item)
+                    await self._append(run, ready)
+                    produced += len(ready)
+                    if produced >= BATCH:
                         # A generator that never awaits would hold the loop.
+                        produced = 0
                         await asyncio.sleep(0)
                     await self._wait_for_watchers(run)
             finally:
