@@ -3,7 +3,9 @@
 Events: `Client.stream` (NDJSON, SSE, WebSocket) against raw httpx reading the same NDJSON
 stream line by line and parsing each line with orjson (and, for reference, with the standard
 library's json). Files: `Client.upload` and `Client.download` against `curl` moving the same
-file to and from the same server, both writing to disk.
+file to and from the same server, both writing to disk; and the `tidewire download` command
+against `curl -o`, each a whole process (start-up included), with `curl -o` then `sha256sum`
+beside them: the check the client makes, done by hand.
 
 Each measurement is its own process (`python -m bench.client MODE '<json>'`, one JSON line
 out), so no run inherits another's warm caches or garbage; the clock starts after imports,
@@ -28,13 +30,15 @@ from . import report
 from .clients import run_json
 from .files import CURL, WRITE_OUT, Transfer, child_cpu, curl, make_file, parse
 from .harness import Ctx, Servers, median
-from .servers import BASE_SRC, Server, tidewire
+from .servers import BASE_SRC, PY, ROOT, Server, env, skipped, tidewire
 
 __all__ = ["w7"]
 
 MB = 1e6
 RAW = "raw httpx iter_lines + orjson"  # the events baseline
 CURL_PUT, CURL_GET = "curl -T (PUT /files/NAME)", "curl -o FILE (GET /files/ID)"
+CURL_CHECKED = "curl -o FILE, then sha256sum FILE"
+CLI_GET = "tidewire download ID -o FILE (CLI)"
 
 
 # --- the measuring processes ----------------------------------------------------------------
@@ -80,6 +84,11 @@ def read_client(cfg: dict[str, Any]) -> dict[str, Any]:
     """`Client.stream` on one transport: every event decoded, blobs as `Blob`s."""
     from tidewire import Blob
     from tidewire.client import Client
+
+    if cfg["transport"] == "ws":
+        # The client imports websockets when it opens one: here, before the clock, as
+        # the rows' other imports are.
+        import websockets.sync.client  # noqa: F401
 
     first = last = None
     count = 0
@@ -165,17 +174,18 @@ READERS: list[tuple[str, str, dict[str, Any]]] = [
 def events(ctx: Ctx, tw: Server) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     n = ctx.sizes.w1_events
     url = f"http://127.0.0.1:{tw.port}"
-    for _, mode, extra in READERS:  # warm up the server and the page cache of the imports
+    readers = [r for r in READERS if not skipped(r[0])]
+    for _, mode, extra in readers:  # warm up the server and the page cache of the imports
         measure(mode, {"url": url, "n": 200, **extra}, 120)
-    runs: dict[str, list[dict[str, Any]]] = {name: [] for name, _, _ in READERS}
+    runs: dict[str, list[dict[str, Any]]] = {name: [] for name, _, _ in readers}
     timeout = max(120.0, n / 200)
     for _ in range(ctx.sizes.rounds):
-        for name, mode, extra in READERS:
+        for name, mode, extra in readers:
             cpu0 = tw.cpu()
             res = measure(mode, {"url": url, "n": n, **extra}, timeout)
             res["server_cpu"] = tw.cpu() - cpu0
             runs[name].append(res)
-    return [event_row(name, runs[name], n) for name, _, _ in READERS], runs
+    return [event_row(name, runs[name], n) for name, _, _ in readers], runs
 
 
 def event_row(name: str, runs: list[dict[str, Any]], n: int) -> dict[str, Any]:
@@ -213,6 +223,19 @@ def curl_download(url: str, dest: Path, work: Path) -> Transfer:
     except subprocess.TimeoutExpired:
         return Transfer(error="curl still running after 600 s: killed")
     return parse(work, "w7", False, r.stdout, r.stderr, r.returncode)
+
+
+def timed(argv: list[str], where: dict[str, str] | None = None) -> tuple[float, str | None]:
+    """A whole process, from its start to its exit: (seconds, what went wrong or None)."""
+    t0 = time.perf_counter()
+    try:
+        r = subprocess.run(argv, cwd=ROOT, env=where, capture_output=True, timeout=600)
+    except subprocess.TimeoutExpired:
+        return 600.0, f"{argv[0]} still running after 600 s: killed"
+    seconds = time.perf_counter() - t0
+    if r.returncode != 0:
+        return seconds, f"exited {r.returncode}: {r.stderr.decode(errors='replace')[-300:]}"
+    return seconds, None
 
 
 def sha256(path: Path) -> str:
@@ -276,6 +299,29 @@ def transfers(ctx: Ctx, tw: Server) -> tuple[list[dict[str, Any]], dict[str, Any
         dest.unlink(missing_ok=True)
         return t.seconds, cpu, wrong
 
+    def get_checked() -> tuple[float, float, str | None]:
+        """curl, then `sha256sum` of what it wrote against the digest: one shell, timed whole."""
+        url = f"{base}/files/{file_id}"
+        script = f'{CURL} -sS -o "$1" "$2" && sha256sum "$1" | grep -q "^$3 "'
+        client0 = child_cpu()
+        seconds, wrong = timed(["sh", "-c", script, "sh", str(dest), url, digest])
+        cpu = child_cpu() - client0
+        dest.unlink(missing_ok=True)
+        return seconds, cpu, wrong and f"curl or the sha256 check: {wrong}"
+
+    def cli_from(src: Path | None) -> Callable[[], tuple[float, float, str | None]]:
+        def cli() -> tuple[float, float, str | None]:
+            argv = [PY, "-m", "tidewire", "download", file_id, "-o", str(dest), "--url", base]
+            client0 = child_cpu()
+            seconds, wrong = timed(argv, env(src) if src is not None else env())
+            cpu = child_cpu() - client0
+            if wrong is None and (not dest.exists() or dest.stat().st_size != size):
+                wrong = "wrong size"
+            dest.unlink(missing_ok=True)
+            return seconds, cpu, wrong
+
+        return cli
+
     def download_from(src: Path | None) -> Callable[[], tuple[float, float, str | None]]:
         def download() -> tuple[float, float, str | None]:
             cfg = {"url": base, "id": file_id, "dest": str(dest)}
@@ -296,12 +342,19 @@ def transfers(ctx: Ctx, tw: Server) -> tuple[list[dict[str, Any]], dict[str, Any
         ("upload", tus, CURL_PUT, upload(False), True),
         ("upload", "Client.upload multipart (threshold raised)", CURL_PUT, upload(True), True),
         ("download", CURL_GET, CURL_GET, get, False),
+        ("download", CURL_CHECKED, CURL_GET, get_checked, False),
         ("download", "Client.download", CURL_GET, download_from(None), False),
+        ("download", CLI_GET, CURL_GET, cli_from(None), False),
     ]
     if BASE_SRC is not None:  # the client as it was, side by side
-        plan.append(
-            ("download", "Client.download (base)", CURL_GET, download_from(BASE_SRC), False)
-        )
+        plan += [
+            ("download", "Client.download (base)", CURL_GET, download_from(BASE_SRC), False),
+            ("download", f"{CLI_GET} (base)", CURL_GET, cli_from(BASE_SRC), False),
+        ]
+    plan = [step for step in plan if not skipped(step[1])]
+    for src in (None, BASE_SRC):  # the CLI's imports compiled and in the page cache
+        if src is not None or not skipped(CLI_GET):
+            timed([PY, "-m", "tidewire", "download", "--help"], env(src) if src else env())
     runs: dict[str, list[dict[str, Any]]] = {name: [] for _, name, *_ in plan}
     for _ in range(ctx.sizes.rounds):
         for _test, name, _base, how, up in plan:
@@ -377,7 +430,11 @@ def w7(ctx: Ctx) -> dict[str, Any]:
     rows = event_rows + file_rows
     versus_baseline(rows)
     checks = [check(r, 0.8) for r in rows if r["server"] == "Client.stream ndjson"]
-    checks += [check(r, 0.8) for r in file_rows if r["server"].startswith("Client.")]
+    checks += [
+        check(r, 0.8)
+        for r in file_rows
+        if r["server"].startswith("Client.") or r["server"] == CLI_GET
+    ]
     params = {
         "events": ctx.sizes.w1_events,
         "file_bytes": ctx.sizes.w6_bytes,
@@ -388,7 +445,11 @@ def w7(ctx: Ctx) -> dict[str, Any]:
         "the client also decodes each image's base64 into a `Blob`",
         "every measurement is its own process; the clock starts at the request, after imports",
         f"sha256 on this machine: {sha256_rate():,.0f} MB/s (hashlib, one core, in memory); "
-        "Client.download and Client.upload hash every byte to check it, curl does not",
+        "Client.download and Client.upload hash every byte to check it, curl does not: "
+        f"`{CURL_CHECKED}` is curl with that check made by hand (one `sh -c`, timed whole)",
+        f"`{CLI_GET}`: the command's whole process, start-up (imports) included, timed by the "
+        "harness; the other rows are timed from the request (curl's time_total, the client's "
+        "call)",
     ]
     return {
         "params": params,

@@ -444,7 +444,9 @@ def serve_options() -> dict[str, Any]:
 
     from tidewire.cli import cli
 
-    command = typer.main.get_command(cli).commands["serve"]  # type: ignore[attr-defined]
+    group = typer.main.get_command(cli)
+    command = group.get_command(typer.Context(group), "serve")  # type: ignore[attr-defined]
+    assert command is not None
     return {name: p for p in command.params for name in (*p.opts, *p.secondary_opts)}
 
 

@@ -306,6 +306,34 @@ def test_upload_list_download_remove(server: LiveServer, tmp_path: Path) -> None
     one_line_error(gone)
 
 
+def test_download_loads_only_the_client(server: LiveServer, tmp_path: Path) -> None:
+    """`tidewire download` starts without the server side, the settings (pydantic-settings),
+    websockets or PyJWT: each cost every small download its import time."""
+    put = httpx.put(f"{server.url}/files/small.txt", content=b"hello")
+    assert put.status_code == 201, put.text
+    code = (
+        "import json, sys\n"
+        "from tidewire.cli import main\n"
+        "sys.argv[0] = 'tidewire'\n"
+        "try:\n"
+        "    main()\n"
+        "finally:\n"
+        "    print(json.dumps(sorted(sys.modules)), file=sys.stderr)\n"
+    )
+    out = tmp_path / "small.txt"
+    argv = ["download", put.json()["id"], "-o", str(out), "--url", server.url]
+    result = subprocess.run(
+        [sys.executable, "-c", code, *argv], capture_output=True, text=True, timeout=30
+    )
+    assert result.returncode == 0, result.stderr
+    assert out.read_bytes() == b"hello"
+    modules = set(json.loads(result.stderr.strip().splitlines()[-1]))
+    loaded = modules | {m.split(".")[0] for m in modules}
+    unwanted = {"fastapi", "starlette", "uvicorn", "pydantic_settings", "websockets", "jwt"}
+    unwanted |= {f"tidewire.{m}" for m in ("app", "config", "server", "cli_serve")}
+    assert loaded & unwanted == set()
+
+
 def test_download_continues_a_partial_file(server: LiveServer, tmp_path: Path) -> None:
     src = tmp_path / "src.bin"
     src.write_bytes(os.urandom(1 << 20))

@@ -6,25 +6,38 @@ The names here are the user's API. Brokers (`tidewire.broker`), storages
 
 from __future__ import annotations
 
+import importlib
 from typing import TYPE_CHECKING, Any
-
-from .client import AsyncClient, Client
-from .config import Settings
-from .events import Blob, Message
 
 if TYPE_CHECKING:
     from .app import Tidewire
+    from .client import AsyncClient, Client
+    from .config import Settings
+    from .events import Blob, Message
 
 __version__ = "0.1.0"
 
 __all__ = ["AsyncClient", "Blob", "Client", "Message", "Settings", "Tidewire", "__version__"]
 
 
-def __getattr__(name: str) -> Any:
-    # The server side is loaded on first use, so that `import tidewire.client`
-    # (a script, the CLI's client commands) does not load FastAPI and Starlette.
-    if name == "Tidewire":
-        from .app import Tidewire
+#: Where each name of the API lives. Each is loaded on first use, so that
+#: importing any part of tidewire loads only that part: `import
+#: tidewire.client` (a script, the CLI's client commands) loads neither the
+#: server side (FastAPI, Starlette) nor `Settings` (pydantic-settings).
+_HOMES = {
+    "AsyncClient": ".client",
+    "Blob": ".events",
+    "Client": ".client",
+    "Message": ".events",
+    "Settings": ".config",
+    "Tidewire": ".app",
+}
 
-        return Tidewire
-    raise AttributeError(f"module 'tidewire' has no attribute {name!r}")
+
+def __getattr__(name: str) -> Any:
+    home = _HOMES.get(name)
+    if home is None:
+        raise AttributeError(f"module 'tidewire' has no attribute {name!r}")
+    value = getattr(importlib.import_module(home, __name__), name)
+    globals()[name] = value  # found here from now on, without this function
+    return value

@@ -28,7 +28,6 @@ from collections.abc import AsyncGenerator, Awaitable, Callable, Generator
 from typing import Any, TypeAlias
 
 import httpx
-import jwt
 
 __all__ = ["BearerAuth", "Token", "TokenSource", "origin_of", "same_origin"]
 
@@ -54,6 +53,10 @@ def same_origin(url: httpx.URL, base: httpx.URL) -> bool:
 
 def _expired(token: str) -> bool:
     """Whether `token` is a JWT whose `exp` is (nearly) past; False for anything else."""
+    # Here, not at the top: PyJWT loads `cryptography`, which a client
+    # without a token (most downloads) would load for nothing.
+    import jwt
+
     try:
         claims = jwt.decode(token, options={"verify_signature": False})
     except jwt.PyJWTError:

@@ -15,16 +15,11 @@ from collections.abc import AsyncIterator, Callable, Generator, Iterator, Mappin
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from types import TracebackType
-from typing import IO, Any, Generic, Literal, Self, TypeVar
+from typing import IO, TYPE_CHECKING, Any, Generic, Literal, Self, TypeVar
 from urllib.parse import quote
 
 import httpx
 import orjson
-import websockets
-from websockets.asyncio.client import ClientConnection as AsyncWebSocket
-from websockets.asyncio.client import connect as aconnect_ws
-from websockets.sync.client import ClientConnection as WebSocket
-from websockets.sync.client import connect as connect_ws
 
 from ..events import dump_data
 from ..wire import NEXT_CURSOR_HEADER
@@ -43,6 +38,13 @@ from .exceptions import (
     status_error,
     translate,
 )
+
+if TYPE_CHECKING:
+    # websockets is imported where a WebSocket is opened: a client that only
+    # moves files (`tidewire download`) starts without it.
+    import websockets
+    from websockets.asyncio.client import ClientConnection as AsyncWebSocket
+    from websockets.sync.client import ClientConnection as WebSocket
 
 __all__ = ["AsyncClient", "AsyncStream", "Client", "Stream"]
 
@@ -300,6 +302,8 @@ class Client(_BaseClient[httpx.Client]):
 
     def _open(self, target: Target) -> tuple[Mapping[str, str], Generator[bytes | str]]:
         if target.method == "WS":
+            import websockets
+
             sent = self.token.get() if self.token is not None else None
             try:
                 ws = self._open_ws(target, sent)
@@ -332,6 +336,8 @@ class Client(_BaseClient[httpx.Client]):
         return response.headers, _http_chunks(response)
 
     def _open_ws(self, target: Target, token: str | None) -> WebSocket:
+        from websockets.sync.client import connect as connect_ws
+
         # Entered by hand: the connection outlives this call, and is closed
         # by the generator that reads it.
         ws: WebSocket = connect_ws(
@@ -511,6 +517,8 @@ class AsyncClient(_BaseClient[httpx.AsyncClient]):
         self, target: Target
     ) -> tuple[Mapping[str, str], AsyncIterator[bytes | str], httpx.Response | AsyncWebSocket]:
         if target.method == "WS":
+            import websockets
+
             sent = await self.token.aget() if self.token is not None else None
             try:
                 ws = await self._open_ws(target, sent)
@@ -543,6 +551,8 @@ class AsyncClient(_BaseClient[httpx.AsyncClient]):
         return response.headers, _async_http_chunks(response), response
 
     async def _open_ws(self, target: Target, token: str | None) -> AsyncWebSocket:
+        from websockets.asyncio.client import connect as aconnect_ws
+
         return await aconnect_ws(
             _ws_url(self.url, target),
             additional_headers=_with_token(self._headers, token),
@@ -798,6 +808,8 @@ def _unauthorized(exc: websockets.InvalidStatus) -> bool:
 
 def _ws_error(exc: Exception, target: Target) -> Exception:
     """A failed WebSocket handshake as the error an HTTP request would give."""
+    import websockets
+
     if isinstance(exc, websockets.InvalidStatus):
         response = exc.response
         try:
@@ -829,6 +841,8 @@ async def _async_http_chunks(response: httpx.Response) -> AsyncIterator[bytes]:
 
 
 def _ws_frames(ws: WebSocket) -> Generator[bytes | str]:
+    import websockets
+
     try:
         while True:
             try:
@@ -843,6 +857,8 @@ def _ws_frames(ws: WebSocket) -> Generator[bytes | str]:
 
 
 async def _async_ws_frames(ws: AsyncWebSocket) -> AsyncIterator[bytes | str]:
+    import websockets
+
     while True:
         try:
             frame = await ws.recv()
