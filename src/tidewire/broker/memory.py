@@ -36,8 +36,8 @@ class Waiters:
     """
 
     __slots__ = (
-        "again", "deferred", "feeding", "quiet_until", "refeed", "taps", "timers", "waiters",
-        "waking",
+        "again", "deferred", "fed_quiet_until", "feeding", "quiet_until", "refeed", "taps",
+        "timers", "waiters", "waking",
     )  # fmt: skip
 
     def __init__(self) -> None:
@@ -46,6 +46,7 @@ class Waiters:
         self.taps: dict[Tap, object] = {}
         self.feeding = False  # a feed is going on, a slice a turn
         self.refeed = False  # and events came meanwhile: another follows
+        self.fed_quiet_until = 0.0  # no feed begins before (see `_feed_soon`)
         # Readers waiting for the next append, by the timeout they asked for.
         # One timer per timeout expires them all: a reader that came late in
         # a wait may be released early (a heartbeat sent sooner), but a log
@@ -138,19 +139,36 @@ class Waiters:
         raise NotImplementedError
 
     def _feed_soon(self) -> None:
+        """Feed the taps: on the loop's next turn, or once the quiet after the last feed ends.
+
+        Not in the appending call: a publish is answered without waiting for
+        its fan-out. As with readers woken (`notify`), a feed that took long
+        is followed by a quiet half as long, and what is appended meanwhile
+        goes out together: with more taps than a core can write each event
+        to, each write carries several events, and the loop still has time
+        for publishes and for the processes it shares a core with (bench W3,
+        10,000 subscribers on 2 workers and Redis: 14 of 100 publishes a
+        second were answered without the quiet).
+        """
         if self.feeding:
             self.refeed = True  # taps not fed yet get these too; the others next time
             return
         self.feeding = True
-        # Not in the appending call: a publish is answered without waiting for
-        # its fan-out, and the first slice goes out on the loop's next turn.
-        asyncio.get_running_loop().call_soon(self._feed, list(self.taps), 0, {})
+        loop = asyncio.get_running_loop()
+        if loop.time() >= self.fed_quiet_until:
+            loop.call_soon(self._feed, list(self.taps), 0, {}, loop.time())
+        else:
+            loop.call_at(self.fed_quiet_until, self._feed_due)
+
+    def _feed_due(self) -> None:
+        self._feed(list(self.taps), 0, {}, asyncio.get_running_loop().time())
 
     def _feed(
         self,
         taps: list[Tap],
         start: int,
         batches: dict[object, tuple[tuple[Batch, object] | None, dict[object, bytes]]],
+        began: float,
     ) -> None:
         """Feed a slice of `taps` what follows their positions; the rest on later turns.
 
@@ -180,10 +198,14 @@ class Waiters:
                 tap.release()
                 continue
             current[tap] = after
+        loop = asyncio.get_running_loop()
         if stop < len(taps):
-            asyncio.get_running_loop().call_soon(self._feed, taps, stop, batches)
+            loop.call_soon(self._feed, taps, stop, batches, began)
             return
         self.feeding = False
+        if stop > FEED_SLICE:  # more than one turn's worth
+            now = loop.time()
+            self.fed_quiet_until = now + (now - began) / 2
         if self.refeed:
             self.refeed = False
             self._feed_soon()
