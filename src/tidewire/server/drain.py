@@ -25,6 +25,8 @@ from typing import TYPE_CHECKING, Any
 from fastapi import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from .handoff import handed_off
+
 if TYPE_CHECKING:
     from ..app import Tidewire
 
@@ -136,8 +138,17 @@ class InFlight:
 
         try:
             await self.app(scope, receive, send)
-        finally:
+        except BaseException:
             drain.in_flight -= 1
+            raise
+        handoff = handed_off()
+        if handoff is None:
+            drain.in_flight -= 1
+        else:
+            handoff.after(self._ended)  # a stream: in flight until it ends (handoff.py)
+
+    async def _ended(self, _: BaseException | None) -> None:
+        self.drain.in_flight -= 1
 
 
 async def _check(name: str, ping: Callable[[], Awaitable[None]]) -> str:
