@@ -31,7 +31,7 @@ import contextvars
 from collections.abc import Awaitable, Callable
 
 from starlette.responses import Response
-from starlette.types import Receive, Scope, Send
+from starlette.types import Receive, Send
 
 __all__ = ["HANDOFF", "Cleanup", "Handoff", "hand_off", "handed_off"]
 
@@ -58,20 +58,11 @@ class Handoff:
         as their `finally` blocks would have run)."""
         self.cleanups.append(cleanup)
 
-    async def run(self, scope: Scope) -> None:
-        """Run the response left here, then every cleanup, whatever happens."""
-        response, receive, send = self.response, self.receive, self.send
-        assert response is not None and receive is not None and send is not None
+    async def ended(self, error: BaseException | None) -> None:
+        """The handed-off response has ended (`error`: how): run every cleanup."""
         self.response = self.receive = self.send = None
-        error: BaseException | None = None
-        try:
-            await response(scope, receive, send)
-        except BaseException as exc:
-            error = exc
-            raise
-        finally:
-            for cleanup in self.cleanups:
-                await cleanup(error)
+        for cleanup in self.cleanups:
+            await cleanup(error)
 
 
 #: The current request's `Handoff`, where the app offers one (`Tidewire.app`).
