@@ -330,25 +330,41 @@ class LogResponse(Response):
         gauge = connections(self.fmt, _kind(self.cursor))
         gauge.inc()
         drain = self.drain
-        cut = _cut(watcher, drain)
         # Below the app's middleware, for the events after the first write (see SERVER_SEND).
         lean = SERVER_SEND.get()
+        task = asyncio.current_task()
+        assert task is not None
         try:
-            if drain is None:
-                await until_disconnected(receive, self._write(send, lean), cut=cut)
-            else:
+            if drain is not None:
                 # A drain's start cancels this task: the client is then told.
                 # (Not `with drain.live()`: its generator would stay alive
                 # with every idle stream.)
-                task = drain.enter()
+                drain.enter()
+            if drain is None or not drain.draining:
+                # What `until_disconnected` does, inline: one frame fewer per stream.
+                listener = _Listener(receive, task)
                 try:
-                    if not drain.draining:
-                        await until_disconnected(receive, self._write(send, lean), cut=cut)
+                    await self._write(send, lean)
+                except asyncio.CancelledError:
+                    # Not the client gone, nor cut on purpose (a stalled run
+                    # watcher, a drain): someone else's cancellation.
+                    if not listener.gone and not (
+                        (watcher is not None and watcher.stalled)
+                        or (drain is not None and drain.draining)
+                    ):
+                        raise
+                    task.uncancel()
+                except OSError:
+                    pass  # the server saw the client go while we wrote (ASGI 2.4)
                 finally:
-                    drain.leave(task)
+                    listener.close()
+            if drain is not None:
+                drain.leave(task)
                 if drain.draining and not self._ended:
                     await self._tell_draining(send)
         finally:
+            if drain is not None:
+                drain.leave(task)
             gauge.dec()
             self.cursor.close()
 
@@ -465,28 +481,6 @@ def _canceller() -> Callable[[], object]:
     task = asyncio.current_task()
     assert task is not None
     return task.cancel
-
-
-def _cut(watcher: Watcher | None, drain: Drain | None) -> Callable[[], bool] | None:
-    """Whether a cancelled response was cut on purpose: its run watcher
-    stalled the run, or a drain began."""
-    if watcher is None and drain is None:
-        return None
-    return _Cut(watcher, drain)
-
-
-class _Cut:
-    """`_cut`'s answer: an object with slots, not a closure (cells and a
-    function), as it waits with every open stream."""
-
-    __slots__ = ("drain", "watcher")
-
-    def __init__(self, watcher: Watcher | None, drain: Drain | None) -> None:
-        self.watcher, self.drain = watcher, drain
-
-    def __call__(self) -> bool:
-        watcher, drain = self.watcher, self.drain
-        return (watcher is not None and watcher.stalled) or (drain is not None and drain.draining)
 
 
 async def until_disconnected(
