@@ -327,9 +327,10 @@ class _App(FastAPI):
         if response is None:
             return
         # FastAPI's exit stack of the request, closed by now: not kept for the stream's life.
-        # Neither is FastAPI's routing state: nothing of FastAPI runs for it now.
-        scope.pop("fastapi_middleware_astack", None)
-        scope.pop("fastapi", None)
+        # Nor the routing's state: nothing of FastAPI's runs for it now, and the
+        # response reads none of it (Observe reads `endpoint` and `route`, kept).
+        for key in ("fastapi_middleware_astack", "fastapi", "path_params"):
+            scope.pop(key, None)
         error: BaseException | None = None
         try:
             # Run here, not in a method of the Handoff: one frame fewer per stream.
