@@ -13,7 +13,8 @@ from functools import cached_property
 from typing import Any, TypeVar, overload
 
 from fastapi import APIRouter, FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
+from starlette.types import Receive, Scope, Send
 
 from .auth import Authorize
 from .blobs import Blobs, expire_blobs, lifetimes
@@ -31,6 +32,7 @@ from .server.channels import add_channel_routes
 from .server.drain import SERVING, Drain, InFlight, readiness
 from .server.files import add_file_routes
 from .server.guard import Guard
+from .server.handoff import HANDOFF, Handoff
 from .server.links import add_link_routes
 from .server.logs import REQUEST_ID, hide, hide_environment_secrets, redact_server_logs
 from .server.methods import method_not_allowed
@@ -255,7 +257,7 @@ class Tidewire:
     @cached_property
     def app(self) -> FastAPI:
         """A FastAPI app with tidewire's routes."""
-        app = FastAPI(title=self.title)
+        app = _App(title=self.title)
         app.include_router(self.router)
         app.add_exception_handler(BrokerUnavailable, _broker_unavailable)
         # Several routes share a path (/files/{id}): Allow names all their methods.
@@ -286,6 +288,75 @@ class Tidewire:
         hide(settings.auth_secret, settings.link_secret, settings.metrics_token)
         hide_environment_secrets()
         return app
+
+
+#: The middleware whose requests may be handed off (server/handoff.py): each
+#: puts off its end-of-request work until the stream ends, or has none.
+HANDS_OFF: frozenset[object] = frozenset(
+    {Observe, Cors, OriginCheck, InFlight, ConnectionQuota, compressed, MinBodyRate}
+)
+
+
+class _App(FastAPI):
+    """FastAPI, running the long-lived responses that its routes hand off
+    (server/handoff.py) once every layer of the request has returned: an idle
+    stream then holds this one frame, not one per layer."""
+
+    _hands_off: bool | None = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await super().__call__(scope, receive, send)
+            return
+        if self._hands_off is None:
+            # Middleware added by others may not know to wait for a stream's
+            # end: then streams run where they are routed. (Fixed once the
+            # app has started: Starlette refuses middleware after.)
+            self._hands_off = all(m.cls in HANDS_OFF for m in self.user_middleware)
+        if not self._hands_off:
+            await super().__call__(scope, receive, send)
+            return
+        handoff = Handoff()
+        token = HANDOFF.set(handoff)
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            HANDOFF.reset(token)
+            del token
+        response = handoff.response
+        if response is None:
+            return
+        # FastAPI's exit stack of the request, closed by now: not kept for the stream's life.
+        # Nor the routing's state: nothing of FastAPI's runs for it now, and the
+        # response reads none of it (Observe reads `endpoint` and `route`, kept).
+        for key in ("fastapi_middleware_astack", "fastapi", "path_params"):
+            scope.pop(key, None)
+        error: BaseException | None = None
+        try:
+            # Run here, not in a method of the Handoff: one frame fewer per stream.
+            await response(scope, handoff.receive, handoff.send)  # type: ignore[arg-type]
+        except BaseException as exc:
+            error = exc
+            raise
+        finally:
+            await handoff.ended(error)
+            if error is not None and isinstance(error, Exception):
+                await self._server_error(scope, receive, send, response, error)
+
+    async def _server_error(
+        self, scope: Scope, receive: Receive, send: Send, response: Response, exc: Exception
+    ) -> None:
+        """What Starlette's ServerErrorMiddleware, which has returned by now,
+        does with an error: the app's handler logs it, and answers if it can."""
+        handler = self.exception_handlers.get(Exception)
+        if handler is None:
+            return
+        answer = handler(Request(scope), exc)
+        if not isinstance(answer, Response):
+            answer = await answer
+        # A LogResponse starts at once; `_started` says whether it has.
+        if not getattr(response, "_started", True):
+            await answer(scope, receive, send)
 
 
 async def _broker_unavailable(request: Request, exc: Exception) -> JSONResponse:

@@ -44,6 +44,7 @@ from starlette.websockets import WebSocket
 from .auth import OPEN, Identity
 from .broker import BrokerUnavailable, Coordination
 from .config import Settings
+from .server.handoff import handed_off
 from .server.routing import deny_websocket
 from .storage import FileInfo, Storage, StorageError, Upload
 
@@ -358,9 +359,28 @@ class ConnectionQuota:
                 response = JSONResponse({"detail": exc.detail}, exc.status_code, exc.headers)
                 await response(scope, receive, send)
             return
+        release = _Release(self.quotas, client, member)
         try:
             await self.app(scope, receive, send)
-        finally:
-            # Shielded: a cancelled connection must still give its slot back.
-            with anyio.CancelScope(shield=True):
-                await self.quotas.close_connection(client, member)
+        except BaseException:
+            await release(None)
+            raise
+        handoff = handed_off()
+        if handoff is None:
+            await release(None)
+        else:
+            handoff.after(release)  # a stream holds its slot until it ends (handoff.py)
+
+
+class _Release:
+    """Give a connection's slot back (shielded: a cancelled connection must
+    still give it back). An object with slots: it waits with every open stream."""
+
+    __slots__ = ("client", "member", "quotas")
+
+    def __init__(self, quotas: Quotas, client: str, member: str | None) -> None:
+        self.quotas, self.client, self.member = quotas, client, member
+
+    async def __call__(self, _: BaseException | None) -> None:
+        with anyio.CancelScope(shield=True):
+            await self.quotas.close_connection(self.client, self.member)

@@ -21,6 +21,7 @@ from fastapi import HTTPException
 from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from .handoff import handed_off
 from .headers import content_length
 
 __all__ = ["MinBodyRate", "read_limited", "too_large"]
@@ -76,7 +77,9 @@ class MinBodyRate:
         self.grace = grace
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or not self.rate:  # None or 0: no minimum
+        if scope["type"] != "http" or not self.rate or not _has_body(scope):
+            # No minimum (rate None or 0), or no body to wait for: then the
+            # server's first message says so, and nothing is metered.
             await self.app(scope, receive, send)
             return
         rate, grace = self.rate, self.grace
@@ -117,13 +120,36 @@ class MinBodyRate:
                 started = True
                 await _send_too_slow(send, rate, grace)
 
+        async def ended(_: BaseException | None) -> None:
+            if too_slow and not started:
+                await _send_too_slow(send, rate, grace)
+
         try:
             await self.app(scope, metered, answer)
         except Exception:
             if not too_slow:
                 raise
-        if too_slow and not started:
-            await _send_too_slow(send, rate, grace)
+        handoff = handed_off()
+        if handoff is None:
+            await ended(None)
+        else:
+            handoff.after(ended)  # the response runs on (handoff.py)
+
+
+def _has_body(scope: Scope) -> bool:
+    """Whether a request may have a body to meter. A GET or HEAD over HTTP/1.x
+    (every stream and subscription) has none unless it says so, by
+    Content-Length (not 0) or Transfer-Encoding (RFC 9112 6.3); anything
+    else is metered as before."""
+    if scope.get("method") not in ("GET", "HEAD") or scope.get("http_version") not in (
+        "1.0",
+        "1.1",
+    ):
+        return True
+    for name, value in scope["headers"]:
+        if name == b"transfer-encoding" or (name == b"content-length" and value.strip() != b"0"):
+            return True
+    return False
 
 
 async def _send_too_slow(send: Send, rate: float, grace: float) -> None:

@@ -67,7 +67,17 @@ class _Marking(IdentityResponder):
     async def send_with_compression(self, message: Message) -> None:
         if message["type"] == "http.response.start":
             _mark(message)
+            await super().send_with_compression(message)
+            if self.content_type_is_excluded:
+                # Sent as it is, and so is the rest (a stream): the start
+                # need not be kept for as long as the stream lasts.
+                self.initial_message = _SENT
+            return
         await super().send_with_compression(message)
+
+
+#: The start of an answer that was sent as it was.
+_SENT: Message = {}
 
 
 class _Identity(_Marking):

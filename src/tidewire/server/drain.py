@@ -25,6 +25,8 @@ from typing import TYPE_CHECKING, Any
 from fastapi import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from .handoff import handed_off
+
 if TYPE_CHECKING:
     from ..app import Tidewire
 
@@ -84,6 +86,17 @@ class Drain:
         finally:
             self._live.discard(task)
 
+    def enter(self) -> asyncio.Task[Any]:
+        """`live` without a context manager (whose generator would stay alive
+        as long as the stream): the current task is live until `leave`."""
+        task = asyncio.current_task()
+        assert task is not None
+        self._live.add(task)
+        return task
+
+    def leave(self, task: asyncio.Task[Any]) -> None:
+        self._live.discard(task)
+
     def begin(self) -> None:
         """Start draining: refuse new work from now on and cut the live streams."""
         if self.draining:
@@ -126,18 +139,38 @@ class InFlight:
         drain = self.drain
         drain.in_flight += 1
         if scope["type"] == "http":
-            inner = send
-
-            async def send(message: Message) -> None:
-                if message["type"] == "http.response.start" and drain.draining:
-                    headers = [(k, v) for k, v in message.get("headers", []) if k != b"connection"]
-                    message = {**message, "headers": [*headers, (b"connection", b"close")]}
-                await inner(message)
+            send = _Closing(drain, send)
 
         try:
             await self.app(scope, receive, send)
-        finally:
+        except BaseException:
             drain.in_flight -= 1
+            raise
+        handoff = handed_off()
+        if handoff is None:
+            drain.in_flight -= 1
+        else:
+            handoff.after(self._ended)  # a stream: in flight until it ends (handoff.py)
+
+    async def _ended(self, _: BaseException | None) -> None:
+        self.drain.in_flight -= 1
+
+
+class _Closing:
+    """`InFlight`'s `send`: a response that starts while draining says
+    `Connection: close`. An object with slots, not a closure: an open stream
+    keeps it (bench W4)."""
+
+    __slots__ = ("drain", "send")
+
+    def __init__(self, drain: Drain, send: Send) -> None:
+        self.drain, self.send = drain, send
+
+    async def __call__(self, message: Message) -> None:
+        if message["type"] == "http.response.start" and self.drain.draining:
+            headers = [(k, v) for k, v in message.get("headers", []) if k != b"connection"]
+            message = {**message, "headers": [*headers, (b"connection", b"close")]}
+        await self.send(message)
 
 
 async def _check(name: str, ping: Callable[[], Awaitable[None]]) -> str:

@@ -36,6 +36,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from ..metrics import DOWNLOAD_BYTES, DOWNLOAD_MARK, HTTP_DURATION, HTTP_REQUESTS, STREAM_START
 from ..quotas import CLIENT_SCOPE_KEY
 from . import SERVER_SEND
+from .handoff import handed_off
 from .logs import REQUEST_ID
 
 __all__ = ["REQUEST_ID_HEADER", "Observe", "request_id_from"]
@@ -102,12 +103,14 @@ class Observe:
         REQUEST_ID.set(exchange.rid)
         try:
             await self.app(scope, receive, exchange.send)
-        except BaseException:
-            if not exchange.status:
-                exchange.status = 500  # the server error middleware outside answers it
+        except BaseException as exc:
+            await exchange.ended(exc)
             raise
-        finally:
+        handoff = handed_off()
+        if handoff is None:
             exchange.end()
+        else:
+            handoff.after(exchange.ended)  # a stream: logged when it ends (handoff.py)
 
 
 class _Exchange:
@@ -153,6 +156,11 @@ class _Exchange:
     def _started_streaming(self) -> None:
         route = self.observe._route(self.scope)
         STREAM_START.labels(route).observe(time.perf_counter() - self.started)
+
+    async def ended(self, error: BaseException | None) -> None:
+        if error is not None and not self.status:
+            self.status = 500  # the server error middleware outside answers it
+        self.end()
 
     def end(self) -> None:
         duration = time.perf_counter() - self.started

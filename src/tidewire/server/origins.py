@@ -33,7 +33,7 @@ from starlette.datastructures import Headers
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import HTTPConnection
 from starlette.responses import JSONResponse, Response
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from starlette.websockets import WebSocket
 
 from ..auth import origin_allowed
@@ -184,6 +184,14 @@ class Cors(CORSMiddleware):
             expose_headers=EXPOSED_HEADERS,
         )
 
+    async def simple_response(
+        self, scope: Scope, receive: Receive, send: Send, request_headers: Headers
+    ) -> None:
+        # Starlette's keeps a partial of its `send` and the request's headers
+        # for as long as the response lasts: this keeps the origin only.
+        origin = request_headers.get("origin")
+        await self.app(scope, receive, _CorsSend(self, send, origin))
+
     def is_allowed_origin(self, origin: str) -> bool:
         # Never the empty string: "" would otherwise equal an empty own origin.
         return bool(origin.strip()) and origin_allowed(
@@ -203,3 +211,22 @@ class Cors(CORSMiddleware):
             detail = bytes(response.body).decode("latin-1")  # "Disallowed CORS method"...
             return JSONResponse({"detail": detail}, response.status_code)
         return response
+
+
+class _CorsSend:
+    """`Cors`'s `send`: Starlette's CORS headers on the response's start.
+    An object with slots: an open stream keeps it (bench W4)."""
+
+    __slots__ = ("cors", "origin", "send")
+
+    def __init__(self, cors: Cors, send: Send, origin: str | None) -> None:
+        self.cors, self.send, self.origin = cors, send, origin
+
+    async def __call__(self, message: Message) -> None:
+        if message["type"] != "http.response.start":
+            await self.send(message)
+            return
+        # What Starlette's `send` reads of the request's headers: its Origin.
+        origin = self.origin
+        raw = [] if origin is None else [(b"origin", origin.encode("latin-1"))]
+        await self.cors.send(message, self.send, Headers(raw=raw))

@@ -270,6 +270,19 @@ class HeaderLimitedProtocol(HttpToolsProtocol):
     And sockets past this process's caps are closed at once.
     """
 
+    # Slots for what this class adds: uvicorn's protocol keeps 27 attributes
+    # in its __dict__, and past 30 an instance dict stops sharing its keys
+    # with the class's others and takes 1.6 KB rather than 0.3 (bench W4).
+    __slots__ = (
+        "_header_bytes",
+        "_header_timeout",
+        "_header_timer",
+        "_in_headers",
+        "_max_header_bytes",
+        "_refused",
+        "_sockets",
+    )
+
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._sockets = sockets_of(self.config)

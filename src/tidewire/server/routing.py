@@ -26,7 +26,8 @@ from starlette.websockets import WebSocket
 
 from ..broker import BadPosition, Broker, BrokerUnavailable
 from ..wire import LAST_EVENT_ID, NDJSON, RUN_ID_SEPARATOR, SSE
-from .transport import Format
+from .handoff import hand_off
+from .transport import Format, LogResponse
 
 logger = logging.getLogger("tidewire")
 
@@ -60,8 +61,10 @@ class LeanEndpoint:
     and a Starlette one its exception wrappers, alive until the response
     ends: for an idle subscription that is over a third of what it costs
     (bench W4). Here the handler returns a response or raises HTTPException,
-    and nothing else stays on the stack. (A class, not a function: Starlette
-    routes to an object as to an ASGI app, without wrapping it.)
+    and nothing else stays on the stack. A log's response is handed off
+    (handoff.py): the app's top runs it, once every layer between has
+    returned. (A class, not a function: Starlette routes to an object as to
+    an ASGI app, without wrapping it.)
     """
 
     def __init__(self, handler: Callable[[Request], Awaitable[Response]]) -> None:
@@ -74,6 +77,8 @@ class LeanEndpoint:
             response = JSONResponse({"detail": exc.detail}, exc.status_code, exc.headers)
         except BrokerUnavailable as exc:
             response = broker_unavailable(exc)
+        if isinstance(response, LogResponse) and hand_off(response, receive, send):
+            return
         await response(scope, receive, send)
 
 

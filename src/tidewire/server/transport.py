@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
@@ -332,20 +333,41 @@ class LogResponse(Response):
         gauge = connections(self.fmt, _kind(self.cursor))
         gauge.inc()
         drain = self.drain
-        cut = _cut(watcher, drain)
         # Below the app's middleware, for the events after the first write (see SERVER_SEND).
         lean = SERVER_SEND.get()
+        task = asyncio.current_task()
+        assert task is not None
         try:
-            if drain is None:
-                await until_disconnected(receive, self._write(send, lean), cut=cut)
-            else:
+            if drain is not None:
                 # A drain's start cancels this task: the client is then told.
-                with drain.live():
-                    if not drain.draining:
-                        await until_disconnected(receive, self._write(send, lean), cut=cut)
+                # (Not `with drain.live()`: its generator would stay alive
+                # with every idle stream.)
+                drain.enter()
+            if drain is None or not drain.draining:
+                # What `until_disconnected` does, inline: one frame fewer per stream.
+                listener = _Listener(receive, task)
+                try:
+                    await self._write(send, lean)
+                except asyncio.CancelledError:
+                    # Not the client gone, nor cut on purpose (a stalled run
+                    # watcher, a drain): someone else's cancellation.
+                    if not listener.gone and not (
+                        (watcher is not None and watcher.stalled)
+                        or (drain is not None and drain.draining)
+                    ):
+                        raise
+                    task.uncancel()
+                except OSError:
+                    pass  # the server saw the client go while we wrote (ASGI 2.4)
+                finally:
+                    listener.close()
+            if drain is not None:
+                drain.leave(task)
                 if drain.draining and not self._ended:
                     await self._tell_draining(send)
         finally:
+            if drain is not None:
+                drain.leave(task)
             gauge.dec()
             self.cursor.close()
 
@@ -560,16 +582,6 @@ def _canceller() -> Callable[[], object]:
     return task.cancel
 
 
-def _cut(watcher: Watcher | None, drain: Drain | None) -> Callable[[], bool] | None:
-    """Whether a cancelled response was cut on purpose: its run watcher
-    stalled the run, or a drain began."""
-    if watcher is None and drain is None:
-        return None
-    return lambda: (
-        (watcher is not None and watcher.stalled) or (drain is not None and drain.draining)
-    )
-
-
 async def until_disconnected(
     receive: Receive, work: Awaitable[None], cut: Callable[[], bool] | None = None
 ) -> None:
@@ -577,35 +589,70 @@ async def until_disconnected(
     true when the work is cancelled (a stalled run watcher, see `Runs.cut`).
 
     Servers report a gone client only through `receive`, so one small task
-    waits there and cancels the work when it happens. The work runs in this
-    task itself: an idle connection costs one coroutine and one task.
+    waits there and cancels the work when it happens (`_Listener`). The work
+    runs in this task itself: an idle connection costs one coroutine and one task.
     """
     task = asyncio.current_task()
     assert task is not None
-    gone = False
-
-    async def listen() -> None:
-        while (await receive())["type"] != "http.disconnect":
-            pass
-
-    def on_gone(_: asyncio.Future[None]) -> None:
-        nonlocal gone
-        gone = True
-        task.cancel()
-
-    listener = asyncio.ensure_future(listen())
-    listener.add_done_callback(on_gone)
+    listener = _Listener(receive, task)
     try:
         await work
     except asyncio.CancelledError:
-        if not gone and not (cut is not None and cut()):
+        if not listener.gone and not (cut is not None and cut()):
             raise
         task.uncancel()
     except OSError:
         pass  # the server saw the client go while we wrote (ASGI 2.4)
     finally:
-        listener.remove_done_callback(on_gone)
-        listener.cancel()
+        listener.close()
+
+
+#: The context of `_Listener`'s callbacks, which read no context variable:
+#: without one given, each callback would hold a copy of its own.
+_NO_CONTEXT = contextvars.Context()
+#: One name for every listener task: unnamed, each would get a string of its own.
+_LISTENER = "tidewire-disconnect-listener"
+
+
+class _Listener:
+    """Waits in `receive` for the client to go, then cancels `task`.
+
+    Each wait is a task whose coroutine is the server's own `receive()`; a
+    message other than `http.disconnect` (the request's body) arms the next.
+    No coroutine of ours waits with it, nor a closure: an idle stream costs
+    that task and this object with slots (bench W4)."""
+
+    __slots__ = ("gone", "receive", "task", "waiting")
+
+    def __init__(self, receive: Receive, task: asyncio.Task[object]) -> None:
+        self.receive = receive
+        self.task = task
+        self.gone = False
+        self.waiting = self._arm()
+
+    def _arm(self) -> asyncio.Future[Message]:
+        message = self.receive()
+        waiting: asyncio.Future[Message]
+        if asyncio.iscoroutine(message):
+            waiting = asyncio.get_running_loop().create_task(message, name=_LISTENER)
+        else:
+            waiting = asyncio.ensure_future(message)
+        waiting.add_done_callback(self._heard, context=_NO_CONTEXT)
+        return waiting
+
+    def _heard(self, waiting: asyncio.Future[Message]) -> None:
+        if waiting.cancelled():
+            return
+        if waiting.exception() is None and waiting.result()["type"] != "http.disconnect":
+            self.waiting = self._arm()
+            return
+        # Gone (or `receive` failed, as a gone client's may).
+        self.gone = True
+        self.task.cancel()
+
+    def close(self) -> None:
+        self.waiting.remove_done_callback(self._heard)
+        self.waiting.cancel()
 
 
 #: Seconds a WebSocket whose client has gone is given to publish the frames
