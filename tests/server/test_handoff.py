@@ -7,6 +7,7 @@ import asyncio
 import sys
 from typing import Any
 
+import pytest
 from starlette.types import Message
 from uvicorn.config import Config
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
@@ -127,3 +128,21 @@ def test_the_protocols_own_attributes_do_not_grow_its_dict() -> None:
 
 async def _asgi_app(scope: Any, receive: Any, send: Any) -> None:
     pass
+
+
+def test_every_cleanup_runs_when_one_fails_and_the_failure_is_raised_after() -> None:
+    handoff = Handoff()
+    ran: list[str] = []
+
+    async def failing(_: BaseException | None) -> None:
+        ran.append("access line")
+        raise RuntimeError("logging failed")
+
+    async def release(_: BaseException | None) -> None:
+        ran.append("slot released")
+
+    handoff.after(failing)
+    handoff.after(release)
+    with pytest.raises(RuntimeError, match="logging failed"):
+        asyncio.run(handoff.ended(None))
+    assert ran == ["access line", "slot released"]

@@ -61,8 +61,16 @@ class Handoff:
     async def ended(self, error: BaseException | None) -> None:
         """The handed-off response has ended (`error`: how): run every cleanup."""
         self.response = self.receive = self.send = None
+        failed: BaseException | None = None
         for cleanup in self.cleanups:
-            await cleanup(error)
+            # Each runs whatever the one before did, as nested `finally` blocks
+            # would: a failed access line must not keep a connection slot held.
+            try:
+                await cleanup(error)
+            except BaseException as exc:  # re-raised below, once all have run
+                failed = failed or exc
+        if failed is not None:
+            raise failed
 
 
 #: The current request's `Handoff`, where the app offers one (`Tidewire.app`).
