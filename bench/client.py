@@ -352,9 +352,9 @@ def transfers(ctx: Ctx, tw: Server) -> tuple[list[dict[str, Any]], dict[str, Any
             ("download", f"{CLI_GET} (base)", CURL_GET, cli_from(BASE_SRC), False),
         ]
     plan = [step for step in plan if not skipped(step[1])]
-    for src in (None, BASE_SRC):  # the CLI's imports compiled and in the page cache
-        if src is not None or not skipped(CLI_GET):
-            timed([PY, "-m", "tidewire", "download", "--help"], env(src) if src else env())
+    for source in (None, BASE_SRC):  # the CLI's imports compiled and in the page cache
+        if source is not None or not skipped(CLI_GET):
+            timed([PY, "-m", "tidewire", "download", "--help"], env(source) if source else env())
     runs: dict[str, list[dict[str, Any]]] = {name: [] for _, name, *_ in plan}
     for _ in range(ctx.sizes.rounds):
         for _test, name, _base, how, up in plan:

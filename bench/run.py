@@ -581,8 +581,10 @@ def main(argv: list[str] | None = None) -> None:
             t0, busy0, ours0 = time.monotonic(), busy_cpu(), our_cpu()
             try:
                 results["workloads"][name] = WORKLOADS[name](ctx)
-            except RuntimeError as e:  # a server that would not start: report it, go on
-                results["workloads"][name] = {"error": str(e), "rows": []}
+            except Exception as e:  # a server that would not start, a bug: report it, go on
+                # (the other workloads' results are still written)
+                error = str(e) if isinstance(e, RuntimeError) else f"{type(e).__name__}: {e}"
+                results["workloads"][name] = {"error": error, "rows": []}
             wall = time.monotonic() - t0
             other = (busy_cpu() - busy0 - (our_cpu() - ours0)) / wall
             results["workloads"][name]["date"] = results["date"]
