@@ -465,31 +465,32 @@ class LogResponse(Response):
                 # Caught up: the events that follow are handed to this
                 # connection by the broker as they come (`_Tap`), until
                 # something needs more than a write of them.
-                while not await self._tapped(cycle, sse):
-                    body = heartbeat
-                    await middle({"type": "http.response.body", "body": body, "more_body": True})
-
-    async def _tapped(self, cycle: RequestResponseCycle, sse: bool) -> bool:
-        """Follow the log by the broker's feed (`_Tap`) until released (True: read
-        on) or a heartbeat's time passed with no event (False: send one)."""
-        cursor = self.cursor
-        tap = _Tap(cursor, cycle, sse)
-        if not cursor.broker.tap(cursor.log, cursor.after, tap):
-            return True  # events came meanwhile: read them
-        loop = asyncio.get_running_loop()
-        wait = cursor.heartbeat
-        try:
-            while True:
-                tap.waiting = waiting = loop.create_future()
-                _alarms(loop).add(waiting, wait)
-                if await waiting:
-                    return True
-                idle = time.monotonic() - tap.fed_at
-                if idle >= cursor.heartbeat:
-                    return False
-                wait = cursor.heartbeat - idle
-        finally:
-            cursor.broker.untap(cursor.log, tap)
+                # (Inline, not a method: its frame would stay alive with every
+                # idle subscription, bench W4.)
+                tap = _Tap(cursor, cycle, sse)
+                if not cursor.broker.tap(cursor.log, cursor.after, tap):
+                    continue  # events came meanwhile: read them
+                loop = asyncio.get_running_loop()
+                wait = cursor.heartbeat
+                try:
+                    while not tap.released:
+                        tap.waiting = waiting = loop.create_future()
+                        _alarms(loop).add(waiting, wait)
+                        if await waiting:
+                            break  # released: read on
+                        quiet = time.monotonic() - tap.fed_at
+                        if quiet < cursor.heartbeat:
+                            wait = cursor.heartbeat - quiet
+                            continue
+                        # A heartbeat's time with no event. Still tapped as it
+                        # goes: a feed meanwhile that finds the socket paused
+                        # releases the tap (`released`).
+                        beat = {"type": "http.response.body", "body": heartbeat, "more_body": True}
+                        await middle(beat)
+                        tap.fed_at = time.monotonic()
+                        wait = cursor.heartbeat
+                finally:
+                    cursor.broker.untap(cursor.log, tap)
 
 
 class _Tap:
@@ -503,7 +504,7 @@ class _Tap:
     connection's task reads on as before, waiting for the client as needed.
     """
 
-    __slots__ = ("cursor", "cycle", "fed_at", "sse", "waiting")
+    __slots__ = ("cursor", "cycle", "fed_at", "released", "sse", "waiting")
 
     limit = BATCH
 
@@ -513,6 +514,7 @@ class _Tap:
         self.sse = sse
         self.fed_at = time.monotonic()
         self.waiting: asyncio.Future[bool] | None = None
+        self.released = False
 
     def feed(self, batch: Batch, shared: dict[object, bytes]) -> bool:
         cycle = self.cycle
@@ -532,6 +534,7 @@ class _Tap:
         return True
 
     def release(self) -> None:
+        self.released = True
         if self.waiting is not None:
             _resolve(self.waiting, True)
 
@@ -547,8 +550,8 @@ def _chunk(batch: Batch, sse: bool, prefix: str, budget: int) -> bytes:
 
 class _Alarms:
     """Futures set to False about when they are due: one timer for all of them
-    due in the same tenth of a second, not one a connection (`_tapped`'s
-    heartbeats: a timer handle is ~0.2 KB on each idle connection, bench W4).
+    due in the same tenth of a second, not one a connection (a tapped
+    connection's heartbeats: a timer handle is ~0.2 KB on each idle connection, bench W4).
     Never early; up to a tenth of a second late. A future done before it is
     due (its tap released) is left as it is, and held until then."""
 
