@@ -471,3 +471,52 @@ def test_waking_many_readers_leaves_the_loop_turning_between_slices() -> None:
         gc.enable()
     # All at once, one turn would take as long as all the readers (about 1.0x).
     assert longest < total / 4, f"a turn took {longest * 1000:.1f} of {total * 1000:.1f} ms"
+
+
+class _CountingScans(dict[str, float]):
+    """A key's slots that count how often all of them are looked through."""
+
+    scans = 0
+
+    def items(self):  # type: ignore[no-untyped-def, override]
+        self.scans += 1
+        return super().items()
+
+
+def test_holding_slots_does_not_scan_every_holder_each_time() -> None:
+    broker = MemoryBroker()
+    slots = broker._slots["conns:one-client"] = _CountingScans()
+
+    async def body() -> None:
+        for i in range(1_000):
+            assert await broker.hold("conns:one-client", f"m{i}", 10_000, ttl=60) is None
+
+    run(body)
+    assert len(slots) == 1_000
+    # Nothing expired: no holder needed looking at (it was once a scan per hold).
+    assert slots.scans <= 1
+
+
+def test_expired_slots_are_freed_even_after_renewals(monkeypatch: pytest.MonkeyPatch) -> None:
+    now = [1_000.0]
+    monkeypatch.setattr("tidewire.broker.memory.time.monotonic", lambda: now[0])
+    broker = MemoryBroker()
+
+    def call(coro: Awaitable[T]) -> T:  # nothing here awaits: run it by hand
+        try:
+            coro.send(None)  # type: ignore[attr-defined]
+        except StopIteration as done:
+            return done.value  # type: ignore[no-any-return]
+        raise AssertionError("it awaited")
+
+    assert call(broker.hold("k", "a", 2, ttl=10)) is None
+    now[0] += 5
+    assert call(broker.hold("k", "b", 2, ttl=10)) is None
+    assert call(broker.hold("k", "c", 2, ttl=10)) == pytest.approx(5)  # full: a frees in 5 s
+    call(broker.renew("k", ["a"], ttl=10))  # a now lasts until 1,015; b until 1,015
+    now[0] += 6  # past a's first expiry, the bound kept for the key
+    assert call(broker.hold("k", "c", 2, ttl=10)) == pytest.approx(4)
+    now[0] += 4.5  # past both
+    assert call(broker.hold("k", "c", 2, ttl=10)) is None
+    assert call(broker.hold("k", "d", 2, ttl=10)) is None
+    assert call(broker.hold("k", "e", 2, ttl=10)) is not None
