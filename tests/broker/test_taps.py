@@ -10,6 +10,7 @@ from typing import Any
 import orjson
 
 from tidewire.broker import Batch, Broker, Retention
+from tidewire.broker.memory import FEED_SLICE, MemoryBroker
 
 KEEP = Retention(max_len=1_000)
 
@@ -160,3 +161,30 @@ def test_an_untapped_tap_is_fed_no_more(broker: Broker) -> None:
         assert untapped.batches == [] and not untapped.released.is_set()
 
     run(broker, body)
+
+
+def test_events_appended_during_a_feed_reach_the_taps_it_has_not_fed_yet() -> None:
+    # The memory broker: its appends are seen at once, so where a feed is
+    # when one comes is certain. (Redis shares the same feed, `Waiters`.)
+    async def body(broker: Broker) -> None:
+        head = await at_head(broker, "a")
+        appended: list[asyncio.Task[Any]] = []
+
+        class Appending(Recorder):
+            """The first tap fed appends the next event, which lands mid-feed."""
+
+            def feed(self, batch: Batch, shared: dict[object, bytes]) -> bool:
+                if not appended:
+                    appended.append(asyncio.create_task(broker.append("a", items(2), KEEP)))
+                return super().feed(batch, shared)
+
+        taps = [Appending() for _ in range(3 * FEED_SLICE)]
+        assert all(broker.tap("a", head, tap) for tap in taps)
+        await broker.append("a", items(1), KEEP)
+        await settle(lambda: all(tap.seqs[-1:] == [3] for tap in taps))
+        assert all(tap.seqs == [2, 3] for tap in taps)
+        # The first slice was fed before the append; the later ones got both at once.
+        assert taps[0].batches == [[2], [3]]
+        assert taps[-1].batches == [[2, 3]]
+
+    run(MemoryBroker(), body)

@@ -27,6 +27,12 @@ WAKE_SLICE = 64
 #: a socket and little else (~3 µs), so a slice is about a millisecond.
 FEED_SLICE = 256
 
+#: After a feed of more than one slice, no feed begins for this fraction of
+#: the time it took (see `Waiters._feed_soon`). Not less: at a quarter, with
+#: the core shared with other load, 10,000 subscribers on 2 workers and Redis
+#: got 47-51 of 100 publishes a second answered (92-96 at a half, same run).
+FEED_QUIET = 0.5
+
 
 class Waiters:
     """The readers of one log waiting for its next events, and how they are woken.
@@ -36,8 +42,8 @@ class Waiters:
     """
 
     __slots__ = (
-        "again", "deferred", "fed_quiet_until", "feeding", "quiet_until", "refeed", "taps",
-        "timers", "waiters", "waking",
+        "again", "deferred", "fed_quiet_until", "feeding", "quiet_until", "refeed", "stale",
+        "taps", "timers", "waiters", "waking",
     )  # fmt: skip
 
     def __init__(self) -> None:
@@ -46,6 +52,7 @@ class Waiters:
         self.taps: dict[Tap, object] = {}
         self.feeding = False  # a feed is going on, a slice a turn
         self.refeed = False  # and events came meanwhile: another follows
+        self.stale = False  # and the batches it has read lack them
         self.fed_quiet_until = 0.0  # no feed begins before (see `_feed_soon`)
         # Readers waiting for the next append, by the timeout they asked for.
         # One timer per timeout expires them all: a reader that came late in
@@ -151,7 +158,9 @@ class Waiters:
         second were answered without the quiet).
         """
         if self.feeding:
-            self.refeed = True  # taps not fed yet get these too; the others next time
+            # Taps not fed yet get these too (their batches are read again);
+            # the others in the feed that follows.
+            self.refeed = self.stale = True
             return
         self.feeding = True
         loop = asyncio.get_running_loop()
@@ -175,7 +184,14 @@ class Waiters:
         Taps at one position (nearly all of them, at the head) share one batch
         and what they make of it (`shared`: its encodings). A tap whose batch
         has a gap, is the end, or that refuses it, is released.
+
+        Events appended during a feed go to the taps it has not reached yet:
+        an event waits at most for one feed and its quiet, not for the rest
+        of the feed going on before them (bench W3, 10,000 subscribers).
         """
+        if self.stale:
+            self.stale = False
+            batches = {}
         stop = start + FEED_SLICE
         current = self.taps
         for tap in taps[start:stop]:
@@ -205,7 +221,7 @@ class Waiters:
         self.feeding = False
         if stop > FEED_SLICE:  # more than one turn's worth
             now = loop.time()
-            self.fed_quiet_until = now + (now - began) / 2
+            self.fed_quiet_until = now + (now - began) * FEED_QUIET
         if self.refeed:
             self.refeed = False
             self._feed_soon()
