@@ -140,24 +140,36 @@ def main() -> None:
                 rows.append(row("PUT, the server", size, wall, user, system, data))
             for i in range(args.rounds):
                 dest = work / "down.bin"
-                cfg = json.dumps({"url": base, "id": file_id, "dest": str(dest)})
+                os.sync()
+                warm_pages(size)
+                cfg = {"url": base, "id": file_id, "dest": str(dest), "ready": True}
                 data = work / f"get{i}.data"
-                client = [*load, PY, "-m", "bench.client", "download", cfg]
-                # perf follows the client from its start; its CPU is what perf counts.
-                proc = subprocess.run(
-                    [*RECORD, "-o", str(data), *client],
+                client = subprocess.Popen(
+                    [*load, PY, "-m", "bench.client", "download", json.dumps(cfg)],
                     cwd=ROOT,
                     env=env(),
-                    capture_output=True,
+                    stdin=subprocess.PIPE,
+                    stdout=subprocess.PIPE,
                     text=True,
-                    check=True,
                 )
-                res = json.loads(proc.stdout.strip().splitlines()[-1])
+                assert client.stdin is not None and client.stdout is not None
+                client.stdout.readline()  # imported: what perf samples is the download
+                perf = subprocess.Popen(
+                    [*RECORD, "-p", str(client.pid), "-o", str(data)],
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                )
+                time.sleep(0.5)  # perf attached
+                client.stdin.write("\n")
+                client.stdin.flush()
+                out, _ = client.communicate(timeout=600)
+                perf.wait(30)  # it ends with the process it follows
+                res = json.loads(out.strip().splitlines()[-1])
                 dest.unlink(missing_ok=True)
-                # The client's own clock (from the request, after imports), and its CPU
-                # over that time; perf's shares include the start-up too (a few %).
+                # The client's own clock and CPU, from the request to the file's close.
                 cpu_s = res["client_cpu"]
                 rows.append(row("Client.download, the client", size, res["wall"], cpu_s, 0, data))
+                rows[-1]["user_s_per_gib"] = None  # process_time: user and system together
                 rows[-1]["user_s_per_gib"] = None  # process_time: user and system together
         finally:
             server.stop()
