@@ -13,6 +13,7 @@ import dataclasses
 import json
 import signal
 import socket
+import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
@@ -27,6 +28,7 @@ from tests.redis_server import RedisServer
 from tests.server.test_transport import closed_with, first_ndjson, rest_ndjson, sse_blocks
 from tidewire import Tidewire
 from tidewire.broker.redis import RedisBroker
+from tidewire.server.compat import add_compat_routes
 from tidewire.storage.local import LocalStorage
 from tidewire.storage.s3 import S3Storage
 
@@ -278,3 +280,28 @@ def test_readyz_says_storage_is_down_when_s3_does_not_answer(
     assert body["broker"] == "ok" and body["storage"] in ("unreachable", "timeout")
     assert str(port) not in json.dumps(body)
     assert took < 10
+
+
+def test_the_original_stream_ends_at_the_drain_and_a_new_one_gets_503(
+    serve: Callable[..., LiveServer], drained: Drained
+) -> None:
+    add_compat_routes(drained.tw.router, drained.tw, [b"\x89PNG"])
+    server = serve(drained.tw)
+    http = httpx.Client(base_url=server.url, timeout=10)
+    # A line a minute: without the drain, the first is a minute away (and so
+    # are the response's headers, which uvicorn sends with the first line).
+    answer: list[httpx.Response] = []
+    url = f"{server.url}/stream?n=100&interval=60"
+    reader = threading.Thread(target=lambda: answer.append(httpx.get(url, timeout=30)))
+    reader.start()
+    wait_for(lambda: drained.tw.drain_state.in_flight == 1, timeout=10, message="no stream")
+    started = time.monotonic()
+    http.post("/test/drain").raise_for_status()
+    reader.join(timeout=20)
+    assert time.monotonic() - started < 10
+    [ended] = answer
+    assert ended.status_code == 200 and ended.text == ""  # the original's format has no notice
+    refused = http.get("/stream?n=2&interval=0")
+    assert refused.status_code == 503 and refused.headers["retry-after"] == "2"
+    assert "shutting down" in refused.json()["detail"]
+    wait_for(lambda: drained.done, timeout=10, message="the drain did not end")

@@ -31,6 +31,7 @@ from starlette.requests import ClientDisconnect
 from ..storage import FileInfo, FileNotFound, valid_id
 from .bodies import read_limited
 from .downloads import send_file
+from .drain import Drain
 from .errors import ACCESS, error_responses, show
 from .files import (
     BINARY,
@@ -97,20 +98,29 @@ def add_original_stream_routes(
     frames: Sequence[bytes],
     guard: Guard | None = None,
     max_body: int = 1 << 20,
+    drain: Drain | None = None,
 ) -> None:
     """`GET` and `POST /stream`: the original's counter, one line per event, cycling `frames`.
 
     With a `guard`, it needs what starting the stream `demo` needs (it is the
     same counter, in the original's format). A parameters body over
-    `max_body` bytes is refused (413).
+    `max_body` bytes is refused (413). With a `drain`, a stream starting
+    while it drains gets 503, and a stream going on ends at its next line:
+    the original's format has no notice to send, and a stream of hours must
+    not hold the shutdown up to `drain_timeout`.
     """
     images = [base64.b64encode(frame).decode() for frame in frames]
 
     def respond(n: int, interval: float) -> StreamingResponse:
+        if drain is not None:
+            drain.refuse()
+
         async def lines() -> AsyncIterator[str]:
             for i in range(n):
                 if interval:
-                    await asyncio.sleep(interval)
+                    await _pause(interval, drain)
+                if drain is not None and drain.draining:
+                    return
                 line = {"text": str(i), "img": images[i % len(images)]}
                 yield json.dumps(line, ensure_ascii=False) + "\n"
 
@@ -299,7 +309,20 @@ def add_original_file_routes(router: APIRouter, tw: Tidewire) -> None:
             )
 
 
+async def _pause(seconds: float, drain: Drain | None) -> None:
+    """Sleep `seconds` (up to a minute), or less once `drain` has begun."""
+    if drain is None:
+        await asyncio.sleep(seconds)
+        return
+    loop = asyncio.get_running_loop()
+    until = loop.time() + seconds
+    # Polled: a drain happens once in a process's life, and a quarter of a
+    # second late is well within any drain_timeout.
+    while not drain.draining and (left := until - loop.time()) > 0:
+        await asyncio.sleep(min(left, 0.25))
+
+
 def add_compat_routes(router: APIRouter, tw: Tidewire, frames: Sequence[bytes]) -> None:
     """All of the original service's routes; `/stream` cycles `frames` as its images."""
-    add_original_stream_routes(router, frames, tw.guard, tw.settings.max_body_bytes)
+    add_original_stream_routes(router, frames, tw.guard, tw.settings.max_body_bytes, tw.drain_state)
     add_original_file_routes(router, tw)
