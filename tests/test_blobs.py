@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
@@ -183,3 +184,44 @@ def test_blob_files_expire_with_their_events_and_uploads_stay(
     assert asyncio.run(sweep_later()) == 2  # the run's two events' blobs
     assert httpx.get(f"{server.url}{run_blob}").status_code == 404
     assert httpx.get(f"{server.url}{mine}").content == BIG
+
+
+def test_a_run_longer_than_its_blobs_lifetime_keeps_them_until_run_ttl_after_it_ends(
+    serve: Callable[..., LiveServer],
+    storage_of: Callable[[], Storage],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Scaled down: blobs live run_ttl + 1.5 s from their save, renewed every
+    # 0.75 s while their run goes on; the app sweeps every second or so.
+    monkeypatch.setattr("tidewire.blobs.RUN_SLACK", 1.5)
+    settings = Settings(heartbeat=QUICK.heartbeat, run_ttl=1.0)
+    tw = Tidewire(storage=storage_of(), settings=settings)
+    go_on = threading.Event()  # set by the test, from its own thread
+
+    @tw.stream
+    async def slideshow() -> AsyncIterator[object]:
+        yield {"big": Blob(BIG, "image/png")}
+        while not go_on.is_set():  # long past the first blob's own lifetime (2.5 s)
+            await asyncio.sleep(0.05)
+        yield "the end"
+
+    server = serve(tw)
+    run = httpx.post(f"{server.url}/streams/slideshow?detach=true").json()["run"]
+    [event] = read_ndjson(f"{server.url}/runs/{run}/events?after=0", limit=1)
+    blob = f"{server.url}{event['data']['big']['$blob']['url']}"
+    started = time.monotonic()
+    while time.monotonic() - started < 6:
+        assert httpx.get(blob).status_code == 200, "swept while its run was running"
+        time.sleep(0.5)
+    go_on.set()
+    deadline = time.monotonic() + 10
+    while httpx.get(f"{server.url}/runs/{run}").json()["state"] == "running":
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    ended = time.monotonic()
+    # Readable as long as the run's events are (run_ttl after its end), then swept.
+    assert httpx.get(blob).status_code == 200
+    while httpx.get(blob).status_code == 200:
+        assert time.monotonic() - ended < 15, "never swept"
+        time.sleep(0.2)
+    assert time.monotonic() - ended >= settings.run_ttl

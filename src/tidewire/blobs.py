@@ -17,26 +17,29 @@ Files that users upload have no expiry and are never swept.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import mimetypes
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
 from .config import Settings
 from .events import Blob, LargeBlob, dump_data, large_blobs
-from .storage import Storage
+from .storage import FileNotFound, Storage
 
-__all__ = ["RUN_SLACK", "Blobs", "Pending", "expire_blobs", "lifetimes"]
+__all__ = ["RUN_SLACK", "Blobs", "Kept", "Pending", "expire_blobs", "lifetimes"]
 
 logger = logging.getLogger("tidewire")
 
-#: How long a run may run, beyond `run_ttl`, while its blobs stay fetchable.
-#: A run's event can be read until `run_ttl` after the run *ends*, which no
-#: bound from the event's creation can follow for a run of any length; an hour
-#: covers the streams this serves (a run yielding blobs for longer loses its
-#: oldest ones first, as its history would past `run_history`).
+#: How long past `run_ttl` a run's blob lives from when it is stored, or
+#: from when it was last renewed. A run's event can be read until `run_ttl`
+#: after the run *ends*, which no bound from the event's creation can follow
+#: for a run of any length: so while a run goes on, its blobs are renewed
+#: every half of this (`Kept`), and each lives at least `run_ttl` past the
+#: run's end.
 RUN_SLACK = 3600.0
 
 
@@ -73,8 +76,9 @@ class Blobs:
         self.limit = limit
         self.lifetime = lifetime
 
-    async def dump(self, data: Any) -> bytes:
-        """The JSON of `data`, with its large blobs stored as files."""
+    async def dump(self, data: Any, kept: Kept | None = None) -> bytes:
+        """The JSON of `data`, with its large blobs stored as files (and
+        added to `kept`, which renews their expiry)."""
         if self.limit is None:
             return dump_data(data)
         try:
@@ -90,7 +94,60 @@ class Blobs:
                 _once(bytes(blob)), name=f"blob{extension}", type=kind, expires=expires
             )
             urls[id(blob)] = info.url
+            if kept is not None and expires is not None:
+                kept.add(info.id)
         return dump_data(data, inline_limit=self.limit, urls=urls)
+
+    def kept(self, most: int) -> Kept:
+        """A keeper for the blobs of one run: at most the `most` newest are renewed."""
+        return Kept(self, most)
+
+
+class Kept:
+    """The blob files of one run, whose expiry is moved on while it runs.
+
+    Every `RUN_SLACK / 2` seconds, each lives `lifetime` from then again; so
+    at the run's end each has at least `run_ttl` to go, however long the run
+    ran. Only the `most` newest are kept on (`run_history`: older events, and
+    their blobs, are gone from the run's history anyway). `close` at the end.
+    """
+
+    def __init__(self, blobs: Blobs, most: int) -> None:
+        self._blobs = blobs
+        self.ids: deque[str] = deque(maxlen=most)
+        self._renewing: asyncio.Task[None] | None = None
+
+    def add(self, file_id: str) -> None:
+        self.ids.append(file_id)
+        if self._renewing is None:
+            self._renewing = asyncio.get_running_loop().create_task(self._renew_forever())
+
+    async def _renew_forever(self) -> None:
+        lifetime = self._blobs.lifetime
+        assert lifetime is not None
+        every = min(RUN_SLACK, lifetime) / 2
+        while True:
+            await asyncio.sleep(every)
+            await self.renew(time.time() + lifetime)
+
+    async def renew(self, expires: float) -> None:
+        """Move every kept blob's expiry to `expires`; one that is gone is let go."""
+        storage = self._blobs._storage()
+        for file_id in list(self.ids):
+            try:
+                await storage.set_expiry(file_id, expires)
+            except FileNotFound:
+                with contextlib.suppress(ValueError):
+                    self.ids.remove(file_id)  # deleted by hand
+            except Exception:
+                # The next round tries again; each blob still has half its slack.
+                logger.exception("renewing the expiry of a run's blob files failed")
+                return
+
+    def close(self) -> None:
+        if self._renewing is not None:
+            self._renewing.cancel()
+            self._renewing = None
 
 
 async def _once(data: bytes) -> AsyncIterator[bytes]:

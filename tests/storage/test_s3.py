@@ -97,6 +97,25 @@ def test_keys_of_a_file(s3_server: S3Server, s3_bucket: str) -> None:
     run(storage_for(s3_server, s3_bucket), body)
 
 
+def test_a_marker_left_by_a_moved_expiry_does_not_sweep_its_file(
+    s3_server: S3Server, s3_bucket: str
+) -> None:
+    now = time.time()
+
+    async def body(storage: S3Storage) -> None:
+        info = await storage.save(chunks(b"hi"), name="b.png", type="x", expires=now + HOUR)
+        [old] = [k for k in keys(s3_server, s3_bucket) if "/expiring/" in k]
+        await storage.set_expiry(info.id, now + 3 * HOUR)
+        # As if the process died before it deleted the old marker.
+        s3_server.client().put_object(Bucket=s3_bucket, Key=old, Body=b"")
+        assert await storage.expire_files(now + 2 * HOUR) == 0
+        assert await read_all(storage, info) == b"hi"
+        assert old not in keys(s3_server, s3_bucket)  # the stale marker is gone
+        assert await storage.expire_files(now + 4 * HOUR) == 1
+
+    run(storage_for(s3_server, s3_bucket), body)
+
+
 def test_a_large_body_goes_up_in_parts(s3_server: S3Server, s3_bucket: str) -> None:
     big = os.urandom(12 * MIB)
 

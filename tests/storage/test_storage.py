@@ -334,6 +334,39 @@ def test_files_saved_with_an_expiry_are_swept_after_a_restart(backend: Backend) 
     assert not {key for key in backend.residue() if soon.id in key or later.id in key}
 
 
+def test_an_expiry_moved_later_holds_after_a_restart_and_leaves_no_marker(
+    backend: Backend,
+) -> None:
+    now = time.time()
+
+    async def first(storage: Storage) -> tuple[FileInfo, FileInfo]:
+        blob = await storage.save(chunks(b"blob"), name="b.png", type="x", expires=now + HOUR)
+        mine = await save(storage, b"mine", "m.png")
+        await storage.set_expiry(blob.id, now + 5 * HOUR)
+        await storage.set_expiry(mine.id, now + HOUR)  # an upload: it keeps none
+        with pytest.raises(FileNotFound):
+            await storage.set_expiry(new_id(), now)
+        with pytest.raises(FileNotFound):
+            await storage.set_expiry("../x", now)
+        return blob, mine
+
+    blob, mine = backend.run(first)
+
+    async def second(storage: Storage) -> None:
+        assert (await storage.info(blob.id)).expires == now + 5 * HOUR
+        assert (await storage.info(mine.id)).expires is None
+        # Past the first expiry (and its marker, on S3): the file stays.
+        assert await storage.expire_files(now + 2 * HOUR) == 0
+        assert await read_all(storage, blob) == b"blob"
+        assert await storage.expire_files(now + 6 * HOUR) == 1
+        with pytest.raises(FileNotFound):
+            await storage.info(blob.id)
+        assert await read_all(storage, mine) == b"mine"
+
+    backend.run(second)
+    assert not {key for key in backend.residue() if blob.id in key or "expiring" in key}
+
+
 def test_a_deleted_file_with_an_expiry_leaves_nothing(backend: Backend) -> None:
     async def body(storage: Storage) -> str:
         info = await storage.save(chunks(b"x"), name="b", type="x", expires=time.time())

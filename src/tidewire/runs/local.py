@@ -528,6 +528,8 @@ class Runs:
 
     async def _execute(self, run: Run, source: Source) -> None:
         final: Item
+        # Its blob files live on while it runs, however long (blobs.Kept).
+        kept = self.blobs.kept(self.settings.run_history)
         try:
             try:
                 produced = 0
@@ -543,7 +545,7 @@ class Runs:
                             if ready:
                                 await self._append(run, ready)
                                 ready = []
-                            item = (item.event, await self.blobs.dump(item.data))
+                            item = (item.event, await self.blobs.dump(item.data, kept))
                         ready.append(item)
                     await self._append(run, ready)
                     produced += len(ready)
@@ -554,6 +556,7 @@ class Runs:
                     await self._wait_for_watchers(run)
             finally:
                 run.closing = True
+                kept.close()
                 await close(source)
         except asyncio.CancelledError:
             asyncio.current_task().uncancel()  # type: ignore[union-attr]

@@ -307,6 +307,13 @@ class Storage(Protocol):
         """
         ...
 
+    async def set_expiry(self, id: str, expires: float) -> None:
+        """Move the expiry of a file saved with one to `expires` (seconds since
+        the epoch); `FileNotFound` if there is no such file. A file saved
+        without an expiry (an upload) keeps none: only blobs expire.
+        """
+        ...
+
     async def expire_files(self, now: float | None = None) -> int:
         """Delete the files saved with an `expires` that is past; returns how many.
 

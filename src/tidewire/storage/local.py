@@ -345,6 +345,23 @@ class LocalStorage(Uploads):
             self.forget_upload(id)
         return len(removed)
 
+    async def set_expiry(self, id: str, expires: float) -> None:
+        if not valid_id(id):
+            raise FileNotFound(id)
+        found = await self._db(
+            lambda db: db.execute("SELECT expires FROM files WHERE id = ?", (id,)).fetchone()
+        )
+        if found is None:
+            raise FileNotFound(id)
+        if found[0] is None:
+            return
+        await self._db(
+            lambda db: db.execute(
+                "UPDATE files SET expires = ? WHERE id = ? AND expires IS NOT NULL", (expires, id)
+            ),
+            "the file's expiry was not moved",
+        )
+
     async def expire_files(self, now: float | None = None) -> int:
         if not (self.root / "index.sqlite3").exists():
             return 0

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hashlib
 import json
 import math
@@ -312,6 +313,20 @@ class S3Storage(Uploads):
                     )
         return removed
 
+    async def set_expiry(self, id: str, expires: float) -> None:
+        info = await self.info(id)
+        if info.expires is None:
+            return
+        moved = dataclasses.replace(info, expires=expires)
+        s3 = await self._s3()
+        # The new marker, then the metadata; the old marker last. One left
+        # behind (a crash between) is harmless: `expire_files` checks the
+        # metadata's expiry before it deletes a file.
+        await s3.put_object(Bucket=self.bucket, Key=self._expiring(moved), Body=b"")
+        await self._put_json(self._meta(id), _meta_json(moved))
+        if self._expiring(moved) != self._expiring(info):
+            await s3.delete_object(Bucket=self.bucket, Key=self._expiring(info))
+
     async def expire_files(self, now: float | None = None) -> int:
         s3 = await self._s3()
         now = time.time() if now is None else now
@@ -323,8 +338,11 @@ class S3Storage(Uploads):
                 break  # soonest first: the rest are not due either
             if valid_id(id):
                 try:
-                    await self._unpublish(await self.info(id))
-                    removed += 1
+                    info = await self.info(id)
+                    # A marker its file's expiry has moved on from (`set_expiry`).
+                    if info.expires is None or info.expires <= now:
+                        await self._unpublish(info)
+                        removed += 1
                 except FileNotFound:
                     # Deleted already, or its save died before the metadata
                     # was written: its bytes may be there still.
@@ -476,8 +494,7 @@ class S3Storage(Uploads):
             # Before the metadata: a listed file that expires is always swept.
             await s3.put_object(Bucket=self.bucket, Key=self._expiring(info), Body=b"")
         # Last: from now on the file is listed.
-        meta = {**info.json(), "owner": info.owner, "expires": info.expires}
-        await self._put_json(self._meta(info.id), meta)
+        await self._put_json(self._meta(info.id), _meta_json(info))
 
     async def _unpublish(self, info: FileInfo) -> None:
         s3 = self._s3_now()
@@ -775,6 +792,11 @@ def _space(undone: str) -> Iterator[None]:
 
 def _name_hash(name: str) -> str:
     return hashlib.sha256(name.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def _meta_json(info: FileInfo) -> dict[str, Any]:
+    """What `meta/<id>.json` holds: the public metadata, the owner and the expiry."""
+    return {**info.json(), "owner": info.owner, "expires": info.expires}
 
 
 def _file_info(meta: dict[str, Any]) -> FileInfo:
