@@ -520,3 +520,25 @@ def test_expired_slots_are_freed_even_after_renewals(monkeypatch: pytest.MonkeyP
     assert call(broker.hold("k", "c", 2, ttl=10)) is None
     assert call(broker.hold("k", "d", 2, ttl=10)) is None
     assert call(broker.hold("k", "e", 2, ttl=10)) is not None
+
+
+def test_a_channel_dropped_as_idle_numbers_on_when_written_again() -> None:
+    # One channel at most, dropped at once when idle: writing "b" drops "a".
+    channels = Retention(max_len=100, kind="channel", max_logs=1, idle_ttl=0.0)
+
+    async def body() -> None:
+        broker = MemoryBroker()
+        first = await broker.append("a", items(1, 2, 3), channels)
+        await broker.append("b", items("other"), channels)
+        assert "a" not in broker._logs  # dropped, its events gone
+        # A reader of "a" that comes and goes meanwhile changes nothing.
+        assert (await broker.read("a", first[-1].id, limit=10, timeout=0)).events == []
+        again = await broker.append("a", items(4, 5), channels)
+        assert [e.seq for e in again] == [4, 5]  # not 1, 2: those ids named events 1, 2
+        # Clients resume with every event since, none skipped, whatever they had
+        # read of it before: as on Redis, the events it had went with it.
+        for before in ("0", first[1].id, first[-1].id):
+            batch = await broker.read("a", before, limit=10, timeout=0)
+            assert ([e.seq for e in batch.events], batch.missed) == ([4, 5], 0)
+
+    run(body)

@@ -23,6 +23,10 @@ __all__ = ["MemoryBroker"]
 #: slice is a few milliseconds of writes (bench W3: ~40 µs a reader).
 WAKE_SLICE = 64
 
+#: Logs dropped for being idle whose numbering is remembered (`MemoryBroker._dropped`):
+#: a channel dropped longer ago than that many others numbers from 1 again.
+DROPPED_LOGS = 65_536
+
 #: Taps fed per turn of the event loop (`Waiters.taps`): a feed is a write to
 #: a socket and little else (~3 µs), so a slice is about a millisecond.
 FEED_SLICE = 256
@@ -257,16 +261,20 @@ class Waiters:
 
 
 class _Log(Waiters):
-    __slots__ = ("bytes", "ended", "epoch", "events", "next_seq", "sizes", "times", "written")
+    __slots__ = (
+        "base", "bytes", "ended", "epoch", "events", "next_seq", "sizes", "times", "written",
+    )  # fmt: skip
 
-    def __init__(self, epoch: str) -> None:
+    def __init__(self, epoch: str, last_seq: int = 0) -> None:
         super().__init__()
         self.epoch = epoch  # the broker's: every id here is `<epoch>-<seq>`
         self.events: deque[Envelope] = deque()
         self.times: deque[float] = deque()  # monotonic time each event was appended
         self.sizes: deque[int] = deque()  # each event's wire_size
         self.bytes = 0  # their sum
-        self.next_seq = 1
+        # Numbering goes on from the seq it had when it was last dropped (see
+        # `MemoryBroker._dropped`): `base` is where this copy of it began.
+        self.base = self.next_seq = last_seq + 1
         self.ended = False
         self.written = 0.0  # monotonic time of the last append
 
@@ -305,7 +313,9 @@ class _Log(Waiters):
 
     def take(self, after: int, limit: int, *, restarted: bool = False) -> Batch:
         first = self.next_seq - len(self.events)  # seq of events[0]
-        missed = max(0, first - after - 1)
+        # Not what went with the log when it was dropped (`base`): as on Redis,
+        # a channel dropped for being idle is a new one when written again.
+        missed = max(0, first - max(after, self.base - 1) - 1)
         start = max(after + 1, first) - first
         # Ids end in the seq numbers themselves, so the slice is by index.
         stop = min(len(self.events), start + limit)
@@ -327,8 +337,8 @@ class _Log(Waiters):
         return self.waiting()
 
     def idle(self) -> bool:
-        """Nobody ever wrote here and nobody waits."""
-        return self.next_seq == 1 and not self.waiting_readers()
+        """Nobody wrote here since it was made and nobody waits."""
+        return self.next_seq == self.base and not self.waiting_readers()
 
 
 #: An id from outside: `<epoch>-<seq>`, or a bare whole number (`0`, the start; any
@@ -540,6 +550,11 @@ class MemoryBroker(_State):
         # how long each kind may stay idle.
         self._kinds: dict[str, OrderedDict[str, float]] = {}
         self._idle_ttl: dict[str, float | None] = {}
+        # The last seq of each log dropped for being idle (a channel), newest
+        # last: written again, it numbers on from there. Numbering from 1
+        # again, an id a client kept from before would name a new event, and
+        # resuming from it would skip events silently. At most DROPPED_LOGS.
+        self._dropped: OrderedDict[str, int] = OrderedDict()
 
     @property
     def retained_bytes(self) -> int:
@@ -549,8 +564,16 @@ class MemoryBroker(_State):
     def _log(self, name: str) -> _Log:
         log = self._logs.get(name)
         if log is None:
-            log = self._logs[name] = _Log(self.epoch)
+            log = self._logs[name] = _Log(self.epoch, self._dropped.pop(name, 0))
         return log
+
+    def _discard(self, name: str, log: _Log) -> None:
+        """Forget `log`, and remember where its numbering was, if anywhere."""
+        del self._logs[name]
+        if log.next_seq > 1:
+            self._dropped[name] = log.next_seq - 1
+            if len(self._dropped) > DROPPED_LOGS:
+                self._dropped.popitem(last=False)
 
     def _admit(self, log: str, retention: Retention, now: float) -> None:
         """Count `log` among the logs of its kind, or raise `TooManyLogs`."""
@@ -592,7 +615,7 @@ class MemoryBroker(_State):
                 target.sizes.clear()
                 target.bytes = 0
             else:
-                del self._logs[name]
+                self._discard(name, target)
 
     async def append(
         self,
@@ -673,7 +696,7 @@ class MemoryBroker(_State):
             # again since, so this reader reads it all, told at once (see `new_epoch`).
             batch = target.take(0, limit, restarted=True)
             if target.idle():
-                del self._logs[log]  # readers of made-up names must not leave logs behind
+                self._discard(log, target)  # readers of made-up names must not leave logs behind
             return batch
         # An id beyond the head (made up; the server tells its readers, see
         # `ahead_notice`): read on from the head rather than wait for it.
@@ -687,7 +710,7 @@ class MemoryBroker(_State):
             if self._logs.get(log) is target and target.idle():
                 # Readers of made-up names must not leave logs behind.
                 target.wake()
-                del self._logs[log]
+                self._discard(log, target)
         return target.take(position, limit) if woken else Batch()
 
     def tap(self, log: str, after: str, tap: Tap) -> bool:
@@ -704,7 +727,7 @@ class MemoryBroker(_State):
         if target is not None:
             target.taps.pop(tap, None)
             if target.idle():
-                del self._logs[log]  # as a reader's read leaves it (see `read`)
+                self._discard(log, target)  # as a reader's read leaves it (see `read`)
 
     async def last_id(self, log: str) -> str:
         # `<epoch>-0` for an empty log, not `0`: a reader starting there that
