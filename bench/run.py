@@ -307,6 +307,7 @@ def w2(ctx: Ctx) -> dict[str, Any]:
                 Target("tidewire NDJSON (sync)", tw, f"/streams/paced?{q}", NDJSON, "ndjson"),
                 Target("tidewire SSE (sync)", tw, f"/streams/paced?{q}", SSE, "sse"),
             ]
+        targets = [t for t in targets if not skipped(t.name)]
         runs = interleaved(ctx, targets, "paced", {"conns": s.w2_clients, "deadline_s": 60}, 90)
     ideal = s.w2_events * s.w2_interval
     rows = [w2_row(t.name, runs[t.name], s.w2_events, ideal) for t in targets]

@@ -48,18 +48,28 @@ def test_forgotten_runs_are_followed_by_one_heap_trim(
     # Runs expiring together share one trim (a trim walks the whole heap).
     trims: list[float] = []
     monkeypatch.setattr(local, "trim", lambda: trims.append(time.monotonic()))
-    monkeypatch.setattr(local, "TRIM_DELAY", 0.2)
+    monkeypatch.setattr(local, "TRIM_DELAY", 0.5)
     tw = Tidewire(settings=Settings(run_ttl=0.1))
+    # The runs end together, when the gate opens, so that they expire together
+    # however slowly their requests came (on a loaded machine the fifth came
+    # after the first had expired and its trim was done: two trims).
+    gate = asyncio.Event()
+    loops: list[asyncio.AbstractEventLoop] = []
 
     @tw.stream
     async def few() -> AsyncIterator[int]:
+        loops.append(asyncio.get_running_loop())
+        await gate.wait()
         yield 1
 
     server = serve(tw)
     ids = [httpx.post(f"{server.url}/streams/few?detach=true").json()["run"] for _ in range(5)]
+    wait_for(lambda: len(loops) == len(ids), message="the runs did not start")
+    loops[0].call_soon_threadsafe(gate.set)
     wait_for(lambda: trims, timeout=10, message="no trim after the runs expired")
     assert all(httpx.get(f"{server.url}/runs/{run}").status_code == 404 for run in ids)
-    time.sleep(0.5)
+    # A trim for a later expiry would come TRIM_DELAY after it: none comes.
+    time.sleep(2 * local.TRIM_DELAY)
     assert len(trims) == 1
 
 

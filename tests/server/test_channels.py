@@ -904,3 +904,37 @@ def test_subscribers_at_the_head_are_fed_by_the_broker_every_event_once_in_order
             assert [e["data"]["n"] for e in events] == list(range(60))
             assert [seq(e["id"]) for e in events] == list(range(1, 61))
     wait_for(lambda: not log.taps, message="the taps were not let go")
+
+
+@pytest.mark.parametrize("http", ["h11", "httptools"])
+def test_subscribers_under_another_protocol_read_every_event_without_taps(
+    serve: Serve, http: str
+) -> None:
+    """Under a protocol other than `tidewire serve`'s (uvicorn's own here; any other
+    server alike) there is no request cycle to write to (`chunked_cycle` is None): each
+    subscriber's task reads and writes through `send`, and gets every event once, in order."""
+    tw = Tidewire(settings=Settings(heartbeat=0.3, disconnect_grace=0.3))
+    server = serve(tw, http=http)
+    got: list[list[int]] = [[], []]
+    ready = threading.Barrier(len(got) + 1)
+
+    def subscribe(i: int) -> None:
+        with httpx.stream("GET", events_url(server, "plain"), timeout=10) as r:
+            ready.wait()
+            for line in r.iter_lines():
+                if line:
+                    got[i].append(json.loads(line)["data"]["n"])
+                if got[i][-1:] == [29]:
+                    return
+
+    threads = [threading.Thread(target=subscribe, args=(i,)) for i in range(len(got))]
+    for thread in threads:
+        thread.start()
+    ready.wait()
+    for n in range(30):
+        publish(server, "plain", {"n": n})
+        log = tw.broker._logs["channel:plain"]  # type: ignore[attr-defined]
+        assert not log.taps, "a subscriber was tapped with no cycle to write to"
+    for thread in threads:
+        thread.join(10)
+    assert got == [list(range(30))] * len(got)
