@@ -938,3 +938,13 @@ def test_subscribers_under_another_protocol_read_every_event_without_taps(
     for thread in threads:
         thread.join(10)
     assert got == [list(range(30))] * len(got)
+
+
+def test_a_head_of_a_subscription_answers_its_headers_and_ends(server: LiveServer, ch: str) -> None:
+    httpx.post(events_url(server, ch), json="before").raise_for_status()
+    with httpx.Client(base_url=server.url, timeout=5) as http:
+        got = http.head(f"/channels/{ch}/events")
+        assert got.status_code == 200 and got.content == b""
+        assert got.headers["content-type"] == "application/x-ndjson"
+        # The same connection answers the next request (it hung, followed for ever).
+        assert http.get("/healthz").status_code == 200

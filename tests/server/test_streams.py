@@ -335,6 +335,19 @@ def test_resume_while_running_loses_and_repeats_nothing(serve: Any) -> None:
     assert data[:-1] == [{"i": i} for i in range(200)]
 
 
+def test_a_head_of_a_running_runs_events_answers_its_headers_and_ends(serve: Any) -> None:
+    tw, _ = make()
+    server = serve(tw)
+    run = detach(server, "count", n=100_000, interval=0.05)
+    with httpx.Client(base_url=server.url, timeout=5) as http:
+        got = http.head(f"/runs/{run}/events", headers={"accept": "text/event-stream"})
+        assert got.status_code == 200 and got.content == b""
+        assert got.headers["content-type"].startswith("text/event-stream")
+        # The same connection answers the next request (it hung, followed for ever).
+        assert http.get(f"/runs/{run}").json()["state"] == "running"
+        http.delete(f"/runs/{run}").raise_for_status()
+
+
 def test_bad_position_is_400(serve: Any) -> None:
     tw, _ = make()
     server = serve(tw)

@@ -324,6 +324,18 @@ class LogResponse(Response):
         self._ended = False  # and its end
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["method"] == "HEAD":
+            # The headers a GET gets, and no body: a HEAD follows nothing (a
+            # channel's stream never ends, and the server sends no body of it;
+            # followed, the connection hung with no answer to its next request).
+            try:
+                await send(
+                    {"type": "http.response.start", "status": 200, "headers": self.raw_headers}
+                )
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
+            finally:
+                self.cursor.close()
+            return
         watcher = self.cursor.watcher
         if watcher is not None:
             # A run watcher that stalls the run for `stall_timeout` is cut:
