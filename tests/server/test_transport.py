@@ -1,4 +1,5 @@
-"""What every transport says when the broker goes away under a live stream.
+"""What every transport says when the broker goes away under a live stream,
+and how an idle stream learns that its client left.
 
 docs/http.md: NDJSON ends with `{"event": "unavailable", ...}`, SSE with an
 `event: unavailable` block, a WebSocket with close code 1013; none of them
@@ -11,6 +12,7 @@ import asyncio
 import contextlib
 import dataclasses
 import json
+import socket
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -19,7 +21,7 @@ import pytest
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import ClientConnection, connect
 
-from tests.conftest import QUICK, LiveServer
+from tests.conftest import QUICK, LiveServer, wait_for
 from tests.redis_server import RedisServer
 from tidewire import Settings, Tidewire
 from tidewire.broker.redis import RedisBroker
@@ -153,3 +155,38 @@ def test_frames_sent_just_before_a_close_are_all_published(
                 if seen and seen[-1] == 199:
                     break
         assert seen == list(range(200)), f"{channel}: {len(seen)} of 200 published"
+
+
+def test_an_idle_subscription_is_ended_by_its_client_leaving_without_a_task_of_its_own(
+    serve: Callable[..., LiveServer],
+) -> None:
+    # Under tidewire's protocol the connection itself cancels a stream whose
+    # client goes (server/protocol.py `watch_client`): no task waits in
+    # `receive` beside each idle subscription (~0.8 KB each, bench W4; there
+    # was one per subscription before). The leaving must still end it, at
+    # once: not at the next heartbeat, whose write would find it gone.
+    tw = Tidewire(settings=dataclasses.replace(QUICK, heartbeat=60.0))
+    server = serve(tw)
+    request = b"GET /channels/idle/events HTTP/1.1\r\nHost: x\r\nAccept: text/event-stream\r\n\r\n"
+    sockets = []
+    for _ in range(3):
+        sock = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+        sock.sendall(request)
+        assert sock.recv(65536).startswith(b"HTTP/1.1 200")
+        sockets.append(sock)
+    state = server.server.server_state
+    loop = next(iter(state.connections)).loop
+
+    async def tasks() -> list[str]:
+        return [t.get_name() for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+
+    def streams() -> int:
+        return len(state.tasks)
+
+    wait_for(lambda: streams() == 3)
+    names = asyncio.run_coroutine_threadsafe(tasks(), loop).result(10)
+    assert not [name for name in names if "listener" in name], names
+
+    for sock in sockets:
+        sock.close()
+    wait_for(lambda: streams() == 0, message="the streams did not end when their clients left")

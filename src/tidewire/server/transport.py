@@ -40,7 +40,7 @@ from ..runs import Watcher
 from ..wire import GAP, NDJSON, POSITION, SSE, UNAVAILABLE, WARNING_HEADER
 from . import SERVER_SEND
 from .drain import Drain
-from .protocol import chunked_cycle
+from .protocol import chunked_cycle, client_gone, unwatch_client, watch_client
 
 __all__ = [
     "Format",
@@ -346,14 +346,25 @@ class LogResponse(Response):
                 # with every idle stream.)
                 drain.enter()
             if drain is None or not drain.draining:
-                # What `until_disconnected` does, inline: one frame fewer per stream.
-                listener = _Listener(receive, task)
+                # What `until_disconnected` does, inline: one frame fewer per
+                # stream. Under tidewire's own protocol, without even its
+                # listener: the protocol cancels this task when the client goes.
+                watched = watch_client(task)
+                listener = None if watched is not None else _Listener(receive, task)
                 try:
-                    await self._write(send, lean)
+                    # Here, not in a method: its frame would stay alive with
+                    # every idle stream (bench W4).
+                    await send(
+                        {"type": "http.response.start", "status": 200, "headers": self.raw_headers}
+                    )
+                    self._started = True
+                    await self._follow(send, lean)
+                    self._ended = True
                 except asyncio.CancelledError:
                     # Not the client gone, nor cut on purpose (a stalled run
                     # watcher, a drain): someone else's cancellation.
-                    if not listener.gone and not (
+                    gone = listener.gone if listener is not None else client_gone(watched)
+                    if not gone and not (
                         (watcher is not None and watcher.stalled)
                         or (drain is not None and drain.draining)
                     ):
@@ -362,7 +373,10 @@ class LogResponse(Response):
                 except OSError:
                     pass  # the server saw the client go while we wrote (ASGI 2.4)
                 finally:
-                    listener.close()
+                    if listener is not None:
+                        listener.close()
+                    else:
+                        unwatch_client(watched)
             if drain is not None:
                 drain.leave(task)
                 if drain.draining and not self._ended:
@@ -388,12 +402,6 @@ class LogResponse(Response):
             async with asyncio.timeout(1.0):
                 for message in messages:
                     await send(message)
-
-    async def _write(self, send: Send, lean: Send | None) -> None:
-        await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
-        self._started = True
-        await self._follow(send, lean)
-        self._ended = True
 
     async def _follow(self, send: Send, lean: Send | None) -> None:
         """Write the log's events: the first write and the last through `send`, so
