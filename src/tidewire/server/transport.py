@@ -40,6 +40,7 @@ from ..runs import Watcher
 from ..wire import GAP, NDJSON, POSITION, SSE, UNAVAILABLE, WARNING_HEADER
 from . import SERVER_SEND
 from .drain import Drain
+from .handoff import handed_off
 from .protocol import chunked_cycle, client_gone, unwatch_client, watch_client
 
 __all__ = [
@@ -377,6 +378,12 @@ class LogResponse(Response):
                     # This response's own headers are sent: not kept for the
                     # stream's life (a list, tuples and bytes: ~0.3 KB, bench W4).
                     self.raw_headers = RAW_HEADERS[self.fmt]
+                    if lean is not None and handed_off() is not None:
+                        # Handed off by tidewire's app, whose layers act on a
+                        # response's start only (handoff.py): the rest goes
+                        # below them, and their `send` wrappers are not kept
+                        # for the stream's life (~0.6 KB, bench W4).
+                        send = lean
                     await self._follow(send, lean)
                     self._ended = True
                 except asyncio.CancelledError:
@@ -423,9 +430,10 @@ class LogResponse(Response):
                     await send(message)
 
     async def _follow(self, send: Send, lean: Send | None) -> None:
-        """Write the log's events: the first write and the last through `send`, so
-        that every layer of the app sees the response begin and end; the ones
-        between through `lean` when given (the server's own `send`)."""
+        """Write the log's events: the first write and the last through `send`
+        (the app's layers', unless the response was handed off: see
+        `__call__`), the ones between through `lean` when given (the server's
+        own `send`)."""
         middle = send
         sse = self.fmt == "sse"
         heartbeat = KEEPALIVE_COMMENT if sse else NDJSON_HEARTBEAT
