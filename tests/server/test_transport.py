@@ -13,6 +13,7 @@ import contextlib
 import dataclasses
 import json
 import socket
+import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -157,6 +158,51 @@ def test_frames_sent_just_before_a_close_are_all_published(
         assert seen == list(range(200)), f"{channel}: {len(seen)} of 200 published"
 
 
+def open_idle_subscriptions(server: LiveServer, n: int) -> list[socket.socket]:
+    """`n` SSE subscriptions to channel `idle` over raw sockets, each past its first block."""
+    request = b"GET /channels/idle/events HTTP/1.1\r\nHost: x\r\nAccept: text/event-stream\r\n\r\n"
+    sockets = []
+    for _ in range(n):
+        sock = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+        sock.sendall(request)
+        assert sock.recv(65536).startswith(b"HTTP/1.1 200")
+        sockets.append(sock)
+    return sockets
+
+
+def server_loop(server: LiveServer) -> asyncio.AbstractEventLoop:
+    """The event loop of a server that holds a connection."""
+    loop: asyncio.AbstractEventLoop = next(iter(server.server.server_state.connections)).loop
+    return loop
+
+
+def test_an_idle_subscription_keeps_nothing_it_wrote(serve: Callable[..., LiveServer]) -> None:
+    # A caught-up subscription waits in its stream's frame for as long as it is
+    # idle: what that frame's locals hold, it holds (the first block, its batch,
+    # the last message; ~0.3 KB an idle stream, bench W4).
+    server = serve(Tidewire(settings=dataclasses.replace(QUICK, heartbeat=0.2)))
+    sockets = open_idle_subscriptions(server, 1)
+    state = server.server.server_state
+    wait_for(lambda: len(state.tasks) == 1)
+    task = next(iter(state.tasks))
+    time.sleep(0.5)  # past a heartbeat or two: their messages are not held either
+
+    async def frame_locals() -> dict[str, set[str]]:
+        found: dict[str, set[str]] = {}
+        coro: Any = task.get_coro()
+        while coro is not None and hasattr(coro, "cr_frame"):
+            found[coro.__qualname__] = set(coro.cr_frame.f_locals)
+            coro = coro.cr_await
+        return found
+
+    found = asyncio.run_coroutine_threadsafe(frame_locals(), server_loop(server)).result(10)
+    assert "LogResponse._follow" in found, found
+    written = {"parts", "batch", "body", "chunk", "retry", "beat"}
+    assert not written & found["LogResponse._follow"], found["LogResponse._follow"]
+    for sock in sockets:
+        sock.close()
+
+
 def test_an_idle_subscription_is_ended_by_its_client_leaving_without_a_task_of_its_own(
     serve: Callable[..., LiveServer],
 ) -> None:
@@ -167,15 +213,8 @@ def test_an_idle_subscription_is_ended_by_its_client_leaving_without_a_task_of_i
     # once: not at the next heartbeat, whose write would find it gone.
     tw = Tidewire(settings=dataclasses.replace(QUICK, heartbeat=60.0))
     server = serve(tw)
-    request = b"GET /channels/idle/events HTTP/1.1\r\nHost: x\r\nAccept: text/event-stream\r\n\r\n"
-    sockets = []
-    for _ in range(3):
-        sock = socket.create_connection(("127.0.0.1", server.port), timeout=10)
-        sock.sendall(request)
-        assert sock.recv(65536).startswith(b"HTTP/1.1 200")
-        sockets.append(sock)
+    sockets = open_idle_subscriptions(server, 3)
     state = server.server.server_state
-    loop = next(iter(state.connections)).loop
 
     async def tasks() -> list[str]:
         return [t.get_name() for t in asyncio.all_tasks() if t is not asyncio.current_task()]
@@ -184,7 +223,7 @@ def test_an_idle_subscription_is_ended_by_its_client_leaving_without_a_task_of_i
         return len(state.tasks)
 
     wait_for(lambda: streams() == 3)
-    names = asyncio.run_coroutine_threadsafe(tasks(), loop).result(10)
+    names = asyncio.run_coroutine_threadsafe(tasks(), server_loop(server)).result(10)
     assert not [name for name in names if "listener" in name], names
 
     for sock in sockets:
