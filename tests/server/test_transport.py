@@ -229,3 +229,17 @@ def test_an_idle_subscription_is_ended_by_its_client_leaving_without_a_task_of_i
     for sock in sockets:
         sock.close()
     wait_for(lambda: streams() == 0, message="the streams did not end when their clients left")
+
+
+def test_under_another_protocol_a_client_leaving_still_ends_its_subscription(
+    serve: Callable[..., LiveServer],
+) -> None:
+    # uvicorn's h11 protocol is not tidewire's: no connection watches the
+    # stream, which then waits in `receive` for the client's leaving.
+    server = serve(Tidewire(settings=dataclasses.replace(QUICK, heartbeat=60.0)), http="h11")
+    sockets = open_idle_subscriptions(server, 2)
+    state = server.server.server_state
+    wait_for(lambda: len(state.tasks) == 2)
+    for sock in sockets:
+        sock.close()
+    wait_for(lambda: not state.tasks, message="the streams did not end when their clients left")
