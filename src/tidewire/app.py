@@ -317,31 +317,38 @@ class _App(FastAPI):
             await super().__call__(scope, receive, send)
             return
         handoff = Handoff()
-        token = HANDOFF.set(handoff)
+        # Set while the handed-off response runs too (`handed_off()` tells it
+        # that it was), and set back after; no token kept: it would stay
+        # alive with every open stream.
+        previous = HANDOFF.get()
+        HANDOFF.set(handoff)
         try:
             await super().__call__(scope, receive, send)
-        finally:
-            HANDOFF.reset(token)
-            del token
-        response = handoff.response
-        if response is None:
-            return
-        # FastAPI's exit stack of the request, closed by now: not kept for the stream's life.
-        # Nor the routing's state: nothing of FastAPI's runs for it now, and the
-        # response reads none of it (Observe reads `endpoint` and `route`, kept).
-        for key in ("fastapi_middleware_astack", "fastapi", "path_params"):
-            scope.pop(key, None)
-        error: BaseException | None = None
-        try:
+            response = handoff.response
+            if response is None:
+                return
+            # FastAPI's exit stack of the request, closed by now: not kept for the stream's life.
+            # Nor the routing's state: nothing of FastAPI's runs for it now, and the
+            # response reads none of it (Observe reads `endpoint` and `route`, kept).
+            for key in ("fastapi_middleware_astack", "fastapi", "path_params"):
+                scope.pop(key, None)
             # Run here, not in a method of the Handoff: one frame fewer per stream.
-            await response(scope, handoff.receive, handoff.send)  # type: ignore[arg-type]
-        except BaseException as exc:
-            error = exc
-            raise
+            # The layers' `send` and `receive` go to the response only, which
+            # may let them go once it needs them no more (transport.LogResponse).
+            run = response(scope, handoff.receive, handoff.send)  # type: ignore[arg-type]
+            handoff.receive = handoff.send = None
+            error: BaseException | None = None
+            try:
+                await run
+            except BaseException as exc:
+                error = exc
+                raise
+            finally:
+                await handoff.ended(error)
+                if error is not None and isinstance(error, Exception):
+                    await self._server_error(scope, receive, send, response, error)
         finally:
-            await handoff.ended(error)
-            if error is not None and isinstance(error, Exception):
-                await self._server_error(scope, receive, send, response, error)
+            HANDOFF.set(previous)
 
     async def _server_error(
         self, scope: Scope, receive: Receive, send: Send, response: Response, exc: Exception

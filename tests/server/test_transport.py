@@ -1,4 +1,5 @@
-"""What every transport says when the broker goes away under a live stream.
+"""What every transport says when the broker goes away under a live stream,
+and how an idle stream learns that its client left.
 
 docs/http.md: NDJSON ends with `{"event": "unavailable", ...}`, SSE with an
 `event: unavailable` block, a WebSocket with close code 1013; none of them
@@ -11,6 +12,8 @@ import asyncio
 import contextlib
 import dataclasses
 import json
+import socket
+import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -19,7 +22,7 @@ import pytest
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import ClientConnection, connect
 
-from tests.conftest import QUICK, LiveServer
+from tests.conftest import QUICK, LiveServer, wait_for
 from tests.redis_server import RedisServer
 from tidewire import Settings, Tidewire
 from tidewire.broker.redis import RedisBroker
@@ -153,3 +156,90 @@ def test_frames_sent_just_before_a_close_are_all_published(
                 if seen and seen[-1] == 199:
                     break
         assert seen == list(range(200)), f"{channel}: {len(seen)} of 200 published"
+
+
+def open_idle_subscriptions(server: LiveServer, n: int) -> list[socket.socket]:
+    """`n` SSE subscriptions to channel `idle` over raw sockets, each past its first block."""
+    request = b"GET /channels/idle/events HTTP/1.1\r\nHost: x\r\nAccept: text/event-stream\r\n\r\n"
+    sockets = []
+    for _ in range(n):
+        sock = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+        sock.sendall(request)
+        assert sock.recv(65536).startswith(b"HTTP/1.1 200")
+        sockets.append(sock)
+    return sockets
+
+
+def server_loop(server: LiveServer) -> asyncio.AbstractEventLoop:
+    """The event loop of a server that holds a connection."""
+    loop: asyncio.AbstractEventLoop = next(iter(server.server.server_state.connections)).loop
+    return loop
+
+
+def test_an_idle_subscription_keeps_nothing_it_wrote(serve: Callable[..., LiveServer]) -> None:
+    # A caught-up subscription waits in its stream's frame for as long as it is
+    # idle: what that frame's locals hold, it holds (the first block, its batch,
+    # the last message; ~0.3 KB an idle stream, bench W4).
+    server = serve(Tidewire(settings=dataclasses.replace(QUICK, heartbeat=0.2)))
+    sockets = open_idle_subscriptions(server, 1)
+    state = server.server.server_state
+    wait_for(lambda: len(state.tasks) == 1)
+    task = next(iter(state.tasks))
+    time.sleep(0.5)  # past a heartbeat or two: their messages are not held either
+
+    async def frame_locals() -> dict[str, set[str]]:
+        found: dict[str, set[str]] = {}
+        coro: Any = task.get_coro()
+        while coro is not None and hasattr(coro, "cr_frame"):
+            found[coro.__qualname__] = set(coro.cr_frame.f_locals)
+            coro = coro.cr_await
+        return found
+
+    found = asyncio.run_coroutine_threadsafe(frame_locals(), server_loop(server)).result(10)
+    assert "LogResponse._follow" in found, found
+    written = {"parts", "batch", "body", "chunk", "retry", "beat"}
+    assert not written & found["LogResponse._follow"], found["LogResponse._follow"]
+    for sock in sockets:
+        sock.close()
+
+
+def test_an_idle_subscription_is_ended_by_its_client_leaving_without_a_task_of_its_own(
+    serve: Callable[..., LiveServer],
+) -> None:
+    # Under tidewire's protocol the connection itself cancels a stream whose
+    # client goes (server/protocol.py `watch_client`): no task waits in
+    # `receive` beside each idle subscription (~0.8 KB each, bench W4; there
+    # was one per subscription before). The leaving must still end it, at
+    # once: not at the next heartbeat, whose write would find it gone.
+    tw = Tidewire(settings=dataclasses.replace(QUICK, heartbeat=60.0))
+    server = serve(tw)
+    sockets = open_idle_subscriptions(server, 3)
+    state = server.server.server_state
+
+    async def tasks() -> list[str]:
+        return [t.get_name() for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+
+    def streams() -> int:
+        return len(state.tasks)
+
+    wait_for(lambda: streams() == 3)
+    names = asyncio.run_coroutine_threadsafe(tasks(), server_loop(server)).result(10)
+    assert not [name for name in names if "listener" in name], names
+
+    for sock in sockets:
+        sock.close()
+    wait_for(lambda: streams() == 0, message="the streams did not end when their clients left")
+
+
+def test_under_another_protocol_a_client_leaving_still_ends_its_subscription(
+    serve: Callable[..., LiveServer],
+) -> None:
+    # uvicorn's h11 protocol is not tidewire's: no connection watches the
+    # stream, which then waits in `receive` for the client's leaving.
+    server = serve(Tidewire(settings=dataclasses.replace(QUICK, heartbeat=60.0)), http="h11")
+    sockets = open_idle_subscriptions(server, 2)
+    state = server.server.server_state
+    wait_for(lambda: len(state.tasks) == 2)
+    for sock in sockets:
+        sock.close()
+    wait_for(lambda: not state.tasks, message="the streams did not end when their clients left")

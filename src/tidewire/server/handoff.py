@@ -12,8 +12,11 @@ the response, with the `receive` and `send` it was given, in the request's
 call (`Tidewire.app`, the one place that runs the hand-offs) runs the
 response in its own frame. The `send` it runs with is still the one the
 endpoint got: each layer's wrapper (request id, CORS headers, `Connection:
-close` while draining, no-store marks) still sees the response's start and
-end, only their frames are gone.
+close` while draining, no-store marks) still sees the response's start, only
+their frames are gone. What those layers do is done at the start (the app
+hands off only when it holds no other), so a stream (transport.LogResponse)
+writes the rest below them, with the server's own `send`, and keeps none of
+their wrappers while it is open.
 
 What a layer does when a request ends (its `finally`: the access line, the
 in-flight count, the connection slot) must then wait for the stream's end: a

@@ -40,7 +40,8 @@ from ..runs import Watcher
 from ..wire import GAP, NDJSON, POSITION, SSE, UNAVAILABLE, WARNING_HEADER
 from . import SERVER_SEND
 from .drain import Drain
-from .protocol import chunked_cycle
+from .handoff import handed_off
+from .protocol import chunked_cycle, client_gone, unwatch_client, watch_client
 
 __all__ = [
     "Format",
@@ -296,6 +297,22 @@ def position_block(id: str) -> bytes:
 class LogResponse(Response):
     """A chunked HTTP response that follows a log until it ends or the client leaves."""
 
+    # Slots, not an instance dict: one of these stays alive with every open
+    # stream (bench W4). (Response's own attributes, set by others, still
+    # have its __dict__, made only if one is.)
+    __slots__ = (
+        "_ended",
+        "_started",
+        "background",
+        "cursor",
+        "drain",
+        "fmt",
+        "notice",
+        "raw_headers",
+        "retry_ms",
+        "status_code",
+    )
+
     def __init__(
         self,
         cursor: LogCursor,
@@ -358,14 +375,34 @@ class LogResponse(Response):
                 # with every idle stream.)
                 drain.enter()
             if drain is None or not drain.draining:
-                # What `until_disconnected` does, inline: one frame fewer per stream.
-                listener = _Listener(receive, task)
+                # What `until_disconnected` does, inline: one frame fewer per
+                # stream. Under tidewire's own protocol, without even its
+                # listener: the protocol cancels this task when the client goes.
+                watched = watch_client(task)
+                listener = None if watched is not None else _Listener(receive, task)
                 try:
-                    await self._write(send, lean)
+                    # Here, not in a method: its frame would stay alive with
+                    # every idle stream (bench W4).
+                    await send(
+                        {"type": "http.response.start", "status": 200, "headers": self.raw_headers}
+                    )
+                    self._started = True
+                    # This response's own headers are sent: not kept for the
+                    # stream's life (a list, tuples and bytes: ~0.3 KB, bench W4).
+                    self.raw_headers = RAW_HEADERS[self.fmt]
+                    if lean is not None and handed_off() is not None:
+                        # Handed off by tidewire's app, whose layers act on a
+                        # response's start only (handoff.py): the rest goes
+                        # below them, and their `send` wrappers are not kept
+                        # for the stream's life (~0.6 KB, bench W4).
+                        send = lean
+                    await self._follow(send, lean)
+                    self._ended = True
                 except asyncio.CancelledError:
                     # Not the client gone, nor cut on purpose (a stalled run
                     # watcher, a drain): someone else's cancellation.
-                    if not listener.gone and not (
+                    gone = listener.gone if listener is not None else client_gone(watched)
+                    if not gone and not (
                         (watcher is not None and watcher.stalled)
                         or (drain is not None and drain.draining)
                     ):
@@ -374,7 +411,10 @@ class LogResponse(Response):
                 except OSError:
                     pass  # the server saw the client go while we wrote (ASGI 2.4)
                 finally:
-                    listener.close()
+                    if listener is not None:
+                        listener.close()
+                    else:
+                        unwatch_client(watched)
             if drain is not None:
                 drain.leave(task)
                 if drain.draining and not self._ended:
@@ -401,16 +441,11 @@ class LogResponse(Response):
                 for message in messages:
                     await send(message)
 
-    async def _write(self, send: Send, lean: Send | None) -> None:
-        await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
-        self._started = True
-        await self._follow(send, lean)
-        self._ended = True
-
     async def _follow(self, send: Send, lean: Send | None) -> None:
-        """Write the log's events: the first write and the last through `send`, so
-        that every layer of the app sees the response begin and end; the ones
-        between through `lean` when given (the server's own `send`)."""
+        """Write the log's events: the first write and the last through `send`
+        (the app's layers', unless the response was handed off: see
+        `__call__`), the ones between through `lean` when given (the server's
+        own `send`)."""
         middle = send
         sse = self.fmt == "sse"
         heartbeat = KEEPALIVE_COMMENT if sse else NDJSON_HEARTBEAT
@@ -444,10 +479,9 @@ class LogResponse(Response):
                 # as an empty event. With no event yet, the block is the
                 # starting position, which EventSource keeps as its last id:
                 # a live subscription dropped now resumes without loss.
-                retry = f"retry: {self.retry_ms}\n".encode()
                 if not parts:
                     parts.append(position_block(cursor.position))
-                parts[0] = retry + parts[0]
+                parts[0] = f"retry: {self.retry_ms}\n".encode() + parts[0]
             idle = b"" if batch.ended or first else heartbeat
             first = False
             # One length per part: a reader that is behind must not make one
@@ -457,14 +491,23 @@ class LogResponse(Response):
             if parts and sum(map(len, parts)) > cursor.budget:
                 for chunk in _chunks(parts, cursor.budget):
                     await middle({"type": "http.response.body", "body": chunk, "more_body": True})
+                del chunk  # up to `budget` bytes, not to be held while idle
                 if batch.ended:
                     await send({"type": "http.response.body", "body": b"", "more_body": False})
             elif batch.ended:
-                body = b"".join(parts)
-                await send({"type": "http.response.body", "body": body, "more_body": False})
+                await send(
+                    {"type": "http.response.body", "body": b"".join(parts), "more_body": False}
+                )
             else:
-                body = b"".join(parts) if parts else idle
-                await middle({"type": "http.response.body", "body": body, "more_body": True})
+                # No local for the body: this frame waits on below, and what
+                # its locals hold stays alive with every idle stream.
+                await middle(
+                    {
+                        "type": "http.response.body",
+                        "body": b"".join(parts) if parts else idle,
+                        "more_body": True,
+                    }
+                )
             if lean is not None:
                 middle = lean
             cursor.delivered(batch)
@@ -482,6 +525,9 @@ class LogResponse(Response):
                 tap = _Tap(cursor, cycle, sse)
                 if not cursor.broker.tap(cursor.log, cursor.after, tap):
                     continue  # events came meanwhile: read them
+                # What was written is not kept while it waits (the first
+                # block, the batch: ~0.3 KB an idle stream, bench W4).
+                del parts, batch
                 loop = asyncio.get_running_loop()
                 wait = cursor.heartbeat
                 try:
@@ -497,8 +543,10 @@ class LogResponse(Response):
                         # A heartbeat's time with no event. Still tapped as it
                         # goes: a feed meanwhile that finds the socket paused
                         # releases the tap (`released`).
-                        beat = {"type": "http.response.body", "body": heartbeat, "more_body": True}
-                        await middle(beat)
+                        # (No local for the message: it would be held while idle.)
+                        await middle(
+                            {"type": "http.response.body", "body": heartbeat, "more_body": True}
+                        )
                         tap.fed_at = time.monotonic()
                         wait = cursor.heartbeat
                 finally:
