@@ -417,6 +417,9 @@ def w4(ctx: Ctx) -> dict[str, Any]:
     ]
     rounds: dict[str, list[dict[str, Any]]] = {}
     others = [setup for setup in setups + floors if not skipped(setup[0])]
+    if not PNG.exists():
+        # fastapi.sse and sse-starlette's apps load it on import (W1 writes it; not run).
+        ensure_png()
     for name, make, path, headers in pair * ctx.sizes.rounds + others:
         with Servers(ctx, "w4") as srv:
             server = srv.start(make())
