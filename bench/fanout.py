@@ -26,13 +26,28 @@ import psutil
 
 from .clients import Watchers, run_load
 from .harness import LIMITS_OFF, Ctx, Servers, busy_cpu, limits_checks
-from .servers import BASE, BASE_SRC, Server, from_base, nchan, redis, skipped, tidewire, unlimited
+from .servers import (
+    BASE,
+    BASE_SRC,
+    Server,
+    from_base,
+    nchan,
+    redis,
+    skipped,
+    tidewire,
+    tidewire_granian,
+    tidewire_on,
+    unlimited,
+)
 
 __all__ = ["w3"]
 
 MEMORY, REDIS, NCHAN = "tidewire, 1 worker, memory", "tidewire, 2 workers, redis", "nchan"
 #: MEMORY with every limit out of reach, beside it: what the limits at their defaults cost.
 MEMORY_UNLIMITED = MEMORY + LIMITS_OFF
+#: MEMORY's app and settings served by granian (BENCH_TIDEWIRE_ON=...,granian): whether
+#: `tidewire serve` should offer it.
+MEMORY_GRANIAN = "tidewire (granian), 1 worker, memory"
 P99_TARGET_MS = 250.0  # at the largest subscriber count, on 2 workers
 
 
@@ -75,15 +90,25 @@ def setups(ctx: Ctx) -> tuple[list[Setup], list[str]]:
 
             return started
 
-        out.append(Setup(MEMORY, memory, channel, channel))
-        if BASE_SRC is not None:
-            out.append(Setup(MEMORY + BASE, base(memory), channel, channel))
-        out.append(Setup(MEMORY_UNLIMITED, memory_unlimited, channel, channel))
-        if ctx.redis is None:
+        def memory_granian(srv: Servers) -> tuple[Server, Server | None]:
+            return srv.start(tidewire_granian(MEMORY_GRANIAN, ctx.work, ctx.nofile)), None
+
+        # `tidewire serve` (uvicorn) unless BENCH_TIDEWIRE_ON leaves it out; granian only
+        # when it names it. The granian row has no base row: it is a comparison of servers.
+        uvicorn = tidewire_on("uvicorn")
+        if uvicorn:
+            out.append(Setup(MEMORY, memory, channel, channel))
+            if BASE_SRC is not None:
+                out.append(Setup(MEMORY + BASE, base(memory), channel, channel))
+        if tidewire_on("granian", default=False):
+            out.append(Setup(MEMORY_GRANIAN, memory_granian, channel, channel))
+        if uvicorn:
+            out.append(Setup(MEMORY_UNLIMITED, memory_unlimited, channel, channel))
+        if uvicorn and ctx.redis is None:
             out.append(Setup(REDIS, shared, channel, channel, workers=2))
             if BASE_SRC is not None:
                 out.append(Setup(REDIS + BASE, base(shared), channel, channel, workers=2))
-        else:
+        elif uvicorn:
             notes.append(f"tidewire on redis not run: {ctx.redis}")
     if ctx.nchan is None:
 

@@ -45,6 +45,8 @@ from .servers import (
     tidewire,
     tidewire_auth,
     tidewire_available,
+    tidewire_granian,
+    tidewire_on,
     unlimited,
     uvicorn,
 )
@@ -371,18 +373,25 @@ def w4(ctx: Ctx) -> dict[str, Any]:
         secret = secrets.token_hex(32)
         bearer = {"Authorization": f"Bearer {mint_token(secret, 'subscribe=*')}"}
         path = "/channels/idle/events"
-        pair = [
-            ("tidewire channel", lambda: tidewire("tidewire", None, ctx.work), path, {}),
-            (
-                "tidewire channel" + AUTH_ON,
-                lambda: tidewire_auth("tidewire" + AUTH_ON, None, ctx.work, secret),
-                path,
-                bearer,
-            ),
-        ]
-        if BASE_SRC is not None:
-            name = "tidewire channel" + BASE
-            pair.append((name, lambda: from_base(tidewire(name, None, ctx.work)), path, {}))
+        if tidewire_on("uvicorn"):
+            pair = [
+                ("tidewire channel", lambda: tidewire("tidewire", None, ctx.work), path, {}),
+                (
+                    "tidewire channel" + AUTH_ON,
+                    lambda: tidewire_auth("tidewire" + AUTH_ON, None, ctx.work, secret),
+                    path,
+                    bearer,
+                ),
+            ]
+            if BASE_SRC is not None:
+                name = "tidewire channel" + BASE
+                pair.append((name, lambda: from_base(tidewire(name, None, ctx.work)), path, {}))
+        if tidewire_on("granian", default=False):
+            # The same app under granian (BENCH_TIDEWIRE_ON=...,granian), in the same
+            # rounds. RSS is the process tree's, as for every row: granian's supervisor
+            # and the worker that holds the connections.
+            name = "tidewire channel (granian)"
+            pair.append((name, lambda: tidewire_granian(name, ctx.work, ctx.nofile), path, {}))
         pair = [setup for setup in pair if not skipped(setup[0])]
     else:
         checks.append(f"tidewire not run: {ctx.tidewire}")
@@ -409,6 +418,9 @@ def w4(ctx: Ctx) -> dict[str, Any]:
     ]
     rounds: dict[str, list[dict[str, Any]]] = {}
     others = [setup for setup in setups + floors if not skipped(setup[0])]
+    if not PNG.exists():
+        # fastapi.sse and sse-starlette's apps load it on import (W1 writes it; not run).
+        ensure_png()
     for name, make, path, headers in pair * ctx.sizes.rounds + others:
         with Servers(ctx, "w4") as srv:
             server = srv.start(make())

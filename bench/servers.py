@@ -81,7 +81,15 @@ TIDEWIRE_SRC = Path(os.environ.get("BENCH_TIDEWIRE_SRC") or ROOT / "src")
 BASE_SRC = Path(p) if (p := os.environ.get("BENCH_TIDEWIRE_BASE_SRC")) else None
 #: The ASGI servers to run tidewire on where a workload runs it on several (W5, W6):
 #: `BENCH_TIDEWIRE_ON=uvicorn` keeps a run with base rows short. Default: all of them.
+#: W3 and W4 run `tidewire serve` (uvicorn) by default, and granian only when named here.
 TIDEWIRE_ON = [k for k in os.environ.get("BENCH_TIDEWIRE_ON", "").split(",") if k]
+
+
+def tidewire_on(kind: str, default: bool = True) -> bool:
+    """Whether this run has tidewire rows on the ASGI server `kind`: BENCH_TIDEWIRE_ON's
+    list if it is set, else `default` (W3/W4: uvicorn yes, granian no, so a plain run
+    stays as it was)."""
+    return kind in TIDEWIRE_ON if TIDEWIRE_ON else default
 
 
 BASE = " (base)"
@@ -250,11 +258,12 @@ def uvicorn(name: str, app: str, workdir: Path) -> Server:
     return Server(name, [PY, "-m", "uvicorn", app, *where, *UVICORN_FLAGS, *quiet], port, workdir)
 
 
-def granian(name: str, app: str, workdir: Path) -> Server:
-    """granian's ASGI interface, one worker, uvloop: it offers `http.response.pathsend`."""
+def granian(name: str, app: str, workdir: Path, *extra: str) -> Server:
+    """granian's ASGI interface, one worker, uvloop: it offers `http.response.pathsend`.
+    `extra`: more granian flags."""
     port = free_port()
     where = ["--host", "127.0.0.1", "--port", str(port)]
-    flags = ["--interface", "asgi", "--workers", "1", "--loop", "uvloop"]
+    flags = ["--interface", "asgi", "--workers", "1", "--loop", "uvloop", *extra]
     quiet = ["--no-access-log", "--log-level", "warning"]
     argv = [str(Path(PY).with_name("granian")), *where, *flags, *quiet, app]
     return Server(name, argv, port, workdir)
@@ -278,6 +287,27 @@ def tidewire(name: str, app: str | None, workdir: Path, *flags: str) -> Server:
     serve = ["serve", *([app] if app else []), "--host", "127.0.0.1", "--port", str(port)]
     argv = [PY, "-m", "tidewire", *serve, "--log-level", "warning", *flags]
     return Server(name, argv, port, workdir)
+
+
+def tidewire_granian(name: str, workdir: Path, nofile: int) -> Server:
+    """What `tidewire serve` runs with its defaults, served by granian instead of uvicorn.
+
+    The same app factory (`tidewire.cli:worker_app`: the GC tuning, the log redaction, and
+    the app named in TIDEWIRE_APP, the demo stream and channels with `Settings.from_env()`),
+    so that only the server differs. What uvicorn is given by `tidewire serve` and granian
+    has flags for is matched: the backlog (4096) and the header timeout
+    (`Settings.header_timeout`, 10 s). The per-process socket caps and the header size limit
+    are uvicorn's protocol class (server/protocol.py), which granian does not run; nor the
+    subscribers' write fast path it enables: under granian every event goes through ASGI
+    `send`. `--backpressure`, the requests a granian worker serves at once (default: the
+    backlog), is raised to the descriptor limit: each SSE subscriber is a request that
+    never ends, and W3 holds 10,000 of them.
+    """
+    flags = ["--factory", "--backlog", "4096", "--backpressure", str(nofile)]
+    flags += ["--http1-header-read-timeout", "10000"]
+    server = granian(name, "tidewire.cli:worker_app", workdir, *flags)
+    server.extra_env["TIDEWIRE_APP"] = "tidewire.demo:tw"
+    return server
 
 
 def tidewire_auth(name: str, app: str | None, workdir: Path, secret: str) -> Server:
