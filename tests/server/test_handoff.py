@@ -143,15 +143,18 @@ def test_a_stream_runs_where_it_is_routed_when_no_handoff_is_offered() -> None:
 def test_the_protocols_own_attributes_do_not_grow_its_dict() -> None:
     # uvicorn's protocol has 27 attributes in its __dict__; past 30 a dict stops sharing
     # its keys and takes 1.6 KB instead of 0.3, with every connection (bench W4).
-    async def dict_sizes() -> tuple[int, int]:
+    async def dicts() -> tuple[dict[str, Any], dict[str, Any]]:
         config = Config(app=_asgi_app)
         config.load()
         theirs = HttpToolsProtocol(config, ServerState(), {})
         ours = HeaderLimitedProtocol(config, ServerState(), {})
-        return sys.getsizeof(theirs.__dict__), sys.getsizeof(ours.__dict__)
+        return theirs.__dict__, ours.__dict__
 
-    theirs, ours = asyncio.run(dict_sizes())
-    assert ours <= theirs
+    theirs, ours = asyncio.run(dicts())
+    assert set(ours) <= set(theirs)  # ours are all in slots
+    # Its keys shared (a few hundred bytes), whatever other tests made of the
+    # class's shared keys meanwhile (which moves the size by a few bytes).
+    assert sys.getsizeof(ours) < 1024, sys.getsizeof(ours)
 
 
 async def _asgi_app(scope: Any, receive: Any, send: Any) -> None:
