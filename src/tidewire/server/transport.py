@@ -341,7 +341,7 @@ class LogResponse(Response):
         self._ended = False  # and its end
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["method"] == "HEAD":
+        if scope.get("method") == "HEAD":
             # The headers a GET gets, and no body: a HEAD follows nothing (a
             # channel's stream never ends, and the server sends no body of it;
             # followed, the connection hung with no answer to its next request).
