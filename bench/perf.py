@@ -18,12 +18,15 @@ Needs `perf` (Debian's linux-perf) that can sample cpu-clock in this machine.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -70,21 +73,31 @@ def cpu(pid: int) -> tuple[float, float]:
     return sum(t.user for t in times), sum(t.system for t in times)
 
 
-def recorded(pid: int, data: Path, action: list[str]) -> tuple[float, float, float]:
-    """Run `action` while perf samples `pid`: (wall s, user CPU-s, system CPU-s) of `pid`."""
+@contextlib.contextmanager
+def sampling(pid: int, data: Path) -> Iterator[None]:
+    """perf samples `pid` into `data` while in this block (and until it exits, if sooner)."""
     perf = subprocess.Popen(
         [*RECORD, "-p", str(pid), "-o", str(data)],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
     time.sleep(0.5)  # perf attached
-    u0, s0 = cpu(pid)
-    t0 = time.perf_counter()
-    subprocess.run(action, check=True, capture_output=True)
-    wall = time.perf_counter() - t0
-    u1, s1 = cpu(pid)
-    perf.send_signal(2)
-    perf.wait(30)
+    try:
+        yield
+    finally:
+        if perf.poll() is None:
+            perf.send_signal(signal.SIGINT)  # perf writes its data on SIGINT
+        perf.wait(30)
+
+
+def recorded(pid: int, data: Path, action: list[str]) -> tuple[float, float, float]:
+    """Run `action` while perf samples `pid`: (wall s, user CPU-s, system CPU-s) of `pid`."""
+    with sampling(pid, data):
+        u0, s0 = cpu(pid)
+        t0 = time.perf_counter()
+        subprocess.run(action, check=True, capture_output=True)
+        wall = time.perf_counter() - t0
+        u1, s1 = cpu(pid)
     return wall, u1 - u0, s1 - s0
 
 
@@ -154,16 +167,10 @@ def main() -> None:
                 )
                 assert client.stdin is not None and client.stdout is not None
                 client.stdout.readline()  # imported: what perf samples is the download
-                perf = subprocess.Popen(
-                    [*RECORD, "-p", str(client.pid), "-o", str(data)],
-                    stdout=subprocess.DEVNULL,
-                    stderr=subprocess.DEVNULL,
-                )
-                time.sleep(0.5)  # perf attached
-                client.stdin.write("\n")
-                client.stdin.flush()
-                out, _ = client.communicate(timeout=600)
-                perf.wait(30)  # it ends with the process it follows
+                with sampling(client.pid, data):
+                    client.stdin.write("\n")
+                    client.stdin.flush()
+                    out, _ = client.communicate(timeout=600)
                 res = json.loads(out.strip().splitlines()[-1])
                 dest.unlink(missing_ok=True)
                 # The client's own clock and CPU, from the request to the file's close.

@@ -51,7 +51,6 @@ __all__ = [
     "ahead_notice",
     "position_block",
     "stream_websocket",
-    "until_disconnected",
 ]
 
 Format = Literal["ndjson", "sse"]
@@ -375,9 +374,9 @@ class LogResponse(Response):
                 # with every idle stream.)
                 drain.enter()
             if drain is None or not drain.draining:
-                # What `until_disconnected` does, inline: one frame fewer per
-                # stream. Under tidewire's own protocol, without even its
-                # listener: the protocol cancels this task when the client goes.
+                # The client's leaving cancels this task: a `_Listener` waits in
+                # `receive`, or under tidewire's own protocol, the protocol's
+                # `connection_lost` does it (no task at all).
                 watched = watch_client(task)
                 listener = None if watched is not None else _Listener(receive, task)
                 try:
@@ -681,31 +680,6 @@ def _canceller() -> Callable[[], object]:
     task = asyncio.current_task()
     assert task is not None
     return task.cancel
-
-
-async def until_disconnected(
-    receive: Receive, work: Awaitable[None], cut: Callable[[], bool] | None = None
-) -> None:
-    """Run `work` until it finishes, the HTTP client goes away, or `cut()` is
-    true when the work is cancelled (a stalled run watcher, see `Runs.cut`).
-
-    Servers report a gone client only through `receive`, so one small task
-    waits there and cancels the work when it happens (`_Listener`). The work
-    runs in this task itself: an idle connection costs one coroutine and one task.
-    """
-    task = asyncio.current_task()
-    assert task is not None
-    listener = _Listener(receive, task)
-    try:
-        await work
-    except asyncio.CancelledError:
-        if not listener.gone and not (cut is not None and cut()):
-            raise
-        task.uncancel()
-    except OSError:
-        pass  # the server saw the client go while we wrote (ASGI 2.4)
-    finally:
-        listener.close()
 
 
 #: The context of `_Listener`'s callbacks, which read no context variable:

@@ -348,19 +348,18 @@ class LocalStorage(Uploads):
     async def set_expiry(self, id: str, expires: float) -> None:
         if not valid_id(id):
             raise FileNotFound(id)
-        found = await self._db(
-            lambda db: db.execute("SELECT expires FROM files WHERE id = ?", (id,)).fetchone()
-        )
-        if found is None:
-            raise FileNotFound(id)
-        if found[0] is None:
-            return
-        await self._db(
-            lambda db: db.execute(
+
+        def move(db: sqlite3.Connection) -> bool:
+            """Whether the file is there (an upload, without an expiry, keeps none)."""
+            moved = db.execute(
                 "UPDATE files SET expires = ? WHERE id = ? AND expires IS NOT NULL", (expires, id)
-            ),
-            "the file's expiry was not moved",
-        )
+            )
+            if moved.rowcount:
+                return True
+            return db.execute("SELECT 1 FROM files WHERE id = ?", (id,)).fetchone() is not None
+
+        if not await self._db(move, "the file's expiry was not moved"):
+            raise FileNotFound(id)
 
     async def expire_files(self, now: float | None = None) -> int:
         if not (self.root / "index.sqlite3").exists():
